@@ -1,0 +1,23 @@
+//! # stratus-core
+//!
+//! The Stratus management stack. This crate holds the engine every service stands on:
+//!
+//! - [`bus`]: typed request/reply messages and events, routed by service and by resource uuid
+//!   over a consistent-hash ring of management nodes ([`hashring`]).
+//! - [`queue`]: per-resource queues (signature + parallelism), the lock-free way to serialize
+//!   operations on one resource.
+//! - [`flow`]: workflows whose steps roll back in reverse on failure, journaled in the store so an
+//!   interrupted chain is finished by recovery.
+//! - [`extension`]: plugin registry (hooks the services call).
+//! - [`cascade`]: parent/child deletion (check → delete | force-delete → cleanup).
+//! - [`config`]: typed, validated global configuration with update hooks.
+//! - [`job`]: every mutating operation as a job with progress and result.
+//! - [`store`]: resources, queries and atomic batches over three backends.
+
+pub mod clock;
+pub mod error;
+pub mod hashring;
+pub mod ids;
+pub mod store;
+
+pub use error::{Error, ErrorCode, Result};

@@ -1,0 +1,433 @@
+//! In-memory store: deterministic, used by the simulation and by fast tests.
+//!
+//! One mutex guards all tables; it is taken only inside synchronous sections (never across an
+//! await), which makes every call atomic. Rows of a kind live in a `BTreeMap` by uuid, and each
+//! indexed or unique field keeps a `BTreeMap` from value to uuids.
+
+use super::batch::{resolve_batch, Expect, ResolvedWrite};
+use super::meta::{FieldRef, Record, Schema};
+use super::query::{op_holds, resolve, Hop, ResolvedCond, ResolvedQuery};
+use super::value::{FieldType, Value};
+use super::{Batch, Query, Store, StoreError};
+use crate::clock::now_ms;
+use async_trait::async_trait;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use uuid::Uuid;
+
+/// An index key: a non-null value of one field (so always one type).
+#[derive(Debug, Clone)]
+struct Key(Value);
+
+impl PartialEq for Key {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Key {}
+impl PartialOrd for Key {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Key {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0
+            .compare(&o.0)
+            .unwrap_or_else(|| self.0.type_name().cmp(o.0.type_name()))
+    }
+}
+
+type Index = BTreeMap<Key, BTreeSet<Uuid>>;
+
+#[derive(Default)]
+struct Table {
+    rows: BTreeMap<Uuid, Record>,
+    /// One entry per declared field; `Some` when the field is indexed.
+    idx: Vec<Option<Index>>,
+}
+
+impl Table {
+    fn new(meta: &super::KindMeta) -> Self {
+        Table {
+            rows: BTreeMap::new(),
+            idx: meta
+                .fields
+                .iter()
+                .map(|f| (f.indexed && f.ty != FieldType::Json).then(BTreeMap::new))
+                .collect(),
+        }
+    }
+
+    fn index_insert(&mut self, r: &Record) {
+        for (i, ix) in self.idx.iter_mut().enumerate() {
+            if let Some(ix) = ix {
+                if !r.values[i].is_null() {
+                    ix.entry(Key(r.values[i].clone()))
+                        .or_default()
+                        .insert(r.uuid);
+                }
+            }
+        }
+    }
+
+    fn index_remove(&mut self, r: &Record) {
+        for (i, ix) in self.idx.iter_mut().enumerate() {
+            if let Some(ix) = ix {
+                if r.values[i].is_null() {
+                    continue;
+                }
+                let k = Key(r.values[i].clone());
+                if let Some(set) = ix.get_mut(&k) {
+                    set.remove(&r.uuid);
+                    if set.is_empty() {
+                        ix.remove(&k);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Uuids whose field `f` equals `v`, when an index (or the primary key) can answer.
+    fn lookup(&self, f: FieldRef, v: &Value) -> Option<Vec<Uuid>> {
+        match f {
+            FieldRef::Uuid => Some(
+                v.as_uuid()
+                    .filter(|u| self.rows.contains_key(u))
+                    .into_iter()
+                    .collect(),
+            ),
+            FieldRef::Declared(i) => self.idx[i].as_ref().map(|ix| {
+                ix.get(&Key(v.clone()))
+                    .map(|s| s.iter().copied().collect())
+                    .unwrap_or_default()
+            }),
+            _ => None,
+        }
+    }
+}
+
+struct Tables {
+    tables: HashMap<&'static str, Table>,
+}
+
+impl Tables {
+    fn table(&self, kind: &str) -> &Table {
+        &self.tables[kind]
+    }
+
+    /// Rows reached from `r` over hop `h`.
+    fn related<'a>(&'a self, h: &Hop, r: &Record) -> Vec<&'a Record> {
+        let key = r.value_of(h.local);
+        if key.is_null() {
+            return Vec::new();
+        }
+        let t = self.table(h.to.name);
+        match t.lookup(h.remote, &key) {
+            Some(uuids) => uuids.iter().filter_map(|u| t.rows.get(u)).collect(),
+            None => t
+                .rows
+                .values()
+                .filter(|x| x.with_value(h.remote, |v| v.compare(&key) == Some(Ordering::Equal)))
+                .collect(),
+        }
+    }
+
+    fn holds(&self, r: &Record, c: &ResolvedCond, hop: usize) -> bool {
+        if hop == c.hops.len() {
+            return r.with_value(c.field, |v| op_holds(&c.op, v));
+        }
+        self.related(&c.hops[hop], r)
+            .into_iter()
+            .any(|x| self.holds(x, c, hop + 1))
+    }
+
+    /// Candidate uuids (sorted) from the most selective indexed equality, if any.
+    fn candidates(&self, q: &ResolvedQuery) -> Option<Vec<Uuid>> {
+        let t = self.table(q.kind.name);
+        let mut best: Option<Vec<Uuid>> = None;
+        for c in q.conds.iter().filter(|c| c.hops.is_empty()) {
+            let found = match &c.op {
+                super::Op::Eq(v) => t.lookup(c.field, v),
+                super::Op::In(vs) => {
+                    let mut all = BTreeSet::new();
+                    let mut ok = true;
+                    for v in vs {
+                        match t.lookup(c.field, v) {
+                            Some(u) => all.extend(u),
+                            None => {
+                                ok = false;
+                                break;
+                            }
+                        }
+                    }
+                    ok.then(|| all.into_iter().collect())
+                }
+                _ => None,
+            };
+            if let Some(mut f) = found {
+                if best.as_ref().is_none_or(|b| f.len() < b.len()) {
+                    f.sort_unstable();
+                    best = Some(f);
+                }
+            }
+        }
+        best
+    }
+
+    fn matching<'a>(&'a self, q: &ResolvedQuery, stop_after: Option<usize>) -> Vec<&'a Record> {
+        let t = self.table(q.kind.name);
+        let keep = |r: &&Record| q.conds.iter().all(|c| self.holds(r, c, 0));
+        let mut out = Vec::new();
+        let mut push = |r: &'a Record| {
+            out.push(r);
+            stop_after.is_some_and(|n| out.len() >= n)
+        };
+        match self.candidates(q) {
+            Some(uuids) => {
+                for u in uuids {
+                    if let Some(r) = t.rows.get(&u).filter(keep) {
+                        if push(r) {
+                            break;
+                        }
+                    }
+                }
+            }
+            None => {
+                for r in t.rows.values().filter(keep) {
+                    if push(r) {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The deterministic in-memory backend.
+pub struct MemStore {
+    schema: Schema,
+    inner: Mutex<Tables>,
+}
+
+impl MemStore {
+    pub fn new(schema: Schema) -> Self {
+        let tables = schema.kinds().map(|k| (k.name, Table::new(k))).collect();
+        MemStore {
+            schema,
+            inner: Mutex::new(Tables { tables }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of rows of `kind` (cheap; for metrics and invariant checks).
+    pub fn len(&self, kind: &str) -> usize {
+        self.lock().tables.get(kind).map_or(0, |t| t.rows.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().tables.values().all(|t| t.rows.is_empty())
+    }
+
+    fn query_sync(&self, q: &ResolvedQuery) -> Vec<Record> {
+        let t = self.lock();
+        let offset = q.offset as usize;
+        if q.sort.is_empty() {
+            let stop = q.limit.map(|l| offset + l as usize);
+            let rows = t.matching(q, stop);
+            return rows.into_iter().skip(offset).cloned().collect();
+        }
+        let mut rows = t.matching(q, None);
+        rows.sort_by(|a, b| {
+            for s in &q.sort {
+                let o = a.with_value(s.field, |x| b.with_value(s.field, |y| x.compare(y)));
+                let o = o.unwrap_or(Ordering::Equal);
+                let o = if s.desc { o.reverse() } else { o };
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+            a.uuid.cmp(&b.uuid)
+        });
+        let take = q.limit.map_or(usize::MAX, |l| l as usize);
+        rows.into_iter().skip(offset).take(take).cloned().collect()
+    }
+
+    fn commit_sync(&self, writes: Vec<ResolvedWrite>) -> Result<Vec<u64>, StoreError> {
+        let now = now_ms();
+        let mut t = self.lock();
+        // Stage every write on an overlay; the tables change only if all succeed.
+        let mut overlay: BTreeMap<(&'static str, Uuid), Option<Record>> = BTreeMap::new();
+        let mut versions = Vec::with_capacity(writes.len());
+        let current = |t: &Tables,
+                       o: &BTreeMap<(&'static str, Uuid), Option<Record>>,
+                       k: &'static str,
+                       u: Uuid| match o.get(&(k, u)) {
+            Some(x) => x.clone(),
+            None => t.table(k).rows.get(&u).cloned(),
+        };
+        let check_expect = |cur: &Record, e: Expect| match e {
+            Expect::Version(v) if cur.version != v => Err(StoreError::Conflict {
+                kind: cur.kind.name.to_string(),
+                uuid: cur.uuid,
+                expected: v,
+                found: cur.version,
+            }),
+            _ => Ok(()),
+        };
+        for w in writes {
+            match w {
+                ResolvedWrite::Insert { mut rec, upsert } => {
+                    let key = (rec.kind.name, rec.uuid);
+                    match current(&t, &overlay, key.0, key.1) {
+                        Some(_) if !upsert => {
+                            return Err(StoreError::AlreadyExists {
+                                kind: key.0.to_string(),
+                                uuid: key.1,
+                            })
+                        }
+                        Some(cur) => {
+                            rec.version = cur.version + 1;
+                            rec.created_ms = cur.created_ms;
+                        }
+                        None => {
+                            rec.version = 1;
+                            rec.created_ms = now;
+                        }
+                    }
+                    rec.updated_ms = now;
+                    versions.push(rec.version);
+                    overlay.insert(key, Some(rec));
+                }
+                ResolvedWrite::Update(u) => {
+                    let Some(cur) = current(&t, &overlay, u.kind.name, u.uuid) else {
+                        if u.expect == Expect::Maybe {
+                            versions.push(0);
+                            continue;
+                        }
+                        return Err(StoreError::NotFound {
+                            kind: u.kind.name.to_string(),
+                            uuid: u.uuid,
+                        });
+                    };
+                    check_expect(&cur, u.expect)?;
+                    let values = u.apply(&cur)?;
+                    let rec = Record {
+                        values,
+                        version: cur.version + 1,
+                        updated_ms: now,
+                        ..cur
+                    };
+                    versions.push(rec.version);
+                    overlay.insert((u.kind.name, u.uuid), Some(rec));
+                }
+                ResolvedWrite::Delete { kind, uuid, expect } => {
+                    match current(&t, &overlay, kind.name, uuid) {
+                        Some(cur) => {
+                            check_expect(&cur, expect)?;
+                            overlay.insert((kind.name, uuid), None);
+                        }
+                        None if expect == Expect::Maybe => {}
+                        None => {
+                            return Err(StoreError::NotFound {
+                                kind: kind.name.to_string(),
+                                uuid,
+                            })
+                        }
+                    }
+                    versions.push(0);
+                }
+            }
+        }
+        check_unique(&t, &overlay)?;
+        for ((kind, uuid), new) in overlay {
+            let table = t.tables.get_mut(kind).expect("kind resolved");
+            if let Some(old) = table.rows.remove(&uuid) {
+                table.index_remove(&old);
+            }
+            if let Some(new) = new {
+                table.index_insert(&new);
+                table.rows.insert(uuid, new);
+            }
+        }
+        Ok(versions)
+    }
+}
+
+fn check_unique(
+    t: &Tables,
+    overlay: &BTreeMap<(&'static str, Uuid), Option<Record>>,
+) -> Result<(), StoreError> {
+    let mut seen: BTreeMap<(&'static str, usize, Key), Uuid> = BTreeMap::new();
+    for ((kind, uuid), rec) in overlay {
+        let Some(rec) = rec else { continue };
+        let table = t.table(kind);
+        for (i, m) in rec.kind.fields.iter().enumerate() {
+            if !m.unique || rec.values[i].is_null() {
+                continue;
+            }
+            let key = Key(rec.values[i].clone());
+            let dup = || StoreError::Duplicate {
+                kind: kind.to_string(),
+                field: m.name.to_string(),
+                value: rec.values[i].to_string(),
+            };
+            if let Some(prev) = seen.insert((kind, i, key.clone()), *uuid) {
+                if prev != *uuid {
+                    return Err(dup());
+                }
+            }
+            let holders = table.idx[i].as_ref().and_then(|ix| ix.get(&key));
+            // A holder that this batch rewrites is checked by its own overlay entry.
+            if holders.is_some_and(|h| {
+                h.iter()
+                    .any(|u| u != uuid && !overlay.contains_key(&(*kind, *u)))
+            }) {
+                return Err(dup());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for MemStore {
+    fn backend(&self) -> &'static str {
+        "mem"
+    }
+
+    fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    async fn get(&self, kind: &str, uuid: Uuid) -> Result<Option<Record>, StoreError> {
+        let meta = self.schema.kind(kind)?;
+        Ok(self.lock().table(meta.name).rows.get(&uuid).cloned())
+    }
+
+    async fn query(&self, q: &Query) -> Result<Vec<Record>, StoreError> {
+        let rq = resolve(&self.schema, q)?;
+        Ok(self.query_sync(&rq))
+    }
+
+    async fn count(&self, q: &Query) -> Result<u64, StoreError> {
+        let mut rq = resolve(&self.schema, q)?;
+        rq.sort.clear();
+        rq.limit = None;
+        rq.offset = 0;
+        if rq.conds.is_empty() {
+            return Ok(self.lock().table(rq.kind.name).rows.len() as u64);
+        }
+        Ok(self.lock().matching(&rq, None).len() as u64)
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<Vec<u64>, StoreError> {
+        let writes = resolve_batch(&self.schema, &batch)?;
+        self.commit_sync(writes)
+    }
+}

@@ -1,0 +1,190 @@
+//! The store: resources (uuid, kind, fields, version, timestamps), queried and changed through
+//! one async trait with three backends.
+//!
+//! - [`MemStore`]: deterministic, in memory; the simulation and fast tests use it.
+//! - `SqlStore` (std build only): sqlx on SQLite (the embedded default, WAL) or PostgreSQL (what
+//!   a cluster of management nodes shares).
+//!
+//! The flow journal, jobs, config entries and events are kinds like any other, so they share the
+//! same atomic commit. [`conformance`] holds the one suite every backend must pass.
+
+mod batch;
+pub mod conformance;
+mod mem;
+mod meta;
+mod query;
+#[cfg(not(madsim))]
+pub mod sql;
+mod value;
+
+pub use batch::{
+    resolve_batch, Batch, Bound, Expect, ResolvedUpdate, ResolvedWrite, Update, Write,
+};
+pub use mem::MemStore;
+pub use meta::{
+    check_value, FieldMeta, FieldRef, KindMeta, Record, Relation, Resource, Row, Schema,
+    BUILTIN_FIELDS,
+};
+pub use query::{
+    hop, like_escape, like_match, op_holds, resolve, resolve_cond, Cond, Hop, Op, Query,
+    ResolvedCond, ResolvedQuery, ResolvedSort, Sort,
+};
+pub use value::{decode_field, FieldType, FieldValue, Json, Millis, Value};
+
+use crate::error::{Error, ErrorCode};
+use async_trait::async_trait;
+use std::sync::Arc;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StoreError {
+    #[error("unknown resource kind {0:?}")]
+    UnknownKind(String),
+    #[error("{kind} has no field {field:?}")]
+    UnknownField { kind: String, field: String },
+    #[error("{kind}.{field} is {}, got a {found} value", expected.as_str())]
+    TypeMismatch {
+        kind: String,
+        field: String,
+        expected: FieldType,
+        found: &'static str,
+    },
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+    #[error("invalid write: {0}")]
+    InvalidWrite(String),
+    #[error("{kind} {uuid} does not exist")]
+    NotFound { kind: String, uuid: Uuid },
+    #[error("{kind} {uuid} already exists")]
+    AlreadyExists { kind: String, uuid: Uuid },
+    #[error("{kind}.{field} = {value} is already used by another {kind}")]
+    Duplicate {
+        kind: String,
+        field: String,
+        value: String,
+    },
+    #[error("{kind} {uuid} was changed concurrently (expected version {expected}, found {found})")]
+    Conflict {
+        kind: String,
+        uuid: Uuid,
+        expected: u64,
+        found: u64,
+    },
+    #[error("{kind} {uuid}: {detail}")]
+    ConditionFailed {
+        kind: String,
+        uuid: Uuid,
+        detail: String,
+    },
+    #[error("store backend failed: {0}")]
+    Backend(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::UnknownKind(_)
+            | StoreError::UnknownField { .. }
+            | StoreError::TypeMismatch { .. }
+            | StoreError::InvalidQuery(_)
+            | StoreError::InvalidWrite(_) => ErrorCode::InvalidArgument,
+            StoreError::NotFound { .. } => ErrorCode::NotFound,
+            StoreError::AlreadyExists { .. } | StoreError::Duplicate { .. } => {
+                ErrorCode::AlreadyExists
+            }
+            StoreError::Conflict { .. } => ErrorCode::Conflict,
+            StoreError::ConditionFailed { .. } => ErrorCode::ConditionFailed,
+            StoreError::Backend(_) => ErrorCode::StoreFailure,
+            StoreError::Corrupt(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::new(e.code(), e.to_string())
+    }
+}
+
+/// The storage interface. All methods are atomic; none holds a lock across an await of the
+/// caller.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Short backend name (`mem`, `sqlite`, `postgres`).
+    fn backend(&self) -> &'static str;
+    fn schema(&self) -> &Schema;
+    async fn get(&self, kind: &str, uuid: Uuid) -> Result<Option<Record>, StoreError>;
+    /// Rows matching the query, sorted by the query's sort keys then by uuid.
+    async fn query(&self, q: &Query) -> Result<Vec<Record>, StoreError>;
+    /// Number of rows matching the query's conditions (ignores sort and paging).
+    async fn count(&self, q: &Query) -> Result<u64, StoreError>;
+    /// Apply every write or none. Returns the new version of each written row (0 for deletes and
+    /// no-ops).
+    async fn commit(&self, batch: Batch) -> Result<Vec<u64>, StoreError>;
+}
+
+/// A cheap, clonable handle with typed helpers over any [`Store`].
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<dyn Store>,
+}
+
+impl Db {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Db { inner: store }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner
+    }
+
+    pub fn schema(&self) -> &Schema {
+        self.inner.schema()
+    }
+
+    pub async fn get<T: Resource>(&self, uuid: Uuid) -> Result<Option<Row<T>>, StoreError> {
+        match self.inner.get(T::META.name, uuid).await? {
+            Some(r) => Ok(Some(Row::from_record(&r)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`Db::get`] but a missing row is a `NotFound` error.
+    pub async fn must_get<T: Resource>(&self, uuid: Uuid) -> Result<Row<T>, StoreError> {
+        self.get(uuid).await?.ok_or_else(|| StoreError::NotFound {
+            kind: T::META.name.to_string(),
+            uuid,
+        })
+    }
+
+    pub async fn select<T: Resource>(&self, q: &Query) -> Result<Vec<Row<T>>, StoreError> {
+        debug_assert_eq!(q.kind, T::META.name);
+        self.inner
+            .query(q)
+            .await?
+            .iter()
+            .map(Row::from_record)
+            .collect()
+    }
+
+    pub async fn count(&self, q: &Query) -> Result<u64, StoreError> {
+        self.inner.count(q).await
+    }
+
+    pub async fn query(&self, q: &Query) -> Result<Vec<Record>, StoreError> {
+        self.inner.query(q).await
+    }
+
+    pub async fn commit(&self, b: Batch) -> Result<Vec<u64>, StoreError> {
+        self.inner.commit(b).await
+    }
+
+    /// Insert one row; returns it with its stored version.
+    pub async fn insert<T: Resource>(&self, mut row: Row<T>) -> Result<Row<T>, StoreError> {
+        let v = self.commit(Batch::new().insert(&row)).await?;
+        row.version = v[0];
+        Ok(row)
+    }
+}

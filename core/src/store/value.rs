@@ -1,0 +1,450 @@
+//! Field types and values, and the conversions between Rust types and stored values.
+
+use super::StoreError;
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use uuid::Uuid;
+
+/// The type of a stored field. Every backend stores and compares each type the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    Bool,
+    Int,
+    Float,
+    Text,
+    Uuid,
+    /// Milliseconds since the Unix epoch.
+    Time,
+    /// Arbitrary JSON; only `is-null` / `not-null` can be queried.
+    Json,
+}
+
+impl FieldType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FieldType::Bool => "bool",
+            FieldType::Int => "int",
+            FieldType::Float => "float",
+            FieldType::Text => "text",
+            FieldType::Uuid => "uuid",
+            FieldType::Time => "time",
+            FieldType::Json => "json",
+        }
+    }
+    /// Whether values of this type can be ordered and compared with `< <= > >=`.
+    pub fn is_ordered(self) -> bool {
+        !matches!(self, FieldType::Json)
+    }
+}
+
+/// A stored value. `Null` is the absence of a value in a nullable field.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+    Uuid(Uuid),
+    Time(i64),
+    Json(serde_json::Value),
+}
+
+impl Value {
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Int(_) => "int",
+            Value::Float(_) => "float",
+            Value::Text(_) => "text",
+            Value::Uuid(_) => "uuid",
+            Value::Time(_) => "time",
+            Value::Json(_) => "json",
+        }
+    }
+
+    pub fn matches_type(&self, ty: FieldType) -> bool {
+        matches!(
+            (self, ty),
+            (Value::Null, _)
+                | (Value::Bool(_), FieldType::Bool)
+                | (Value::Int(_), FieldType::Int)
+                | (Value::Float(_), FieldType::Float)
+                | (Value::Text(_), FieldType::Text)
+                | (Value::Uuid(_), FieldType::Uuid)
+                | (Value::Time(_), FieldType::Time)
+                | (Value::Json(_), FieldType::Json)
+        )
+    }
+
+    /// Convert a value given by a caller (often text from a query string) to `ty`.
+    /// Returns `None` when the value cannot represent a `ty`.
+    pub fn coerce(self, ty: FieldType) -> Option<Value> {
+        if self.matches_type(ty) {
+            if let Value::Float(f) = self {
+                return f.is_finite().then_some(Value::Float(f));
+            }
+            return Some(self);
+        }
+        match (self, ty) {
+            (Value::Int(i), FieldType::Float) => Some(Value::Float(i as f64)),
+            (Value::Int(i), FieldType::Time) => Some(Value::Time(i)),
+            (Value::Time(t), FieldType::Int) => Some(Value::Int(t)),
+            (Value::Text(s), FieldType::Bool) => match s.as_str() {
+                "true" => Some(Value::Bool(true)),
+                "false" => Some(Value::Bool(false)),
+                _ => None,
+            },
+            (Value::Text(s), FieldType::Int) => s.trim().parse().ok().map(Value::Int),
+            (Value::Text(s), FieldType::Time) => s.trim().parse().ok().map(Value::Time),
+            (Value::Text(s), FieldType::Float) => s
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .map(Value::Float),
+            (Value::Text(s), FieldType::Uuid) => Uuid::parse_str(s.trim()).ok().map(Value::Uuid),
+            (Value::Uuid(u), FieldType::Text) => Some(Value::Text(u.to_string())),
+            (Value::Text(s), FieldType::Json) => serde_json::from_str(&s).ok().map(Value::Json),
+            _ => None,
+        }
+    }
+
+    /// The JSON form used by the SQL backends and the API.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value as J;
+        match self {
+            Value::Null => J::Null,
+            Value::Bool(b) => J::Bool(*b),
+            Value::Int(i) | Value::Time(i) => J::from(*i),
+            Value::Float(f) => serde_json::Number::from_f64(*f)
+                .map(J::Number)
+                .unwrap_or(J::Null),
+            Value::Text(s) => J::String(s.clone()),
+            Value::Uuid(u) => J::String(u.to_string()),
+            Value::Json(j) => j.clone(),
+        }
+    }
+
+    /// Parse the JSON form back, checking it against the field type.
+    pub fn from_json(ty: FieldType, j: &serde_json::Value) -> Option<Value> {
+        use serde_json::Value as J;
+        if j.is_null() {
+            return Some(Value::Null);
+        }
+        Some(match ty {
+            FieldType::Bool => match j {
+                J::Bool(b) => Value::Bool(*b),
+                // SQLite has no boolean; json_set of an expression may store 0/1.
+                J::Number(n) => Value::Bool(n.as_i64()? != 0),
+                _ => return None,
+            },
+            FieldType::Int => Value::Int(j.as_i64()?),
+            FieldType::Time => Value::Time(j.as_i64()?),
+            FieldType::Float => Value::Float(j.as_f64()?),
+            FieldType::Text => Value::Text(j.as_str()?.to_string()),
+            FieldType::Uuid => Value::Uuid(Uuid::parse_str(j.as_str()?).ok()?),
+            FieldType::Json => Value::Json(j.clone()),
+        })
+    }
+
+    /// Order two values of the same field type; `Null` sorts first. `None` when the two cannot be
+    /// compared (different types or JSON).
+    pub fn compare(&self, other: &Value) -> Option<Ordering> {
+        match (self, other) {
+            (Value::Null, Value::Null) => Some(Ordering::Equal),
+            (Value::Null, _) => Some(Ordering::Less),
+            (_, Value::Null) => Some(Ordering::Greater),
+            (Value::Bool(a), Value::Bool(b)) => Some(a.cmp(b)),
+            (Value::Int(a), Value::Int(b)) | (Value::Time(a), Value::Time(b)) => Some(a.cmp(b)),
+            (Value::Float(a), Value::Float(b)) => Some(a.total_cmp(b)),
+            (Value::Text(a), Value::Text(b)) => Some(a.as_bytes().cmp(b.as_bytes())),
+            (Value::Uuid(a), Value::Uuid(b)) => Some(a.cmp(b)),
+            _ => None,
+        }
+    }
+
+    pub fn as_uuid(&self) -> Option<Uuid> {
+        match self {
+            Value::Uuid(u) => Some(*u),
+            _ => None,
+        }
+    }
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) | Value::Time(i) => Some(*i),
+            _ => None,
+        }
+    }
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Value::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Null => f.write_str("null"),
+            Value::Text(s) => f.write_str(s),
+            other => write!(f, "{}", other.to_json()),
+        }
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::Text(s.to_string())
+    }
+}
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        Value::Text(s)
+    }
+}
+impl From<i64> for Value {
+    fn from(i: i64) -> Self {
+        Value::Int(i)
+    }
+}
+impl From<bool> for Value {
+    fn from(b: bool) -> Self {
+        Value::Bool(b)
+    }
+}
+impl From<f64> for Value {
+    fn from(f: f64) -> Self {
+        Value::Float(f)
+    }
+}
+impl From<Uuid> for Value {
+    fn from(u: Uuid) -> Self {
+        Value::Uuid(u)
+    }
+}
+
+/// A Rust type that can be a stored field.
+pub trait FieldValue: Sized {
+    const TYPE: FieldType;
+    const NULLABLE: bool = false;
+    fn to_value(&self) -> Value;
+    fn from_value(v: &Value) -> Option<Self>;
+}
+
+macro_rules! scalar_field {
+    ($t:ty, $ft:ident, $variant:ident, |$x:ident| $to:expr, |$y:ident| $from:expr) => {
+        impl FieldValue for $t {
+            const TYPE: FieldType = FieldType::$ft;
+            fn to_value(&self) -> Value {
+                let $x = self;
+                Value::$variant($to)
+            }
+            fn from_value(v: &Value) -> Option<Self> {
+                match v {
+                    Value::$variant($y) => $from,
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+scalar_field!(bool, Bool, Bool, |x| *x, |y| Some(*y));
+scalar_field!(i64, Int, Int, |x| *x, |y| Some(*y));
+scalar_field!(u64, Int, Int, |x| *x as i64, |y| u64::try_from(*y).ok());
+scalar_field!(i32, Int, Int, |x| i64::from(*x), |y| i32::try_from(*y).ok());
+scalar_field!(u32, Int, Int, |x| i64::from(*x), |y| u32::try_from(*y).ok());
+scalar_field!(u16, Int, Int, |x| i64::from(*x), |y| u16::try_from(*y).ok());
+scalar_field!(f64, Float, Float, |x| *x, |y| Some(*y));
+scalar_field!(String, Text, Text, |x| x.clone(), |y| Some(y.clone()));
+scalar_field!(Uuid, Uuid, Uuid, |x| *x, |y| Some(*y));
+scalar_field!(serde_json::Value, Json, Json, |x| x.clone(), |y| Some(
+    y.clone()
+));
+
+/// A point in time, in milliseconds since the Unix epoch.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Millis(pub i64);
+
+scalar_field!(Millis, Time, Time, |x| x.0, |y| Some(Millis(*y)));
+
+impl<T: FieldValue> FieldValue for Option<T> {
+    const TYPE: FieldType = T::TYPE;
+    const NULLABLE: bool = true;
+    fn to_value(&self) -> Value {
+        match self {
+            Some(v) => v.to_value(),
+            None => Value::Null,
+        }
+    }
+    fn from_value(v: &Value) -> Option<Self> {
+        match v {
+            Value::Null => Some(None),
+            v => T::from_value(v).map(Some),
+        }
+    }
+}
+
+/// Any serde type stored as a JSON field (lists, small structs).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize + serde::de::DeserializeOwned> FieldValue for Json<T> {
+    const TYPE: FieldType = FieldType::Json;
+    fn to_value(&self) -> Value {
+        Value::Json(serde_json::to_value(&self.0).unwrap_or(serde_json::Value::Null))
+    }
+    fn from_value(v: &Value) -> Option<Self> {
+        match v {
+            Value::Json(j) => serde_json::from_value(j.clone()).ok().map(Json),
+            _ => None,
+        }
+    }
+}
+
+/// Read field `field` of kind `kind` from `v`, with a clear error when the stored value does not
+/// fit the Rust type.
+pub fn decode_field<T: FieldValue>(kind: &str, field: &str, v: &Value) -> Result<T, StoreError> {
+    T::from_value(v).ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "{kind}.{field}: stored {} does not fit {}",
+            v.type_name(),
+            std::any::type_name::<T>()
+        ))
+    })
+}
+
+/// Declare an enum stored as a text field (resource states and the like). Generates
+/// `as_str`, `Display`, `FromStr`, serde (as the same strings) and `FieldValue`.
+#[macro_export]
+macro_rules! text_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident { $( $(#[$vmeta:meta])* $variant:ident = $text:literal ),+ $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        $vis enum $name { $( $(#[$vmeta])* $variant ),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[ $( $name::$variant ),+ ];
+            pub fn as_str(self) -> &'static str {
+                match self { $( $name::$variant => $text ),+ }
+            }
+        }
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl ::std::str::FromStr for $name {
+            type Err = $crate::Error;
+            fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
+                match s {
+                    $( $text => Ok($name::$variant), )+
+                    _ => Err($crate::Error::invalid(format!(
+                        "{:?} is not a valid {}; expected one of: {}",
+                        s, stringify!($name), [$($text),+].join(", ")
+                    ))),
+                }
+            }
+        }
+        impl ::serde::Serialize for $name {
+            fn serialize<S: ::serde::Serializer>(&self, s: S) -> ::std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+        impl<'de> ::serde::Deserialize<'de> for $name {
+            fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> ::std::result::Result<Self, D::Error> {
+                let s = <::std::string::String as ::serde::Deserialize>::deserialize(d)?;
+                s.parse().map_err(|e: $crate::Error| <D::Error as ::serde::de::Error>::custom(e.message))
+            }
+        }
+        impl $crate::store::FieldValue for $name {
+            const TYPE: $crate::store::FieldType = $crate::store::FieldType::Text;
+            fn to_value(&self) -> $crate::store::Value {
+                $crate::store::Value::Text(self.as_str().to_string())
+            }
+            fn from_value(v: &$crate::store::Value) -> Option<Self> {
+                match v {
+                    $crate::store::Value::Text(s) => s.parse().ok(),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coerce_parses_text_into_each_type() {
+        let u = Uuid::from_u128(42);
+        assert_eq!(
+            Value::from("12").coerce(FieldType::Int),
+            Some(Value::Int(12))
+        );
+        assert_eq!(
+            Value::from("1.5").coerce(FieldType::Float),
+            Some(Value::Float(1.5))
+        );
+        assert_eq!(
+            Value::from("true").coerce(FieldType::Bool),
+            Some(Value::Bool(true))
+        );
+        assert_eq!(
+            Value::Text(u.to_string()).coerce(FieldType::Uuid),
+            Some(Value::Uuid(u))
+        );
+        assert_eq!(Value::from("x").coerce(FieldType::Int), None);
+        assert_eq!(Value::Float(f64::NAN).coerce(FieldType::Float), None);
+        assert_eq!(
+            Value::Int(3).coerce(FieldType::Float),
+            Some(Value::Float(3.0))
+        );
+    }
+
+    #[test]
+    fn json_form_round_trips_every_type() {
+        let cases = [
+            (FieldType::Bool, Value::Bool(true)),
+            (FieldType::Int, Value::Int(-9_007_199_254_740_993)),
+            (FieldType::Float, Value::Float(0.1 + 0.2)),
+            (FieldType::Text, Value::from("héllo \"q\"")),
+            (FieldType::Uuid, Value::Uuid(Uuid::from_u128(7))),
+            (FieldType::Time, Value::Time(1_700_000_000_123)),
+            (
+                FieldType::Json,
+                Value::Json(serde_json::json!({"a": [1, 2]})),
+            ),
+            (FieldType::Text, Value::Null),
+        ];
+        for (ty, v) in cases {
+            assert_eq!(Value::from_json(ty, &v.to_json()), Some(v));
+        }
+    }
+
+    #[test]
+    fn null_sorts_first_and_types_do_not_mix() {
+        assert_eq!(Value::Null.compare(&Value::Int(0)), Some(Ordering::Less));
+        assert_eq!(Value::Int(1).compare(&Value::Text("1".into())), None);
+        assert_eq!(
+            Value::from("B").compare(&Value::from("a")),
+            Some(Ordering::Less)
+        );
+    }
+}
