@@ -14,10 +14,18 @@
 //! - [`job`]: every mutating operation as a job with progress and result.
 //! - [`store`]: resources, queries and atomic batches over three backends.
 
+pub mod bus;
+pub mod cascade;
 pub mod clock;
+pub mod config;
+pub mod engine;
 pub mod error;
+pub mod extension;
+pub mod flow;
 pub mod hashring;
 pub mod ids;
+pub mod job;
+pub mod queue;
 pub mod store;
 
 pub use error::{Error, ErrorCode, Result};

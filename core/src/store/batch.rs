@@ -273,32 +273,40 @@ fn declared(kind: &'static KindMeta, field: &str, what: &str) -> Result<usize, S
 }
 
 /// Check a batch against the schema.
-pub fn resolve_batch(schema: &Schema, batch: &Batch) -> Result<Vec<ResolvedWrite>, StoreError> {
+pub fn resolve_batch(schema: &Schema, batch: Batch) -> Result<Vec<ResolvedWrite>, StoreError> {
     batch
         .writes
-        .iter()
+        .into_iter()
         .map(|w| {
             Ok(match w {
-                Write::Insert(r) | Write::Upsert(r) => {
+                Write::Insert(r) => {
                     let kind = schema.kind(r.kind.name)?;
                     r.check()?;
                     ResolvedWrite::Insert {
-                        rec: Record { kind, ..r.clone() },
-                        upsert: matches!(w, Write::Upsert(_)),
+                        rec: Record { kind, ..r },
+                        upsert: false,
+                    }
+                }
+                Write::Upsert(r) => {
+                    let kind = schema.kind(r.kind.name)?;
+                    r.check()?;
+                    ResolvedWrite::Insert {
+                        rec: Record { kind, ..r },
+                        upsert: true,
                     }
                 }
                 Write::Delete { kind, uuid, expect } => ResolvedWrite::Delete {
                     kind: schema.kind(kind)?,
-                    uuid: *uuid,
-                    expect: *expect,
+                    uuid,
+                    expect,
                 },
                 Write::Update(u) => {
                     let kind = schema.kind(u.kind)?;
                     let mut set = Vec::new();
-                    for (f, v) in &u.set {
+                    for (f, v) in u.set {
                         let i = declared(kind, f, "set")?;
-                        super::meta::check_value(kind, &kind.fields[i], v)?;
-                        set.push((i, v.clone()));
+                        super::meta::check_value(kind, &kind.fields[i], &v)?;
+                        set.push((i, v));
                     }
                     let mut add = Vec::new();
                     for (f, d) in &u.add {

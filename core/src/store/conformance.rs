@@ -84,7 +84,7 @@ impl Case {
     }
 
     fn name(&self, n: &str) -> String {
-        format!("{n}-{}", &self.run[..8])
+        format!("{n}-{}", &self.run[20..])
     }
 
     fn widget(&self, name: &str, size: i64) -> Row<CsWidget> {
@@ -112,7 +112,7 @@ impl Case {
     }
 
     async fn names(&self, q: Query) -> Vec<String> {
-        let suffix = format!("-{}", &self.run[..8]);
+        let suffix = format!("-{}", &self.run[20..]);
         self.db
             .select::<CsWidget>(&q)
             .await

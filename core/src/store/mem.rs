@@ -284,16 +284,24 @@ impl MemStore {
             match w {
                 ResolvedWrite::Insert { mut rec, upsert } => {
                     let key = (rec.kind.name, rec.uuid);
-                    match current(&t, &overlay, key.0, key.1) {
+                    let existing = match overlay.get(&key) {
+                        Some(x) => x.as_ref().map(|r| (r.version, r.created_ms)),
+                        None => t
+                            .table(key.0)
+                            .rows
+                            .get(&key.1)
+                            .map(|r| (r.version, r.created_ms)),
+                    };
+                    match existing {
                         Some(_) if !upsert => {
                             return Err(StoreError::AlreadyExists {
                                 kind: key.0.to_string(),
                                 uuid: key.1,
                             })
                         }
-                        Some(cur) => {
-                            rec.version = cur.version + 1;
-                            rec.created_ms = cur.created_ms;
+                        Some((version, created)) => {
+                            rec.version = version + 1;
+                            rec.created_ms = created;
                         }
                         None => {
                             rec.version = 1;
@@ -427,7 +435,7 @@ impl Store for MemStore {
     }
 
     async fn commit(&self, batch: Batch) -> Result<Vec<u64>, StoreError> {
-        let writes = resolve_batch(&self.schema, &batch)?;
+        let writes = resolve_batch(&self.schema, batch)?;
         self.commit_sync(writes)
     }
 }

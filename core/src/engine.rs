@@ -1,0 +1,115 @@
+//! The engine of one management node: every shared mechanism, built once and handed to the
+//! services.
+
+use crate::bus::Bus;
+use crate::cascade::Cascade;
+use crate::config::{ConfigDef, GlobalConfig};
+use crate::error::Error;
+use crate::extension::Extensions;
+use crate::flow::{recover_orphans, ChainRecord, ChainRegistry, Journal, RecoveryReport};
+use crate::hashring::NodeId;
+use crate::ids::Ids;
+use crate::job::{Job, Jobs};
+use crate::queue::Queues;
+use crate::store::{Db, KindMeta, Resource, Store};
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// The store kinds the engine itself needs (services add theirs).
+pub fn engine_kinds() -> Vec<&'static KindMeta> {
+    vec![
+        Job::META,
+        ChainRecord::META,
+        crate::config::ConfigEntry::META,
+    ]
+}
+
+/// Default bus timeout for a request without its own.
+pub static BUS_TIMEOUT: ConfigDef = ConfigDef::duration(
+    "bus.timeout",
+    "How long a caller waits for a reply on the bus before giving up",
+    "30m",
+    100,
+    24 * 3_600_000,
+);
+
+pub struct EngineOptions {
+    pub node: NodeId,
+    /// Seed for ids and randomness; `None` draws one (from the simulation under madsim).
+    pub seed: Option<u64>,
+    pub extensions: Arc<Extensions>,
+    pub config: Vec<&'static ConfigDef>,
+}
+
+/// Everything a service needs from the engine.
+pub struct Engine {
+    pub node: NodeId,
+    /// Changes on every start; journal and job records carry it to detect interrupted work.
+    pub boot: Uuid,
+    pub ids: Arc<Ids>,
+    pub db: Db,
+    pub bus: Bus,
+    pub queues: Queues,
+    pub journal: Journal,
+    pub chains: ChainRegistry,
+    pub jobs: Jobs,
+    pub config: GlobalConfig,
+    pub ext: Arc<Extensions>,
+    pub cascade: Cascade,
+}
+
+impl Engine {
+    /// Build the engine on `store` and load the persisted configuration.
+    pub async fn start(store: Arc<dyn Store>, opts: EngineOptions) -> Result<Arc<Engine>, Error> {
+        let ids = Arc::new(match opts.seed {
+            Some(s) => Ids::from_seed(s),
+            None => Ids::new(),
+        });
+        let boot = ids.uuid();
+        let db = Db::new(store);
+        let mut defs = opts.config;
+        defs.push(&BUS_TIMEOUT);
+        let config = GlobalConfig::new(db.clone(), &defs);
+        config.load().await?;
+        let timeout: Duration = config.get(&BUS_TIMEOUT.key());
+        let bus = Bus::new(opts.node, timeout);
+        Ok(Arc::new(Engine {
+            node: opts.node,
+            boot,
+            journal: Journal::new(db.clone(), ids.clone(), opts.node, boot),
+            jobs: Jobs::new(db.clone(), ids.clone(), opts.node, boot),
+            cascade: Cascade::new(&opts.extensions.cascade),
+            ext: opts.extensions,
+            queues: Queues::new(),
+            chains: ChainRegistry::new(),
+            config,
+            bus,
+            ids,
+            db,
+        }))
+    }
+
+    /// Finish the work of node boots that are gone: resume their journaled chains (for
+    /// resources this node owns) and close their jobs. `live_boots` are the boots of the other
+    /// running management nodes; this node's own boot is always live.
+    pub async fn recover(&self, live_boots: &[Uuid]) -> Result<RecoveryReport, Error> {
+        let mut live = live_boots.to_vec();
+        live.push(self.boot);
+        let bus = self.bus.clone();
+        let report = recover_orphans(
+            &self.journal,
+            &self.chains,
+            &self.queues,
+            &self.jobs,
+            &live,
+            |u| bus.owns(u),
+        )
+        .await?;
+        let closed = self.jobs.fail_orphans(&live).await?;
+        if report.found > 0 || closed > 0 {
+            tracing::info!(?report, jobs_closed = closed, "recovered interrupted work");
+        }
+        Ok(report)
+    }
+}

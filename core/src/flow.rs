@@ -1,0 +1,603 @@
+//! Workflows that roll back completely.
+//!
+//! A [`FlowChain`] runs its [`Flow`]s in order over a shared typed context. When a flow fails
+//! (or panics), that flow and every flow before it roll back in reverse order; a rollback that
+//! fails is recorded and the others still run.
+//!
+//! Every chain is journaled in the store as it runs (kind `flow_chain`): which flows completed,
+//! the context after each, and, while rolling back, which flow is next. If the management node
+//! dies mid-chain, [`recover_orphans`] on the resource's next owner finishes the job from the
+//! journal: by default it rolls back every flow that may have run (the interrupted one included),
+//! or, for chains declared [`OnInterrupt::Finish`], runs the remaining flows.
+//!
+//! Contract for flows (what makes replay safe):
+//! - `run` and `rollback` are idempotent: running either twice has the effect of running it once,
+//!   and `rollback` of a flow that never ran, or half ran, is harmless.
+//! - The context is journaled *after* each flow completes, so the rollback of an interrupted flow
+//!   sees the context from before it ran. A flow therefore records what it is about to do where
+//!   its rollback can find it (an id chosen in an earlier step, or a field written to the
+//!   resource's row in the same atomic batch as the side effect).
+
+use crate::error::{Error, ErrorCode};
+use crate::hashring::NodeId;
+use crate::ids::Ids;
+use crate::job::Jobs;
+use crate::queue::Queues;
+use crate::store::{Batch, Db, Expect, Json, Query, Row, Update, Value};
+use async_trait::async_trait;
+use futures::FutureExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// One step of a chain.
+#[async_trait]
+pub trait Flow<C: Send>: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    async fn run(&self, ctx: &mut C) -> Result<(), Error>;
+    async fn rollback(&self, _ctx: &mut C) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// What a chain's context must be: journaled as JSON.
+pub trait Context: Serialize + DeserializeOwned + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Context for T {}
+
+/// What recovery does with a chain interrupted in its forward path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnInterrupt {
+    /// Roll back every flow that may have run (the default).
+    RollBack,
+    /// Run the remaining flows (for operations that must not be undone, such as expunge).
+    Finish,
+}
+
+crate::text_enum! {
+    pub enum ChainState {
+        Running = "Running",
+        RollingBack = "RollingBack",
+    }
+}
+
+crate::resource! {
+    /// The journal of one chain in progress. Deleted when the chain ends.
+    pub struct ChainRecord: "flow_chain" {
+        chain: String [index, column],
+        resource_uuid: Uuid [index, column],
+        queue: String,
+        job: Option<Uuid>,
+        node: Uuid,
+        boot: Uuid [index],
+        state: ChainState [index, column],
+        /// Flows `[0, next)` ran to completion; flow `next` may be in flight.
+        next: i64 [column],
+        /// While rolling back: the next flow to roll back (-1 when none is left).
+        cursor: i64,
+        context: serde_json::Value,
+        error: Option<String>,
+        rollback_errors: Json<Vec<String>>,
+    }
+}
+
+/// What a chain acts on: the resource, its queue signature and the job, if any.
+#[derive(Debug, Clone)]
+pub struct ChainTarget {
+    pub resource: Uuid,
+    pub queue: String,
+    pub job: Option<Uuid>,
+}
+
+/// A chain that failed and rolled back.
+#[derive(Debug)]
+pub struct ChainFailure<C> {
+    /// Why the chain failed.
+    pub error: Error,
+    /// The flow that failed (None when the chain was interrupted or could not start).
+    pub failed_flow: Option<&'static str>,
+    /// Rollbacks that failed, by flow.
+    pub rollback_errors: Vec<(&'static str, Error)>,
+    pub ctx: C,
+}
+
+/// Where chains are journaled. Cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    db: Db,
+    ids: Arc<Ids>,
+    node: NodeId,
+    boot: Uuid,
+}
+
+/// Retry a journal write on transient store failures (never on logical errors).
+async fn retry<T, F, Fut>(what: &str, mut f: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let mut delay = Duration::from_millis(50);
+    for attempt in 0..6 {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.code == ErrorCode::StoreFailure && attempt < 5 => {
+                tracing::warn!(error = %e, attempt, "journal {what} failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+impl Journal {
+    pub fn new(db: Db, ids: Arc<Ids>, node: NodeId, boot: Uuid) -> Self {
+        Journal {
+            db,
+            ids,
+            node,
+            boot,
+        }
+    }
+
+    pub fn boot(&self) -> Uuid {
+        self.boot
+    }
+
+    async fn write(&self, what: &str, u: Update) -> Result<(), Error> {
+        retry(what, || async {
+            Ok(self
+                .db
+                .commit(Batch::new().update(u.clone()))
+                .await
+                .map(|_| ())?)
+        })
+        .await
+    }
+
+    async fn start(
+        &self,
+        id: Uuid,
+        chain: &str,
+        t: &ChainTarget,
+        ctx: serde_json::Value,
+    ) -> Result<(), Error> {
+        let rec = ChainRecord {
+            chain: chain.to_string(),
+            resource_uuid: t.resource,
+            queue: t.queue.clone(),
+            job: t.job,
+            node: self.node,
+            boot: self.boot,
+            state: ChainState::Running,
+            next: 0,
+            cursor: -1,
+            context: ctx,
+            error: None,
+            rollback_errors: Json(Vec::new()),
+        };
+        retry("start", || async {
+            Ok(self
+                .db
+                .insert(Row::new(id, rec.clone()))
+                .await
+                .map(|_| ())?)
+        })
+        .await
+    }
+
+    async fn step(&self, id: Uuid, next: usize, ctx: serde_json::Value) -> Result<(), Error> {
+        self.write(
+            "step",
+            Update::of::<ChainRecord>(id)
+                .set("next", next as i64)
+                .set("context", Value::Json(ctx)),
+        )
+        .await
+    }
+
+    async fn rolling_back(
+        &self,
+        id: Uuid,
+        cursor: i64,
+        error: &Error,
+        errors: &[String],
+        ctx: serde_json::Value,
+    ) {
+        let u = Update::of::<ChainRecord>(id)
+            .expect(Expect::Maybe)
+            .set("state", ChainState::RollingBack.as_str())
+            .set("cursor", cursor)
+            .set("error", error.to_string())
+            .set("rollback_errors", Value::Json(serde_json::json!(errors)))
+            .set("context", Value::Json(ctx));
+        if let Err(e) = self.write("rollback", u).await {
+            tracing::error!(chain = %id, error = %e, "cannot journal rollback progress");
+        }
+    }
+
+    async fn take_over(&self, id: Uuid) -> Result<(), Error> {
+        self.write(
+            "take-over",
+            Update::of::<ChainRecord>(id)
+                .set("node", self.node)
+                .set("boot", self.boot),
+        )
+        .await
+    }
+
+    async fn end(&self, id: Uuid) {
+        let r = retry("end", || async {
+            Ok(self
+                .db
+                .commit(Batch::new().delete::<ChainRecord>(id, Expect::Maybe))
+                .await
+                .map(|_| ())?)
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!(chain = %id, error = %e, "cannot remove a finished chain's journal");
+        }
+    }
+
+    /// Chains in progress (for the API and the invariant checks).
+    pub async fn in_progress(&self) -> Result<Vec<Row<ChainRecord>>, Error> {
+        Ok(self
+            .db
+            .select::<ChainRecord>(&Query::of::<ChainRecord>())
+            .await?)
+    }
+}
+
+fn to_json<C: Context>(ctx: &C) -> serde_json::Value {
+    serde_json::to_value(ctx).unwrap_or(serde_json::Value::Null)
+}
+
+fn panicked(flow: &str, p: Box<dyn std::any::Any + Send>) -> Error {
+    Error::internal(format!(
+        "flow {flow} panicked: {}",
+        crate::bus::panic_message(p.as_ref())
+    ))
+}
+
+/// An ordered list of flows over context `C`.
+pub struct FlowChain<C> {
+    name: &'static str,
+    flows: Vec<Arc<dyn Flow<C>>>,
+    on_interrupt: OnInterrupt,
+}
+
+impl<C: Context> FlowChain<C> {
+    pub fn new(name: &'static str) -> Self {
+        FlowChain {
+            name,
+            flows: Vec::new(),
+            on_interrupt: OnInterrupt::RollBack,
+        }
+    }
+
+    pub fn then(mut self, f: impl Flow<C>) -> Self {
+        self.flows.push(Arc::new(f));
+        self
+    }
+
+    pub fn then_arc(mut self, f: Arc<dyn Flow<C>>) -> Self {
+        self.flows.push(f);
+        self
+    }
+
+    pub fn on_interrupt(mut self, o: OnInterrupt) -> Self {
+        self.on_interrupt = o;
+        self
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn flow_names(&self) -> Vec<&'static str> {
+        self.flows.iter().map(|f| f.name()).collect()
+    }
+
+    /// Run the chain; on failure everything that ran is rolled back before this returns.
+    pub async fn run(
+        &self,
+        journal: &Journal,
+        target: ChainTarget,
+        ctx: C,
+    ) -> Result<C, ChainFailure<C>> {
+        let id = journal.ids.uuid();
+        if let Err(e) = journal.start(id, self.name, &target, to_json(&ctx)).await {
+            return Err(ChainFailure {
+                error: e.context(format!("chain {} could not start", self.name)),
+                failed_flow: None,
+                rollback_errors: Vec::new(),
+                ctx,
+            });
+        }
+        self.forward(journal, id, 0, ctx).await
+    }
+
+    async fn forward(
+        &self,
+        journal: &Journal,
+        id: Uuid,
+        start: usize,
+        mut ctx: C,
+    ) -> Result<C, ChainFailure<C>> {
+        for i in start..self.flows.len() {
+            let flow = &self.flows[i];
+            let outcome = match AssertUnwindSafe(flow.run(&mut ctx)).catch_unwind().await {
+                Ok(r) => r,
+                Err(p) => Err(panicked(flow.name(), p)),
+            };
+            if let Err(e) = outcome {
+                tracing::debug!(chain = self.name, flow = flow.name(), error = %e, "flow failed; rolling back");
+                let failed = Some(flow.name());
+                return Err(self
+                    .roll_back(journal, id, i as i64, e, failed, Vec::new(), ctx)
+                    .await);
+            }
+            if let Err(e) = journal.step(id, i + 1, to_json(&ctx)).await {
+                // The flow ran but the journal cannot say so: undo it with the others.
+                let e = e.context("cannot journal chain progress");
+                return Err(self
+                    .roll_back(journal, id, i as i64, e, None, Vec::new(), ctx)
+                    .await);
+            }
+        }
+        journal.end(id).await;
+        Ok(ctx)
+    }
+
+    /// Roll back flows `from, from-1, ..., 0`.
+    #[allow(clippy::too_many_arguments)]
+    async fn roll_back(
+        &self,
+        journal: &Journal,
+        id: Uuid,
+        from: i64,
+        error: Error,
+        failed_flow: Option<&'static str>,
+        mut errors: Vec<(&'static str, Error)>,
+        mut ctx: C,
+    ) -> ChainFailure<C> {
+        let texts = |errors: &[(&str, Error)]| {
+            errors
+                .iter()
+                .map(|(f, e)| format!("{f}: {e}"))
+                .collect::<Vec<_>>()
+        };
+        journal
+            .rolling_back(id, from, &error, &texts(&errors), to_json(&ctx))
+            .await;
+        let mut k = from;
+        while k >= 0 {
+            let flow = &self.flows[k as usize];
+            let r = match AssertUnwindSafe(flow.rollback(&mut ctx))
+                .catch_unwind()
+                .await
+            {
+                Ok(r) => r,
+                Err(p) => Err(panicked(flow.name(), p)),
+            };
+            if let Err(e) = r {
+                tracing::warn!(chain = self.name, flow = flow.name(), error = %e, "rollback failed; continuing");
+                errors.push((flow.name(), e));
+            }
+            k -= 1;
+            journal
+                .rolling_back(id, k, &error, &texts(&errors), to_json(&ctx))
+                .await;
+        }
+        journal.end(id).await;
+        ChainFailure {
+            error,
+            failed_flow,
+            rollback_errors: errors,
+            ctx,
+        }
+    }
+
+    /// Finish an interrupted chain from its journal record.
+    async fn resume(&self, journal: &Journal, rec: &Row<ChainRecord>) -> RecoveryOutcome {
+        let ctx: C = match serde_json::from_value(rec.context.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                return RecoveryOutcome::Unrecoverable(format!("context does not decode: {e}"))
+            }
+        };
+        if let Err(e) = journal.take_over(rec.uuid).await {
+            return RecoveryOutcome::Unrecoverable(format!("cannot take over the journal: {e}"));
+        }
+        let interrupted = Error::new(
+            ErrorCode::NodeUnavailable,
+            "interrupted: the management node running it stopped",
+        );
+        let len = self.flows.len() as i64;
+        let failure = match rec.state {
+            ChainState::RollingBack => {
+                let error = rec
+                    .error
+                    .clone()
+                    .map_or(interrupted, |m| Error::new(ErrorCode::Internal, m));
+                let prior = rec
+                    .rollback_errors
+                    .0
+                    .iter()
+                    .map(|m| ("earlier", Error::internal(m.clone())))
+                    .collect();
+                self.roll_back(
+                    journal,
+                    rec.uuid,
+                    rec.cursor.min(len - 1),
+                    error,
+                    None,
+                    prior,
+                    ctx,
+                )
+                .await
+            }
+            ChainState::Running if rec.next >= len => {
+                journal.end(rec.uuid).await;
+                return RecoveryOutcome::Finished;
+            }
+            ChainState::Running => match self.on_interrupt {
+                OnInterrupt::RollBack => {
+                    self.roll_back(
+                        journal,
+                        rec.uuid,
+                        rec.next,
+                        interrupted,
+                        None,
+                        Vec::new(),
+                        ctx,
+                    )
+                    .await
+                }
+                OnInterrupt::Finish => match self
+                    .forward(journal, rec.uuid, rec.next as usize, ctx)
+                    .await
+                {
+                    Ok(_) => return RecoveryOutcome::Finished,
+                    Err(f) => f,
+                },
+            },
+        };
+        RecoveryOutcome::RolledBack {
+            error: failure.error,
+            rollback_errors: failure.rollback_errors.len(),
+        }
+    }
+}
+
+/// The result of recovering one chain.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecoveryOutcome {
+    Finished,
+    RolledBack {
+        error: Error,
+        rollback_errors: usize,
+    },
+    Unrecoverable(String),
+}
+
+/// A chain that recovery can resume by name.
+#[async_trait]
+trait Resumable: Send + Sync {
+    async fn resume(&self, journal: &Journal, rec: &Row<ChainRecord>) -> RecoveryOutcome;
+}
+
+#[async_trait]
+impl<C: Context> Resumable for FlowChain<C> {
+    async fn resume(&self, journal: &Journal, rec: &Row<ChainRecord>) -> RecoveryOutcome {
+        FlowChain::resume(self, journal, rec).await
+    }
+}
+
+/// Chain definitions by name, for recovery. Services register their chains at start-up.
+#[derive(Default)]
+pub struct ChainRegistry {
+    chains: RwLock<HashMap<&'static str, Arc<dyn Resumable>>>,
+}
+
+impl ChainRegistry {
+    pub fn new() -> Self {
+        ChainRegistry::default()
+    }
+
+    pub fn register<C: Context>(&self, chain: Arc<FlowChain<C>>) {
+        self.chains
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(chain.name, chain);
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<dyn Resumable>> {
+        self.chains
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+}
+
+/// What a recovery pass did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct RecoveryReport {
+    pub found: usize,
+    pub finished: usize,
+    pub rolled_back: usize,
+    pub rollback_errors: usize,
+    pub unrecoverable: usize,
+}
+
+/// Resume every journaled chain whose node boot is no longer live and whose resource this node
+/// owns. Each runs in its resource's queue; their jobs are closed with the outcome.
+pub async fn recover_orphans(
+    journal: &Journal,
+    registry: &ChainRegistry,
+    queues: &Queues,
+    jobs: &Jobs,
+    live_boots: &[Uuid],
+    owns: impl Fn(&Uuid) -> bool,
+) -> Result<RecoveryReport, Error> {
+    let mut q = Query::of::<ChainRecord>();
+    if !live_boots.is_empty() {
+        q = q.not_in("boot", live_boots.iter().copied());
+    }
+    let orphans: Vec<Row<ChainRecord>> = journal
+        .db
+        .select::<ChainRecord>(&q)
+        .await?
+        .into_iter()
+        .filter(|r| r.boot != journal.boot && owns(&r.resource_uuid))
+        .collect();
+    let mut report = RecoveryReport {
+        found: orphans.len(),
+        ..Default::default()
+    };
+    let runs = orphans.iter().map(|rec| async move {
+        let outcome = match registry.get(&rec.chain) {
+            Some(chain) => queues.run(&rec.queue, 1, chain.resume(journal, rec)).await,
+            None => RecoveryOutcome::Unrecoverable(format!(
+                "no chain named {} is registered",
+                rec.chain
+            )),
+        };
+        if let Some(job) = rec.job {
+            let result = match &outcome {
+                RecoveryOutcome::Finished => Ok(serde_json::json!({"recovered": true})),
+                RecoveryOutcome::RolledBack { error, .. } => Err(error.clone()),
+                RecoveryOutcome::Unrecoverable(m) => Err(Error::internal(m.clone())),
+            };
+            if let Err(e) = jobs.finish(job, result).await {
+                tracing::warn!(%job, error = %e, "cannot close a recovered chain's job");
+            }
+        }
+        (rec, outcome)
+    });
+    for (rec, outcome) in futures::future::join_all(runs).await {
+        match outcome {
+            RecoveryOutcome::Finished => report.finished += 1,
+            RecoveryOutcome::RolledBack {
+                rollback_errors, ..
+            } => {
+                report.rolled_back += 1;
+                report.rollback_errors += rollback_errors;
+            }
+            RecoveryOutcome::Unrecoverable(why) => {
+                tracing::error!(chain = %rec.chain, id = %rec.uuid, %why, "cannot recover chain");
+                report.unrecoverable += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,321 @@
+use super::*;
+use crate::job::{Job, JobState};
+use crate::store::{MemStore, Resource, Schema};
+use std::sync::Mutex;
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+struct Ctx {
+    done: Vec<String>,
+}
+
+struct Step {
+    name: &'static str,
+    log: Log,
+    fail_run: bool,
+    fail_rollback: bool,
+    panic_run: bool,
+}
+
+fn step(name: &'static str, log: &Log) -> Step {
+    Step {
+        name,
+        log: log.clone(),
+        fail_run: false,
+        fail_rollback: false,
+        panic_run: false,
+    }
+}
+
+#[async_trait]
+impl Flow<Ctx> for Step {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    async fn run(&self, ctx: &mut Ctx) -> Result<(), Error> {
+        self.log.lock().unwrap().push(format!("run {}", self.name));
+        if self.panic_run {
+            panic!("{} exploded", self.name);
+        }
+        if self.fail_run {
+            return Err(Error::new(
+                ErrorCode::AgentError,
+                format!("{} failed", self.name),
+            ));
+        }
+        ctx.done.push(self.name.to_string());
+        Ok(())
+    }
+    async fn rollback(&self, ctx: &mut Ctx) -> Result<(), Error> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("rollback {}", self.name));
+        ctx.done.retain(|d| d != self.name);
+        if self.fail_rollback {
+            return Err(Error::internal(format!("{} rollback failed", self.name)));
+        }
+        Ok(())
+    }
+}
+
+struct Env {
+    db: Db,
+    journal: Journal,
+    jobs: Jobs,
+    queues: Queues,
+}
+
+fn env(boot: u128) -> (Env, Arc<MemStore>) {
+    let store = Arc::new(MemStore::new(
+        Schema::new().with(ChainRecord::META).with(Job::META),
+    ));
+    (env_on(store.clone(), boot), store)
+}
+
+fn env_on(store: Arc<MemStore>, boot: u128) -> Env {
+    let db = Db::new(store);
+    let ids = Arc::new(Ids::from_seed(boot as u64));
+    let node = Uuid::from_u128(1);
+    Env {
+        journal: Journal::new(db.clone(), ids.clone(), node, Uuid::from_u128(boot)),
+        jobs: Jobs::new(db.clone(), ids, node, Uuid::from_u128(boot)),
+        queues: Queues::new(),
+        db,
+    }
+}
+
+fn target() -> ChainTarget {
+    ChainTarget {
+        resource: Uuid::from_u128(77),
+        queue: "vm-77".into(),
+        job: None,
+    }
+}
+
+fn logged(log: &Log) -> Vec<String> {
+    log.lock().unwrap().clone()
+}
+
+#[tokio::test]
+async fn a_chain_runs_in_order_and_leaves_no_journal() {
+    let (e, _) = env(10);
+    let log = Log::default();
+    let chain = FlowChain::new("test.ok")
+        .then(step("a", &log))
+        .then(step("b", &log))
+        .then(step("c", &log));
+    let ctx = chain
+        .run(&e.journal, target(), Ctx::default())
+        .await
+        .unwrap();
+    assert_eq!(ctx.done, vec!["a", "b", "c"]);
+    assert_eq!(logged(&log), vec!["run a", "run b", "run c"]);
+    assert!(e.journal.in_progress().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn failure_rolls_back_the_failed_flow_and_all_before_it_in_reverse() {
+    let (e, _) = env(10);
+    let log = Log::default();
+    let mut c = step("c", &log);
+    c.fail_run = true;
+    let chain = FlowChain::new("test.fail")
+        .then(step("a", &log))
+        .then(step("b", &log))
+        .then(c)
+        .then(step("d", &log));
+    let f = chain
+        .run(&e.journal, target(), Ctx::default())
+        .await
+        .unwrap_err();
+    assert_eq!(f.error.code, ErrorCode::AgentError);
+    assert_eq!(f.failed_flow, Some("c"));
+    assert!(f.rollback_errors.is_empty());
+    assert!(
+        f.ctx.done.is_empty(),
+        "context rolled back too: {:?}",
+        f.ctx
+    );
+    assert_eq!(
+        logged(&log),
+        vec![
+            "run a",
+            "run b",
+            "run c",
+            "rollback c",
+            "rollback b",
+            "rollback a"
+        ]
+    );
+    assert!(e.journal.in_progress().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_failing_rollback_is_recorded_and_the_rest_still_roll_back() {
+    let (e, _) = env(10);
+    let log = Log::default();
+    let mut b = step("b", &log);
+    b.fail_rollback = true;
+    let mut c = step("c", &log);
+    c.panic_run = true;
+    let chain = FlowChain::new("test.rbfail")
+        .then(step("a", &log))
+        .then(b)
+        .then(c);
+    let f = chain
+        .run(&e.journal, target(), Ctx::default())
+        .await
+        .unwrap_err();
+    assert_eq!(f.error.code, ErrorCode::Internal);
+    assert!(f.error.message.contains("c exploded"), "{}", f.error);
+    assert_eq!(f.rollback_errors.len(), 1);
+    assert_eq!(f.rollback_errors[0].0, "b");
+    assert_eq!(
+        logged(&log),
+        vec![
+            "run a",
+            "run b",
+            "run c",
+            "rollback c",
+            "rollback b",
+            "rollback a"
+        ]
+    );
+}
+
+/// Write a journal record as a dead node would have left it.
+async fn orphan(
+    e: &Env,
+    chain: &str,
+    state: ChainState,
+    next: i64,
+    cursor: i64,
+    job: Option<Uuid>,
+) -> Uuid {
+    let id = Uuid::from_u128(500);
+    let rec = ChainRecord {
+        chain: chain.into(),
+        resource_uuid: Uuid::from_u128(77),
+        queue: "vm-77".into(),
+        job,
+        node: Uuid::from_u128(1),
+        boot: Uuid::from_u128(9), // a boot that is gone
+        state,
+        next,
+        cursor,
+        context: serde_json::json!({"done": ["a", "b"]}),
+        error: None,
+        rollback_errors: Json(Vec::new()),
+    };
+    e.db.insert(Row::new(id, rec)).await.unwrap();
+    id
+}
+
+fn registry(log: &Log, on_interrupt: OnInterrupt) -> ChainRegistry {
+    let r = ChainRegistry::new();
+    r.register(Arc::new(
+        FlowChain::<Ctx>::new("test.recover")
+            .then(step("a", log))
+            .then(step("b", log))
+            .then(step("c", log))
+            .then(step("d", log))
+            .on_interrupt(on_interrupt),
+    ));
+    r
+}
+
+#[tokio::test]
+async fn recovery_rolls_back_an_interrupted_chain_once_per_flow_and_fails_its_job() {
+    let (e, _) = env(10);
+    let log = Log::default();
+    let job = e.jobs.create("vm.create", None).await.unwrap();
+    // Make the job look orphaned too: it belongs to the dead boot's chain.
+    orphan(&e, "test.recover", ChainState::Running, 2, -1, Some(job)).await;
+    let reg = registry(&log, OnInterrupt::RollBack);
+    // Our own boot (10) and the dead one (9): nothing of a live boot is touched.
+    let report = recover_orphans(
+        &e.journal,
+        &reg,
+        &e.queues,
+        &e.jobs,
+        &[Uuid::from_u128(9)],
+        |_| true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.found, 0, "boot 9 declared live: not an orphan");
+    let report = recover_orphans(
+        &e.journal,
+        &reg,
+        &e.queues,
+        &e.jobs,
+        &[Uuid::from_u128(10)],
+        |_| true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        report,
+        RecoveryReport {
+            found: 1,
+            rolled_back: 1,
+            ..Default::default()
+        }
+    );
+    // Flow c (index 2) may have been in flight: it is rolled back too, then b and a.
+    assert_eq!(logged(&log), vec!["rollback c", "rollback b", "rollback a"]);
+    assert!(e.journal.in_progress().await.unwrap().is_empty());
+    let j = e.jobs.get(job).await.unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    // A second pass finds nothing: each rollback ran exactly once.
+    let again = recover_orphans(&e.journal, &reg, &e.queues, &e.jobs, &[], |_| true)
+        .await
+        .unwrap();
+    assert_eq!(again.found, 0);
+    assert_eq!(logged(&log).len(), 3);
+}
+
+#[tokio::test]
+async fn recovery_continues_a_rollback_from_its_cursor() {
+    let (e, _) = env(10);
+    let log = Log::default();
+    orphan(&e, "test.recover", ChainState::RollingBack, 3, 1, None).await;
+    let reg = registry(&log, OnInterrupt::RollBack);
+    let report = recover_orphans(&e.journal, &reg, &e.queues, &e.jobs, &[], |_| true)
+        .await
+        .unwrap();
+    assert_eq!(report.rolled_back, 1);
+    assert_eq!(logged(&log), vec!["rollback b", "rollback a"]);
+}
+
+#[tokio::test]
+async fn recovery_finishes_chains_declared_finish_and_skips_resources_owned_elsewhere() {
+    let (e, _) = env(10);
+    let log = Log::default();
+    orphan(&e, "test.recover", ChainState::Running, 2, -1, None).await;
+    let reg = registry(&log, OnInterrupt::Finish);
+    let report = recover_orphans(&e.journal, &reg, &e.queues, &e.jobs, &[], |_| false)
+        .await
+        .unwrap();
+    assert_eq!(report.found, 0, "not ours");
+    let report = recover_orphans(&e.journal, &reg, &e.queues, &e.jobs, &[], |_| true)
+        .await
+        .unwrap();
+    assert_eq!(report.finished, 1);
+    assert_eq!(logged(&log), vec!["run c", "run d"]);
+    assert!(e.journal.in_progress().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_unknown_chain_is_reported_and_left_in_the_journal() {
+    let (e, _) = env(10);
+    orphan(&e, "no.such.chain", ChainState::Running, 1, -1, None).await;
+    let reg = ChainRegistry::new();
+    let report = recover_orphans(&e.journal, &reg, &e.queues, &e.jobs, &[], |_| true)
+        .await
+        .unwrap();
+    assert_eq!(report.unrecoverable, 1);
+    assert_eq!(e.journal.in_progress().await.unwrap().len(), 1);
+}

@@ -1,0 +1,324 @@
+//! Jobs: every mutating operation is accepted at once with a job id; its state, progress and
+//! result (or coded error) are stored and can be queried or awaited.
+
+use crate::error::{Error, ErrorCode};
+use crate::hashring::NodeId;
+use crate::ids::Ids;
+use crate::store::{Batch, Db, Expect, Millis, Query, Row, Update};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+crate::text_enum! {
+    /// Life of a job.
+    pub enum JobState {
+        Running = "Running",
+        Succeeded = "Succeeded",
+        Failed = "Failed",
+    }
+}
+
+crate::resource! {
+    /// A job: one accepted mutating operation.
+    pub struct Job: "job" {
+        operation: String [index, column],
+        resource_uuid: Option<Uuid> [index, column],
+        state: JobState [index, column],
+        /// 0..=100.
+        progress: i64 [column],
+        progress_note: Option<String>,
+        result: Option<serde_json::Value>,
+        error_code: Option<String>,
+        error_message: Option<String>,
+        node: Uuid,
+        /// Boot id of the node that ran it; a job whose boot is gone was interrupted.
+        boot: Uuid [index],
+        finished_ms: Option<Millis>,
+    }
+}
+
+impl Row<Job> {
+    pub fn is_finished(&self) -> bool {
+        self.state != JobState::Running
+    }
+
+    /// The job's error, if it failed.
+    pub fn error(&self) -> Option<Error> {
+        let code = self.error_code.as_deref()?;
+        let code = serde_json::from_value(serde_json::Value::String(code.to_string()))
+            .unwrap_or(ErrorCode::Internal);
+        Some(Error::new(
+            code,
+            self.error_message.clone().unwrap_or_default(),
+        ))
+    }
+}
+
+type Waiters = Arc<Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>>;
+
+/// The job service of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Jobs {
+    db: Db,
+    ids: Arc<Ids>,
+    node: NodeId,
+    boot: Uuid,
+    waiters: Waiters,
+}
+
+/// Handed to a job's body to report progress.
+#[derive(Clone)]
+pub struct JobHandle {
+    jobs: Jobs,
+    pub id: Uuid,
+}
+
+impl JobHandle {
+    /// Record progress (percent 0..=100 and a note). Best effort: a failed write is logged.
+    pub async fn progress(&self, percent: u8, note: &str) {
+        if let Err(e) = self.jobs.progress(self.id, percent, note).await {
+            tracing::warn!(job = %self.id, error = %e, "cannot record job progress");
+        }
+    }
+}
+
+impl Jobs {
+    pub fn new(db: Db, ids: Arc<Ids>, node: NodeId, boot: Uuid) -> Self {
+        Jobs {
+            db,
+            ids,
+            node,
+            boot,
+            waiters: Arc::default(),
+        }
+    }
+
+    /// Record a new running job.
+    pub async fn create(&self, operation: &str, resource: Option<Uuid>) -> Result<Uuid, Error> {
+        let id = self.ids.uuid();
+        let job = Job {
+            operation: operation.to_string(),
+            resource_uuid: resource,
+            state: JobState::Running,
+            progress: 0,
+            progress_note: None,
+            result: None,
+            error_code: None,
+            error_message: None,
+            node: self.node,
+            boot: self.boot,
+            finished_ms: None,
+        };
+        self.db.insert(Row::new(id, job)).await?;
+        Ok(id)
+    }
+
+    pub async fn progress(&self, id: Uuid, percent: u8, note: &str) -> Result<(), Error> {
+        self.db
+            .commit(
+                Batch::new().update(
+                    Update::of::<Job>(id)
+                        .expect(Expect::Maybe)
+                        .when_eq("state", JobState::Running.as_str())
+                        .set("progress", i64::from(percent.min(100)))
+                        .set("progress_note", note),
+                ),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Record the outcome and wake local waiters. Finishing twice keeps the first outcome.
+    pub async fn finish(
+        &self,
+        id: Uuid,
+        outcome: Result<serde_json::Value, Error>,
+    ) -> Result<(), Error> {
+        let u = Update::of::<Job>(id)
+            .when_eq("state", JobState::Running.as_str())
+            .set(
+                "finished_ms",
+                crate::store::Value::Time(crate::clock::now_ms()),
+            );
+        let u = match outcome {
+            Ok(v) => u
+                .set("state", JobState::Succeeded.as_str())
+                .set("progress", 100i64)
+                .set("result", crate::store::Value::Json(v)),
+            Err(e) => u
+                .set("state", JobState::Failed.as_str())
+                .set("error_code", e.code.as_str())
+                .set("error_message", e.message),
+        };
+        let res = self.db.commit(Batch::new().update(u)).await;
+        self.wake(id);
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == ErrorCode::ConditionFailed => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn wake(&self, id: Uuid) {
+        let senders = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        for s in senders.into_iter().flatten() {
+            let _ = s.send(());
+        }
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Row<Job>, Error> {
+        Ok(self.db.must_get::<Job>(id).await?)
+    }
+
+    /// Create a job, run `body` in its own task, record its outcome. Returns the job id at once.
+    pub async fn submit<F, Fut>(
+        &self,
+        operation: &str,
+        resource: Option<Uuid>,
+        body: F,
+    ) -> Result<Uuid, Error>
+    where
+        F: FnOnce(JobHandle) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<serde_json::Value, Error>> + Send + 'static,
+    {
+        let id = self.create(operation, resource).await?;
+        let jobs = self.clone();
+        let handle = JobHandle {
+            jobs: self.clone(),
+            id,
+        };
+        tokio::spawn(async move {
+            let outcome = body(handle).await;
+            if let Err(e) = jobs.finish(id, outcome).await {
+                tracing::error!(job = %id, error = %e, "cannot record job outcome");
+            }
+        });
+        Ok(id)
+    }
+
+    /// Wait until the job finishes (or `timeout` passes) and return it.
+    pub async fn wait(&self, id: Uuid, timeout: Duration) -> Result<Row<Job>, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(id)
+                .or_default()
+                .push(tx);
+            let job = self.get(id).await?;
+            if job.is_finished() {
+                return Ok(job);
+            }
+            // Woken by finish() on this node, or re-read periodically (jobs run elsewhere).
+            let step = Duration::from_secs(1)
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            if step.is_zero() {
+                return Err(Error::timeout(format!(
+                    "job {id} still running after {} ms",
+                    timeout.as_millis()
+                )));
+            }
+            let _ = tokio::time::timeout(step, rx).await;
+        }
+    }
+
+    /// Mark running jobs of boots that are gone as failed (they were interrupted). The flow
+    /// journal's recovery finishes their work; this only closes the job records.
+    pub async fn fail_orphans(&self, live_boots: &[Uuid]) -> Result<usize, Error> {
+        let mut q = Query::of::<Job>().eq("state", JobState::Running.as_str());
+        if !live_boots.is_empty() {
+            q = q.not_in("boot", live_boots.iter().copied());
+        }
+        let orphans = self.db.select::<Job>(&q).await?;
+        for j in &orphans {
+            self.finish(
+                j.uuid,
+                Err(Error::new(
+                    ErrorCode::NodeUnavailable,
+                    "interrupted: the management node running this job stopped; its work was rolled back or finished by recovery",
+                )),
+            )
+            .await?;
+        }
+        Ok(orphans.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemStore, Schema};
+
+    fn jobs() -> Jobs {
+        let db = Db::new(Arc::new(MemStore::new(
+            Schema::new().with(<Job as crate::store::Resource>::META),
+        )));
+        Jobs::new(
+            db,
+            Arc::new(Ids::from_seed(1)),
+            Uuid::from_u128(1),
+            Uuid::from_u128(11),
+        )
+    }
+
+    #[tokio::test]
+    async fn submitted_job_records_progress_and_result() {
+        let j = jobs();
+        let id = j
+            .submit("vm.create", Some(Uuid::from_u128(5)), |h| async move {
+                h.progress(40, "allocated host").await;
+                Ok(serde_json::json!({"vm": "ok"}))
+            })
+            .await
+            .unwrap();
+        let done = j.wait(id, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(done.state, JobState::Succeeded);
+        assert_eq!(done.progress, 100);
+        assert_eq!(done.result, Some(serde_json::json!({"vm": "ok"})));
+        assert!(done.finished_ms.is_some());
+        assert_eq!(done.progress_note.as_deref(), Some("allocated host"));
+    }
+
+    #[tokio::test]
+    async fn failed_job_keeps_its_coded_error_and_first_outcome_wins() {
+        let j = jobs();
+        let id = j
+            .submit("vm.start", None, |_| async move {
+                Err(Error::new(ErrorCode::CapacityExhausted, "no host fits"))
+            })
+            .await
+            .unwrap();
+        let done = j.wait(id, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(done.state, JobState::Failed);
+        assert_eq!(done.error().unwrap().code, ErrorCode::CapacityExhausted);
+        j.finish(id, Ok(serde_json::Value::Null)).await.unwrap();
+        assert_eq!(j.get(id).await.unwrap().state, JobState::Failed);
+    }
+
+    #[tokio::test]
+    async fn orphaned_jobs_are_failed_and_waiting_times_out_cleanly() {
+        let j = jobs();
+        let id = j.create("vm.stop", None).await.unwrap();
+        let err = j.wait(id, Duration::from_millis(50)).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Timeout);
+        assert_eq!(
+            j.fail_orphans(&[Uuid::from_u128(11)]).await.unwrap(),
+            0,
+            "own boot is live"
+        );
+        assert_eq!(j.fail_orphans(&[]).await.unwrap(), 1);
+        assert_eq!(
+            j.get(id).await.unwrap().error().unwrap().code,
+            ErrorCode::NodeUnavailable
+        );
+    }
+}
