@@ -12,6 +12,8 @@ use uuid::Uuid;
 /// A seeded source of UUIDs and random numbers, safe to share.
 pub struct Ids {
     rng: Mutex<ChaCha8Rng>,
+    /// Last (millisecond, sequence) handed out, for monotonic UUIDs.
+    last: Mutex<(u64, u16)>,
 }
 
 impl Ids {
@@ -23,15 +25,31 @@ impl Ids {
     pub fn from_seed(seed: u64) -> Self {
         Ids {
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
+            last: Mutex::new((0, 0)),
         }
     }
 
-    /// A time-ordered (version 7) UUID: the clock's milliseconds (simulated under madsim) then
-    /// 74 bits from the seeded generator. Time order keeps database indexes append-mostly.
+    /// A time-ordered (version 7) UUID: the clock's milliseconds (simulated under madsim), a
+    /// 12-bit sequence that keeps one generator's UUIDs strictly increasing within a
+    /// millisecond, then 62 bits from the seeded generator. Ordered keys keep database indexes
+    /// append-mostly.
     pub fn uuid(&self) -> Uuid {
+        let now = crate::clock::now_ms().max(0) as u64;
+        let (ms, seq) = {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            *last = if now > last.0 {
+                (now, 0)
+            } else if last.1 < 0x0fff {
+                (last.0, last.1 + 1)
+            } else {
+                (last.0 + 1, 0)
+            };
+            *last
+        };
         let mut bytes = [0u8; 10];
-        self.lock().fill_bytes(&mut bytes);
-        let ms = crate::clock::now_ms().max(0) as u64;
+        self.lock().fill_bytes(&mut bytes[2..]);
+        // rand_a (12 bits, below the version nibble) carries the sequence.
+        bytes[0..2].copy_from_slice(&seq.to_be_bytes());
         uuid::Builder::from_unix_timestamp_millis(ms, &bytes).into_uuid()
     }
 
@@ -77,7 +95,7 @@ mod tests {
     #[test]
     fn same_seed_same_random_part_different_seed_different_uuids() {
         // The time part follows the clock; the rest follows the seed.
-        let tail = |u: Uuid| u.as_bytes()[8..].to_vec();
+        let tail = |u: Uuid| u.as_bytes()[9..].to_vec();
         let a = Ids::from_seed(7);
         let b = Ids::from_seed(7);
         let c = Ids::from_seed(8);

@@ -278,37 +278,6 @@ pub struct SqlStore {
     pools: Pools,
     /// Unique index name → (kind, field), to turn constraint errors into `Duplicate`.
     unique_indexes: HashMap<String, (&'static str, &'static str)>,
-    /// The SQLite checkpointer task, stopped with the store.
-    background: Option<tokio::task::AbortHandle>,
-}
-
-impl Drop for SqlStore {
-    fn drop(&mut self) {
-        if let Some(h) = self.background.take() {
-            h.abort();
-        }
-    }
-}
-
-/// Copy the SQLite WAL into the database file every 250 ms on a connection of its own, so the
-/// writer does not pay for checkpoints (and their fsync) on the commit path.
-async fn checkpointer(opts: SqliteConnectOptions) {
-    let mut conn: Option<SqliteConnection> = None;
-    loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        if conn.is_none() {
-            conn = opts.connect().await.ok();
-        }
-        if let Some(c) = conn.as_mut() {
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&mut *c)
-                .await
-            {
-                tracing::warn!(error = %e, "SQLite checkpoint failed");
-                conn = None;
-            }
-        }
-    }
 }
 
 fn check_expect(cur: &Record, e: Expect) -> Result<(), StoreError> {
@@ -351,11 +320,7 @@ impl SqlStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
-            .pragma("cache_size", "-65536")
-            // Checkpoints run in the background (see `checkpointer`); this is only the safety net
-            // if that task falls behind (~256 MiB of WAL).
-            .pragma("wal_autocheckpoint", "65536")
-            .pragma("journal_size_limit", "67108864");
+            .pragma("cache_size", "-16384");
         let mut conn = opts.connect().await.map_err(backend)?;
         sqlx::migrate!("./migrations/sqlite")
             .run(&mut conn)
@@ -366,7 +331,6 @@ impl SqlStore {
             .connect_with(opts.clone().read_only(true))
             .await
             .map_err(backend)?;
-        let checkpointer = tokio::spawn(checkpointer(opts.clone()));
         let mut store = SqlStore {
             unique_indexes: HashMap::new(),
             schema,
@@ -377,7 +341,6 @@ impl SqlStore {
                 }),
                 read,
             },
-            background: Some(checkpointer.abort_handle()),
         };
         store.ensure_schema().await?;
         Ok(store)
@@ -400,7 +363,6 @@ impl SqlStore {
             unique_indexes: HashMap::new(),
             schema,
             pools: Pools::Postgres(pool),
-            background: None,
         };
         store.ensure_schema().await?;
         Ok(store)
