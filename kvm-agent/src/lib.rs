@@ -1,8 +1,17 @@
 //! # stratus-kvm-agent
 //!
-//! The host agent of Stratus. It will hold:
-//! - the agent protocol types (`/host/connect`, `/host/ping`, `/vm/start`, ... with task ids and
-//!   callback URLs), shared by the management side and the agent;
-//! - the agent HTTP server, written once and generic over a `Hypervisor` trait;
-//! - the QEMU/QMP backend (qcow2 volumes via qemu-img, bridge + tap networking, dnsmasq DHCP),
-//!   std build only. The simulated backend lives in `stratus-sim-world`.
+//! The host agent of Stratus:
+//! - [`protocol`]: what the management plane and an agent say to each other (commands, task
+//!   results, reports, error codes), shared by both sides;
+//! - [`server`]: the agent HTTP server, written once and generic over a [`Hypervisor`];
+//! - [`hypervisor`]: the backend trait (the simulated backend lives in `stratus-sim-world`; the
+//!   QEMU/QMP backend is still to come);
+//! - [`http`]: HTTP/1.1 server loop and keep-alive client that run in both builds.
+
+pub mod http;
+pub mod hypervisor;
+pub mod protocol;
+pub mod server;
+
+pub use hypervisor::Hypervisor;
+pub use server::{Agent, AgentConfig, CallbackFate, CommandFault, Faults, NoFaults};

@@ -11,3 +11,6 @@
 pub mod trace;
 
 pub use trace::Trace;
+pub mod hypervisor;
+
+pub use hypervisor::{HostProfile, LatencyProfile, SimHostState, SimHypervisor};

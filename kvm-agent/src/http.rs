@@ -1,0 +1,271 @@
+//! HTTP/1.1 plumbing that works in both builds: hyper at the connection level over `tokio::net`
+//! streams (simulated under madsim), with an axum `Router` as the service, our own accept loop
+//! and a small keep-alive client pool. (`axum::serve` and `reqwest` do not run under madsim.)
+
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Serve `app` on `listener` until the task is dropped. Each connection gets its own task.
+pub async fn serve(listener: TcpListener, app: Router) {
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let svc = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Bind `addr` and serve `app` in a background task; returns the bound address.
+pub async fn spawn_server(addr: SocketAddr, app: Router) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(serve(listener, app));
+    Ok(local)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot connect to {0}: {1}")]
+    Connect(SocketAddr, String),
+    #[error("no answer from {0} within {1} ms")]
+    Timeout(SocketAddr, u128),
+    #[error("request to {0} failed: {1}")]
+    Request(SocketAddr, String),
+    #[error("bad url {0:?}: expected http://IP:PORT/PATH")]
+    BadUrl(String),
+}
+
+/// A response: status and body.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+impl HttpResponse {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+type Sender = SendRequest<Full<Bytes>>;
+
+struct Pool {
+    idle: Mutex<HashMap<SocketAddr, Vec<Sender>>>,
+    max_idle_per_host: usize,
+}
+
+/// A keep-alive HTTP/1.1 client. Cheap to clone; connections are reused per address.
+#[derive(Clone)]
+pub struct HttpClient {
+    pool: Arc<Pool>,
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        HttpClient::new(4)
+    }
+}
+
+/// Split `http://IP:PORT/PATH` into the address and the path.
+pub fn parse_url(url: &str) -> Result<(SocketAddr, String), HttpError> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| HttpError::BadUrl(url.to_string()))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = authority
+        .parse::<SocketAddr>()
+        .map_err(|_| HttpError::BadUrl(url.to_string()))?;
+    Ok((addr, path.to_string()))
+}
+
+impl HttpClient {
+    pub fn new(max_idle_per_host: usize) -> Self {
+        HttpClient {
+            pool: Arc::new(Pool {
+                idle: Mutex::new(HashMap::new()),
+                max_idle_per_host,
+            }),
+        }
+    }
+
+    fn take_idle(&self, addr: SocketAddr) -> Option<Sender> {
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(&addr)?;
+        while let Some(s) = list.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, addr: SocketAddr, s: Sender) {
+        if s.is_closed() {
+            return;
+        }
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(addr).or_default();
+        if list.len() < self.pool.max_idle_per_host {
+            list.push(s);
+        }
+    }
+
+    /// Drop the idle connections to `addr` (after it restarted, say).
+    pub fn forget(&self, addr: SocketAddr) {
+        self.pool
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&addr);
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Sender, HttpError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| HttpError::Connect(addr, e.to_string()))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| HttpError::Connect(addr, e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, "http client connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<HttpResponse, HttpError> {
+        let mut sender = match self.take_idle(addr) {
+            Some(s) => s,
+            None => self.connect(addr).await?,
+        };
+        if sender.ready().await.is_err() {
+            sender = self.connect(addr).await?;
+        }
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| HttpError::Request(addr, e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| HttpError::Request(addr, e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| HttpError::Request(addr, e.to_string()))?
+            .to_bytes();
+        self.put_idle(addr, sender);
+        Ok(HttpResponse { status, body })
+    }
+
+    /// One request with an overall timeout (connect, send and read the whole body).
+    pub async fn request(
+        &self,
+        method: &str,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<HttpResponse, HttpError> {
+        match tokio::time::timeout(timeout, self.send(addr, method, path, headers, body.into()))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(HttpError::Timeout(addr, timeout.as_millis())),
+        }
+    }
+
+    pub async fn post(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<HttpResponse, HttpError> {
+        self.request("POST", addr, path, headers, body, timeout)
+            .await
+    }
+
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<HttpResponse, HttpError> {
+        self.request("GET", addr, path, headers, Bytes::new(), timeout)
+            .await
+    }
+
+    /// POST to a full `http://IP:PORT/PATH` URL.
+    pub async fn post_url(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<HttpResponse, HttpError> {
+        let (addr, path) = parse_url(url)?;
+        self.post(addr, &path, headers, body, timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_split_into_address_and_path() {
+        let (a, p) = parse_url("http://10.0.0.1:8080/agent/callback/x").unwrap();
+        assert_eq!(a, "10.0.0.1:8080".parse().unwrap());
+        assert_eq!(p, "/agent/callback/x");
+        assert_eq!(parse_url("http://10.0.0.1:80").unwrap().1, "/");
+        assert!(parse_url("https://10.0.0.1:80/").is_err());
+        assert!(parse_url("http://host.example:80/").is_err());
+    }
+}

@@ -1,0 +1,453 @@
+//! The agent protocol: what the management plane and a host agent say to each other.
+//!
+//! mgmt → agent: `POST http://<host>:7070<PATH>` with the host's token in `x-stratus-token`.
+//! - Short commands (`/host/connect`, `/host/ping`, `/vm/status`) answer in the response body.
+//! - Long commands carry a task id (`x-stratus-task`) and a callback URL (`x-stratus-callback`);
+//!   the agent answers `202 Accepted` at once, works, and POSTs a [`TaskResult`] to the callback
+//!   (retrying). A task id the agent has already seen is not run twice.
+//!
+//! agent → mgmt: [`TaskResult`]s to callback URLs, [`Report`]s (a VM changed state, crashed, the
+//! host is going down) to the report URL the host's owner gave at connect time.
+//!
+//! Errors are JSON [`AgentError`]s with a stable code.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The port agents listen on.
+pub const AGENT_PORT: u16 = 7070;
+pub const H_TOKEN: &str = "x-stratus-token";
+pub const H_TASK: &str = "x-stratus-task";
+pub const H_CALLBACK: &str = "x-stratus-callback";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentErrorCode {
+    InvalidArgument,
+    Unauthorized,
+    NotFound,
+    AlreadyExists,
+    InsufficientCapacity,
+    /// The operation was tried and failed on the host.
+    Failed,
+    /// Another host (migration peer) could not be reached.
+    Unreachable,
+}
+
+impl AgentErrorCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            AgentErrorCode::InvalidArgument => 400,
+            AgentErrorCode::Unauthorized => 401,
+            AgentErrorCode::NotFound => 404,
+            AgentErrorCode::AlreadyExists => 409,
+            AgentErrorCode::InsufficientCapacity => 409,
+            AgentErrorCode::Failed => 500,
+            AgentErrorCode::Unreachable => 502,
+        }
+    }
+}
+
+/// An error reported by an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct AgentError {
+    pub code: AgentErrorCode,
+    pub message: String,
+}
+
+impl AgentError {
+    pub fn new(code: AgentErrorCode, message: impl Into<String>) -> Self {
+        AgentError {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn failed(message: impl Into<String>) -> Self {
+        AgentError::new(AgentErrorCode::Failed, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        AgentError::new(AgentErrorCode::NotFound, message)
+    }
+}
+
+/// Command kinds, for fault injection, latency profiles and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    Connect,
+    Ping,
+    VmStatus,
+    VmStart,
+    VmStop,
+    VmReboot,
+    VmDestroy,
+    VmMigrate,
+    VmReceive,
+    VolumeCreate,
+    VolumeDelete,
+    VolumeAttach,
+    VolumeDetach,
+}
+
+impl CommandKind {
+    pub const ALL: [CommandKind; 13] = [
+        CommandKind::Connect,
+        CommandKind::Ping,
+        CommandKind::VmStatus,
+        CommandKind::VmStart,
+        CommandKind::VmStop,
+        CommandKind::VmReboot,
+        CommandKind::VmDestroy,
+        CommandKind::VmMigrate,
+        CommandKind::VmReceive,
+        CommandKind::VolumeCreate,
+        CommandKind::VolumeDelete,
+        CommandKind::VolumeAttach,
+        CommandKind::VolumeDetach,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Connect => "connect",
+            CommandKind::Ping => "ping",
+            CommandKind::VmStatus => "vm_status",
+            CommandKind::VmStart => "vm_start",
+            CommandKind::VmStop => "vm_stop",
+            CommandKind::VmReboot => "vm_reboot",
+            CommandKind::VmDestroy => "vm_destroy",
+            CommandKind::VmMigrate => "vm_migrate",
+            CommandKind::VmReceive => "vm_receive",
+            CommandKind::VolumeCreate => "volume_create",
+            CommandKind::VolumeDelete => "volume_delete",
+            CommandKind::VolumeAttach => "volume_attach",
+            CommandKind::VolumeDetach => "volume_detach",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CommandKind> {
+        CommandKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// A command the management plane sends to an agent.
+pub trait Command: Serialize + DeserializeOwned + Send + Sync + 'static {
+    const PATH: &'static str;
+    const KIND: CommandKind;
+    /// Long commands answer 202 and report through the callback.
+    const ASYNC: bool;
+    type Reply: Serialize + DeserializeOwned + Send + 'static;
+}
+
+/// What a VM's power state is on its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    Running,
+    Stopped,
+    Paused,
+    Crashed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub uuid: Uuid,
+    pub state: PowerState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub uuid: Uuid,
+    pub size_mb: u64,
+}
+
+/// A disk as the hypervisor sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    pub volume: Uuid,
+    pub device: u32,
+    pub size_mb: u64,
+}
+
+/// A network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    pub uuid: Uuid,
+    pub mac: String,
+    pub ip: Option<String>,
+    pub gateway: Option<String>,
+    pub netmask: Option<String>,
+    /// Linux bridge to plug the tap into.
+    pub bridge: String,
+    pub vlan: Option<u32>,
+}
+
+/// Everything a host needs to run a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub uuid: Uuid,
+    pub name: String,
+    pub cpu: u32,
+    pub memory_mb: u64,
+    pub disks: Vec<DiskSpec>,
+    pub nics: Vec<NicSpec>,
+}
+
+/// What a host is: reported at connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    pub host_uuid: Option<Uuid>,
+    pub hypervisor: String,
+    pub cpu_cores: u32,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+    pub vms: Vec<VmStatus>,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+/// `/host/connect`: bind the agent to a management plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectCmd {
+    pub host_uuid: Uuid,
+    /// Where the agent sends reports (the host's owning management node).
+    pub report_url: String,
+}
+impl Command for ConnectCmd {
+    const PATH: &'static str = "/host/connect";
+    const KIND: CommandKind = CommandKind::Connect;
+    const ASYNC: bool = false;
+    type Reply = HostFacts;
+}
+
+/// `/host/ping`: alive? and what runs here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingCmd {
+    pub host_uuid: Uuid,
+    /// The owner's report URL (it may have changed since connect).
+    pub report_url: String,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingReply {
+    /// The host the agent believes it is (None: never connected, e.g. after a restart).
+    pub host_uuid: Option<Uuid>,
+    pub vms: Vec<VmStatus>,
+    pub volumes: Vec<Uuid>,
+}
+impl Command for PingCmd {
+    const PATH: &'static str = "/host/ping";
+    const KIND: CommandKind = CommandKind::Ping;
+    const ASYNC: bool = false;
+    type Reply = PingReply;
+}
+
+/// `/vm/status`: one VM's state on this host (None: not here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatusCmd {
+    pub vm: Uuid,
+}
+impl Command for VmStatusCmd {
+    const PATH: &'static str = "/vm/status";
+    const KIND: CommandKind = CommandKind::VmStatus;
+    const ASYNC: bool = false;
+    type Reply = Option<VmStatus>;
+}
+
+/// `/vm/start`: define and start a VM (running it twice is a no-op).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartVmCmd {
+    pub spec: VmSpec,
+}
+impl Command for StartVmCmd {
+    const PATH: &'static str = "/vm/start";
+    const KIND: CommandKind = CommandKind::VmStart;
+    const ASYNC: bool = true;
+    type Reply = ();
+}
+
+/// `/vm/stop`: graceful shutdown, forced after `graceful_timeout_ms` (or at once with `force`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopVmCmd {
+    pub vm: Uuid,
+    pub graceful_timeout_ms: u64,
+    pub force: bool,
+}
+impl Command for StopVmCmd {
+    const PATH: &'static str = "/vm/stop";
+    const KIND: CommandKind = CommandKind::VmStop;
+    const ASYNC: bool = true;
+    type Reply = ();
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootVmCmd {
+    pub vm: Uuid,
+}
+impl Command for RebootVmCmd {
+    const PATH: &'static str = "/vm/reboot";
+    const KIND: CommandKind = CommandKind::VmReboot;
+    const ASYNC: bool = true;
+    type Reply = ();
+}
+
+/// `/vm/destroy`: remove the VM from the host (absent is fine).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestroyVmCmd {
+    pub vm: Uuid,
+}
+impl Command for DestroyVmCmd {
+    const PATH: &'static str = "/vm/destroy";
+    const KIND: CommandKind = CommandKind::VmDestroy;
+    const ASYNC: bool = true;
+    type Reply = ();
+}
+
+/// `/vm/migrate`: live-migrate a VM and its local disks to another host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateVmCmd {
+    pub vm: Uuid,
+    /// `IP:PORT` of the destination agent.
+    pub dest_address: String,
+    pub dest_token: String,
+}
+impl Command for MigrateVmCmd {
+    const PATH: &'static str = "/vm/migrate";
+    const KIND: CommandKind = CommandKind::VmMigrate;
+    const ASYNC: bool = true;
+    type Reply = ();
+}
+
+/// `/vm/receive`: agent → agent during migration; the destination takes the VM and its disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiveVmCmd {
+    pub spec: VmSpec,
+}
+impl Command for ReceiveVmCmd {
+    const PATH: &'static str = "/vm/receive";
+    const KIND: CommandKind = CommandKind::VmReceive;
+    const ASYNC: bool = false;
+    type Reply = ();
+}
+
+/// An image to clone a root volume from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub uuid: Uuid,
+    pub url: String,
+    pub size_mb: u64,
+    pub checksum: Option<String>,
+}
+
+/// `/volume/create`: create a volume on local storage (from an image, or blank).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateVolumeCmd {
+    pub volume: Uuid,
+    pub size_mb: u64,
+    pub image: Option<ImageRef>,
+}
+impl Command for CreateVolumeCmd {
+    const PATH: &'static str = "/volume/create";
+    const KIND: CommandKind = CommandKind::VolumeCreate;
+    const ASYNC: bool = true;
+    type Reply = VolumeStatus;
+}
+
+/// `/volume/delete` (absent is fine).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteVolumeCmd {
+    pub volume: Uuid,
+}
+impl Command for DeleteVolumeCmd {
+    const PATH: &'static str = "/volume/delete";
+    const KIND: CommandKind = CommandKind::VolumeDelete;
+    const ASYNC: bool = true;
+    type Reply = ();
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachVolumeCmd {
+    pub vm: Uuid,
+    pub disk: DiskSpec,
+}
+impl Command for AttachVolumeCmd {
+    const PATH: &'static str = "/vm/attachvolume";
+    const KIND: CommandKind = CommandKind::VolumeAttach;
+    const ASYNC: bool = true;
+    type Reply = ();
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetachVolumeCmd {
+    pub vm: Uuid,
+    pub volume: Uuid,
+}
+impl Command for DetachVolumeCmd {
+    const PATH: &'static str = "/vm/detachvolume";
+    const KIND: CommandKind = CommandKind::VolumeDetach;
+    const ASYNC: bool = true;
+    type Reply = ();
+}
+
+/// A long command's outcome, POSTed to the callback URL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task: Uuid,
+    pub kind: CommandKind,
+    pub outcome: Result<serde_json::Value, AgentError>,
+}
+
+/// Something the agent noticed on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ReportEvent {
+    /// A VM changed state without being told to (crashed, shut down from inside, ...).
+    VmState { vm: Uuid, state: PowerState },
+    /// The host is shutting down.
+    HostStopping,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub host_uuid: Uuid,
+    #[serde(flatten)]
+    pub event: ReportEvent,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_by_name() {
+        for k in CommandKind::ALL {
+            assert_eq!(CommandKind::parse(k.as_str()), Some(k));
+            assert_eq!(
+                serde_json::to_string(&k).unwrap(),
+                format!("\"{}\"", k.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn results_and_reports_have_a_stable_json_form() {
+        let r = TaskResult {
+            task: Uuid::nil(),
+            kind: CommandKind::VmStart,
+            outcome: Err(AgentError::failed("qemu died")),
+        };
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["outcome"]["Err"]["code"], "failed");
+        let rep = Report {
+            host_uuid: Uuid::nil(),
+            event: ReportEvent::VmState {
+                vm: Uuid::nil(),
+                state: PowerState::Crashed,
+            },
+        };
+        let j = serde_json::to_value(&rep).unwrap();
+        assert_eq!(j["event"], "vm_state");
+        assert_eq!(j["state"], "crashed");
+        let back: Report = serde_json::from_value(j).unwrap();
+        assert_eq!(back, rep);
+    }
+}

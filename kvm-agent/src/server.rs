@@ -1,0 +1,485 @@
+//! The agent HTTP server, generic over the [`Hypervisor`] backend.
+//!
+//! - Every request must carry the host's token; anything else is refused with 401.
+//! - Short commands answer in the body. Long commands need a task id and a callback URL, answer
+//!   202 at once, run in their own task and POST the [`TaskResult`] to the callback, retrying
+//!   with backoff until it is taken (2xx), refused as unknown (404), or a deadline passes.
+//! - A task id already seen is not run again: while it runs the agent just answers 202; once it
+//!   is done the stored result is delivered again (to the new callback URL).
+//! - [`Faults`] lets the simulation delay or fail commands and drop or duplicate callbacks; the
+//!   real agent uses [`NoFaults`].
+
+use crate::http::HttpClient;
+use crate::hypervisor::Hypervisor;
+use crate::protocol::*;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// What to do to a command before the backend sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommandFault {
+    /// Extra time before the command runs.
+    pub delay: Duration,
+    /// Fail without doing anything.
+    pub fail_before: bool,
+    /// Do the work, then report failure anyway (the host changed; the manager thinks not).
+    pub fail_after: bool,
+}
+
+/// What happens to one callback delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackFate {
+    Deliver,
+    /// Never sent (the manager only learns by timeout and state sync).
+    Drop,
+    /// Sent twice.
+    Duplicate,
+}
+
+/// Fault hooks (the simulation's; the real agent has none).
+pub trait Faults: Send + Sync + 'static {
+    fn command(&self, kind: CommandKind) -> CommandFault;
+    fn callback(&self, kind: CommandKind) -> CallbackFate;
+}
+
+/// No faults.
+pub struct NoFaults;
+
+impl Faults for NoFaults {
+    fn command(&self, _kind: CommandKind) -> CommandFault {
+        CommandFault::default()
+    }
+    fn callback(&self, _kind: CommandKind) -> CallbackFate {
+        CallbackFate::Deliver
+    }
+}
+
+/// Agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The token the management plane must present (given at host-add time).
+    pub token: String,
+    /// Give up delivering a callback after this long.
+    pub callback_deadline: Duration,
+    /// Finished tasks remembered for duplicate detection.
+    pub remembered_tasks: usize,
+}
+
+impl AgentConfig {
+    pub fn new(token: impl Into<String>) -> Self {
+        AgentConfig {
+            token: token.into(),
+            callback_deadline: Duration::from_secs(120),
+            remembered_tasks: 10_000,
+        }
+    }
+}
+
+enum TaskState {
+    Running,
+    Done(TaskResult),
+}
+
+#[derive(Default)]
+struct Tasks {
+    map: HashMap<Uuid, TaskState>,
+    finished: VecDeque<Uuid>,
+}
+
+struct Inner<H> {
+    hv: H,
+    config: AgentConfig,
+    faults: Arc<dyn Faults>,
+    client: HttpClient,
+    /// (host uuid, report url) once a management plane connected.
+    binding: Mutex<Option<(Uuid, String)>>,
+    tasks: Mutex<Tasks>,
+}
+
+/// An agent: a hypervisor behind the protocol. Cheap to clone.
+pub struct Agent<H: Hypervisor> {
+    inner: Arc<Inner<H>>,
+}
+
+impl<H: Hypervisor> Clone for Agent<H> {
+    fn clone(&self) -> Self {
+        Agent {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+fn json<T: Serialize>(status: u16, body: &T) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    match serde_json::to_vec(body) {
+        Ok(b) => (status, [("content-type", "application/json")], b).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn error(e: AgentError) -> Response {
+    json(e.code.http_status(), &e)
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+impl<H: Hypervisor> Agent<H> {
+    pub fn new(hv: H, config: AgentConfig, faults: Arc<dyn Faults>) -> Self {
+        Agent {
+            inner: Arc::new(Inner {
+                hv,
+                config,
+                faults,
+                client: HttpClient::new(2),
+                binding: Mutex::new(None),
+                tasks: Mutex::new(Tasks::default()),
+            }),
+        }
+    }
+
+    pub fn hypervisor(&self) -> &H {
+        &self.inner.hv
+    }
+
+    /// Serve on `addr` and forward the hypervisor's events as reports. Returns the bound address.
+    pub async fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let bound = crate::http::spawn_server(addr, self.router()).await?;
+        if let Some(mut events) = self.inner.hv.take_events() {
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = events.recv().await {
+                    Inner::report(&inner, ev).await;
+                }
+            });
+        }
+        Ok(bound)
+    }
+
+    /// The HTTP routes of the protocol.
+    pub fn router(&self) -> Router {
+        let r = Router::new();
+        let r = self.sync::<ConnectCmd, _, _>(r, |a, c| async move {
+            *a.binding.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((c.host_uuid, c.report_url));
+            let mut facts = a.hv.facts().await?;
+            facts.host_uuid = Some(c.host_uuid);
+            Ok(facts)
+        });
+        let r = self.sync::<PingCmd, _, _>(r, |a, c| async move {
+            let host_uuid = {
+                let mut b = a.binding.lock().unwrap_or_else(|e| e.into_inner());
+                match b.as_mut() {
+                    Some((h, url)) if *h == c.host_uuid => {
+                        url.clone_from(&c.report_url);
+                        Some(*h)
+                    }
+                    Some((h, _)) => Some(*h),
+                    None => None,
+                }
+            };
+            Ok(PingReply {
+                host_uuid,
+                vms: a.hv.vms().await,
+                volumes: a.hv.volumes().await.into_iter().map(|v| v.uuid).collect(),
+            })
+        });
+        let r =
+            self.sync::<VmStatusCmd, _, _>(r, |a, c| async move { Ok(a.hv.vm_status(c.vm).await) });
+        let r = self
+            .sync::<ReceiveVmCmd, _, _>(r, |a, c| async move { a.hv.receive_vm(&c.spec).await });
+        let r =
+            self.long::<StartVmCmd, _, _>(r, |a, c| async move { a.hv.start_vm(&c.spec).await });
+        let r = self.long::<StopVmCmd, _, _>(r, |a, c| async move {
+            a.hv.stop_vm(c.vm, Duration::from_millis(c.graceful_timeout_ms), c.force)
+                .await
+        });
+        let r = self.long::<RebootVmCmd, _, _>(r, |a, c| async move { a.hv.reboot_vm(c.vm).await });
+        let r =
+            self.long::<DestroyVmCmd, _, _>(r, |a, c| async move { a.hv.destroy_vm(c.vm).await });
+        let r =
+            self.long::<MigrateVmCmd, _, _>(r, |a, c| async move { Inner::migrate(&a, c).await });
+        let r = self
+            .long::<CreateVolumeCmd, _, _>(r, |a, c| async move { a.hv.create_volume(&c).await });
+        let r = self.long::<DeleteVolumeCmd, _, _>(r, |a, c| async move {
+            a.hv.delete_volume(c.volume).await
+        });
+        let r = self.long::<AttachVolumeCmd, _, _>(r, |a, c| async move {
+            a.hv.attach_volume(c.vm, &c.disk).await
+        });
+        self.long::<DetachVolumeCmd, _, _>(r, |a, c| async move {
+            a.hv.detach_volume(c.vm, c.volume).await
+        })
+    }
+
+    fn authorized(inner: &Inner<H>, headers: &HeaderMap) -> Result<(), Response> {
+        match header(headers, H_TOKEN) {
+            Some(t) if t == inner.config.token => Ok(()),
+            _ => Err(error(AgentError::new(
+                AgentErrorCode::Unauthorized,
+                "missing or wrong x-stratus-token",
+            ))),
+        }
+    }
+
+    fn parse<C: Command>(body: &[u8]) -> Result<C, Response> {
+        serde_json::from_slice(body).map_err(|e| {
+            error(AgentError::new(
+                AgentErrorCode::InvalidArgument,
+                format!("bad {} request: {e}", C::PATH),
+            ))
+        })
+    }
+
+    /// A short command: answered in the response.
+    fn sync<C, F, Fut>(&self, r: Router, f: F) -> Router
+    where
+        C: Command,
+        F: Fn(Arc<Inner<H>>, C) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<C::Reply, AgentError>> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        r.route(
+            C::PATH,
+            post(move |headers: HeaderMap, body: Bytes| {
+                let (inner, f) = (inner.clone(), f.clone());
+                async move {
+                    if let Err(resp) = Self::authorized(&inner, &headers) {
+                        return resp;
+                    }
+                    let cmd: C = match Self::parse(&body) {
+                        Ok(c) => c,
+                        Err(resp) => return resp,
+                    };
+                    let fault = inner.faults.command(C::KIND);
+                    if !fault.delay.is_zero() {
+                        tokio::time::sleep(fault.delay).await;
+                    }
+                    if fault.fail_before {
+                        return error(AgentError::failed(format!("{} failed (injected)", C::PATH)));
+                    }
+                    match f(inner, cmd).await {
+                        Ok(_) if fault.fail_after => error(AgentError::failed(format!(
+                            "{} failed after running (injected)",
+                            C::PATH
+                        ))),
+                        Ok(reply) => json(200, &reply),
+                        Err(e) => error(e),
+                    }
+                }
+            }),
+        )
+    }
+
+    /// A long command: 202 now, the result through the callback.
+    fn long<C, F, Fut>(&self, r: Router, f: F) -> Router
+    where
+        C: Command,
+        F: Fn(Arc<Inner<H>>, C) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<C::Reply, AgentError>> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        r.route(
+            C::PATH,
+            post(move |headers: HeaderMap, body: Bytes| {
+                let (inner, f) = (inner.clone(), f.clone());
+                async move {
+                    if let Err(resp) = Self::authorized(&inner, &headers) {
+                        return resp;
+                    }
+                    let task = header(&headers, H_TASK).and_then(|t| Uuid::parse_str(t).ok());
+                    let callback = header(&headers, H_CALLBACK).map(str::to_string);
+                    let (Some(task), Some(callback)) = (task, callback) else {
+                        return error(AgentError::new(
+                            AgentErrorCode::InvalidArgument,
+                            format!("{} needs {H_TASK} and {H_CALLBACK} headers", C::PATH),
+                        ));
+                    };
+                    let cmd: C = match Self::parse(&body) {
+                        Ok(c) => c,
+                        Err(resp) => return resp,
+                    };
+                    // Duplicate task: do not run again.
+                    let previous = {
+                        let mut t = inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
+                        match t.map.get(&task) {
+                            Some(TaskState::Running) => Some(None),
+                            Some(TaskState::Done(r)) => Some(Some(r.clone())),
+                            None => {
+                                t.map.insert(task, TaskState::Running);
+                                None
+                            }
+                        }
+                    };
+                    match previous {
+                        Some(Some(done)) => {
+                            tokio::spawn(Inner::deliver(inner.clone(), callback, done));
+                            return json(
+                                202,
+                                &serde_json::json!({"task": task, "duplicate": true}),
+                            );
+                        }
+                        Some(None) => {
+                            return json(202, &serde_json::json!({"task": task, "duplicate": true}))
+                        }
+                        None => {}
+                    }
+                    tokio::spawn(async move {
+                        let fault = inner.faults.command(C::KIND);
+                        if !fault.delay.is_zero() {
+                            tokio::time::sleep(fault.delay).await;
+                        }
+                        let outcome = if fault.fail_before {
+                            Err(AgentError::failed(format!("{} failed (injected)", C::PATH)))
+                        } else {
+                            match f(inner.clone(), cmd).await {
+                                Ok(_) if fault.fail_after => Err(AgentError::failed(format!(
+                                    "{} failed after running (injected)",
+                                    C::PATH
+                                ))),
+                                Ok(v) => {
+                                    Ok(serde_json::to_value(v).unwrap_or(serde_json::Value::Null))
+                                }
+                                Err(e) => Err(e),
+                            }
+                        };
+                        let result = TaskResult {
+                            task,
+                            kind: C::KIND,
+                            outcome,
+                        };
+                        Inner::finish(&inner, task, result.clone());
+                        match inner.faults.callback(C::KIND) {
+                            CallbackFate::Drop => {}
+                            CallbackFate::Deliver => {
+                                Inner::deliver(inner.clone(), callback, result).await
+                            }
+                            CallbackFate::Duplicate => {
+                                Inner::deliver(inner.clone(), callback.clone(), result.clone())
+                                    .await;
+                                Inner::deliver(inner.clone(), callback, result).await;
+                            }
+                        }
+                    });
+                    json(202, &serde_json::json!({"task": task}))
+                }
+            }),
+        )
+    }
+}
+
+impl<H: Hypervisor> Inner<H> {
+    fn finish(&self, task: Uuid, result: TaskResult) {
+        let mut t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        t.map.insert(task, TaskState::Done(result));
+        t.finished.push_back(task);
+        while t.finished.len() > self.config.remembered_tasks {
+            if let Some(old) = t.finished.pop_front() {
+                t.map.remove(&old);
+            }
+        }
+    }
+
+    /// POST a result to its callback, retrying with backoff.
+    async fn deliver(inner: Arc<Inner<H>>, callback: String, result: TaskResult) {
+        let body = match serde_json::to_vec(&result) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a task result");
+                return;
+            }
+        };
+        let headers = [(H_TOKEN, inner.config.token.as_str())];
+        let deadline = tokio::time::Instant::now() + inner.config.callback_deadline;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match inner
+                .client
+                .post_url(&callback, &headers, body.clone(), Duration::from_secs(10))
+                .await
+            {
+                Ok(r) if r.is_success() => return,
+                // The manager does not know the task (it restarted): nobody is waiting.
+                Ok(r) if r.status == 404 || r.status == 410 => return,
+                Ok(r) => {
+                    tracing::debug!(status = r.status, %callback, "callback refused; retrying")
+                }
+                Err(e) => tracing::debug!(error = %e, %callback, "callback failed; retrying"),
+            }
+            if tokio::time::Instant::now() + delay > deadline {
+                tracing::warn!(task = %result.task, %callback, "giving up on a callback");
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn report(inner: &Arc<Inner<H>>, event: ReportEvent) {
+        let Some((host_uuid, url)) = inner
+            .binding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let body = match serde_json::to_vec(&Report { host_uuid, event }) {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+        let headers = [(H_TOKEN, inner.config.token.as_str())];
+        for attempt in 0..3u32 {
+            match inner
+                .client
+                .post_url(&url, &headers, body.clone(), Duration::from_secs(5))
+                .await
+            {
+                Ok(r) if r.is_success() => return,
+                _ => tokio::time::sleep(Duration::from_millis(200 << attempt)).await,
+            }
+        }
+    }
+
+    /// Hand the VM and its disks to the destination agent, then let go of them here.
+    async fn migrate(inner: &Arc<Inner<H>>, c: MigrateVmCmd) -> Result<(), AgentError> {
+        let spec = inner.hv.vm_spec(c.vm).await?;
+        let dest: SocketAddr = c.dest_address.parse().map_err(|_| {
+            AgentError::new(
+                AgentErrorCode::InvalidArgument,
+                format!("bad destination {:?}", c.dest_address),
+            )
+        })?;
+        let body = serde_json::to_vec(&ReceiveVmCmd { spec })
+            .map_err(|e| AgentError::failed(e.to_string()))?;
+        let r = inner
+            .client
+            .post(
+                dest,
+                ReceiveVmCmd::PATH,
+                &[(H_TOKEN, c.dest_token.as_str())],
+                body,
+                Duration::from_secs(60),
+            )
+            .await
+            .map_err(|e| AgentError::new(AgentErrorCode::Unreachable, e.to_string()))?;
+        if !r.is_success() {
+            let e: AgentError = serde_json::from_slice(&r.body).unwrap_or_else(|_| {
+                AgentError::failed(format!("destination answered {}", r.status))
+            });
+            return Err(e);
+        }
+        inner.hv.release_migrated(c.vm).await
+    }
+}

@@ -1,0 +1,274 @@
+//! The real agent server on the simulated hypervisor, over simulated HTTP: connect, ping, long
+//! commands with callbacks, tokens, duplicate task ids, migration between two hosts.
+#![cfg(madsim)]
+
+use axum::routing::post;
+use axum::Router;
+use madsim::runtime::{Handle, Runtime};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use stratus_kvm_agent::http::{spawn_server, HttpClient};
+use stratus_kvm_agent::protocol::*;
+use stratus_kvm_agent::{Agent, AgentConfig, NoFaults};
+use stratus_sim_world::{HostProfile, LatencyProfile, SimHostState, SimHypervisor};
+use uuid::Uuid;
+
+const PROFILE: HostProfile = HostProfile {
+    cpu_cores: 16,
+    memory_mb: 65536,
+    disk_mb: 1_000_000,
+};
+
+fn host_node(ip: &str, token: &'static str, state: Arc<Mutex<SimHostState>>) {
+    Handle::current()
+        .create_node()
+        .name(ip)
+        .ip(ip.parse().unwrap())
+        .init(move || {
+            let state = state.clone();
+            async move {
+                let hv = SimHypervisor::new(state, LatencyProfile::default(), 7);
+                let agent = Agent::new(hv, AgentConfig::new(token), Arc::new(NoFaults));
+                agent.serve("0.0.0.0:7070".parse().unwrap()).await.unwrap();
+                // A node exits when its init task returns.
+                std::future::pending::<()>().await;
+            }
+        })
+        .build();
+}
+
+async fn call<C: Command>(
+    c: &HttpClient,
+    host: &str,
+    token: &str,
+    cmd: &C,
+    task: Option<Uuid>,
+) -> (u16, serde_json::Value) {
+    let addr: SocketAddr = format!("{host}:7070").parse().unwrap();
+    let task_s = task.map(|t| t.to_string()).unwrap_or_default();
+    let mut headers = vec![(H_TOKEN, token)];
+    if task.is_some() {
+        headers.push((H_TASK, task_s.as_str()));
+        headers.push((H_CALLBACK, "http://10.0.0.1:8080/cb"));
+    }
+    let r = c
+        .post(
+            addr,
+            C::PATH,
+            &headers,
+            serde_json::to_vec(cmd).unwrap(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    (
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+async fn wait_result(results: &Arc<Mutex<Vec<TaskResult>>>, task: Uuid) -> TaskResult {
+    for _ in 0..200 {
+        if let Some(r) = results.lock().unwrap().iter().find(|r| r.task == task) {
+            return r.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no callback for task {task}");
+}
+
+fn spec(vm: Uuid, vol: Uuid) -> VmSpec {
+    VmSpec {
+        uuid: vm,
+        name: "web".into(),
+        cpu: 2,
+        memory_mb: 2048,
+        disks: vec![DiskSpec {
+            volume: vol,
+            device: 0,
+            size_mb: 10_240,
+        }],
+        nics: vec![],
+    }
+}
+
+#[test]
+fn agent_protocol_over_simulated_http() {
+    let rt = Runtime::with_seed_and_config(3, madsim::Config::default());
+    rt.block_on(async {
+        let a = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
+        let b = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
+        host_node("10.1.0.1", "tok-a", a.clone());
+        host_node("10.1.0.2", "tok-b", b.clone());
+        let results: Arc<Mutex<Vec<TaskResult>>> = Arc::default();
+        let mgmt = Handle::current()
+            .create_node()
+            .name("mgmt")
+            .ip("10.0.0.1".parse().unwrap())
+            .build();
+        let r2 = results.clone();
+        mgmt.spawn(async move {
+            let results = r2;
+            let sink = results.clone();
+            let app = Router::new().route(
+                "/cb",
+                post(move |body: axum::body::Bytes| {
+                    let sink = sink.clone();
+                    async move {
+                        sink.lock()
+                            .unwrap()
+                            .push(serde_json::from_slice(&body).unwrap());
+                        "ok"
+                    }
+                }),
+            );
+            spawn_server("0.0.0.0:8080".parse().unwrap(), app)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let c = HttpClient::default();
+            let host = Uuid::from_u128(1);
+
+            // Wrong token.
+            let (status, body) = call(
+                &c,
+                "10.1.0.1",
+                "nope",
+                &PingCmd {
+                    host_uuid: host,
+                    report_url: String::new(),
+                },
+                None,
+            )
+            .await;
+            assert_eq!(status, 401);
+            assert_eq!(body["code"], "unauthorized");
+
+            // Connect reports the hardware.
+            let (status, facts) = call(
+                &c,
+                "10.1.0.1",
+                "tok-a",
+                &ConnectCmd {
+                    host_uuid: host,
+                    report_url: "http://10.0.0.1:8080/report".into(),
+                },
+                None,
+            )
+            .await;
+            assert_eq!(status, 200);
+            assert_eq!(facts["cpu_cores"], 16);
+            assert_eq!(facts["host_uuid"], host.to_string());
+
+            // A long command without a task id is refused.
+            let vm = Uuid::from_u128(10);
+            let vol = Uuid::from_u128(11);
+            let (status, _) = call(
+                &c,
+                "10.1.0.1",
+                "tok-a",
+                &StartVmCmd {
+                    spec: spec(vm, vol),
+                },
+                None,
+            )
+            .await;
+            assert_eq!(status, 400);
+
+            // Create the volume, then start the VM; results come through the callback.
+            let t1 = Uuid::from_u128(100);
+            let (status, _) = call(
+                &c,
+                "10.1.0.1",
+                "tok-a",
+                &CreateVolumeCmd {
+                    volume: vol,
+                    size_mb: 10_240,
+                    image: None,
+                },
+                Some(t1),
+            )
+            .await;
+            assert_eq!(status, 202);
+            assert!(wait_result(&results, t1).await.outcome.is_ok());
+            let t2 = Uuid::from_u128(101);
+            call(
+                &c,
+                "10.1.0.1",
+                "tok-a",
+                &StartVmCmd {
+                    spec: spec(vm, vol),
+                },
+                Some(t2),
+            )
+            .await;
+            assert!(wait_result(&results, t2).await.outcome.is_ok());
+            // The same task id again: not run twice, the stored result is delivered again.
+            let (status, body) = call(
+                &c,
+                "10.1.0.1",
+                "tok-a",
+                &StartVmCmd {
+                    spec: spec(vm, vol),
+                },
+                Some(t2),
+            )
+            .await;
+            assert_eq!((status, body["duplicate"].as_bool()), (202, Some(true)));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(
+                results
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|r| r.task == t2)
+                    .count(),
+                2
+            );
+
+            // Ping lists what runs.
+            let (_, ping) = call(
+                &c,
+                "10.1.0.1",
+                "tok-a",
+                &PingCmd {
+                    host_uuid: host,
+                    report_url: "http://10.0.0.1:8080/report".into(),
+                },
+                None,
+            )
+            .await;
+            assert_eq!(ping["vms"][0]["uuid"], vm.to_string());
+            assert_eq!(ping["vms"][0]["state"], "running");
+
+            // Migrate to host b: the VM and its disk move.
+            let t3 = Uuid::from_u128(102);
+            call(
+                &c,
+                "10.1.0.1",
+                "tok-a",
+                &MigrateVmCmd {
+                    vm,
+                    dest_address: "10.1.0.2:7070".into(),
+                    dest_token: "tok-b".into(),
+                },
+                Some(t3),
+            )
+            .await;
+            let r = wait_result(&results, t3).await;
+            assert!(r.outcome.is_ok(), "{r:?}");
+        })
+        .await
+        .unwrap();
+        let (a, b) = (a.lock().unwrap(), b.lock().unwrap());
+        assert!(a.vms.is_empty() && a.volumes.is_empty(), "source let go");
+        assert_eq!(b.vms.len(), 1);
+        assert_eq!(b.volumes.len(), 1);
+        assert_eq!(
+            a.executed[&CommandKind::VmStart],
+            1,
+            "duplicate task not re-run"
+        );
+    });
+}
