@@ -2,11 +2,12 @@
 //! services.
 
 use crate::bus::Bus;
-use crate::cascade::Cascade;
 use crate::config::{ConfigDef, GlobalConfig};
 use crate::error::Error;
 use crate::extension::Extensions;
-use crate::flow::{recover_orphans, ChainRecord, ChainRegistry, Journal, RecoveryReport};
+use crate::flow::{
+    recover_orphans, ChainRecord, ChainRegistry, FaultPoints, Journal, RecoveryReport,
+};
 use crate::hashring::NodeId;
 use crate::ids::Ids;
 use crate::job::{Job, Jobs};
@@ -40,6 +41,8 @@ pub struct EngineOptions {
     pub seed: Option<u64>,
     pub extensions: Arc<Extensions>,
     pub config: Vec<&'static ConfigDef>,
+    /// Fault points to arm in tests (kept outside the node so they survive its restarts).
+    pub faults: Option<Arc<FaultPoints>>,
 }
 
 /// Everything a service needs from the engine.
@@ -56,7 +59,6 @@ pub struct Engine {
     pub jobs: Jobs,
     pub config: GlobalConfig,
     pub ext: Arc<Extensions>,
-    pub cascade: Cascade,
 }
 
 impl Engine {
@@ -77,9 +79,9 @@ impl Engine {
         Ok(Arc::new(Engine {
             node: opts.node,
             boot,
-            journal: Journal::new(db.clone(), ids.clone(), opts.node, boot),
+            journal: Journal::new(db.clone(), ids.clone(), opts.node, boot)
+                .with_faults(opts.faults.unwrap_or_default()),
             jobs: Jobs::new(db.clone(), ids.clone(), opts.node, boot),
-            cascade: Cascade::new(&opts.extensions.cascade),
             ext: opts.extensions,
             queues: Queues::new(),
             chains: ChainRegistry::new(),

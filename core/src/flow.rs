@@ -104,6 +104,77 @@ pub struct ChainFailure<C> {
     pub ctx: C,
 }
 
+/// When an armed fault point fails its flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultWhen {
+    /// The flow fails without running.
+    Before,
+    /// The flow runs, then fails (its effects happened; rollback must undo them).
+    After,
+}
+
+/// Test hooks that fail a given flow of a given chain (the design's "buggify points"). Nothing
+/// is armed in production; the check is one relaxed atomic load then.
+#[derive(Default)]
+pub struct FaultPoints {
+    armed: std::sync::atomic::AtomicBool,
+    points: std::sync::Mutex<Vec<(String, String, FaultWhen, u32)>>,
+    fired: std::sync::atomic::AtomicU64,
+}
+
+impl FaultPoints {
+    /// Fail flow `flow` of chain `chain` the next `times` times it runs.
+    pub fn arm(&self, chain: &str, flow: &str, when: FaultWhen, times: u32) {
+        self.points.lock().unwrap_or_else(|e| e.into_inner()).push((
+            chain.to_string(),
+            flow.to_string(),
+            when,
+            times,
+        ));
+        self.armed.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn clear(&self) {
+        self.points
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.armed
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many armed faults fired so far.
+    pub fn fired(&self) -> u64 {
+        self.fired.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn take(&self, chain: &str, flow: &str, when: FaultWhen) -> bool {
+        if !self.armed.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        let mut points = self.points.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = points
+            .iter()
+            .position(|(c, f, w, n)| c == chain && f == flow && *w == when && *n > 0)
+        else {
+            return false;
+        };
+        points[i].3 -= 1;
+        points.retain(|p| p.3 > 0);
+        self.fired
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+}
+
+fn injected(chain: &str, flow: &str) -> Error {
+    Error::new(
+        ErrorCode::AgentError,
+        format!("fault injected at {chain}/{flow}"),
+    )
+}
+
 /// Where chains are journaled. Cheap to clone.
 #[derive(Clone)]
 pub struct Journal {
@@ -111,6 +182,7 @@ pub struct Journal {
     ids: Arc<Ids>,
     node: NodeId,
     boot: Uuid,
+    faults: Arc<FaultPoints>,
 }
 
 /// Retry a journal write on transient store failures (never on logical errors).
@@ -141,7 +213,19 @@ impl Journal {
             ids,
             node,
             boot,
+            faults: Arc::default(),
         }
+    }
+
+    /// The fault points armed for this node's chains.
+    pub fn faults(&self) -> &Arc<FaultPoints> {
+        &self.faults
+    }
+
+    /// Share fault points across restarts of a node (the simulation keeps them outside).
+    pub fn with_faults(mut self, faults: Arc<FaultPoints>) -> Self {
+        self.faults = faults;
+        self
     }
 
     pub fn boot(&self) -> Uuid {
@@ -331,9 +415,23 @@ impl<C: Context> FlowChain<C> {
     ) -> Result<C, ChainFailure<C>> {
         for i in start..self.flows.len() {
             let flow = &self.flows[i];
-            let outcome = match AssertUnwindSafe(flow.run(&mut ctx)).catch_unwind().await {
-                Ok(r) => r,
-                Err(p) => Err(panicked(flow.name(), p)),
+            let outcome = if journal
+                .faults
+                .take(self.name, flow.name(), FaultWhen::Before)
+            {
+                Err(injected(self.name, flow.name()))
+            } else {
+                match AssertUnwindSafe(flow.run(&mut ctx)).catch_unwind().await {
+                    Ok(Ok(()))
+                        if journal
+                            .faults
+                            .take(self.name, flow.name(), FaultWhen::After) =>
+                    {
+                        Err(injected(self.name, flow.name()))
+                    }
+                    Ok(r) => r,
+                    Err(p) => Err(panicked(flow.name(), p)),
+                }
             };
             if let Err(e) = outcome {
                 tracing::debug!(chain = self.name, flow = flow.name(), error = %e, "flow failed; rolling back");

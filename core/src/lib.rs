@@ -14,8 +14,11 @@
 //! - [`job`]: every mutating operation as a job with progress and result.
 //! - [`store`]: resources, queries and atomic batches over three backends.
 
+pub mod agent;
+pub mod api;
 pub mod bus;
 pub mod cascade;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod engine;
@@ -25,7 +28,10 @@ pub mod flow;
 pub mod hashring;
 pub mod ids;
 pub mod job;
+pub mod model;
+pub mod node;
 pub mod queue;
+pub mod services;
 pub mod store;
 
 pub use error::{Error, ErrorCode, Result};

@@ -223,22 +223,22 @@ impl<H: Hypervisor> Agent<H> {
         })
     }
 
-    fn authorized(inner: &Inner<H>, headers: &HeaderMap) -> Result<(), Response> {
+    fn authorized(inner: &Inner<H>, headers: &HeaderMap) -> Result<(), Box<Response>> {
         match header(headers, H_TOKEN) {
             Some(t) if t == inner.config.token => Ok(()),
-            _ => Err(error(AgentError::new(
+            _ => Err(Box::new(error(AgentError::new(
                 AgentErrorCode::Unauthorized,
                 "missing or wrong x-stratus-token",
-            ))),
+            )))),
         }
     }
 
-    fn parse<C: Command>(body: &[u8]) -> Result<C, Response> {
+    fn parse<C: Command>(body: &[u8]) -> Result<C, Box<Response>> {
         serde_json::from_slice(body).map_err(|e| {
-            error(AgentError::new(
+            Box::new(error(AgentError::new(
                 AgentErrorCode::InvalidArgument,
                 format!("bad {} request: {e}", C::PATH),
-            ))
+            )))
         })
     }
 
@@ -256,11 +256,11 @@ impl<H: Hypervisor> Agent<H> {
                 let (inner, f) = (inner.clone(), f.clone());
                 async move {
                     if let Err(resp) = Self::authorized(&inner, &headers) {
-                        return resp;
+                        return *resp;
                     }
                     let cmd: C = match Self::parse(&body) {
                         Ok(c) => c,
-                        Err(resp) => return resp,
+                        Err(resp) => return *resp,
                     };
                     let fault = inner.faults.command(C::KIND);
                     if !fault.delay.is_zero() {
@@ -296,7 +296,7 @@ impl<H: Hypervisor> Agent<H> {
                 let (inner, f) = (inner.clone(), f.clone());
                 async move {
                     if let Err(resp) = Self::authorized(&inner, &headers) {
-                        return resp;
+                        return *resp;
                     }
                     let task = header(&headers, H_TASK).and_then(|t| Uuid::parse_str(t).ok());
                     let callback = header(&headers, H_CALLBACK).map(str::to_string);
@@ -308,7 +308,7 @@ impl<H: Hypervisor> Agent<H> {
                     };
                     let cmd: C = match Self::parse(&body) {
                         Ok(c) => c,
-                        Err(resp) => return resp,
+                        Err(resp) => return *resp,
                     };
                     // Duplicate task: do not run again.
                     let previous = {

@@ -115,13 +115,27 @@ impl LatencyProfile {
     }
 }
 
-/// A simulated hypervisor over a shared [`SimHostState`].
-pub struct SimHypervisor {
+#[doc(hidden)]
+pub struct Inner {
     state: Arc<Mutex<SimHostState>>,
     latency: LatencyProfile,
     rng: Mutex<ChaCha8Rng>,
     events_tx: mpsc::UnboundedSender<ReportEvent>,
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<ReportEvent>>>,
+}
+
+/// A simulated hypervisor over a shared [`SimHostState`]. Clones share everything, so the
+/// harness can hold one to crash VMs while the agent runs another.
+#[derive(Clone)]
+pub struct SimHypervisor {
+    inner: Arc<Inner>,
+}
+
+impl std::ops::Deref for SimHypervisor {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
 }
 
 fn no_capacity(what: &str) -> AgentError {
@@ -133,11 +147,13 @@ impl SimHypervisor {
     pub fn new(state: Arc<Mutex<SimHostState>>, latency: LatencyProfile, seed: u64) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         SimHypervisor {
-            state,
-            latency,
-            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
-            events_tx: tx,
-            events_rx: Mutex::new(Some(rx)),
+            inner: Arc::new(Inner {
+                state,
+                latency,
+                rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
+                events_tx: tx,
+                events_rx: Mutex::new(Some(rx)),
+            }),
         }
     }
 

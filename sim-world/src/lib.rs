@@ -1,16 +1,23 @@
 //! # stratus-sim-world
 //!
-//! The simulated datacenter Stratus is tested against. It will hold:
-//! - a simulated hypervisor and hosts (each host a madsim node running the real agent server),
-//! - a datacenter builder from a spec (zones × clusters × hosts, capacity profiles, networks),
-//! - the fault injector (host crash/restart, partitions, packet loss, failing or slow agent
-//!   commands, lost callbacks, management-node kill/restart), drawing every fault from the seed,
-//! - the madsim harness and the invariant checkers,
+//! The simulated datacenter Stratus is tested against, inside one seeded madsim runtime:
+//! - [`hypervisor`]: the simulated hypervisor (capacity, VMs, volumes, per-command latency);
+//!   hosts are madsim nodes running the real agent server on it;
+//! - [`world`]: the harness — the real management node, the hosts, a client node driving the
+//!   REST API, the datacenter built from a [`WorldSpec`], fault handles (host crash/restart,
+//!   partition/heal, management-node kill/restart, VM crash) and `settle`;
+//! - [`faults`]: agent-level faults drawn from the seed (failing, slow, lost and duplicated
+//!   callbacks);
+//! - [`invariants`]: what must hold after every operation and at quiescence;
 //! - [`trace`]: the trace hash every run reports (same seed ⇒ same hash).
 
-pub mod trace;
-
-pub use trace::Trace;
+pub mod faults;
 pub mod hypervisor;
+pub mod invariants;
+pub mod trace;
+pub mod world;
 
+pub use faults::{FaultRates, SimFaults};
 pub use hypervisor::{HostProfile, LatencyProfile, SimHostState, SimHypervisor};
+pub use trace::Trace;
+pub use world::{Datacenter, SimHost, World, WorldSpec};

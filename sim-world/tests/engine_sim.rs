@@ -158,6 +158,7 @@ fn a_node_killed_mid_chain_rolls_the_chain_back_once_per_flow_after_restart() {
                                 seed: None,
                                 extensions: Extensions::builder().build(),
                                 config: vec![],
+                                faults: None,
                             },
                         )
                         .await
@@ -323,6 +324,7 @@ async fn workload() -> (u64, u64) {
             seed: None,
             extensions: Extensions::builder().build(),
             config: vec![],
+            faults: None,
         },
     )
     .await

@@ -319,3 +319,47 @@ async fn an_unknown_chain_is_reported_and_left_in_the_journal() {
     assert_eq!(report.unrecoverable, 1);
     assert_eq!(e.journal.in_progress().await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn armed_fault_points_fail_exactly_their_flow() {
+    let (e, _) = env(10);
+    let log = Log::default();
+    let chain = FlowChain::new("test.faults")
+        .then(step("a", &log))
+        .then(step("b", &log))
+        .then(step("c", &log));
+    e.journal
+        .faults()
+        .arm("test.faults", "b", FaultWhen::After, 1);
+    let f = chain
+        .run(&e.journal, target(), Ctx::default())
+        .await
+        .unwrap_err();
+    assert!(f.error.message.contains("test.faults/b"), "{}", f.error);
+    assert_eq!(
+        logged(&log),
+        vec!["run a", "run b", "rollback b", "rollback a"]
+    );
+    log.lock().unwrap().clear();
+    e.journal
+        .faults()
+        .arm("test.faults", "a", FaultWhen::Before, 1);
+    chain
+        .run(&e.journal, target(), Ctx::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        logged(&log),
+        vec!["rollback a"],
+        "a never ran but its rollback is called (idempotent)"
+    );
+    log.lock().unwrap().clear();
+    assert!(
+        chain
+            .run(&e.journal, target(), Ctx::default())
+            .await
+            .is_ok(),
+        "disarmed after firing"
+    );
+    assert_eq!(e.journal.faults().fired(), 2);
+}

@@ -22,12 +22,14 @@ pub enum Expect {
     Maybe,
 }
 
-/// Keep the new value of an integer field within `[min, max]`.
+/// Keep the new value of an integer field within `[min, max]`, where `max` may also be the
+/// (new) value of another field of the same row (`used <= total`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bound {
     pub field: &'static str,
     pub min: Option<i64>,
     pub max: Option<i64>,
+    pub max_field: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -85,6 +87,7 @@ impl Update {
             field,
             min: Some(min),
             max: None,
+            max_field: None,
         });
         self
     }
@@ -93,6 +96,17 @@ impl Update {
             field,
             min: None,
             max: Some(max),
+            max_field: None,
+        });
+        self
+    }
+    /// The new value of `field` may not exceed the new value of `other` (an integer field).
+    pub fn max_field(mut self, field: &'static str, other: &'static str) -> Self {
+        self.bounds.push(Bound {
+            field,
+            min: None,
+            max: None,
+            max_field: Some(other),
         });
         self
     }
@@ -197,8 +211,17 @@ pub struct ResolvedUpdate {
     pub set: Vec<(usize, Value)>,
     pub add: Vec<(usize, i64)>,
     pub when: Vec<ResolvedCond>,
-    /// (field index, min, max) on the new value.
-    pub bounds: Vec<(usize, Option<i64>, Option<i64>)>,
+    pub bounds: Vec<ResolvedBound>,
+}
+
+/// A bound on the new value of field `field` (indexes into the kind's fields).
+#[derive(Debug, Clone, Copy)]
+pub struct ResolvedBound {
+    pub field: usize,
+    pub min: Option<i64>,
+    pub max: Option<i64>,
+    /// A field whose new value is also a maximum.
+    pub max_field: Option<usize>,
 }
 
 impl ResolvedUpdate {
@@ -235,9 +258,20 @@ impl ResolvedUpdate {
                 _ => Value::Int(new),
             };
         }
-        for (i, min, max) in &self.bounds {
+        for ResolvedBound {
+            field: i,
+            min,
+            max,
+            max_field,
+        } in &self.bounds
+        {
             let name = self.kind.fields[*i].name;
             let v = values[*i].as_int();
+            let other = max_field.and_then(|j| values[j].as_int());
+            let max = match (max, other) {
+                (Some(a), Some(b)) => Some((*a).min(b)),
+                (a, b) => a.or(b),
+            };
             let ok = v.is_some_and(|v| min.is_none_or(|m| v >= m) && max.is_none_or(|m| v <= m));
             if !ok {
                 return Err(StoreError::ConditionFailed {
@@ -327,7 +361,7 @@ pub fn resolve_batch(schema: &Schema, batch: Batch) -> Result<Vec<ResolvedWrite>
                         add.push((i, *d));
                     }
                     let mut bounds = Vec::new();
-                    for b in &u.bounds {
+                    for b in u.bounds {
                         let i = declared(kind, b.field, "bounded")?;
                         if !matches!(kind.fields[i].ty, FieldType::Int | FieldType::Time) {
                             return Err(StoreError::InvalidWrite(format!(
@@ -335,7 +369,25 @@ pub fn resolve_batch(schema: &Schema, batch: Batch) -> Result<Vec<ResolvedWrite>
                                 kind.name, b.field
                             )));
                         }
-                        bounds.push((i, b.min, b.max));
+                        let other = match b.max_field {
+                            Some(f) => {
+                                let j = declared(kind, f, "a bound")?;
+                                if !matches!(kind.fields[j].ty, FieldType::Int | FieldType::Time) {
+                                    return Err(StoreError::InvalidWrite(format!(
+                                        "{}.{f} is not an integer and cannot bound {}",
+                                        kind.name, b.field
+                                    )));
+                                }
+                                Some(j)
+                            }
+                            None => None,
+                        };
+                        bounds.push(ResolvedBound {
+                            field: i,
+                            min: b.min,
+                            max: b.max,
+                            max_field: other,
+                        });
                     }
                     let when = u
                         .when

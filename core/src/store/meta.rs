@@ -23,6 +23,8 @@ pub struct FieldMeta {
     pub unique: bool,
     /// Shown as a column by the CLI's list view.
     pub column: bool,
+    /// Never shown by the API (tokens, passwords).
+    pub secret: bool,
 }
 
 /// A named path from one kind to related rows of another: the rows of `target` whose field
@@ -256,12 +258,14 @@ impl Record {
         Ok(())
     }
 
-    /// The record as a JSON object (API output).
+    /// The record as a JSON object (secret fields left out: this is what the API shows).
     pub fn to_json(&self) -> serde_json::Value {
         let mut map = serde_json::Map::new();
         map.insert("uuid".into(), self.uuid.to_string().into());
         for (m, v) in self.kind.fields.iter().zip(&self.values) {
-            map.insert(m.name.into(), v.to_json());
+            if !m.secret {
+                map.insert(m.name.into(), v.to_json());
+            }
         }
         map.insert("version".into(), self.version.into());
         map.insert("created_ms".into(), self.created_ms.into());
@@ -370,9 +374,48 @@ impl<T> DerefMut for Row<T> {
     }
 }
 
-impl<T: Resource + serde::Serialize> serde::Serialize for Row<T> {
+/// A row serializes as its full record (secret fields included: rows cross the bus between
+/// management nodes; the API shows [`Record::to_json`], which leaves secrets out).
+impl<T: Resource> serde::Serialize for Row<T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.to_record().to_json().serialize(s)
+        let mut map = serde_json::Map::new();
+        map.insert("uuid".into(), self.uuid.to_string().into());
+        for (m, v) in T::META.fields.iter().zip(self.data.to_values()) {
+            map.insert(m.name.into(), v.to_json());
+        }
+        map.insert("version".into(), self.version.into());
+        map.insert("created_ms".into(), self.created_ms.into());
+        map.insert("updated_ms".into(), self.updated_ms.into());
+        serde_json::Value::Object(map).serialize(s)
+    }
+}
+
+impl<'de, T: Resource> serde::Deserialize<'de> for Row<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let j = serde_json::Value::deserialize(d)?;
+        let obj = j
+            .as_object()
+            .ok_or_else(|| D::Error::custom("a row must be a JSON object"))?;
+        let get = |k: &str| obj.get(k).unwrap_or(&serde_json::Value::Null);
+        let uuid = get("uuid")
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .ok_or_else(|| D::Error::custom("row without a valid uuid"))?;
+        let mut values = Vec::with_capacity(T::META.fields.len());
+        for m in T::META.fields {
+            let v = Value::from_json(m.ty, get(m.name)).ok_or_else(|| {
+                D::Error::custom(format!("{}.{} has the wrong type", T::META.name, m.name))
+            })?;
+            values.push(v);
+        }
+        Ok(Row {
+            uuid,
+            version: get("version").as_u64().unwrap_or(0),
+            created_ms: get("created_ms").as_i64().unwrap_or(0),
+            updated_ms: get("updated_ms").as_i64().unwrap_or(0),
+            data: T::from_values(&values).map_err(|e| D::Error::custom(e.to_string()))?,
+        })
     }
 }
 
@@ -386,6 +429,9 @@ macro_rules! __field_flag {
         true
     };
     (column, column) => {
+        true
+    };
+    (secret, secret) => {
         true
     };
     ($want:ident, $have:ident) => {
@@ -408,7 +454,7 @@ macro_rules! __field_flag {
 /// }
 /// ```
 /// Field options: `index` (kept in an index), `unique` (no two rows share a non-null value,
-/// implies an index), `column` (shown by the CLI list view).
+/// implies an index), `column` (shown by the CLI list view), `secret` (never shown by the API).
 #[macro_export]
 macro_rules! resource {
     (
@@ -435,6 +481,7 @@ macro_rules! resource {
                         indexed: false $( $( || $crate::__field_flag!(index, $opt) || $crate::__field_flag!(unique, $opt) )* )?,
                         unique: false $( $( || $crate::__field_flag!(unique, $opt) )* )?,
                         column: false $( $( || $crate::__field_flag!(column, $opt) )* )?,
+                        secret: false $( $( || $crate::__field_flag!(secret, $opt) )* )?,
                     }
                 ),* ],
                 relations: &[ $( $(
@@ -504,6 +551,9 @@ mod tests {
         let rec = row.to_record();
         rec.check().unwrap();
         assert_eq!(Row::<Probe>::from_record(&rec).unwrap().data, p);
+        let json = serde_json::to_string(&row).unwrap();
+        let back: Row<Probe> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, row);
         assert!(Schema::new().with(Probe::META).validate().is_ok());
     }
 

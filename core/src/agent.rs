@@ -1,0 +1,377 @@
+//! The management side of the agent protocol.
+//!
+//! [`AgentClient::call`] sends a command to a host's agent. A short command's answer comes in the
+//! response; a long command gets a task id and this node's callback URL, and the caller waits on
+//! the callback — never forever: the per-command timeout (global config `agent.timeout.<kind>`)
+//! ends the wait with a `timeout` error, the caller's workflow rolls back, and its rollback
+//! cleans up whatever the host may have done. A callback that arrives after the wait ended, or
+//! twice, finds no waiter and is answered 404, which tells the agent to stop retrying.
+
+use crate::config::{ConfigDef, GlobalConfig};
+use crate::error::{Error, ErrorCode};
+use crate::ids::Ids;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use stratus_kvm_agent::http::{HttpClient, HttpError};
+use stratus_kvm_agent::protocol::{
+    AgentError, AgentErrorCode, Command, CommandKind, TaskResult, H_CALLBACK, H_TASK, H_TOKEN,
+};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+macro_rules! timeout_defs {
+    ($( $kind:ident => $name:literal, $default:literal );* $(;)?) => {
+        /// Per-command-kind timeouts, `agent.timeout.<kind>`.
+        pub static AGENT_TIMEOUTS: [ConfigDef; CommandKind::ALL.len()] = [ $(
+            ConfigDef::duration(
+                concat!("agent.timeout.", $name),
+                concat!("How long to wait for the agent to finish a ", $name, " command"),
+                $default,
+                100,
+                24 * 3_600_000,
+            )
+        ),* ];
+        fn timeout_index(k: CommandKind) -> usize {
+            let mut i = 0;
+            $( if k == CommandKind::$kind { return i; } i += 1; )*
+            let _ = i;
+            unreachable!("every command kind has a timeout")
+        }
+    };
+}
+
+timeout_defs! {
+    Connect => "connect", "30s";
+    Ping => "ping", "10s";
+    VmStatus => "vm_status", "10s";
+    VmStart => "vm_start", "5m";
+    VmStop => "vm_stop", "5m";
+    VmReboot => "vm_reboot", "5m";
+    VmDestroy => "vm_destroy", "5m";
+    VmMigrate => "vm_migrate", "10m";
+    VmReceive => "vm_receive", "5m";
+    VolumeCreate => "volume_create", "10m";
+    VolumeDelete => "volume_delete", "5m";
+    VolumeAttach => "volume_attach", "2m";
+    VolumeDetach => "volume_detach", "2m";
+}
+
+/// The config entries of this module.
+pub fn config_defs() -> Vec<&'static ConfigDef> {
+    AGENT_TIMEOUTS.iter().collect()
+}
+
+/// Where and how to reach a host's agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostTarget {
+    pub uuid: Uuid,
+    pub address: SocketAddr,
+    pub token: String,
+}
+
+impl HostTarget {
+    pub fn new(uuid: Uuid, address: &str, token: &str) -> Result<Self, Error> {
+        let address = address
+            .parse()
+            .map_err(|_| Error::invalid(format!("host address {address:?} is not IP:PORT")))?;
+        Ok(HostTarget {
+            uuid,
+            address,
+            token: token.to_string(),
+        })
+    }
+}
+
+struct Pending {
+    tx: oneshot::Sender<TaskResult>,
+    host: Uuid,
+    token: String,
+}
+
+/// Why a callback was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackRefusal {
+    /// Nobody waits for this task (finished, timed out, or never ours).
+    UnknownTask,
+    /// The callback did not carry the host's token.
+    WrongToken,
+}
+
+/// Counters for reports and `/metrics`.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    pub commands: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub unreachable: AtomicU64,
+    pub late_callbacks: AtomicU64,
+}
+
+/// Sends commands to agents and matches callbacks to waiting callers. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentClient {
+    http: HttpClient,
+    ids: Arc<Ids>,
+    /// `http://IP:PORT/agent/callback` of this node.
+    callback_base: String,
+    pending: Arc<Mutex<HashMap<Uuid, Pending>>>,
+    stats: Arc<AgentStats>,
+}
+
+fn map_http(e: HttpError) -> Error {
+    match e {
+        HttpError::Timeout(addr, ms) => {
+            Error::timeout(format!("agent at {addr} did not answer within {ms} ms"))
+        }
+        HttpError::Connect(addr, why) => Error::new(
+            ErrorCode::HostUnreachable,
+            format!("cannot reach the agent at {addr}: {why}"),
+        ),
+        other => Error::new(ErrorCode::HostUnreachable, other.to_string()),
+    }
+}
+
+/// An agent's error as a Stratus error.
+pub fn map_agent_error(kind: CommandKind, e: AgentError) -> Error {
+    let code = match e.code {
+        AgentErrorCode::InsufficientCapacity => ErrorCode::CapacityExhausted,
+        AgentErrorCode::Unauthorized => ErrorCode::Unauthorized,
+        AgentErrorCode::InvalidArgument => ErrorCode::InvalidArgument,
+        AgentErrorCode::Unreachable => ErrorCode::HostUnreachable,
+        _ => ErrorCode::AgentError,
+    };
+    Error::new(
+        code,
+        format!("{} on the host failed: {}", kind.as_str(), e.message),
+    )
+}
+
+impl AgentClient {
+    pub fn new(ids: Arc<Ids>, callback_base: String) -> Self {
+        AgentClient {
+            http: HttpClient::new(2),
+            ids,
+            callback_base,
+            pending: Arc::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &AgentStats {
+        &self.stats
+    }
+
+    /// Tasks waiting for their callback.
+    pub fn waiting(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The configured timeout of a command kind.
+    pub fn timeout(config: &GlobalConfig, kind: CommandKind) -> Duration {
+        config.get(&AGENT_TIMEOUTS[timeout_index(kind)].key())
+    }
+
+    /// Send `cmd` to `host`; wait at most `timeout` for the answer (or the callback).
+    pub async fn call<C: Command>(
+        &self,
+        host: &HostTarget,
+        cmd: &C,
+        timeout: Duration,
+    ) -> Result<C::Reply, Error> {
+        self.stats.commands.fetch_add(1, Ordering::Relaxed);
+        let out = self.call_inner(host, cmd, timeout).await;
+        if let Err(e) = &out {
+            match e.code {
+                ErrorCode::Timeout => self.stats.timeouts.fetch_add(1, Ordering::Relaxed),
+                ErrorCode::HostUnreachable => {
+                    self.stats.unreachable.fetch_add(1, Ordering::Relaxed)
+                }
+                _ => 0,
+            };
+        }
+        out
+    }
+
+    async fn call_inner<C: Command>(
+        &self,
+        host: &HostTarget,
+        cmd: &C,
+        timeout: Duration,
+    ) -> Result<C::Reply, Error> {
+        let body = serde_json::to_vec(cmd)
+            .map_err(|e| Error::internal(format!("cannot encode {}: {e}", C::PATH)))?;
+        if !C::ASYNC {
+            let r = self
+                .http
+                .post(
+                    host.address,
+                    C::PATH,
+                    &[(H_TOKEN, host.token.as_str())],
+                    body,
+                    timeout,
+                )
+                .await
+                .map_err(map_http)?;
+            return decode_reply::<C>(r.status, &r.body);
+        }
+        let task = self.ids.uuid();
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                task,
+                Pending {
+                    tx,
+                    host: host.uuid,
+                    token: host.token.clone(),
+                },
+            );
+        let _cleanup = Forget {
+            pending: &self.pending,
+            task,
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let callback = format!("{}/{task}", self.callback_base);
+        let task_s = task.to_string();
+        let headers = [
+            (H_TOKEN, host.token.as_str()),
+            (H_TASK, task_s.as_str()),
+            (H_CALLBACK, callback.as_str()),
+        ];
+        let r = self
+            .http
+            .post(host.address, C::PATH, &headers, body, timeout)
+            .await
+            .map_err(map_http)?;
+        if r.status != 202 {
+            // Refused before running (bad token, bad request).
+            return decode_reply::<C>(r.status, &r.body);
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let result = match tokio::time::timeout(left, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => return Err(Error::internal("callback waiter dropped")),
+            Err(_) => {
+                return Err(Error::timeout(format!(
+                    "{} on host {} got no result within {} ms",
+                    C::KIND.as_str(),
+                    host.uuid,
+                    timeout.as_millis()
+                )))
+            }
+        };
+        match result.outcome {
+            Ok(v) => serde_json::from_value(v)
+                .map_err(|e| Error::internal(format!("bad result of {}: {e}", C::PATH))),
+            Err(e) => Err(map_agent_error(C::KIND, e)),
+        }
+    }
+
+    /// Hand a callback to its waiter. The token must be the host's.
+    pub fn deliver(&self, result: TaskResult, token: &str) -> Result<Uuid, CallbackRefusal> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match pending.get(&result.task) {
+            None => {
+                self.stats.late_callbacks.fetch_add(1, Ordering::Relaxed);
+                return Err(CallbackRefusal::UnknownTask);
+            }
+            Some(p) if p.token != token => return Err(CallbackRefusal::WrongToken),
+            Some(_) => {}
+        }
+        let p = pending.remove(&result.task).expect("checked above");
+        let _ = p.tx.send(result);
+        Ok(p.host)
+    }
+}
+
+/// Removes a task from the waiting table when the caller stops waiting (any way it stops).
+struct Forget<'a> {
+    pending: &'a Mutex<HashMap<Uuid, Pending>>,
+    task: Uuid,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.task);
+    }
+}
+
+fn decode_reply<C: Command>(status: u16, body: &[u8]) -> Result<C::Reply, Error> {
+    if (200..300).contains(&status) {
+        return serde_json::from_slice(body)
+            .map_err(|e| Error::internal(format!("bad reply to {}: {e}", C::PATH)));
+    }
+    match serde_json::from_slice::<AgentError>(body) {
+        Ok(e) => Err(map_agent_error(C::KIND, e)),
+        Err(_) => Err(Error::new(
+            ErrorCode::AgentError,
+            format!("{} answered HTTP {status}", C::PATH),
+        )),
+    }
+}
+
+/// JSON body helper for tests and the API.
+pub fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_a_timeout_entry() {
+        for k in CommandKind::ALL {
+            let def = &AGENT_TIMEOUTS[timeout_index(k)];
+            assert_eq!(def.name, format!("agent.timeout.{}", k.as_str()));
+            assert!(def.parse(def.default).is_ok());
+        }
+    }
+
+    #[test]
+    fn callbacks_need_a_waiter_and_the_right_token() {
+        let c = AgentClient::new(
+            Arc::new(Ids::from_seed(1)),
+            "http://127.0.0.1:1/agent/callback".into(),
+        );
+        let result = |task| TaskResult {
+            task,
+            kind: CommandKind::VmStart,
+            outcome: Ok(serde_json::Value::Null),
+        };
+        assert_eq!(
+            c.deliver(result(Uuid::from_u128(1)), "t"),
+            Err(CallbackRefusal::UnknownTask)
+        );
+        let (tx, mut rx) = oneshot::channel();
+        c.pending.lock().unwrap().insert(
+            Uuid::from_u128(2),
+            Pending {
+                tx,
+                host: Uuid::from_u128(9),
+                token: "t".into(),
+            },
+        );
+        assert_eq!(
+            c.deliver(result(Uuid::from_u128(2)), "x"),
+            Err(CallbackRefusal::WrongToken)
+        );
+        assert_eq!(
+            c.deliver(result(Uuid::from_u128(2)), "t"),
+            Ok(Uuid::from_u128(9))
+        );
+        assert!(rx.try_recv().is_ok());
+        assert_eq!(
+            c.deliver(result(Uuid::from_u128(2)), "t"),
+            Err(CallbackRefusal::UnknownTask),
+            "a duplicate finds no waiter"
+        );
+    }
+}

@@ -1,0 +1,46 @@
+//! The REST API of a management node, and the endpoints agents and peers talk to.
+//!
+//! - `GET /v1/<resources>` lists any kind with conditions (`?q=state=Running&q=nics.ip=10.0.0.5`,
+//!   operators `= != > >= < <= ?= !?= ~= !~=`, `=null`, `!=null`), `sort=field` / `sort=-field`,
+//!   `limit` (default 1000), `offset`, `count=true`; `GET /v1/<resources>/<uuid>` reads one.
+//!   Both are driven by the kinds' metadata; secret fields never appear.
+//! - Mutations (`POST`, `PUT`, `DELETE`, `POST .../actions/<action>`) are jobs: answered
+//!   `202 {job_uuid, resource_uuid}` at once; `?wait=SECONDS` waits for the outcome and answers
+//!   like the job ended (200 with the result, or the error's status with its code). `GET
+//!   /v1/jobs/<uuid>` shows a job.
+//! - `GET/PUT /v1/config[/<name>]`: global configuration.
+//! - `POST /agent/callback/<task>`, `POST /agent/report`: from agents (token-checked).
+//! - `GET /metrics`: Prometheus text.
+//!
+//! A bad request is a 4xx with `{code, message}`; nothing here panics on input.
+
+mod routes;
+
+pub use routes::{kind_of_path, router, RESOURCE_PATHS};
+
+use crate::error::{Error, ErrorCode};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// A JSON response with a status.
+pub fn json<T: Serialize>(status: u16, body: &T) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    match serde_json::to_vec(body) {
+        Ok(b) => (status, [("content-type", "application/json")], b).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// An error as `{code, message}` with the code's status.
+pub fn error(e: &Error) -> Response {
+    json(e.code.http_status(), e)
+}
+
+/// The error for a path that names no resource or action.
+pub fn not_found_path(path: &str) -> Response {
+    error(&Error::new(
+        ErrorCode::NotFound,
+        format!("no such API path: {path}"),
+    ))
+}

@@ -1,0 +1,865 @@
+//! Routes of the API. See the module docs of [`crate::api`].
+
+use super::{error, json, not_found_path};
+use crate::bus::Message;
+use crate::error::{Error, ErrorCode};
+use crate::job::{Job, JobState};
+use crate::model::*;
+use crate::services::cascade::DeleteResource;
+use crate::services::host::{AddHost, ChangeHostState, HostAction, ReconnectHost};
+use crate::services::network::{AddIpRange, AttachL2ToCluster, CreateL2Network, CreateL3Network};
+use crate::services::offering::{CreateDiskOffering, CreateInstanceOffering, SetOfferingState};
+use crate::services::storage::{
+    AddImage, AttachBackupStorage, AttachPrimaryStorage, CreateBackupStorage, CreatePrimaryStorage,
+};
+use crate::services::vm::{
+    AttachVolume, CreateDataVolume, CreateVm, DeleteVolume, DestroyVm, DetachVolume, ExpungeVm,
+    MigrateVm, RebootVm, RecoverVm, StartVm, StopVm, VmStateReport,
+};
+use crate::services::zone::{CreateCluster, CreateZone, UpdateCluster, UpdateZone};
+use crate::services::Cloud;
+use crate::store::{Cond, Query, Resource, Row};
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+use stratus_kvm_agent::protocol::{Report, ReportEvent, TaskResult, H_TOKEN};
+use uuid::Uuid;
+
+/// URL path segment → kind.
+pub const RESOURCE_PATHS: &[(&str, &str)] = &[
+    ("zones", "zone"),
+    ("clusters", "cluster"),
+    ("hosts", "host"),
+    ("reservations", "reservation"),
+    ("primary-storages", "primary_storage"),
+    ("local-storages", "local_storage"),
+    ("backup-storages", "backup_storage"),
+    ("images", "image"),
+    ("volumes", "volume"),
+    ("l2-networks", "l2_network"),
+    ("l3-networks", "l3_network"),
+    ("ip-ranges", "ip_range"),
+    ("used-ips", "used_ip"),
+    ("vm-nics", "vm_nic"),
+    ("instance-offerings", "instance_offering"),
+    ("disk-offerings", "disk_offering"),
+    ("vms", "vm"),
+    ("jobs", "job"),
+    ("flow-chains", "flow_chain"),
+];
+
+pub fn kind_of_path(path: &str) -> Option<&'static str> {
+    RESOURCE_PATHS
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, k)| *k)
+}
+
+type Api = State<Arc<Cloud>>;
+
+/// `?key=value&...` with repeated keys, percent-decoded.
+fn query_pairs(raw: &Option<String>) -> Vec<(String, String)> {
+    let Some(raw) = raw else { return Vec::new() };
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'+' {
+            out.push(b' ');
+        } else if b == b'%' && i + 2 < bytes.len() {
+            match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 2;
+                }
+                _ => out.push(b),
+            }
+        } else {
+            out.push(b);
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn param<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+    let b: &[u8] = if body.iter().all(|c| c.is_ascii_whitespace()) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(b).map_err(|e| error(&Error::invalid(format!("bad request body: {e}"))))
+}
+
+fn wait_of(pairs: &[(String, String)]) -> Result<Option<Duration>, Response> {
+    match param(pairs, "wait") {
+        None => Ok(None),
+        Some(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 86_400.0)
+            .map(|s| Some(Duration::from_secs_f64(s)))
+            .ok_or_else(|| {
+                error(&Error::invalid(format!(
+                    "wait must be seconds from 0 to 86400; got {v:?}"
+                )))
+            }),
+    }
+}
+
+/// What a job shows through the API.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JobView {
+    pub job_uuid: Uuid,
+    pub resource_uuid: Option<Uuid>,
+    pub operation: String,
+    pub state: String,
+    pub progress: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Error>,
+}
+
+fn job_view(j: &Row<Job>) -> JobView {
+    JobView {
+        job_uuid: j.uuid,
+        resource_uuid: j.resource_uuid,
+        operation: j.operation.clone(),
+        state: j.state.as_str().to_string(),
+        progress: j.progress,
+        result: j.result.clone(),
+        error: j.error(),
+    }
+}
+
+/// Render a reply for the API (rows without their secret fields).
+pub trait ApiView {
+    fn view(&self) -> serde_json::Value;
+}
+impl<T: Resource> ApiView for Row<T> {
+    fn view(&self) -> serde_json::Value {
+        self.to_record().to_json()
+    }
+}
+macro_rules! plain_view {
+    ($($t:ty),*) => { $( impl ApiView for $t {
+        fn view(&self) -> serde_json::Value { serde_json::to_value(self).unwrap_or(serde_json::Value::Null) }
+    } )* };
+}
+plain_view!(
+    (),
+    String,
+    u32,
+    usize,
+    crate::services::cascade::DeleteReport
+);
+
+/// Run `msg` as a job; answer at once or, with `wait`, when it ends.
+async fn submit<M>(
+    c: &Arc<Cloud>,
+    resource: Option<Uuid>,
+    msg: M,
+    wait: Option<Duration>,
+) -> Response
+where
+    M: Message,
+    M::Reply: ApiView,
+{
+    let bus = c.bus().clone();
+    let job = c
+        .engine
+        .jobs
+        .submit(M::NAME, resource, move |_h| async move {
+            let reply = bus.send(msg).await?;
+            Ok(reply.view())
+        })
+        .await;
+    let job = match job {
+        Ok(j) => j,
+        Err(e) => return error(&e),
+    };
+    let Some(wait) = wait else {
+        return json(
+            202,
+            &serde_json::json!({"job_uuid": job, "resource_uuid": resource}),
+        );
+    };
+    match c.engine.jobs.wait(job, wait).await {
+        Ok(j) if j.state == JobState::Succeeded => json(200, &job_view(&j)),
+        Ok(j) if j.state == JobState::Failed => {
+            let v = job_view(&j);
+            let status = v.error.as_ref().map_or(500, |e| e.code.http_status());
+            json(status, &v)
+        }
+        Ok(j) => json(202, &job_view(&j)),
+        Err(e) if e.code == ErrorCode::Timeout => json(
+            202,
+            &serde_json::json!({"job_uuid": job, "resource_uuid": resource, "state": "Running"}),
+        ),
+        Err(e) => error(&e),
+    }
+}
+
+async fn list(State(c): Api, Path(res): Path<String>, RawQuery(raw): RawQuery) -> Response {
+    let Some(kind) = kind_of_path(&res) else {
+        return not_found_path(&format!("/v1/{res}"));
+    };
+    let pairs = query_pairs(&raw);
+    let mut q = Query::new(kind);
+    for (k, v) in &pairs {
+        match k.as_str() {
+            "q" => match Cond::parse(v) {
+                Ok(cond) => q = q.cond(cond),
+                Err(e) => return error(&e.into()),
+            },
+            "sort" => {
+                q = match v.strip_prefix('-') {
+                    Some(f) => q.sort_desc(f),
+                    None => q.sort_asc(v),
+                }
+            }
+            "limit" => match v.parse::<u64>() {
+                Ok(n) if n <= 100_000 => q = q.limit(n),
+                _ => {
+                    return error(&Error::invalid(format!(
+                        "limit must be 0..=100000; got {v:?}"
+                    )))
+                }
+            },
+            "offset" => match v.parse::<u64>() {
+                Ok(n) => q = q.offset(n),
+                _ => {
+                    return error(&Error::invalid(format!(
+                        "offset must be a number; got {v:?}"
+                    )))
+                }
+            },
+            "count" | "wait" => {}
+            other => {
+                return error(&Error::invalid(format!(
+                    "unknown query parameter {other:?}; use q, sort, limit, offset, count"
+                )))
+            }
+        }
+    }
+    if q.limit.is_none() {
+        q = q.limit(1000);
+    }
+    let db = c.db();
+    let rows = match db.query(&q).await {
+        Ok(r) => r,
+        Err(e) => return error(&e.into()),
+    };
+    let mut body =
+        serde_json::json!({"items": rows.iter().map(|r| r.to_json()).collect::<Vec<_>>()});
+    if param(&pairs, "count") == Some("true") {
+        match db.count(&q).await {
+            Ok(n) => body["total"] = n.into(),
+            Err(e) => return error(&e.into()),
+        }
+    }
+    json(200, &body)
+}
+
+async fn get_one(State(c): Api, Path((res, id)): Path<(String, String)>) -> Response {
+    let Some(kind) = kind_of_path(&res) else {
+        return not_found_path(&format!("/v1/{res}"));
+    };
+    let Ok(uuid) = Uuid::parse_str(&id) else {
+        return error(&Error::invalid(format!("{id:?} is not a uuid")));
+    };
+    if kind == "job" {
+        return match c.engine.jobs.get(uuid).await {
+            Ok(j) => json(200, &job_view(&j)),
+            Err(e) => error(&e),
+        };
+    }
+    match c.db().store().get(kind, uuid).await {
+        Ok(Some(r)) => json(200, &r.to_json()),
+        Ok(None) => error(&Error::not_found(kind, uuid)),
+        Err(e) => error(&e.into()),
+    }
+}
+
+async fn create(
+    State(c): Api,
+    Path(res): Path<String>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Response {
+    let pairs = query_pairs(&raw);
+    let wait = match wait_of(&pairs) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    macro_rules! go {
+        ($t:ty) => {
+            match parse_body::<$t>(&body) {
+                Ok(m) => submit(&c, None, m, wait).await,
+                Err(r) => r,
+            }
+        };
+    }
+    match res.as_str() {
+        "zones" => go!(CreateZone),
+        "clusters" => go!(CreateCluster),
+        "primary-storages" => go!(CreatePrimaryStorage),
+        "backup-storages" => go!(CreateBackupStorage),
+        "images" => go!(AddImage),
+        "instance-offerings" => go!(CreateInstanceOffering),
+        "disk-offerings" => go!(CreateDiskOffering),
+        "l2-networks" => go!(CreateL2Network),
+        "l3-networks" => go!(CreateL3Network),
+        "ip-ranges" => go!(AddIpRange),
+        "hosts" => match parse_body::<AddHost>(&body) {
+            Ok(mut m) => {
+                let id = *m.uuid.get_or_insert_with(|| c.engine.ids.uuid());
+                submit(&c, Some(id), m, wait).await
+            }
+            Err(r) => r,
+        },
+        "vms" => match parse_body::<CreateVm>(&body) {
+            Ok(mut m) => {
+                let id = *m.uuid.get_or_insert_with(|| c.engine.ids.uuid());
+                submit(&c, Some(id), m, wait).await
+            }
+            Err(r) => r,
+        },
+        "volumes" => match parse_body::<CreateDataVolume>(&body) {
+            Ok(mut m) => {
+                let id = *m.uuid.get_or_insert_with(|| c.engine.ids.uuid());
+                submit(&c, Some(id), m, wait).await
+            }
+            Err(r) => r,
+        },
+        other => match kind_of_path(other) {
+            Some(_) => error(&Error::invalid(format!(
+                "{other} cannot be created through the API"
+            ))),
+            None => not_found_path(&format!("/v1/{other}")),
+        },
+    }
+}
+
+async fn update(
+    State(c): Api,
+    Path((res, id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Response {
+    let pairs = query_pairs(&raw);
+    let wait = match wait_of(&pairs) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let Ok(uuid) = Uuid::parse_str(&id) else {
+        return error(&Error::invalid(format!("{id:?} is not a uuid")));
+    };
+    let mut obj = match parse_body::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(o)) => o,
+        Ok(_) => return error(&Error::invalid("the body must be a JSON object")),
+        Err(r) => return r,
+    };
+    obj.insert("uuid".into(), uuid.to_string().into());
+    let v = serde_json::Value::Object(obj);
+    macro_rules! go {
+        ($t:ty) => {
+            match serde_json::from_value::<$t>(v) {
+                Ok(m) => submit(&c, Some(uuid), m, wait).await,
+                Err(e) => error(&Error::invalid(format!("bad request body: {e}"))),
+            }
+        };
+    }
+    match res.as_str() {
+        "zones" => go!(UpdateZone),
+        "clusters" => go!(UpdateCluster),
+        other => error(&Error::invalid(format!(
+            "{other} cannot be updated through the API"
+        ))),
+    }
+}
+
+async fn delete(
+    State(c): Api,
+    Path((res, id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let pairs = query_pairs(&raw);
+    let wait = match wait_of(&pairs) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let Ok(uuid) = Uuid::parse_str(&id) else {
+        return error(&Error::invalid(format!("{id:?} is not a uuid")));
+    };
+    let force = param(&pairs, "force") == Some("true");
+    match res.as_str() {
+        "vms" => submit(&c, Some(uuid), DestroyVm { uuid, force }, wait).await,
+        "volumes" => submit(&c, Some(uuid), DeleteVolume { uuid, force }, wait).await,
+        other => match kind_of_path(other) {
+            Some(kind)
+                if !matches!(
+                    kind,
+                    "job" | "flow_chain" | "reservation" | "used_ip" | "local_storage"
+                ) =>
+            {
+                let m = DeleteResource {
+                    kind: kind.to_string(),
+                    uuid,
+                    force,
+                };
+                submit(&c, Some(uuid), m, wait).await
+            }
+            Some(_) => error(&Error::invalid(format!(
+                "{other} cannot be deleted through the API"
+            ))),
+            None => not_found_path(&format!("/v1/{other}")),
+        },
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct ActionBody {
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    host_uuid: Option<Uuid>,
+    #[serde(default)]
+    vm_uuid: Option<Uuid>,
+    #[serde(default)]
+    cluster_uuid: Option<Uuid>,
+    #[serde(default)]
+    zone_uuid: Option<Uuid>,
+}
+
+async fn action(
+    State(c): Api,
+    Path((res, id, act)): Path<(String, String, String)>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Response {
+    let pairs = query_pairs(&raw);
+    let wait = match wait_of(&pairs) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let Ok(uuid) = Uuid::parse_str(&id) else {
+        return error(&Error::invalid(format!("{id:?} is not a uuid")));
+    };
+    let b: ActionBody = match parse_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let need = |what: &str, v: Option<Uuid>| {
+        v.ok_or_else(|| error(&Error::invalid(format!("{act} needs {what}"))))
+    };
+    let s = Some(uuid);
+    match (res.as_str(), act.as_str()) {
+        ("vms", "start") => submit(&c, s, StartVm { uuid }, wait).await,
+        ("vms", "stop") => {
+            submit(
+                &c,
+                s,
+                StopVm {
+                    uuid,
+                    force: b.force,
+                },
+                wait,
+            )
+            .await
+        }
+        ("vms", "reboot") => submit(&c, s, RebootVm { uuid }, wait).await,
+        ("vms", "destroy") => {
+            submit(
+                &c,
+                s,
+                DestroyVm {
+                    uuid,
+                    force: b.force,
+                },
+                wait,
+            )
+            .await
+        }
+        ("vms", "recover") => submit(&c, s, RecoverVm { uuid }, wait).await,
+        ("vms", "expunge") => {
+            submit(
+                &c,
+                s,
+                ExpungeVm {
+                    uuid,
+                    force: b.force,
+                },
+                wait,
+            )
+            .await
+        }
+        ("vms", "migrate") => {
+            submit(
+                &c,
+                s,
+                MigrateVm {
+                    uuid,
+                    host_uuid: b.host_uuid,
+                },
+                wait,
+            )
+            .await
+        }
+        ("hosts", "reconnect") => submit(&c, s, ReconnectHost { uuid }, wait).await,
+        ("hosts", a @ ("enable" | "disable" | "maintenance")) => {
+            let action: HostAction = a.parse().expect("matched");
+            submit(&c, s, ChangeHostState { uuid, action }, wait).await
+        }
+        ("volumes", "attach") => match need("vm_uuid", b.vm_uuid) {
+            Ok(vm) => {
+                submit(
+                    &c,
+                    s,
+                    AttachVolume {
+                        volume_uuid: uuid,
+                        vm_uuid: vm,
+                    },
+                    wait,
+                )
+                .await
+            }
+            Err(r) => r,
+        },
+        ("volumes", "detach") => match c.db().get::<Volume>(uuid).await {
+            Ok(Some(v)) => match v.vm_uuid {
+                Some(vm) => {
+                    submit(
+                        &c,
+                        s,
+                        DetachVolume {
+                            volume_uuid: uuid,
+                            vm_uuid: vm,
+                        },
+                        wait,
+                    )
+                    .await
+                }
+                None => error(&Error::new(
+                    ErrorCode::InvalidState,
+                    format!("volume {uuid} is not attached"),
+                )),
+            },
+            Ok(None) => error(&Error::not_found("volume", uuid)),
+            Err(e) => error(&e.into()),
+        },
+        ("l2-networks", "attach-cluster") => match need("cluster_uuid", b.cluster_uuid) {
+            Ok(cl) => {
+                submit(
+                    &c,
+                    s,
+                    AttachL2ToCluster {
+                        l2_uuid: uuid,
+                        cluster_uuid: cl,
+                    },
+                    wait,
+                )
+                .await
+            }
+            Err(r) => r,
+        },
+        ("primary-storages", "attach-cluster") => match need("cluster_uuid", b.cluster_uuid) {
+            Ok(cl) => {
+                submit(
+                    &c,
+                    s,
+                    AttachPrimaryStorage {
+                        ps_uuid: uuid,
+                        cluster_uuid: cl,
+                    },
+                    wait,
+                )
+                .await
+            }
+            Err(r) => r,
+        },
+        ("backup-storages", "attach-zone") => match need("zone_uuid", b.zone_uuid) {
+            Ok(z) => {
+                submit(
+                    &c,
+                    s,
+                    AttachBackupStorage {
+                        bs_uuid: uuid,
+                        zone_uuid: z,
+                    },
+                    wait,
+                )
+                .await
+            }
+            Err(r) => r,
+        },
+        ("instance-offerings" | "disk-offerings", a @ ("enable" | "disable")) => {
+            let state = if a == "enable" {
+                EnableState::Enabled
+            } else {
+                EnableState::Disabled
+            };
+            submit(&c, s, SetOfferingState { uuid, state }, wait).await
+        }
+        ("zones", a @ ("enable" | "disable")) => {
+            let state = Some(if a == "enable" {
+                EnableState::Enabled
+            } else {
+                EnableState::Disabled
+            });
+            submit(
+                &c,
+                s,
+                UpdateZone {
+                    uuid,
+                    name: None,
+                    description: None,
+                    state,
+                },
+                wait,
+            )
+            .await
+        }
+        ("clusters", a @ ("enable" | "disable")) => {
+            let state = Some(if a == "enable" {
+                EnableState::Enabled
+            } else {
+                EnableState::Disabled
+            });
+            submit(
+                &c,
+                s,
+                UpdateCluster {
+                    uuid,
+                    name: None,
+                    state,
+                },
+                wait,
+            )
+            .await
+        }
+        (r, a) => not_found_path(&format!("/v1/{r}/{uuid}/actions/{a}")),
+    }
+}
+
+async fn config_list(State(c): Api) -> Response {
+    json(200, &c.engine.config.list())
+}
+
+async fn config_get(State(c): Api, Path(name): Path<String>) -> Response {
+    match c.engine.config.list().into_iter().find(|v| v.name == name) {
+        Some(v) => json(200, &v),
+        None => error(&Error::not_found("config entry", name)),
+    }
+}
+
+#[derive(Deserialize)]
+struct ConfigSet {
+    value: serde_json::Value,
+}
+
+async fn config_set(State(c): Api, Path(name): Path<String>, body: Bytes) -> Response {
+    let b: ConfigSet = match parse_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let text = match &b.value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    match c.engine.config.set(&name, &text).await {
+        Ok(v) => {
+            c.bus().publish(
+                "/config/change",
+                serde_json::json!({"name": name, "value": v.to_string()}),
+            );
+            config_get(State(c), Path(name)).await
+        }
+        Err(e) => error(&e),
+    }
+}
+
+async fn callback(
+    State(c): Api,
+    Path(task): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let token = headers
+        .get(H_TOKEN)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let result: TaskResult = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(&Error::invalid(format!("bad task result: {e}"))),
+    };
+    if Uuid::parse_str(&task).ok() != Some(result.task) {
+        return error(&Error::invalid("task in the path and the body differ"));
+    }
+    match c.agents.deliver(result, token) {
+        Ok(_) => json(200, &serde_json::json!({"ok": true})),
+        Err(crate::agent::CallbackRefusal::UnknownTask) => error(&Error::new(
+            ErrorCode::NotFound,
+            format!("nobody waits for task {task}"),
+        )),
+        Err(crate::agent::CallbackRefusal::WrongToken) => error(&Error::new(
+            ErrorCode::Unauthorized,
+            "wrong token for this task",
+        )),
+    }
+}
+
+async fn report(State(c): Api, headers: HeaderMap, body: Bytes) -> Response {
+    let token = headers
+        .get(H_TOKEN)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let r: Report = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(&Error::invalid(format!("bad report: {e}"))),
+    };
+    match c.db().get::<Host>(r.host_uuid).await {
+        Ok(Some(h)) if h.token == token => {}
+        Ok(_) => {
+            return error(&Error::new(
+                ErrorCode::Unauthorized,
+                "unknown host or wrong token",
+            ))
+        }
+        Err(e) => return error(&e.into()),
+    }
+    match r.event {
+        ReportEvent::VmState { vm, state } => {
+            let bus = c.bus().clone();
+            tokio::spawn(async move {
+                let m = VmStateReport {
+                    vm,
+                    host: r.host_uuid,
+                    state: Some(state),
+                    disconnected: false,
+                };
+                if let Err(e) = bus.send(m).await {
+                    tracing::debug!(%vm, error = %e, "VM report not handled");
+                }
+            });
+        }
+        ReportEvent::HostStopping => {
+            tracing::info!(host = %r.host_uuid, "host reports it is stopping");
+        }
+    }
+    json(200, &serde_json::json!({"ok": true}))
+}
+
+async fn health(State(c): Api) -> Response {
+    json(
+        200,
+        &serde_json::json!({"node": c.engine.node, "boot": c.engine.boot, "ok": true}),
+    )
+}
+
+async fn metrics(State(c): Api) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let b = c.bus().stats();
+    let q = c.engine.queues.stats();
+    let a = c.agents.stats();
+    let text = format!(
+        "# TYPE stratus_bus_messages_total counter\nstratus_bus_messages_total {}\n\
+         # TYPE stratus_bus_remote_total counter\nstratus_bus_remote_total {}\n\
+         # TYPE stratus_bus_timeouts_total counter\nstratus_bus_timeouts_total {}\n\
+         # TYPE stratus_bus_panics_total counter\nstratus_bus_panics_total {}\n\
+         # TYPE stratus_queue_running gauge\nstratus_queue_running {}\n\
+         # TYPE stratus_queue_waiting gauge\nstratus_queue_waiting {}\n\
+         # TYPE stratus_queue_completed_total counter\nstratus_queue_completed_total {}\n\
+         # TYPE stratus_agent_commands_total counter\nstratus_agent_commands_total {}\n\
+         # TYPE stratus_agent_timeouts_total counter\nstratus_agent_timeouts_total {}\n\
+         # TYPE stratus_agent_waiting gauge\nstratus_agent_waiting {}\n\
+         # TYPE stratus_hosts_tracked gauge\nstratus_hosts_tracked {}\n",
+        b.sent.load(Relaxed),
+        b.remote.load(Relaxed),
+        b.timeouts.load(Relaxed),
+        b.panics.load(Relaxed),
+        q.running,
+        q.waiting,
+        q.completed,
+        a.commands.load(Relaxed),
+        a.timeouts.load(Relaxed),
+        c.agents.waiting(),
+        c.tracker.tracking(),
+    );
+    (
+        axum::http::StatusCode::OK,
+        [("content-type", "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response()
+}
+
+async fn fallback(uri: axum::http::Uri) -> Response {
+    not_found_path(uri.path())
+}
+
+/// The node's routes.
+pub fn router(cloud: Arc<Cloud>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/config", get(config_list))
+        .route("/v1/config/{name}", get(config_get).put(config_set))
+        .route("/v1/{res}", get(list).post(create))
+        .route("/v1/{res}/{id}", get(get_one).put(update).delete(delete))
+        .route("/v1/{res}/{id}/actions/{action}", post(action))
+        .route("/agent/callback/{task}", post(callback))
+        .route("/agent/report", post(report))
+        .fallback(fallback)
+        .with_state(cloud)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_decode_repeated_keys() {
+        let p = query_pairs(&Some("q=state%3DRunning&q=name~%3Dweb%25&limit=5&x".into()));
+        assert_eq!(p[0], ("q".into(), "state=Running".into()));
+        assert_eq!(p[1], ("q".into(), "name~=web%".into()));
+        assert_eq!(param(&p, "limit"), Some("5"));
+        assert_eq!(p[3], ("x".into(), "".into()));
+        assert_eq!(decode("a+b%2"), "a b%2");
+    }
+
+    #[test]
+    fn every_resource_path_names_a_kind() {
+        let schema = crate::model::schema();
+        for (_, k) in RESOURCE_PATHS {
+            assert!(schema.kind(k).is_ok(), "{k}");
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Primary storage (local storage on each host), backup storage, images and volumes.
+
+use super::EnableState;
+use crate::store::Json;
+use uuid::Uuid;
+
+crate::text_enum! {
+    pub enum PrimaryStorageType {
+        /// Each host's own disk; volumes live on one host.
+        LocalStorage = "LocalStorage",
+    }
+}
+
+crate::resource! {
+    /// Primary storage: where volumes live. Local storage's capacity is per host
+    /// ([`LocalStorage`] rows).
+    pub struct PrimaryStorage: "primary_storage" {
+        name: String [index, column],
+        zone_uuid: Uuid [index, column],
+        kind: PrimaryStorageType [column],
+        /// Path on each host.
+        url: String,
+        state: EnableState [column],
+    }
+    relations {
+        zone: "zone" (zone_uuid = uuid),
+        clusters: "ps_cluster" (uuid = ps_uuid),
+        hosts: "local_storage" (uuid = ps_uuid),
+        volumes: "volume" (uuid = ps_uuid),
+    }
+}
+
+crate::resource! {
+    /// Primary storage attached to a cluster.
+    pub struct PsCluster: "ps_cluster" {
+        ps_uuid: Uuid [index, column],
+        cluster_uuid: Uuid [index, column],
+    }
+}
+
+crate::resource! {
+    /// One host's share of a local primary storage. `used_mb` is the sum of the sizes of the
+    /// volumes on that host, changed in the same batch as the volume rows.
+    pub struct LocalStorage: "local_storage" {
+        ps_uuid: Uuid [index, column],
+        host_uuid: Uuid [index, column],
+        total_mb: i64 [column],
+        used_mb: i64 [column],
+    }
+    relations {
+        host: "host" (host_uuid = uuid),
+        primary_storage: "primary_storage" (ps_uuid = uuid),
+    }
+}
+
+/// The uuid of `host`'s share of primary storage `ps`.
+pub fn local_storage_uuid(ps: Uuid, host: Uuid) -> Uuid {
+    crate::ids::name_uuid(&ps.to_string(), &format!("local/{host}"))
+}
+
+crate::resource! {
+    /// Backup storage: where images are kept.
+    pub struct BackupStorage: "backup_storage" {
+        name: String [index, column],
+        url: String [column],
+        total_mb: i64 [column],
+        state: EnableState [column],
+    }
+    relations {
+        zones: "bs_zone" (uuid = bs_uuid),
+        images: "image" (uuid = bs_uuid),
+    }
+}
+
+crate::resource! {
+    /// Backup storage attached to a zone.
+    pub struct BsZone: "bs_zone" {
+        bs_uuid: Uuid [index, column],
+        zone_uuid: Uuid [index, column],
+    }
+}
+
+crate::text_enum! {
+    pub enum ImageFormat {
+        Qcow2 = "qcow2",
+        /// A kernel and an initrd.
+        Kernel = "kernel",
+    }
+}
+
+crate::resource! {
+    /// A VM image on backup storage.
+    pub struct Image: "image" {
+        name: String [index, column],
+        bs_uuid: Uuid [index, column],
+        format: ImageFormat [column],
+        size_mb: i64 [column],
+        url: String,
+        checksum: Option<String>,
+        state: EnableState [column],
+    }
+    relations {
+        backup_storage: "backup_storage" (bs_uuid = uuid),
+    }
+}
+
+crate::text_enum! {
+    pub enum VolumeType {
+        Root = "Root",
+        Data = "Data",
+    }
+}
+
+crate::text_enum! {
+    pub enum VolumeState {
+        /// Exists only in the database (a data volume not yet placed on a host).
+        NotInstantiated = "NotInstantiated",
+        Creating = "Creating",
+        Ready = "Ready",
+        Deleting = "Deleting",
+    }
+}
+
+impl VolumeState {
+    pub fn is_transitional(self) -> bool {
+        matches!(self, VolumeState::Creating | VolumeState::Deleting)
+    }
+}
+
+crate::resource! {
+    /// A root or data volume. On local storage it lives on one host (`host_uuid`); its size
+    /// counts in that host's [`LocalStorage::used_mb`] from the moment the row exists with a
+    /// host.
+    pub struct Volume: "volume" {
+        name: String [index, column],
+        kind: VolumeType [index, column],
+        vm_uuid: Option<Uuid> [index, column],
+        ps_uuid: Option<Uuid> [index],
+        host_uuid: Option<Uuid> [index, column],
+        size_mb: i64 [column],
+        state: VolumeState [index, column],
+        device_index: Option<i64>,
+        disk_offering_uuid: Option<Uuid> [index],
+        image_uuid: Option<Uuid>,
+        /// Extra tags, free-form.
+        tags: Json<Vec<String>>,
+    }
+    relations {
+        vm: "vm" (vm_uuid = uuid),
+        host: "host" (host_uuid = uuid),
+        primary_storage: "primary_storage" (ps_uuid = uuid),
+    }
+}

@@ -1,0 +1,94 @@
+//! A management node: the engine, the services, the API server, recovery and host tracking,
+//! started together. The std binary (`stratus serve`) and the simulation both start nodes here.
+
+use crate::engine::{Engine, EngineOptions};
+use crate::error::Error;
+use crate::extension::Extensions;
+use crate::flow::{FaultPoints, RecoveryReport};
+use crate::services::host::TrackOwnedHosts;
+use crate::services::{self, Cloud};
+use crate::store::Store;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use uuid::Uuid;
+
+pub struct NodeConfig {
+    pub node_id: Uuid,
+    /// Where the API listens.
+    pub listen: SocketAddr,
+    /// The URL agents and peers use to reach this node (`http://IP:PORT`); defaults to the
+    /// listen address.
+    pub advertise: Option<String>,
+    /// Seed for ids and randomness (`None`: drawn; from the simulation under madsim).
+    pub seed: Option<u64>,
+    pub extensions: Arc<Extensions>,
+    pub faults: Option<Arc<FaultPoints>>,
+}
+
+impl NodeConfig {
+    pub fn new(node_id: Uuid, listen: SocketAddr) -> Self {
+        NodeConfig {
+            node_id,
+            listen,
+            advertise: None,
+            seed: None,
+            extensions: Extensions::builder().build(),
+            faults: None,
+        }
+    }
+}
+
+/// A running management node.
+pub struct ManagementNode {
+    pub cloud: Arc<Cloud>,
+    pub addr: SocketAddr,
+    /// What the start-up recovery did.
+    pub recovery: RecoveryReport,
+}
+
+impl ManagementNode {
+    /// Start a node on `store`: load config, start the services and the API, finish the work
+    /// an earlier run of this (or a dead) node left in the journal, start tracking hosts.
+    pub async fn start(store: Arc<dyn Store>, cfg: NodeConfig) -> Result<ManagementNode, Error> {
+        let engine = Engine::start(
+            store,
+            EngineOptions {
+                node: cfg.node_id,
+                seed: cfg.seed,
+                extensions: cfg.extensions,
+                config: services::config_defs(),
+                faults: cfg.faults,
+            },
+        )
+        .await?;
+        let url = cfg
+            .advertise
+            .unwrap_or_else(|| format!("http://{}", cfg.listen));
+        let cloud = services::start(engine, url).await?;
+        // Config changed on a peer: apply it here too.
+        let mut changes = cloud.bus().subscribe("/config/change")?;
+        let weak = Arc::downgrade(&cloud);
+        tokio::spawn(async move {
+            while let Some(ev) = changes.recv().await {
+                let Some(c) = weak.upgrade() else { break };
+                if let (Some(n), Some(v)) = (ev.data["name"].as_str(), ev.data["value"].as_str()) {
+                    if let Err(e) = c.engine.config.apply_remote(n, v) {
+                        tracing::warn!(error = %e, "cannot apply a config change");
+                    }
+                }
+            }
+        });
+        let addr =
+            stratus_kvm_agent::http::spawn_server(cfg.listen, crate::api::router(cloud.clone()))
+                .await
+                .map_err(|e| Error::internal(format!("cannot listen on {}: {e}", cfg.listen)))?;
+        let recovery = cloud.engine.recover(&[]).await?;
+        cloud.bus().send(TrackOwnedHosts).await?;
+        tracing::info!(node = %cloud.engine.node, %addr, ?recovery, "management node started");
+        Ok(ManagementNode {
+            cloud,
+            addr,
+            recovery,
+        })
+    }
+}

@@ -1,0 +1,591 @@
+//! The host allocator: which host can take a VM, and the atomic reservation of its CPU and memory.
+//!
+//! Choosing uses a per-node cache of host capacity (refreshed from the store every
+//! `allocator.cache.refresh`, on host events, and whenever it finds nothing); the store stays the
+//! authority: a reservation is one batch — the [`Reservation`] row plus guarded increments of the
+//! host's counters, bounded by `cores × allocator.cpu.overcommit` and
+//! `memory × allocator.memory.overcommit − allocator.host.reserved_memory_mb` — so concurrent
+//! allocations can never overcommit a host, whatever the cache believed. A refused reservation
+//! refreshes that host's entry and tries the next candidate.
+//!
+//! Filters, in order: host Enabled and Connected; designated zone / cluster / host; cluster
+//! enabled and attached to every L2 network the VM needs; avoid-hosts; CPU; memory; local storage
+//! free space; then the plugins' allocator filters. Among the survivors the least loaded
+//! (most free memory) of a random sample wins, which spreads concurrent allocations.
+
+use super::Cloud;
+use crate::bus::Message;
+use crate::config::ConfigDef;
+use crate::error::{Error, ErrorCode};
+use crate::extension::{AllocationSpec, HostCandidate};
+use crate::model::*;
+use crate::store::{Batch, Expect, Query, Row, Update};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use uuid::Uuid;
+
+pub static CPU_OVERCOMMIT: ConfigDef = ConfigDef::float(
+    "allocator.cpu.overcommit",
+    "vCPUs a host may carry per physical core",
+    "10",
+    1.0,
+    100.0,
+);
+pub static MEMORY_OVERCOMMIT: ConfigDef = ConfigDef::float(
+    "allocator.memory.overcommit",
+    "Memory a host may promise per MiB it has",
+    "1",
+    1.0,
+    10.0,
+);
+pub static RESERVED_MEMORY: ConfigDef = ConfigDef::int(
+    "allocator.host.reserved_memory_mb",
+    "Memory of each host kept for the host itself (MiB)",
+    "1024",
+    0,
+    1 << 20,
+);
+pub static CACHE_REFRESH: ConfigDef = ConfigDef::duration(
+    "allocator.cache.refresh",
+    "How often the allocator reloads host capacity from the store",
+    "30s",
+    1_000,
+    3_600_000,
+);
+
+pub fn config_defs() -> Vec<&'static ConfigDef> {
+    vec![
+        &CPU_OVERCOMMIT,
+        &MEMORY_OVERCOMMIT,
+        &RESERVED_MEMORY,
+        &CACHE_REFRESH,
+    ]
+}
+
+/// Find a host for VM `vm` and reserve `spec.cpu` / `spec.memory_mb` on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AllocateHost {
+    pub vm: Uuid,
+    pub spec: AllocationSpec,
+    /// Also hold `spec.disk_mb` of the host's local storage in the reservation (for disks that
+    /// will arrive later, as in a migration).
+    #[serde(default)]
+    pub hold_disk: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub host: Uuid,
+    pub cluster: Uuid,
+    pub zone: Uuid,
+    /// The local primary storage on that host with room for the VM's disks (if it needs any).
+    pub primary_storage: Option<Uuid>,
+}
+
+impl Message for AllocateHost {
+    type Reply = Allocation;
+    const NAME: &'static str = "allocator.allocate";
+}
+
+/// Return what VM `vm` holds on `host` (idempotent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseHost {
+    pub vm: Uuid,
+    pub host: Uuid,
+}
+impl Message for ReleaseHost {
+    type Reply = ();
+    const NAME: &'static str = "allocator.release";
+}
+
+#[derive(Debug, Clone)]
+struct HostCap {
+    uuid: Uuid,
+    cluster: Uuid,
+    zone: Uuid,
+    usable: bool,
+    cores: i64,
+    memory_mb: i64,
+    cpu_used: i64,
+    memory_used: i64,
+    /// (primary storage, free MiB).
+    disks: Vec<(Uuid, i64)>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ClusterInfo {
+    zone: Uuid,
+    enabled: bool,
+    l2s: BTreeSet<Uuid>,
+    hosts: Vec<Uuid>,
+}
+
+#[derive(Default)]
+struct Cache {
+    loaded: Option<tokio::time::Instant>,
+    hosts: HashMap<Uuid, HostCap>,
+    clusters: BTreeMap<Uuid, ClusterInfo>,
+}
+
+/// Capacity limits from the current configuration.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    cpu_ratio: f64,
+    mem_ratio: f64,
+    reserved_mb: i64,
+}
+
+impl Limits {
+    fn cpu(&self, cores: i64) -> i64 {
+        (cores as f64 * self.cpu_ratio).floor() as i64
+    }
+    fn memory(&self, memory_mb: i64) -> i64 {
+        ((memory_mb as f64 * self.mem_ratio).floor() as i64 - self.reserved_mb).max(0)
+    }
+}
+
+/// The per-node allocator state.
+#[derive(Default)]
+pub struct Allocator {
+    cache: Mutex<Cache>,
+}
+
+impl HostCap {
+    fn from_rows(h: &Row<Host>, disks: Vec<(Uuid, i64)>) -> HostCap {
+        HostCap {
+            uuid: h.uuid,
+            cluster: h.cluster_uuid,
+            zone: h.zone_uuid,
+            usable: h.state == HostState::Enabled && h.status == HostStatus::Connected,
+            cores: h.cpu_cores,
+            memory_mb: h.memory_mb,
+            cpu_used: h.cpu_used,
+            memory_used: h.memory_used_mb,
+            disks,
+        }
+    }
+
+    fn fits(&self, spec: &AllocationSpec, lim: &Limits) -> Option<Option<Uuid>> {
+        if !self.usable
+            || self.cpu_used + spec.cpu > lim.cpu(self.cores)
+            || self.memory_used + spec.memory_mb > lim.memory(self.memory_mb)
+        {
+            return None;
+        }
+        if spec.disk_mb <= 0 {
+            return Some(self.disks.first().map(|d| d.0));
+        }
+        self.disks
+            .iter()
+            .find(|(_, free)| *free >= spec.disk_mb)
+            .map(|(ps, _)| Some(*ps))
+    }
+
+    fn memory_free(&self, lim: &Limits) -> i64 {
+        lim.memory(self.memory_mb) - self.memory_used
+    }
+}
+
+impl Allocator {
+    pub fn new() -> Self {
+        Allocator::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reload everything from the store.
+    async fn reload(&self, c: &Cloud) -> Result<(), Error> {
+        let db = c.db();
+        let hosts = db.select::<Host>(&Query::of::<Host>()).await?;
+        let storage = db
+            .select::<LocalStorage>(&Query::of::<LocalStorage>())
+            .await?;
+        let ps_links = db.select::<PsCluster>(&Query::of::<PsCluster>()).await?;
+        let clusters = db.select::<Cluster>(&Query::of::<Cluster>()).await?;
+        let l2_links = db.select::<L2Cluster>(&Query::of::<L2Cluster>()).await?;
+        let mut attached: BTreeMap<Uuid, BTreeSet<Uuid>> = BTreeMap::new();
+        for l in &ps_links {
+            attached
+                .entry(l.cluster_uuid)
+                .or_default()
+                .insert(l.ps_uuid);
+        }
+        let mut disks: HashMap<Uuid, Vec<(Uuid, i64)>> = HashMap::new();
+        for s in &storage {
+            disks
+                .entry(s.host_uuid)
+                .or_default()
+                .push((s.ps_uuid, s.total_mb - s.used_mb));
+        }
+        let mut cache = Cache {
+            loaded: Some(tokio::time::Instant::now()),
+            ..Default::default()
+        };
+        for cl in &clusters {
+            cache.clusters.insert(
+                cl.uuid,
+                ClusterInfo {
+                    zone: cl.zone_uuid,
+                    enabled: cl.state == EnableState::Enabled,
+                    ..Default::default()
+                },
+            );
+        }
+        for l in &l2_links {
+            if let Some(ci) = cache.clusters.get_mut(&l.cluster_uuid) {
+                ci.l2s.insert(l.l2_uuid);
+            }
+        }
+        for h in &hosts {
+            let ps_ok = attached.get(&h.cluster_uuid);
+            let d = disks
+                .remove(&h.uuid)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(ps, _)| ps_ok.is_some_and(|s| s.contains(ps)))
+                .collect();
+            if let Some(ci) = cache.clusters.get_mut(&h.cluster_uuid) {
+                ci.hosts.push(h.uuid);
+            }
+            cache.hosts.insert(h.uuid, HostCap::from_rows(h, d));
+        }
+        *self.lock() = cache;
+        Ok(())
+    }
+
+    /// Reload one host's entry from the store (after a refused reservation or a host event).
+    pub async fn refresh_host(&self, c: &Cloud, host: Uuid) -> Result<(), Error> {
+        let Some(h) = c.db().get::<Host>(host).await? else {
+            self.lock().hosts.remove(&host);
+            return Ok(());
+        };
+        let attached: BTreeSet<Uuid> = c
+            .db()
+            .select::<PsCluster>(&Query::of::<PsCluster>().eq("cluster_uuid", h.cluster_uuid))
+            .await?
+            .iter()
+            .map(|l| l.ps_uuid)
+            .collect();
+        let disks = c
+            .db()
+            .select::<LocalStorage>(&Query::of::<LocalStorage>().eq("host_uuid", host))
+            .await?
+            .iter()
+            .filter(|s| attached.contains(&s.ps_uuid))
+            .map(|s| (s.ps_uuid, s.total_mb - s.used_mb))
+            .collect();
+        let cap = HostCap::from_rows(&h, disks);
+        let mut cache = self.lock();
+        let known = cache
+            .clusters
+            .get(&h.cluster_uuid)
+            .is_some_and(|ci| ci.hosts.contains(&host));
+        if !known {
+            // A host the cache has never seen (or a new cluster): reload all next time.
+            cache.loaded = None;
+        }
+        cache.hosts.insert(host, cap);
+        Ok(())
+    }
+
+    /// Adjust the cached free disk of `host` on `ps` by `delta` MiB (volume services call this).
+    pub fn disk_changed(&self, host: Uuid, ps: Uuid, delta_used: i64) {
+        if let Some(h) = self.lock().hosts.get_mut(&host) {
+            for d in &mut h.disks {
+                if d.0 == ps {
+                    d.1 -= delta_used;
+                }
+            }
+        }
+    }
+
+    fn limits(c: &Cloud) -> Limits {
+        Limits {
+            cpu_ratio: c.engine.config.get(&CPU_OVERCOMMIT.key()),
+            mem_ratio: c.engine.config.get(&MEMORY_OVERCOMMIT.key()),
+            reserved_mb: c.engine.config.get(&RESERVED_MEMORY.key()),
+        }
+    }
+
+    /// Hosts that could take `spec`, best first (at most `want`).
+    fn candidates(
+        &self,
+        c: &Cloud,
+        spec: &AllocationSpec,
+        lim: &Limits,
+        want: usize,
+    ) -> Vec<(HostCap, Option<Uuid>)> {
+        let cache = self.lock();
+        let cluster_ok = |cl: &Uuid| {
+            cache.clusters.get(cl).is_some_and(|ci| {
+                ci.enabled
+                    && spec.zone.is_none_or(|z| z == ci.zone)
+                    && spec.cluster.is_none_or(|x| x == *cl)
+                    && spec.l2_networks.iter().all(|l2| ci.l2s.contains(l2))
+            })
+        };
+        let fit = |h: &HostCap| -> Option<(HostCap, Option<Uuid>)> {
+            if spec.avoid_hosts.contains(&h.uuid) || !cluster_ok(&h.cluster) {
+                return None;
+            }
+            h.fits(spec, lim).map(|ps| (h.clone(), ps))
+        };
+        if let Some(host) = spec.host {
+            return cache.hosts.get(&host).and_then(fit).into_iter().collect();
+        }
+        let pool: Vec<Uuid> = cache
+            .clusters
+            .iter()
+            .filter(|(cl, _)| cluster_ok(cl))
+            .flat_map(|(_, ci)| ci.hosts.iter().copied())
+            .collect();
+        let mut found: Vec<(HostCap, Option<Uuid>)> = Vec::new();
+        // A random sample first; the whole pool (in random order) only if that finds too little.
+        c.engine.ids.with_rng(|rng| {
+            let sample: Vec<&Uuid> = pool.choose_multiple(rng, want * 4).collect();
+            for u in sample {
+                if let Some(x) = cache.hosts.get(u).and_then(fit) {
+                    found.push(x);
+                }
+            }
+            if found.len() < want {
+                let mut all = pool.clone();
+                all.shuffle(rng);
+                for u in &all {
+                    if found.len() >= want * 4 {
+                        break;
+                    }
+                    if found.iter().any(|(h, _)| h.uuid == *u) {
+                        continue;
+                    }
+                    if let Some(x) = cache.hosts.get(u).and_then(fit) {
+                        found.push(x);
+                    }
+                }
+            }
+        });
+        found.sort_by_key(|(h, _)| (std::cmp::Reverse(h.memory_free(lim)), h.uuid));
+        found
+    }
+
+    /// Reserve `spec` on `host` for `vm`. Ok(false): the host refused (full, disabled, gone).
+    async fn reserve(
+        &self,
+        c: &Cloud,
+        vm: Uuid,
+        cap: &HostCap,
+        spec: &AllocationSpec,
+        lim: &Limits,
+        disk: Option<Uuid>,
+    ) -> Result<bool, Error> {
+        let res = Row::new(
+            reservation_uuid(vm, cap.uuid),
+            Reservation {
+                vm_uuid: vm,
+                host_uuid: cap.uuid,
+                cpu: spec.cpu,
+                memory_mb: spec.memory_mb,
+                disk_mb: if disk.is_some() { spec.disk_mb } else { 0 },
+                ps_uuid: disk,
+            },
+        );
+        let mut b = Batch::new();
+        if let Some(ps) = disk {
+            b = b.update(
+                Update::of::<LocalStorage>(local_storage_uuid(ps, cap.uuid))
+                    .add("used_mb", spec.disk_mb)
+                    .max_field("used_mb", "total_mb"),
+            );
+        }
+        let b = b.insert(&res).update(
+            Update::of::<Host>(cap.uuid)
+                .when_eq("state", HostState::Enabled.as_str())
+                .when_eq("status", HostStatus::Connected.as_str())
+                .add("cpu_used", spec.cpu)
+                .max("cpu_used", lim.cpu(cap.cores))
+                .add("memory_used_mb", spec.memory_mb)
+                .max("memory_used_mb", lim.memory(cap.memory_mb)),
+        );
+        match c.db().commit(b).await {
+            Ok(_) => {
+                if let Some(h) = self.lock().hosts.get_mut(&cap.uuid) {
+                    h.cpu_used += spec.cpu;
+                    h.memory_used += spec.memory_mb;
+                }
+                if let Some(ps) = disk {
+                    self.disk_changed(cap.uuid, ps, spec.disk_mb);
+                }
+                Ok(true)
+            }
+            // Reserved already (a replayed step): the reservation stands.
+            Err(e) if e.code() == ErrorCode::AlreadyExists => Ok(true),
+            Err(e) if matches!(e.code(), ErrorCode::ConditionFailed | ErrorCode::NotFound) => {
+                self.refresh_host(c, cap.uuid).await?;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn allocate(
+        &self,
+        c: &Cloud,
+        vm: Uuid,
+        spec: &AllocationSpec,
+        hold_disk: bool,
+    ) -> Result<Allocation, Error> {
+        if spec.cpu <= 0 || spec.memory_mb <= 0 {
+            return Err(Error::invalid(
+                "a VM needs at least one CPU and some memory",
+            ));
+        }
+        let refresh: Duration = c.engine.config.get(&CACHE_REFRESH.key());
+        let stale = self.lock().loaded.is_none_or(|t| t.elapsed() >= refresh);
+        if stale {
+            self.reload(c).await?;
+        }
+        let lim = Self::limits(c);
+        if let Some(h) = spec.host {
+            // A designated host: read it fresh, it is the only choice.
+            self.refresh_host(c, h).await?;
+        }
+        let mut reloaded = stale;
+        loop {
+            let mut cands = self.candidates(c, spec, &lim, 8);
+            if !cands.is_empty() {
+                let hc: Vec<HostCandidate> = cands
+                    .iter()
+                    .map(|(h, _)| HostCandidate {
+                        host: h.uuid,
+                        cluster: h.cluster,
+                        zone: h.zone,
+                        cpu_free: lim.cpu(h.cores) - h.cpu_used,
+                        memory_free_mb: h.memory_free(&lim),
+                        disk_free_mb: h.disks.iter().map(|d| d.1).max().unwrap_or(0),
+                        vms: 0,
+                    })
+                    .collect();
+                let kept = c.engine.ext.filter_hosts(spec, hc).map_err(|f| {
+                    Error::new(
+                        ErrorCode::CapacityExhausted,
+                        format!("allocator filter {f} left no host"),
+                    )
+                })?;
+                cands.retain(|(h, _)| kept.iter().any(|k| k.host == h.uuid));
+            }
+            for (cap, ps) in &cands {
+                let disk = if hold_disk && spec.disk_mb > 0 {
+                    *ps
+                } else {
+                    None
+                };
+                if self.reserve(c, vm, cap, spec, &lim, disk).await? {
+                    return Ok(Allocation {
+                        host: cap.uuid,
+                        cluster: cap.cluster,
+                        zone: cap.zone,
+                        primary_storage: *ps,
+                    });
+                }
+            }
+            if reloaded {
+                return Err(self.why_none(spec));
+            }
+            // Nothing fit per the cache: reload once and look again.
+            self.reload(c).await?;
+            reloaded = true;
+        }
+    }
+
+    fn why_none(&self, spec: &AllocationSpec) -> Error {
+        let what = match spec.host {
+            Some(h) => format!("host {h} cannot take"),
+            None => "no host can take".to_string(),
+        };
+        Error::new(
+            ErrorCode::CapacityExhausted,
+            format!(
+                "{what} a VM with {} CPU, {} MiB memory and {} MiB disk{}{} (hosts must be Enabled and Connected, with the L2 networks attached and enough capacity)",
+                spec.cpu,
+                spec.memory_mb,
+                spec.disk_mb,
+                spec.cluster.map(|c| format!(" in cluster {c}")).unwrap_or_default(),
+                spec.zone.map(|z| format!(" in zone {z}")).unwrap_or_default(),
+            ),
+        )
+    }
+
+    /// Return what `vm` holds on `host` (no-op when it holds nothing).
+    pub async fn release(&self, c: &Cloud, vm: Uuid, host: Uuid) -> Result<(), Error> {
+        let id = reservation_uuid(vm, host);
+        let Some(r) = c.db().get::<Reservation>(id).await? else {
+            return Ok(());
+        };
+        let mut b = Batch::new();
+        if let (Some(ps), true) = (r.ps_uuid, r.disk_mb > 0) {
+            b = b.update(
+                Update::of::<LocalStorage>(local_storage_uuid(ps, host))
+                    .expect(Expect::Maybe)
+                    .add("used_mb", -r.disk_mb)
+                    .min("used_mb", 0),
+            );
+        }
+        let b = b
+            .delete::<Reservation>(id, Expect::Version(r.version))
+            .update(
+                Update::of::<Host>(host)
+                    .expect(Expect::Maybe)
+                    .add("cpu_used", -r.cpu)
+                    .min("cpu_used", 0)
+                    .add("memory_used_mb", -r.memory_mb)
+                    .min("memory_used_mb", 0),
+            );
+        match c.db().commit(b).await {
+            Ok(_) => {
+                if let Some(h) = self.lock().hosts.get_mut(&host) {
+                    h.cpu_used -= r.cpu;
+                    h.memory_used -= r.memory_mb;
+                }
+                if let (Some(ps), true) = (r.ps_uuid, r.disk_mb > 0) {
+                    self.disk_changed(host, ps, -r.disk_mb);
+                }
+                Ok(())
+            }
+            Err(e) if matches!(e.code(), ErrorCode::NotFound | ErrorCode::Conflict) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
+    cloud.handle(|c: Arc<Cloud>, m: AllocateHost| async move {
+        c.allocator.allocate(&c, m.vm, &m.spec, m.hold_disk).await
+    })?;
+    cloud.handle(|c: Arc<Cloud>, m: ReleaseHost| async move {
+        c.allocator.release(&c, m.vm, m.host).await
+    })?;
+    // Hosts that change (connect, disconnect, enable, ...) are reloaded on every node.
+    let mut events = cloud.bus().subscribe("/host/**")?;
+    let weak = Arc::downgrade(cloud);
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            let Some(c) = weak.upgrade() else { break };
+            if let Some(h) = ev
+                .data
+                .get("uuid")
+                .and_then(|u| u.as_str())
+                .and_then(|u| Uuid::parse_str(u).ok())
+            {
+                if let Err(e) = c.allocator.refresh_host(&c, h).await {
+                    tracing::debug!(error = %e, "allocator cache refresh failed");
+                }
+            }
+        }
+    });
+    Ok(())
+}

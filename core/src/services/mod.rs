@@ -1,0 +1,147 @@
+//! The in-process services of a management node. Each owns its resource kinds, registers its
+//! bus handlers and workflows at start, and is reached only through the bus (reads of other
+//! kinds' rows go to the store directly; changes to them go through their owner's messages).
+
+pub mod allocator;
+pub mod cascade;
+pub mod host;
+pub mod network;
+pub mod offering;
+pub mod storage;
+pub mod vm;
+pub mod zone;
+
+use crate::agent::{AgentClient, HostTarget};
+use crate::bus::{Bus, Message};
+use crate::cascade::{Cascade, CascadeParticipant};
+use crate::config::ConfigDef;
+use crate::engine::Engine;
+use crate::error::{Error, ErrorCode};
+use crate::model::Host;
+use crate::store::{Db, Resource, Row, StoreError};
+use std::future::Future;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Everything the services share on one management node.
+pub struct Cloud {
+    pub engine: Arc<Engine>,
+    pub agents: AgentClient,
+    /// Base URL of this node's API (`http://IP:PORT`), for callbacks and reports.
+    pub api_url: String,
+    pub cascade: Cascade,
+    pub allocator: allocator::Allocator,
+    pub tracker: host::Tracker,
+}
+
+impl Cloud {
+    pub fn db(&self) -> &Db {
+        &self.engine.db
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.engine.bus
+    }
+
+    /// Register a handler for `M` that gets the cloud (held weakly: the bus does not keep the
+    /// node alive).
+    pub fn handle<M, F, Fut>(self: &Arc<Self>, f: F) -> Result<(), Error>
+    where
+        M: Message,
+        F: Fn(Arc<Cloud>, M) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<M::Reply, Error>> + Send + 'static,
+    {
+        let weak = Arc::downgrade(self);
+        self.bus().register(move |m: M| {
+            let cloud = weak.upgrade();
+            let fut = cloud.map(|c| f(c, m));
+            async move {
+                match fut {
+                    Some(fut) => fut.await,
+                    None => Err(Error::new(
+                        ErrorCode::NodeUnavailable,
+                        "the management node is shutting down",
+                    )),
+                }
+            }
+        })
+    }
+
+    /// A row or a `not_found` error naming the kind.
+    pub async fn get<T: Resource>(&self, uuid: Uuid) -> Result<Row<T>, Error> {
+        self.db()
+            .get::<T>(uuid)
+            .await?
+            .ok_or_else(|| Error::not_found(T::META.name, uuid))
+    }
+
+    /// How to reach a host's agent.
+    pub async fn host_target(&self, host: Uuid) -> Result<HostTarget, Error> {
+        let h = self.get::<Host>(host).await?;
+        HostTarget::new(h.uuid, &h.address, &h.token)
+    }
+
+    /// Where agents send reports.
+    pub fn report_url(&self) -> String {
+        format!("{}/agent/report", self.api_url)
+    }
+}
+
+/// All global config entries of the services.
+pub fn config_defs() -> Vec<&'static ConfigDef> {
+    let mut v = crate::agent::config_defs();
+    v.extend(allocator::config_defs());
+    v.extend(host::config_defs());
+    v.extend(vm::config_defs());
+    v
+}
+
+/// Start every service on `engine`. `api_url` is this node's API base URL.
+pub async fn start(engine: Arc<Engine>, api_url: String) -> Result<Arc<Cloud>, Error> {
+    let db = engine.db.clone();
+    let bus = engine.bus.clone();
+    let mut participants: Vec<Arc<dyn CascadeParticipant>> = Vec::new();
+    participants.extend(zone::participants(&db));
+    participants.extend(storage::participants(&db, &bus));
+    participants.extend(network::participants(&db, &bus));
+    participants.extend(offering::participants(&db));
+    participants.extend(host::participants(&db, &bus));
+    participants.extend(vm::participants(&db, &bus));
+    participants.extend(engine.ext.cascade.iter().cloned());
+    let agents = AgentClient::new(engine.ids.clone(), format!("{api_url}/agent/callback"));
+    let cloud = Arc::new(Cloud {
+        cascade: Cascade::new(&participants),
+        allocator: allocator::Allocator::new(),
+        tracker: host::Tracker::new(),
+        agents,
+        api_url,
+        engine,
+    });
+    zone::register(&cloud)?;
+    cascade::register(&cloud)?;
+    storage::register(&cloud)?;
+    network::register(&cloud)?;
+    offering::register(&cloud)?;
+    allocator::register(&cloud)?;
+    host::register(&cloud)?;
+    vm::register(&cloud)?;
+    Ok(cloud)
+}
+
+/// Map a store error on a named resource into a clear API error.
+pub fn store_err(e: StoreError) -> Error {
+    e.into()
+}
+
+/// Check that a name is usable (non-empty, not absurdly long).
+pub fn check_name(what: &str, name: &str) -> Result<(), Error> {
+    if name.trim().is_empty() {
+        return Err(Error::invalid(format!("{what} name must not be empty")));
+    }
+    if name.len() > 255 {
+        return Err(Error::invalid(format!(
+            "{what} name is longer than 255 characters"
+        )));
+    }
+    Ok(())
+}

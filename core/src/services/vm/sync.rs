@@ -1,0 +1,460 @@
+//! State sync: the database agrees with what hosts run.
+//!
+//! Every ping (and every connect) reports the host's VMs and volumes. The host's owner compares
+//! them with the database and sends a [`VmStateReport`] for each VM that looks wrong; the VM's
+//! owner handles it in the VM's queue — after any operation in flight — asks the host again
+//! (the ping may be stale by then) and corrects the database:
+//! - found stopped (or gone) while the database holds it running → Stopped, capacity returned;
+//! - found running where the database says stopped → Running, capacity taken;
+//! - found running on another host than recorded (a migration whose end was lost) → moved;
+//! - running but destroyed in the database → destroyed on the host;
+//! - unknown to the database → destroyed (or only reported, `vm.orphan.policy = report`);
+//! - its host disconnected → Unknown.
+//!
+//! Volumes a host has that the database has never heard of are deleted the same way.
+//! VMs in a transitional state are left alone: their operation, or recovery, ends it.
+
+use super::{agent, set_state, vm_queue, ORPHAN_POLICY};
+use crate::bus::Message;
+use crate::error::{Error, ErrorCode};
+use crate::extension::AllocationSpec;
+use crate::model::*;
+use crate::services::allocator::AllocateHost;
+use crate::services::Cloud;
+use crate::store::{Batch, Expect, Query, Update, Value};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use stratus_kvm_agent::protocol::{
+    DeleteVolumeCmd, DestroyVmCmd, PowerState, VmStatus, VmStatusCmd,
+};
+use uuid::Uuid;
+
+/// What a host reported (or that it disconnected: `full == false`, nothing known).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncHostVms {
+    pub host: Uuid,
+    pub vms: Vec<VmStatus>,
+    pub volumes: Vec<Uuid>,
+    pub full: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncSummary {
+    /// VMs handed to their owner for a closer look.
+    pub reported: u32,
+    pub orphan_vms: u32,
+    pub orphan_volumes: u32,
+}
+
+impl Message for SyncHostVms {
+    type Reply = SyncSummary;
+    const NAME: &'static str = "vm.sync-host";
+}
+
+/// One VM looks wrong on `host` (`state` None: not there; `disconnected`: the host is gone).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmStateReport {
+    pub vm: Uuid,
+    pub host: Uuid,
+    pub state: Option<PowerState>,
+    #[serde(default)]
+    pub disconnected: bool,
+}
+
+impl Message for VmStateReport {
+    type Reply = String;
+    const NAME: &'static str = "vm.state-report";
+    fn routing_key(&self) -> Option<Uuid> {
+        Some(self.vm)
+    }
+}
+
+/// Whether the database's view of `vm` disagrees with `seen` on host `host`.
+fn looks_wrong(vm: &Vm, host: Uuid, seen: Option<PowerState>) -> bool {
+    if vm.state.is_transitional() {
+        return false;
+    }
+    let here = vm.host_uuid == Some(host);
+    match (here, seen) {
+        (true, Some(PowerState::Running)) => vm.state != VmState::Running,
+        (true, Some(PowerState::Paused)) => vm.state != VmState::Paused,
+        (true, Some(PowerState::Crashed)) => vm.state != VmState::Crashed,
+        (true, Some(PowerState::Stopped)) | (true, None) => true,
+        (false, Some(PowerState::Running) | Some(PowerState::Paused)) => true,
+        (false, _) => false,
+    }
+}
+
+async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error> {
+    let mut sum = SyncSummary::default();
+    let on_host = c
+        .db()
+        .select::<Vm>(&Query::of::<Vm>().eq("host_uuid", m.host))
+        .await?;
+    if !m.full {
+        for vm in on_host.iter().filter(|v| {
+            matches!(
+                v.state,
+                VmState::Running | VmState::Paused | VmState::Crashed
+            )
+        }) {
+            let r = VmStateReport {
+                vm: vm.uuid,
+                host: m.host,
+                state: None,
+                disconnected: true,
+            };
+            spawn_report(c, r);
+            sum.reported += 1;
+        }
+        return Ok(sum);
+    }
+    let seen: BTreeMap<Uuid, PowerState> = m.vms.iter().map(|s| (s.uuid, s.state)).collect();
+    for vm in &on_host {
+        let s = seen.get(&vm.uuid).copied();
+        if looks_wrong(vm, m.host, s) {
+            spawn_report(
+                c,
+                VmStateReport {
+                    vm: vm.uuid,
+                    host: m.host,
+                    state: s,
+                    disconnected: false,
+                },
+            );
+            sum.reported += 1;
+        }
+    }
+    for (uuid, state) in &seen {
+        if on_host.iter().any(|v| v.uuid == *uuid) {
+            continue;
+        }
+        match c.db().get::<Vm>(*uuid).await? {
+            None => {
+                if *state != PowerState::Stopped || c.db().get::<Vm>(*uuid).await?.is_none() {
+                    orphan_vm(c, m.host, *uuid).await;
+                    sum.orphan_vms += 1;
+                }
+            }
+            Some(vm) => {
+                let destroyed_but_defined = vm.state == VmState::Destroyed;
+                if looks_wrong(&vm, m.host, Some(*state)) || destroyed_but_defined {
+                    spawn_report(
+                        c,
+                        VmStateReport {
+                            vm: *uuid,
+                            host: m.host,
+                            state: Some(*state),
+                            disconnected: false,
+                        },
+                    );
+                    sum.reported += 1;
+                }
+            }
+        }
+    }
+    for v in &m.volumes {
+        if c.db().get::<Volume>(*v).await?.is_none() {
+            orphan_volume(c, m.host, *v).await;
+            sum.orphan_volumes += 1;
+        }
+    }
+    Ok(sum)
+}
+
+fn spawn_report(c: &Arc<Cloud>, r: VmStateReport) {
+    let bus = c.bus().clone();
+    tokio::spawn(async move {
+        if let Err(e) = bus.send(r.clone()).await {
+            tracing::debug!(vm = %r.vm, error = %e, "state report not handled");
+        }
+    });
+}
+
+fn destroy_orphans(c: &Cloud) -> bool {
+    let policy: String = c.engine.config.get(&ORPHAN_POLICY.key());
+    policy == "destroy"
+}
+
+async fn orphan_vm(c: &Arc<Cloud>, host: Uuid, vm: Uuid) {
+    c.bus()
+        .publish("/vm/orphan", serde_json::json!({"uuid": vm, "host": host}));
+    if !destroy_orphans(c) {
+        return;
+    }
+    let c = c.clone();
+    tokio::spawn(async move {
+        // In the VM's queue: a create that inserts the row right now is not undone behind its back.
+        let q = vm_queue(vm);
+        let r = c
+            .engine
+            .queues
+            .run(&q, 1, async {
+                if c.db().get::<Vm>(vm).await?.is_some() {
+                    return Ok(());
+                }
+                let target = c.host_target(host).await?;
+                agent(&c, &target, &DestroyVmCmd { vm }).await
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(%vm, %host, error = %e, "cannot destroy orphan VM");
+        }
+    });
+}
+
+async fn orphan_volume(c: &Arc<Cloud>, host: Uuid, volume: Uuid) {
+    c.bus().publish(
+        "/volume/orphan",
+        serde_json::json!({"uuid": volume, "host": host}),
+    );
+    if !destroy_orphans(c) {
+        return;
+    }
+    let c = c.clone();
+    tokio::spawn(async move {
+        let r = async {
+            if c.db().get::<Volume>(volume).await?.is_some() {
+                return Ok(());
+            }
+            let target = c.host_target(host).await?;
+            agent(&c, &target, &DeleteVolumeCmd { volume }).await
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(%volume, %host, error = %e, "cannot delete orphan volume");
+        }
+    });
+}
+
+/// Record that `vm` now runs on `to` (not `from`): the VM row, its volumes and their local
+/// storage, and its reservations. A reservation on `to` that holds disk (a migration's) becomes
+/// the volumes' share; without one, capacity is taken on `to` now.
+pub(crate) async fn relocate(
+    c: &Cloud,
+    vm: Uuid,
+    from: Uuid,
+    to: Uuid,
+    expect: VmState,
+) -> Result<(), Error> {
+    let row = c.get::<Vm>(vm).await?;
+    let vols = c
+        .db()
+        .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", vm))
+        .await?;
+    let to_res = c.db().get::<Reservation>(reservation_uuid(vm, to)).await?;
+    let mut b = Batch::new().update(
+        Update::of::<Vm>(vm)
+            .when_eq("state", expect.as_str())
+            .set("host_uuid", to)
+            .set("last_host_uuid", to)
+            .set("state", VmState::Running.as_str()),
+    );
+    let mut moved = 0i64;
+    let mut ps_used = None;
+    for v in vols.iter().filter(|v| v.host_uuid == Some(from)) {
+        b = b.update(Update::of::<Volume>(v.uuid).set("host_uuid", to));
+        if let Some(ps) = v.ps_uuid {
+            b = b.update(
+                Update::of::<LocalStorage>(local_storage_uuid(ps, from))
+                    .expect(Expect::Maybe)
+                    .add("used_mb", -v.size_mb)
+                    .min("used_mb", 0),
+            );
+            moved += v.size_mb;
+            ps_used = Some(ps);
+        }
+    }
+    match &to_res {
+        Some(r) if r.disk_mb > 0 => {
+            b = b.update(
+                Update::of::<Reservation>(r.uuid)
+                    .set("disk_mb", 0i64)
+                    .set("ps_uuid", Value::Null),
+            );
+        }
+        _ => {
+            if let Some(ps) = ps_used {
+                b = b.update(
+                    Update::of::<LocalStorage>(local_storage_uuid(ps, to))
+                        .expect(Expect::Maybe)
+                        .add("used_mb", moved),
+                );
+            }
+        }
+    }
+    match c.db().commit(b).await {
+        Ok(_) => {}
+        // Already relocated (a replayed step).
+        Err(e)
+            if e.code() == ErrorCode::ConditionFailed
+                && c.get::<Vm>(vm).await?.host_uuid == Some(to) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(ps) = ps_used {
+        c.allocator.disk_changed(from, ps, -moved);
+    }
+    c.allocator.release(c, vm, from).await?;
+    if to_res.is_none() && !take_capacity(c, vm, &row, to).await {
+        tracing::warn!(%vm, host = %to, "relocated VM holds no capacity on its new host");
+    }
+    c.bus().publish(
+        "/vm/state/change",
+        serde_json::json!({"uuid": vm, "old": expect.as_str(), "new": "Running", "host": to}),
+    );
+    Ok(())
+}
+
+/// Take capacity for VM `uuid` found running on `host`. False when the host has no room (the
+/// caller then stops the VM there: the accounting must stay true).
+async fn take_capacity(c: &Cloud, uuid: Uuid, vm: &Vm, host: Uuid) -> bool {
+    let spec = AllocationSpec {
+        cpu: vm.cpu,
+        memory_mb: vm.memory_mb,
+        host: Some(host),
+        ..Default::default()
+    };
+    match c
+        .bus()
+        .send(AllocateHost {
+            vm: uuid,
+            spec,
+            hold_disk: false,
+        })
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(vm = %uuid, %host, error = %e, "VM found running where it cannot be accounted");
+            false
+        }
+    }
+}
+
+/// Decide and correct one VM (in its queue).
+async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
+    let Some(vm) = c.db().get::<Vm>(r.vm).await? else {
+        if r.state.is_some() {
+            orphan_vm(c, r.host, r.vm).await;
+            return Ok("orphan".into());
+        }
+        return Ok("gone".into());
+    };
+    if vm.state.is_transitional() {
+        return Ok("busy".into());
+    }
+    if r.disconnected {
+        if vm.host_uuid == Some(r.host)
+            && matches!(
+                vm.state,
+                VmState::Running | VmState::Paused | VmState::Crashed
+            )
+        {
+            set_state(c, vm.uuid, Some(vm.state), VmState::Unknown).await?;
+            return Ok("unknown".into());
+        }
+        return Ok("unchanged".into());
+    }
+    // Ask again: the report may predate the last operation.
+    let target = c.host_target(r.host).await?;
+    let seen = agent(c, &target, &VmStatusCmd { vm: vm.uuid })
+        .await?
+        .map(|s| s.state);
+    if !looks_wrong(&vm, r.host, seen) && vm.state != VmState::Destroyed {
+        return Ok("unchanged".into());
+    }
+    let here = vm.host_uuid == Some(r.host);
+    match (here, seen) {
+        (_, Some(_)) if vm.state == VmState::Destroyed => {
+            agent(c, &target, &DestroyVmCmd { vm: vm.uuid }).await?;
+            Ok("destroyed on host".into())
+        }
+        (true, Some(PowerState::Running)) => {
+            set_state(c, vm.uuid, Some(vm.state), VmState::Running).await?;
+            Ok("running".into())
+        }
+        (true, Some(PowerState::Paused)) => {
+            set_state(c, vm.uuid, Some(vm.state), VmState::Paused).await?;
+            Ok("paused".into())
+        }
+        (true, Some(PowerState::Crashed)) => {
+            set_state(c, vm.uuid, Some(vm.state), VmState::Crashed).await?;
+            Ok("crashed".into())
+        }
+        (true, Some(PowerState::Stopped) | None) => {
+            // Stopped behind our back (or the host lost it): return the capacity.
+            let held = c
+                .db()
+                .select::<Reservation>(&Query::of::<Reservation>().eq("vm_uuid", vm.uuid))
+                .await?;
+            for res in held {
+                c.allocator.release(c, vm.uuid, res.host_uuid).await?;
+            }
+            c.db()
+                .commit(
+                    Batch::new().update(
+                        Update::of::<Vm>(vm.uuid)
+                            .when_eq("state", vm.state.as_str())
+                            .set("host_uuid", Value::Null)
+                            .set("state", VmState::Stopped.as_str()),
+                    ),
+                )
+                .await?;
+            c.bus().publish(
+                "/vm/state/change",
+                serde_json::json!({"uuid": vm.uuid, "old": vm.state.as_str(), "new": "Stopped"}),
+            );
+            Ok("stopped".into())
+        }
+        (false, Some(PowerState::Running) | Some(PowerState::Paused)) => match vm.host_uuid {
+            Some(other) => {
+                relocate(c, vm.uuid, other, r.host, vm.state).await?;
+                Ok("relocated".into())
+            }
+            None => {
+                // Running on its home host while the database says stopped.
+                if take_capacity(c, vm.uuid, &vm.data, r.host).await {
+                    c.db()
+                        .commit(
+                            Batch::new().update(
+                                Update::of::<Vm>(vm.uuid)
+                                    .when_eq("state", vm.state.as_str())
+                                    .set("host_uuid", r.host)
+                                    .set("last_host_uuid", r.host)
+                                    .set("state", VmState::Running.as_str()),
+                            ),
+                        )
+                        .await?;
+                    c.bus().publish(
+                        "/vm/state/change",
+                        serde_json::json!({"uuid": vm.uuid, "old": vm.state.as_str(), "new": "Running"}),
+                    );
+                    Ok("running".into())
+                } else {
+                    agent(
+                        c,
+                        &target,
+                        &stratus_kvm_agent::protocol::StopVmCmd {
+                            vm: vm.uuid,
+                            graceful_timeout_ms: 0,
+                            force: true,
+                        },
+                    )
+                    .await?;
+                    Ok("stopped on host".into())
+                }
+            }
+        },
+        _ => Ok("unchanged".into()),
+    }
+}
+
+pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
+    cloud.handle(|c: Arc<Cloud>, m: SyncHostVms| async move { host_sync(&c, m).await })?;
+    cloud.handle(|c: Arc<Cloud>, m: VmStateReport| async move {
+        let q = vm_queue(m.vm);
+        c.engine.queues.run(&q, 1, reconcile(&c, m)).await
+    })?;
+    Ok(())
+}

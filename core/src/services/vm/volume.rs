@@ -1,0 +1,674 @@
+//! Data volumes: create (placed on a host when first attached — local storage), attach, detach,
+//! delete. Attach and detach run in the VM's queue; the rest in the volume's.
+
+use super::{agent, vm_queue};
+use crate::bus::{Bus, Message};
+use crate::cascade::CascadeParticipant;
+use crate::error::{Error, ErrorCode};
+use crate::flow::{ChainTarget, Flow, FlowChain};
+use crate::model::*;
+use crate::services::{check_name, Cloud};
+use crate::store::{Batch, Db, Expect, Json, Query, Row, Update, Value};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Weak};
+use stratus_kvm_agent::protocol::{
+    AttachVolumeCmd, CreateVolumeCmd, DeleteVolumeCmd, DetachVolumeCmd, DiskSpec,
+};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateDataVolume {
+    #[serde(default)]
+    pub uuid: Option<Uuid>,
+    pub name: String,
+    #[serde(default)]
+    pub disk_offering_uuid: Option<Uuid>,
+    #[serde(default)]
+    pub size_mb: Option<i64>,
+    /// Attach to this VM right away (placing the volume on the VM's host).
+    #[serde(default)]
+    pub vm_uuid: Option<Uuid>,
+}
+impl Message for CreateDataVolume {
+    type Reply = Row<Volume>;
+    const NAME: &'static str = "volume.create";
+    fn routing_key(&self) -> Option<Uuid> {
+        self.vm_uuid.or(self.uuid)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachVolume {
+    pub volume_uuid: Uuid,
+    pub vm_uuid: Uuid,
+}
+impl Message for AttachVolume {
+    type Reply = Row<Volume>;
+    const NAME: &'static str = "volume.attach";
+    fn routing_key(&self) -> Option<Uuid> {
+        Some(self.vm_uuid)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DetachVolume {
+    pub volume_uuid: Uuid,
+    /// The VM it is attached to (filled in by the API so the message reaches the VM's owner).
+    pub vm_uuid: Uuid,
+}
+impl Message for DetachVolume {
+    type Reply = Row<Volume>;
+    const NAME: &'static str = "volume.detach";
+    fn routing_key(&self) -> Option<Uuid> {
+        Some(self.vm_uuid)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeleteVolume {
+    pub uuid: Uuid,
+    /// Detach first if attached; skip an unreachable host (state sync cleans up later).
+    #[serde(default)]
+    pub force: bool,
+}
+impl Message for DeleteVolume {
+    type Reply = ();
+    const NAME: &'static str = "volume.delete";
+    fn routing_key(&self) -> Option<Uuid> {
+        Some(self.uuid)
+    }
+}
+
+fn volume_queue(v: Uuid) -> String {
+    format!("volume-{v}")
+}
+
+/// Delete a volume row and return its local storage (idempotent; a missing row is fine).
+pub(crate) async fn forget_volume_row(c: &Cloud, volume: Uuid) -> Result<(), Error> {
+    let Some(v) = c.db().get::<Volume>(volume).await? else {
+        return Ok(());
+    };
+    let mut b = Batch::new().delete::<Volume>(volume, Expect::Version(v.version));
+    if let (Some(ps), Some(host)) = (v.ps_uuid, v.host_uuid) {
+        b = b.update(
+            Update::of::<LocalStorage>(local_storage_uuid(ps, host))
+                .expect(Expect::Maybe)
+                .add("used_mb", -v.size_mb)
+                .min("used_mb", 0),
+        );
+    }
+    match c.db().commit(b).await {
+        Ok(_) => {
+            if let (Some(ps), Some(host)) = (v.ps_uuid, v.host_uuid) {
+                c.allocator.disk_changed(host, ps, -v.size_mb);
+            }
+            Ok(())
+        }
+        Err(e) if matches!(e.code(), ErrorCode::NotFound | ErrorCode::Conflict) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Delete a volume on its host, then its row. With `force`, an unreachable host is skipped (the
+/// host's next ping reports the orphan and state sync deletes it).
+pub(crate) async fn delete_volume_everywhere(
+    c: &Cloud,
+    v: &Row<Volume>,
+    force: bool,
+) -> Result<(), Error> {
+    if let Some(host) = v.host_uuid {
+        let r = async {
+            let target = c.host_target(host).await?;
+            agent(c, &target, &DeleteVolumeCmd { volume: v.uuid }).await
+        }
+        .await;
+        match r {
+            Ok(()) => {}
+            Err(e) if e.code == ErrorCode::NotFound => {}
+            Err(e) if force => {
+                tracing::warn!(volume = %v.uuid, error = %e, "forced delete could not reach the host")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    super::must(c, "forget-volume", || forget_volume_row(c, v.uuid)).await
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AttachCtx {
+    volume: Uuid,
+    vm: Uuid,
+    host: Option<Uuid>,
+    /// Placed on a host by this attach (so undo un-places it).
+    placed: bool,
+    running: bool,
+    device: i64,
+}
+
+struct AttachStep {
+    name: &'static str,
+    cloud: Weak<Cloud>,
+}
+
+fn gone() -> Error {
+    Error::new(
+        ErrorCode::NodeUnavailable,
+        "the management node is shutting down",
+    )
+}
+
+#[async_trait]
+impl Flow<AttachCtx> for AttachStep {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn run(&self, x: &mut AttachCtx) -> Result<(), Error> {
+        let c = self.cloud.upgrade().ok_or_else(gone)?;
+        match self.name {
+            "check" => {
+                let vm = c.get::<Vm>(x.vm).await?;
+                vm.state.check(vm.uuid, VmAction::AttachVolume)?;
+                let v = c.get::<Volume>(x.volume).await?;
+                if v.kind != VolumeType::Data {
+                    return Err(Error::invalid(format!(
+                        "volume {} is a root volume",
+                        v.uuid
+                    )));
+                }
+                if let Some(other) = v.vm_uuid {
+                    return Err(Error::new(
+                        ErrorCode::InUse,
+                        format!("volume {} is attached to vm {other}", v.uuid),
+                    ));
+                }
+                let home = vm
+                    .host_uuid
+                    .or(vm.last_host_uuid)
+                    .ok_or_else(|| Error::internal("vm without a host"))?;
+                if let Some(h) = v.host_uuid {
+                    if h != home {
+                        return Err(Error::invalid(format!(
+                            "volume {} is on host {h}'s local storage; vm {} is on host {home}",
+                            v.uuid, vm.uuid
+                        )));
+                    }
+                }
+                if v.state != VolumeState::Ready && v.state != VolumeState::NotInstantiated {
+                    return Err(Error::new(
+                        ErrorCode::InvalidState,
+                        format!("volume {} is {}", v.uuid, v.state),
+                    ));
+                }
+                x.host = Some(home);
+                x.running = vm.state == VmState::Running;
+                x.placed = v.state == VolumeState::NotInstantiated;
+                let used = c
+                    .db()
+                    .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", x.vm))
+                    .await?;
+                x.device = used
+                    .iter()
+                    .filter_map(|u| u.device_index)
+                    .max()
+                    .unwrap_or(0)
+                    + 1;
+                Ok(())
+            }
+            "reserve-storage" if x.placed => {
+                let host = x.host.expect("checked");
+                let v = c.get::<Volume>(x.volume).await?;
+                if v.host_uuid.is_some() {
+                    return Ok(());
+                }
+                let shares = c
+                    .db()
+                    .select::<LocalStorage>(&Query::of::<LocalStorage>().eq("host_uuid", host))
+                    .await?;
+                let share = shares
+                    .iter()
+                    .find(|s| s.total_mb - s.used_mb >= v.size_mb)
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorCode::CapacityExhausted,
+                            format!(
+                                "host {host} has no local storage room for {} MiB",
+                                v.size_mb
+                            ),
+                        )
+                    })?;
+                let b = Batch::new()
+                    .update(
+                        Update::of::<LocalStorage>(share.uuid)
+                            .add("used_mb", v.size_mb)
+                            .max_field("used_mb", "total_mb"),
+                    )
+                    .update(
+                        Update::of::<Volume>(v.uuid)
+                            .version(v.version)
+                            .set("host_uuid", host)
+                            .set("ps_uuid", share.ps_uuid)
+                            .set("state", VolumeState::Creating.as_str()),
+                    );
+                c.db().commit(b).await.map_err(|e| match e.code() {
+                    ErrorCode::ConditionFailed => Error::new(
+                        ErrorCode::CapacityExhausted,
+                        format!("host {host} has no local storage room"),
+                    ),
+                    _ => e.into(),
+                })?;
+                c.allocator.disk_changed(host, share.ps_uuid, v.size_mb);
+                Ok(())
+            }
+            "create-on-host" if x.placed => {
+                let v = c.get::<Volume>(x.volume).await?;
+                let target = c.host_target(x.host.expect("checked")).await?;
+                agent(
+                    &c,
+                    &target,
+                    &CreateVolumeCmd {
+                        volume: v.uuid,
+                        size_mb: v.size_mb as u64,
+                        image: None,
+                    },
+                )
+                .await?;
+                c.db()
+                    .commit(Batch::new().update(
+                        Update::of::<Volume>(v.uuid).set("state", VolumeState::Ready.as_str()),
+                    ))
+                    .await?;
+                Ok(())
+            }
+            "attach-on-hypervisor" if x.running => {
+                let v = c.get::<Volume>(x.volume).await?;
+                let target = c.host_target(x.host.expect("checked")).await?;
+                let disk = DiskSpec {
+                    volume: v.uuid,
+                    device: x.device as u32,
+                    size_mb: v.size_mb as u64,
+                };
+                agent(&c, &target, &AttachVolumeCmd { vm: x.vm, disk }).await
+            }
+            "record-attachment" => {
+                c.db()
+                    .commit(
+                        Batch::new().update(
+                            Update::of::<Volume>(x.volume)
+                                .when(crate::store::Cond::new("vm_uuid", crate::store::Op::IsNull))
+                                .set("vm_uuid", x.vm)
+                                .set("device_index", x.device),
+                        ),
+                    )
+                    .await?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn rollback(&self, x: &mut AttachCtx) -> Result<(), Error> {
+        let c = self.cloud.upgrade().ok_or_else(gone)?;
+        match self.name {
+            "reserve-storage" if x.placed => {
+                let Some(v) = c.db().get::<Volume>(x.volume).await? else {
+                    return Ok(());
+                };
+                let (Some(host), Some(ps)) = (v.host_uuid, v.ps_uuid) else {
+                    return Ok(());
+                };
+                let b = Batch::new()
+                    .update(
+                        Update::of::<LocalStorage>(local_storage_uuid(ps, host))
+                            .expect(Expect::Maybe)
+                            .add("used_mb", -v.size_mb)
+                            .min("used_mb", 0),
+                    )
+                    .update(
+                        Update::of::<Volume>(v.uuid)
+                            .version(v.version)
+                            .set("host_uuid", Value::Null)
+                            .set("ps_uuid", Value::Null)
+                            .set("state", VolumeState::NotInstantiated.as_str()),
+                    );
+                c.db().commit(b).await?;
+                c.allocator.disk_changed(host, ps, -v.size_mb);
+                Ok(())
+            }
+            "create-on-host" if x.placed => {
+                let target = c.host_target(x.host.expect("checked")).await?;
+                agent(&c, &target, &DeleteVolumeCmd { volume: x.volume }).await
+            }
+            "attach-on-hypervisor" if x.running => {
+                let target = c.host_target(x.host.expect("checked")).await?;
+                agent(
+                    &c,
+                    &target,
+                    &DetachVolumeCmd {
+                        vm: x.vm,
+                        volume: x.volume,
+                    },
+                )
+                .await
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DetachCtx {
+    volume: Uuid,
+    vm: Uuid,
+    host: Option<Uuid>,
+    running: bool,
+    device: i64,
+}
+
+struct DetachStep {
+    name: &'static str,
+    cloud: Weak<Cloud>,
+}
+
+#[async_trait]
+impl Flow<DetachCtx> for DetachStep {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn run(&self, x: &mut DetachCtx) -> Result<(), Error> {
+        let c = self.cloud.upgrade().ok_or_else(gone)?;
+        match self.name {
+            "check" => {
+                let vm = c.get::<Vm>(x.vm).await?;
+                vm.state.check(vm.uuid, VmAction::DetachVolume)?;
+                let v = c.get::<Volume>(x.volume).await?;
+                if v.kind != VolumeType::Data {
+                    return Err(Error::invalid(format!(
+                        "volume {} is a root volume and cannot be detached",
+                        v.uuid
+                    )));
+                }
+                if v.vm_uuid != Some(x.vm) {
+                    return Err(Error::invalid(format!(
+                        "volume {} is not attached to vm {}",
+                        v.uuid, x.vm
+                    )));
+                }
+                x.host = vm.host_uuid;
+                x.running = vm.state == VmState::Running;
+                x.device = v.device_index.unwrap_or(0);
+                Ok(())
+            }
+            "detach-on-hypervisor" if x.running => {
+                let target = c
+                    .host_target(x.host.expect("running vm has a host"))
+                    .await?;
+                agent(
+                    &c,
+                    &target,
+                    &DetachVolumeCmd {
+                        vm: x.vm,
+                        volume: x.volume,
+                    },
+                )
+                .await
+            }
+            "record-detachment" => {
+                c.db()
+                    .commit(
+                        Batch::new().update(
+                            Update::of::<Volume>(x.volume)
+                                .set("vm_uuid", Value::Null)
+                                .set("device_index", Value::Null),
+                        ),
+                    )
+                    .await?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn rollback(&self, x: &mut DetachCtx) -> Result<(), Error> {
+        let c = self.cloud.upgrade().ok_or_else(gone)?;
+        if self.name == "detach-on-hypervisor" && x.running {
+            let v = c.get::<Volume>(x.volume).await?;
+            let target = c
+                .host_target(x.host.expect("running vm has a host"))
+                .await?;
+            let disk = DiskSpec {
+                volume: v.uuid,
+                device: x.device as u32,
+                size_mb: v.size_mb as u64,
+            };
+            agent(&c, &target, &AttachVolumeCmd { vm: x.vm, disk }).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Detached volumes on a host or primary storage being deleted refuse; forced, they go.
+struct VolumeParticipant {
+    db: Db,
+    bus: Bus,
+}
+
+#[async_trait]
+impl CascadeParticipant for VolumeParticipant {
+    fn kind(&self) -> &'static str {
+        "volume"
+    }
+    fn parents(&self) -> &'static [&'static str] {
+        &["host", "primary_storage"]
+    }
+    async fn children(&self, parent_kind: &str, parent: Uuid) -> Result<Vec<Uuid>, Error> {
+        let field = if parent_kind == "host" {
+            "host_uuid"
+        } else {
+            "ps_uuid"
+        };
+        Ok(self
+            .db
+            .select::<Volume>(&Query::of::<Volume>().eq(field, parent).is_null("vm_uuid"))
+            .await?
+            .iter()
+            .map(|v| v.uuid)
+            .collect())
+    }
+    async fn check(&self, uuid: Uuid) -> Result<(), Error> {
+        Err(Error::new(
+            ErrorCode::InUse,
+            format!("data volume {uuid} is on it"),
+        ))
+    }
+    async fn delete(&self, uuid: Uuid) -> Result<(), Error> {
+        match self.bus.send(DeleteVolume { uuid, force: true }).await {
+            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
+            other => other,
+        }
+    }
+}
+
+pub(crate) fn participant(db: &Db, bus: &Bus) -> Arc<dyn CascadeParticipant> {
+    Arc::new(VolumeParticipant {
+        db: db.clone(),
+        bus: bus.clone(),
+    })
+}
+
+async fn attach(
+    c: &Arc<Cloud>,
+    chain: &Arc<FlowChain<AttachCtx>>,
+    volume: Uuid,
+    vm: Uuid,
+) -> Result<Row<Volume>, Error> {
+    let ctx = AttachCtx {
+        volume,
+        vm,
+        host: None,
+        placed: false,
+        running: false,
+        device: 0,
+    };
+    let target = ChainTarget {
+        resource: vm,
+        queue: vm_queue(vm),
+        job: None,
+    };
+    c.engine
+        .queues
+        .run(&vm_queue(vm), 1, chain.run(&c.engine.journal, target, ctx))
+        .await
+        .map_err(|f| f.error)?;
+    c.get::<Volume>(volume).await
+}
+
+pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
+    let w = Arc::downgrade(cloud);
+    let a = |name| AttachStep {
+        name,
+        cloud: w.clone(),
+    };
+    let attach_chain = Arc::new(
+        FlowChain::new("volume.attach")
+            .then(a("check"))
+            .then(a("reserve-storage"))
+            .then(a("create-on-host"))
+            .then(a("attach-on-hypervisor"))
+            .then(a("record-attachment")),
+    );
+    let d = |name| DetachStep {
+        name,
+        cloud: w.clone(),
+    };
+    let detach_chain = Arc::new(
+        FlowChain::new("volume.detach")
+            .then(d("check"))
+            .then(d("detach-on-hypervisor"))
+            .then(d("record-detachment")),
+    );
+    cloud.engine.chains.register(attach_chain.clone());
+    cloud.engine.chains.register(detach_chain.clone());
+
+    let ch = attach_chain.clone();
+    cloud.handle(move |c: Arc<Cloud>, m: CreateDataVolume| {
+        let ch = ch.clone();
+        async move {
+            check_name("volume", &m.name)?;
+            let (size, offering) = match (m.disk_offering_uuid, m.size_mb) {
+                (Some(o), None) => (c.get::<DiskOffering>(o).await?.size_mb, Some(o)),
+                (None, Some(s)) if s > 0 => (s, None),
+                (None, Some(s)) => {
+                    return Err(Error::invalid(format!("size_mb must be positive; got {s}")))
+                }
+                _ => {
+                    return Err(Error::invalid(
+                        "give exactly one of disk_offering_uuid and size_mb",
+                    ))
+                }
+            };
+            if let Some(vm) = m.vm_uuid {
+                let _ = c.get::<Vm>(vm).await?;
+            }
+            let uuid = m.uuid.unwrap_or_else(|| c.engine.ids.uuid());
+            let row = Row::new(
+                uuid,
+                Volume {
+                    name: m.name,
+                    kind: VolumeType::Data,
+                    vm_uuid: None,
+                    ps_uuid: None,
+                    host_uuid: None,
+                    size_mb: size,
+                    state: VolumeState::NotInstantiated,
+                    device_index: None,
+                    disk_offering_uuid: offering,
+                    image_uuid: None,
+                    tags: Json(vec![]),
+                },
+            );
+            c.db().insert(row).await?;
+            match m.vm_uuid {
+                None => c.get::<Volume>(uuid).await,
+                Some(vm) => match attach(&c, &ch, uuid, vm).await {
+                    Ok(v) => Ok(v),
+                    Err(e) => {
+                        // Create-and-attach failed: the volume goes too.
+                        forget_volume_row(&c, uuid).await?;
+                        Err(e)
+                    }
+                },
+            }
+        }
+    })?;
+    let ch = attach_chain.clone();
+    cloud.handle(move |c: Arc<Cloud>, m: AttachVolume| {
+        let ch = ch.clone();
+        async move {
+            let _ = c.get::<Volume>(m.volume_uuid).await?;
+            attach(&c, &ch, m.volume_uuid, m.vm_uuid).await
+        }
+    })?;
+    let ch = detach_chain.clone();
+    cloud.handle(move |c: Arc<Cloud>, m: DetachVolume| {
+        let ch = ch.clone();
+        async move {
+            let _ = c.get::<Volume>(m.volume_uuid).await?;
+            let ctx = DetachCtx {
+                volume: m.volume_uuid,
+                vm: m.vm_uuid,
+                host: None,
+                running: false,
+                device: 0,
+            };
+            let target = ChainTarget {
+                resource: m.vm_uuid,
+                queue: vm_queue(m.vm_uuid),
+                job: None,
+            };
+            c.engine
+                .queues
+                .run(
+                    &vm_queue(m.vm_uuid),
+                    1,
+                    ch.run(&c.engine.journal, target, ctx),
+                )
+                .await
+                .map_err(|f| f.error)?;
+            c.get::<Volume>(m.volume_uuid).await
+        }
+    })?;
+    cloud.handle(|c: Arc<Cloud>, m: DeleteVolume| async move {
+        let v = c.get::<Volume>(m.uuid).await?;
+        if let Some(vm) = v.vm_uuid {
+            if v.kind == VolumeType::Root {
+                return Err(Error::invalid(format!(
+                    "volume {} is vm {vm}'s root volume; expunge the vm",
+                    v.uuid
+                )));
+            }
+            if !m.force {
+                return Err(Error::new(
+                    ErrorCode::InUse,
+                    format!("volume {} is attached to vm {vm}; detach it first", v.uuid),
+                ));
+            }
+            c.bus()
+                .send(DetachVolume {
+                    volume_uuid: v.uuid,
+                    vm_uuid: vm,
+                })
+                .await?;
+        }
+        c.engine
+            .queues
+            .run(&volume_queue(m.uuid), 1, async {
+                let v = c.get::<Volume>(m.uuid).await?;
+                delete_volume_everywhere(&c, &v, m.force).await
+            })
+            .await
+    })?;
+    Ok(())
+}

@@ -1,0 +1,318 @@
+//! The invariants of a settled cloud, checked against the database and the simulated hosts.
+//!
+//! 1. capacity: each host's reserved CPU and memory equal the sums of its reservations, never
+//!    above its limits; every VM that holds capacity holds it on its host and only there;
+//! 2. IPs: every address row belongs to one existing NIC whose address it is, and vice versa;
+//!    every range's `used` counts its addresses;
+//! 3. storage: each host's share of local storage is used by exactly its volumes (plus disk held
+//!    by a reservation); every volume belongs to an existing VM or is a detached data volume;
+//! 4. nothing is in a transitional state (checked by [`World::settle`](crate::World::settle));
+//! 5. the database and the connected hosts agree: no VM or volume on a host the database does
+//!    not place there, every running VM runs on its host; a host that is down holds no Running
+//!    VM in the database.
+
+use crate::world::World;
+use std::collections::{BTreeMap, BTreeSet};
+use stratus_core::model::*;
+use stratus_core::services::allocator::{CPU_OVERCOMMIT, MEMORY_OVERCOMMIT, RESERVED_MEMORY};
+use stratus_core::store::{Db, Query, Resource, Row};
+use stratus_kvm_agent::protocol::PowerState;
+use uuid::Uuid;
+
+async fn all<T: Resource>(db: &Db) -> Vec<Row<T>> {
+    db.select::<T>(&Query::of::<T>()).await.unwrap_or_default()
+}
+
+/// Limits from the configuration the tests use (the defaults unless a test changed them).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub cpu_ratio: f64,
+    pub mem_ratio: f64,
+    pub reserved_mb: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let f = |d: &stratus_core::config::ConfigDef| d.default.parse::<f64>().unwrap_or(1.0);
+        Limits {
+            cpu_ratio: f(&CPU_OVERCOMMIT),
+            mem_ratio: f(&MEMORY_OVERCOMMIT),
+            reserved_mb: RESERVED_MEMORY.default.parse().unwrap_or(0),
+        }
+    }
+}
+
+/// Check invariants 1–3 and 5; returns the violations (empty when all hold).
+pub async fn check(world: &World) -> Vec<String> {
+    check_with(world, Limits::default()).await
+}
+
+pub async fn check_with(world: &World, lim: Limits) -> Vec<String> {
+    let db = &world.db;
+    let mut bad = Vec::new();
+    let hosts = all::<Host>(db).await;
+    let vms = all::<Vm>(db).await;
+    let reservations = all::<Reservation>(db).await;
+    let nics = all::<VmNic>(db).await;
+    let used_ips = all::<UsedIp>(db).await;
+    let ranges = all::<IpRange>(db).await;
+    let volumes = all::<Volume>(db).await;
+    let shares = all::<LocalStorage>(db).await;
+    let vm_by: BTreeMap<Uuid, &Row<Vm>> = vms.iter().map(|v| (v.uuid, v)).collect();
+
+    // 1. capacity
+    for h in &hosts {
+        let mine: Vec<_> = reservations
+            .iter()
+            .filter(|r| r.host_uuid == h.uuid)
+            .collect();
+        let cpu: i64 = mine.iter().map(|r| r.cpu).sum();
+        let mem: i64 = mine.iter().map(|r| r.memory_mb).sum();
+        if cpu != h.cpu_used || mem != h.memory_used_mb {
+            bad.push(format!(
+                "host {}: counters cpu {} / mem {} but reservations sum to {cpu} / {mem}",
+                h.uuid, h.cpu_used, h.memory_used_mb
+            ));
+        }
+        let cpu_limit = (h.cpu_cores as f64 * lim.cpu_ratio).floor() as i64;
+        let mem_limit = (h.memory_mb as f64 * lim.mem_ratio).floor() as i64 - lim.reserved_mb;
+        if h.cpu_used > cpu_limit || h.memory_used_mb > mem_limit.max(0) {
+            bad.push(format!(
+                "host {} over capacity: cpu {}/{cpu_limit}, memory {}/{mem_limit}",
+                h.uuid, h.cpu_used, h.memory_used_mb
+            ));
+        }
+    }
+    for r in &reservations {
+        match vm_by.get(&r.vm_uuid) {
+            None => bad.push(format!(
+                "reservation {} of vm {} that does not exist",
+                r.uuid, r.vm_uuid
+            )),
+            Some(vm) if vm.host_uuid != Some(r.host_uuid) => bad.push(format!(
+                "vm {} ({}) holds capacity on host {} but runs on {:?}",
+                vm.uuid, vm.state, r.host_uuid, vm.host_uuid
+            )),
+            Some(vm) if !vm.state.holds_capacity() => bad.push(format!(
+                "vm {} is {} but holds capacity on host {}",
+                vm.uuid, vm.state, r.host_uuid
+            )),
+            _ => {}
+        }
+    }
+    for vm in &vms {
+        if vm.state.holds_capacity() {
+            let n = reservations.iter().filter(|r| r.vm_uuid == vm.uuid).count();
+            if n != 1 || vm.host_uuid.is_none() {
+                bad.push(format!(
+                    "vm {} is {} with host {:?} and {n} reservations",
+                    vm.uuid, vm.state, vm.host_uuid
+                ));
+            }
+        }
+    }
+
+    // 2. IPs
+    let nic_by: BTreeMap<Uuid, &Row<VmNic>> = nics.iter().map(|n| (n.uuid, n)).collect();
+    for u in &used_ips {
+        match nic_by.get(&u.nic_uuid) {
+            None => bad.push(format!(
+                "address {} on L3 {} is held by NIC {} that does not exist",
+                u.ip, u.l3_uuid, u.nic_uuid
+            )),
+            Some(n) if n.ip.as_deref() != Some(u.ip.as_str()) || n.l3_uuid != u.l3_uuid => bad
+                .push(format!(
+                    "address {} is held by NIC {} whose address is {:?}",
+                    u.ip, n.uuid, n.ip
+                )),
+            _ => {}
+        }
+    }
+    for n in &nics {
+        if !vm_by.contains_key(&n.vm_uuid) {
+            bad.push(format!(
+                "NIC {} of vm {} that does not exist",
+                n.uuid, n.vm_uuid
+            ));
+        }
+        if let Some(ip) = &n.ip {
+            let holders = used_ips
+                .iter()
+                .filter(|u| u.nic_uuid == n.uuid && &u.ip == ip)
+                .count();
+            if holders != 1 {
+                bad.push(format!(
+                    "NIC {} has address {ip} with {holders} address rows",
+                    n.uuid
+                ));
+            }
+        }
+    }
+    let mut per_l3: BTreeSet<(Uuid, String)> = BTreeSet::new();
+    for u in &used_ips {
+        if !per_l3.insert((u.l3_uuid, u.ip.clone())) {
+            bad.push(format!(
+                "address {} handed out twice on L3 {}",
+                u.ip, u.l3_uuid
+            ));
+        }
+    }
+    for r in &ranges {
+        let n = used_ips.iter().filter(|u| u.range_uuid == r.uuid).count() as i64;
+        if n != r.used {
+            bad.push(format!(
+                "range {} counts {} used addresses, {n} are",
+                r.uuid, r.used
+            ));
+        }
+    }
+
+    // 3. storage
+    for s in &shares {
+        let vols: i64 = volumes
+            .iter()
+            .filter(|v| v.host_uuid == Some(s.host_uuid) && v.ps_uuid == Some(s.ps_uuid))
+            .map(|v| v.size_mb)
+            .sum();
+        let held: i64 = reservations
+            .iter()
+            .filter(|r| r.host_uuid == s.host_uuid && r.ps_uuid == Some(s.ps_uuid))
+            .map(|r| r.disk_mb)
+            .sum();
+        if s.used_mb != vols + held {
+            bad.push(format!(
+                "local storage of host {}: used {} but volumes {vols} + held {held}",
+                s.host_uuid, s.used_mb
+            ));
+        }
+        if s.used_mb > s.total_mb {
+            bad.push(format!(
+                "local storage of host {} over its size: {}/{}",
+                s.host_uuid, s.used_mb, s.total_mb
+            ));
+        }
+    }
+    for v in &volumes {
+        match v.vm_uuid {
+            Some(vm) if !vm_by.contains_key(&vm) => {
+                bad.push(format!("volume {} of vm {vm} that does not exist", v.uuid))
+            }
+            None if v.kind == VolumeType::Root => {
+                bad.push(format!("root volume {} without a vm", v.uuid))
+            }
+            None if !matches!(v.state, VolumeState::Ready | VolumeState::NotInstantiated) => {
+                bad.push(format!("detached volume {} is {}", v.uuid, v.state))
+            }
+            _ => {}
+        }
+    }
+
+    // 5. database and hosts agree
+    for sim in &world.hosts {
+        let Some(hu) = sim.uuid else { continue };
+        let Some(h) = hosts.iter().find(|h| h.uuid == hu) else {
+            continue;
+        };
+        let state = sim.state();
+        let down = h.status != HostStatus::Connected;
+        for (vu, v) in &state.vms {
+            match vm_by.get(vu) {
+                None => bad.push(format!(
+                    "host {hu} has VM {vu} ({:?}) the database does not know",
+                    v.state
+                )),
+                Some(db_vm) => {
+                    let running_here = v.state == PowerState::Running;
+                    if running_here
+                        && !down
+                        && (db_vm.host_uuid != Some(hu) || db_vm.state != VmState::Running)
+                    {
+                        bad.push(format!(
+                            "host {hu} runs VM {vu}; the database says {} on {:?}",
+                            db_vm.state, db_vm.host_uuid
+                        ));
+                    }
+                }
+            }
+        }
+        for vu in state.volumes.keys() {
+            match volumes.iter().find(|v| v.uuid == *vu) {
+                None => bad.push(format!(
+                    "host {hu} has volume {vu} the database does not know"
+                )),
+                Some(v) if v.host_uuid != Some(hu) => bad.push(format!(
+                    "host {hu} has volume {vu}; the database places it on {:?}",
+                    v.host_uuid
+                )),
+                _ => {}
+            }
+        }
+        for vm in vms.iter().filter(|v| v.host_uuid == Some(hu)) {
+            if down {
+                if vm.state == VmState::Running {
+                    bad.push(format!(
+                        "host {hu} is {} but vm {} is Running",
+                        h.status, vm.uuid
+                    ));
+                }
+                continue;
+            }
+            let on_host = state.vms.get(&vm.uuid).map(|v| v.state);
+            if vm.state == VmState::Running && on_host != Some(PowerState::Running) {
+                bad.push(format!(
+                    "vm {} is Running on host {hu} in the database; the host says {on_host:?}",
+                    vm.uuid
+                ));
+            }
+        }
+        if !down {
+            for v in volumes
+                .iter()
+                .filter(|v| v.host_uuid == Some(hu) && v.state == VolumeState::Ready)
+            {
+                if !state.volumes.contains_key(&v.uuid) {
+                    bad.push(format!(
+                        "volume {} is Ready on host {hu} in the database but not on the host",
+                        v.uuid
+                    ));
+                }
+            }
+        }
+    }
+    bad
+}
+
+/// A summary of what exists, for "the world is as before" comparisons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Census {
+    pub vms: usize,
+    pub nics: usize,
+    pub used_ips: usize,
+    pub volumes: usize,
+    pub reservations: usize,
+    pub cpu_used: i64,
+    pub memory_used: i64,
+    pub disk_used: i64,
+    pub host_vms: usize,
+    pub host_volumes: usize,
+}
+
+pub async fn census(world: &World) -> Census {
+    let db = &world.db;
+    let count =
+        |k: &'static str| async move { db.count(&Query::new(k)).await.unwrap_or(0) as usize };
+    let hosts = all::<Host>(db).await;
+    let shares = all::<LocalStorage>(db).await;
+    Census {
+        vms: count("vm").await,
+        nics: count("vm_nic").await,
+        used_ips: count("used_ip").await,
+        volumes: count("volume").await,
+        reservations: count("reservation").await,
+        cpu_used: hosts.iter().map(|h| h.cpu_used).sum(),
+        memory_used: hosts.iter().map(|h| h.memory_used_mb).sum(),
+        disk_used: shares.iter().map(|s| s.used_mb).sum(),
+        host_vms: world.hosts.iter().map(|h| h.state().vms.len()).sum(),
+        host_volumes: world.hosts.iter().map(|h| h.state().volumes.len()).sum(),
+    }
+}

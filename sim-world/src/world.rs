@@ -1,0 +1,575 @@
+//! A simulated datacenter inside one seeded madsim runtime: the real management node (its own
+//! madsim node; its database outside it, like a database server), one madsim node per host
+//! running the real agent server on the simulated hypervisor, and a client node that drives
+//! the REST API.
+//!
+//! [`World::run`] builds the runtime from the spec's seed, starts everything, builds the
+//! resource tree through the API, then runs the test body on the client node.
+
+use crate::faults::SimFaults;
+use crate::hypervisor::{HostProfile, LatencyProfile, SimHostState, SimHypervisor};
+use madsim::runtime::{Handle, NodeHandle, Runtime};
+use serde_json::{json, Value};
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use stratus_core::client::StratusClient;
+use stratus_core::error::Error;
+use stratus_core::flow::FaultPoints;
+use stratus_core::model::{self, VmState, VolumeState};
+use stratus_core::node::{ManagementNode, NodeConfig};
+use stratus_core::store::{Db, MemStore, Query};
+use stratus_kvm_agent::{Agent, AgentConfig};
+use uuid::Uuid;
+
+pub const MGMT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+pub const API_PORT: u16 = 8080;
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+
+/// What the datacenter looks like.
+#[derive(Debug, Clone)]
+pub struct WorldSpec {
+    pub seed: u64,
+    pub zones: usize,
+    pub clusters_per_zone: usize,
+    pub hosts_per_cluster: usize,
+    pub host: HostProfile,
+    pub latency: LatencyProfile,
+    /// Addresses in each zone's L3 range.
+    pub ips_per_zone: u32,
+    pub image_mb: i64,
+    /// Instance offerings: (name, cpu, memory MiB).
+    pub offerings: Vec<(String, i64, i64)>,
+    pub disk_offering_mb: i64,
+    /// Global config set before hosts are added (name, value).
+    pub config: Vec<(String, String)>,
+    /// Hosts added at once while building.
+    pub add_concurrency: usize,
+}
+
+impl Default for WorldSpec {
+    fn default() -> Self {
+        WorldSpec {
+            seed: 1,
+            zones: 1,
+            clusters_per_zone: 1,
+            hosts_per_cluster: 4,
+            host: HostProfile {
+                cpu_cores: 16,
+                memory_mb: 65_536,
+                disk_mb: 2_000_000,
+            },
+            latency: LatencyProfile::default(),
+            ips_per_zone: 1000,
+            image_mb: 10_240,
+            offerings: vec![
+                ("small".into(), 1, 1024),
+                ("medium".into(), 2, 4096),
+                ("huge".into(), 512, 1 << 24),
+            ],
+            disk_offering_mb: 20_480,
+            config: vec![
+                ("host.ping.interval".into(), "10s".into()),
+                ("host.ping.timeout".into(), "5s".into()),
+                ("agent.timeout.vm_start".into(), "60s".into()),
+                ("agent.timeout.vm_stop".into(), "60s".into()),
+                ("agent.timeout.vm_destroy".into(), "60s".into()),
+                ("agent.timeout.vm_migrate".into(), "60s".into()),
+                ("agent.timeout.volume_create".into(), "60s".into()),
+                ("agent.timeout.volume_delete".into(), "60s".into()),
+            ],
+            add_concurrency: 64,
+        }
+    }
+}
+
+/// Uuids of what the builder created in one zone.
+#[derive(Debug, Clone)]
+pub struct ZoneRefs {
+    pub zone: Uuid,
+    pub clusters: Vec<Uuid>,
+    pub l2: Uuid,
+    pub l3: Uuid,
+    pub ps: Uuid,
+    /// First and last address of the L3's range.
+    pub ip_range: (Ipv4Addr, Ipv4Addr),
+}
+
+#[derive(Debug, Clone)]
+pub struct Datacenter {
+    pub zones: Vec<ZoneRefs>,
+    pub bs: Uuid,
+    pub image: Uuid,
+    /// Instance offerings by name.
+    pub offerings: Vec<(String, Uuid)>,
+    pub disk_offering: Uuid,
+}
+
+impl Datacenter {
+    pub fn offering(&self, name: &str) -> Uuid {
+        self.offerings
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, u)| *u)
+            .unwrap_or_else(|| panic!("no offering {name}"))
+    }
+}
+
+/// One simulated host.
+#[derive(Clone)]
+pub struct SimHost {
+    pub ip: Ipv4Addr,
+    pub token: String,
+    pub state: Arc<Mutex<SimHostState>>,
+    pub hypervisor: Arc<Mutex<Option<SimHypervisor>>>,
+    pub node: madsim::task::NodeId,
+    pub cluster: Uuid,
+    /// Set once added.
+    pub uuid: Option<Uuid>,
+}
+
+impl SimHost {
+    pub fn state(&self) -> std::sync::MutexGuard<'_, SimHostState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The simulated datacenter and the handles to drive it.
+pub struct World {
+    pub spec: WorldSpec,
+    pub store: Arc<MemStore>,
+    pub db: Db,
+    pub client: StratusClient,
+    pub mgmt: madsim::task::NodeId,
+    pub hosts: Vec<SimHost>,
+    pub faults: Arc<SimFaults>,
+    pub flow_faults: Arc<FaultPoints>,
+    pub dc: Datacenter,
+}
+
+fn host_ip(i: usize) -> Ipv4Addr {
+    let n = i as u32 + 1;
+    Ipv4Addr::new(10, 1 + (n >> 16) as u8, (n >> 8) as u8, n as u8)
+}
+
+fn start_host_node(
+    h: &Handle,
+    ip: Ipv4Addr,
+    token: String,
+    state: Arc<Mutex<SimHostState>>,
+    latency: LatencyProfile,
+    faults: Arc<SimFaults>,
+    slot: Arc<Mutex<Option<SimHypervisor>>>,
+) -> NodeHandle {
+    h.create_node()
+        .name(ip.to_string())
+        .ip(ip.into())
+        .init(move || {
+            let (token, state, latency, faults, slot) = (
+                token.clone(),
+                state.clone(),
+                latency.clone(),
+                faults.clone(),
+                slot.clone(),
+            );
+            async move {
+                let seed: u64 = madsim::rand::random();
+                let hv = SimHypervisor::new(state, latency, seed);
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(hv.clone());
+                let agent = Agent::new(hv, AgentConfig::new(token), faults);
+                agent
+                    .serve(SocketAddr::new(
+                        ip.into(),
+                        stratus_kvm_agent::protocol::AGENT_PORT,
+                    ))
+                    .await
+                    .expect("agent listens");
+                // A madsim node exits when its init task returns.
+                std::future::pending::<()>().await;
+            }
+        })
+        .build()
+}
+
+fn start_mgmt_node(h: &Handle, store: Arc<MemStore>, faults: Arc<FaultPoints>) -> NodeHandle {
+    h.create_node()
+        .name("mgmt")
+        .ip(MGMT_IP.into())
+        .init(move || {
+            let (store, faults) = (store.clone(), faults.clone());
+            async move {
+                let mut cfg = NodeConfig::new(
+                    Uuid::from_u128(0x5157_7a75),
+                    SocketAddr::new(MGMT_IP.into(), API_PORT),
+                );
+                cfg.faults = Some(faults);
+                match ManagementNode::start(store, cfg).await {
+                    Ok(_node) => std::future::pending::<()>().await,
+                    Err(e) => panic!("management node failed to start: {e}"),
+                }
+            }
+        })
+        .build()
+}
+
+impl World {
+    /// Build the runtime from `spec.seed`, the datacenter, and run `body` on the client node.
+    pub fn run<F, Fut>(spec: WorldSpec, body: F)
+    where
+        F: FnOnce(World) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let rt = Runtime::with_seed_and_config(spec.seed, madsim::Config::default());
+        rt.block_on(async move {
+            let h = Handle::current();
+            let client_node = h.create_node().name("client").ip(CLIENT_IP.into()).build();
+            client_node
+                .spawn(async move {
+                    let world = World::boot(spec).await.expect("the datacenter builds");
+                    body(world).await;
+                })
+                .await
+                .expect("the test body ran");
+        });
+    }
+
+    /// Start the nodes and build the resource tree (call on a node with an IP).
+    pub async fn boot(spec: WorldSpec) -> Result<World, Error> {
+        let h = Handle::current();
+        let mut schema = model::schema();
+        schema.validate()?;
+        let store = Arc::new(MemStore::new(std::mem::take(&mut schema)));
+        let flow_faults = Arc::new(FaultPoints::default());
+        let faults = Arc::new(SimFaults::new(spec.seed ^ 0x5eed));
+        let mgmt = start_mgmt_node(&h, store.clone(), flow_faults.clone()).id();
+        let mut client = StratusClient::new(SocketAddr::new(MGMT_IP.into(), API_PORT));
+        client.wait = Duration::from_secs(3600);
+        // Wait for the API.
+        for _ in 0..100 {
+            if client.get("/v1/health").await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (k, v) in &spec.config {
+            client.set_config(k, v).await?;
+        }
+        let dc = build_tree(&client, &spec).await?;
+        let mut hosts = Vec::new();
+        let mut i = 0;
+        for z in &dc.zones {
+            for cl in &z.clusters {
+                for _ in 0..spec.hosts_per_cluster {
+                    let ip = host_ip(i);
+                    let token = format!("token-{i}");
+                    let state = Arc::new(Mutex::new(SimHostState::new(spec.host)));
+                    let slot = Arc::new(Mutex::new(None));
+                    let node = start_host_node(
+                        &h,
+                        ip,
+                        token.clone(),
+                        state.clone(),
+                        spec.latency.clone(),
+                        faults.clone(),
+                        slot.clone(),
+                    )
+                    .id();
+                    hosts.push(SimHost {
+                        ip,
+                        token,
+                        state,
+                        hypervisor: slot,
+                        node,
+                        cluster: *cl,
+                        uuid: None,
+                    });
+                    i += 1;
+                }
+            }
+        }
+        let db = Db::new(store.clone());
+        let mut world = World {
+            spec,
+            store,
+            db,
+            client,
+            mgmt,
+            hosts,
+            faults,
+            flow_faults,
+            dc,
+        };
+        world.add_hosts().await?;
+        Ok(world)
+    }
+
+    /// Add every host through the API, `add_concurrency` at a time.
+    async fn add_hosts(&mut self) -> Result<(), Error> {
+        let n = self.hosts.len();
+        let mut next = 0;
+        while next < n {
+            let end = (next + self.spec.add_concurrency.max(1)).min(n);
+            let mut tasks = Vec::new();
+            for (i, h) in self.hosts[next..end].iter().enumerate() {
+                let c = self.client.clone();
+                let body = json!({
+                    "cluster_uuid": h.cluster,
+                    "name": format!("host-{}", next + i),
+                    "address": format!("{}:7070", h.ip),
+                    "token": h.token,
+                });
+                tasks.push(tokio::spawn(async move { c.create("hosts", body).await }));
+            }
+            for (i, t) in tasks.into_iter().enumerate() {
+                let v = t.await.map_err(|e| Error::internal(e.to_string()))??;
+                self.hosts[next + i].uuid = uuid(&v["uuid"]);
+            }
+            next = end;
+        }
+        Ok(())
+    }
+
+    pub fn host_by_uuid(&self, u: Uuid) -> Option<&SimHost> {
+        self.hosts.iter().find(|h| h.uuid == Some(u))
+    }
+
+    /// Body of a create-VM request with the datacenter's defaults.
+    pub fn vm_request(&self, name: &str, offering: &str) -> Value {
+        json!({
+            "name": name,
+            "instance_offering_uuid": self.dc.offering(offering),
+            "image_uuid": self.dc.image,
+            "l3_network_uuids": [self.dc.zones[0].l3],
+        })
+    }
+
+    /// Create a VM and wait for it.
+    pub async fn create_vm(&self, name: &str, offering: &str) -> Result<Value, Error> {
+        self.client
+            .create("vms", self.vm_request(name, offering))
+            .await
+    }
+
+    // ---- faults
+
+    pub fn kill_mgmt(&self) {
+        Handle::current().kill(self.mgmt);
+    }
+
+    pub fn restart_mgmt(&self) {
+        Handle::current().restart(self.mgmt);
+    }
+
+    /// The host loses power: its node dies and its VMs stop; its disks stay.
+    pub fn crash_host(&self, i: usize) {
+        Handle::current().kill(self.hosts[i].node);
+        self.hosts[i].state().power_loss();
+    }
+
+    pub fn restart_host(&self, i: usize) {
+        Handle::current().restart(self.hosts[i].node);
+    }
+
+    pub fn partition_host(&self, i: usize) {
+        madsim::net::NetSim::current().clog_node(self.hosts[i].node);
+    }
+
+    pub fn heal_host(&self, i: usize) {
+        madsim::net::NetSim::current().unclog_node(self.hosts[i].node);
+    }
+
+    /// A running VM crashes on its host (the agent reports it).
+    pub fn crash_vm(&self, host: usize, vm: Uuid) -> bool {
+        let hv = self.hosts[host]
+            .hypervisor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        hv.is_some_and(|hv| hv.crash_vm(vm))
+    }
+
+    /// Wait until nothing is in flight: no running job, no journaled chain, no VM or volume in
+    /// a transitional state, for two checks in a row. Err with what is still busy after `max`.
+    pub async fn settle(&self, max: Duration) -> Result<Duration, String> {
+        let start = tokio::time::Instant::now();
+        let mut quiet = 0;
+        loop {
+            let busy = self.busy().await;
+            if busy.is_empty() {
+                quiet += 1;
+                if quiet >= 2 {
+                    return Ok(start.elapsed());
+                }
+            } else {
+                quiet = 0;
+            }
+            if start.elapsed() >= max {
+                return Err(busy.join("; "));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// What is still in flight (empty when quiet).
+    pub async fn busy(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let db = &self.db;
+        let n = |q: Query| async move { db.count(&q).await.unwrap_or(u64::MAX) };
+        let jobs = n(Query::new("job").eq("state", "Running")).await;
+        if jobs > 0 {
+            out.push(format!("{jobs} jobs running"));
+        }
+        let chains = n(Query::new("flow_chain")).await;
+        if chains > 0 {
+            out.push(format!("{chains} chains journaled"));
+        }
+        let transitional: Vec<&str> = VmState::ALL
+            .iter()
+            .filter(|s| s.is_transitional())
+            .map(|s| s.as_str())
+            .collect();
+        let vms = n(Query::new("vm").is_in("state", transitional.iter().copied())).await;
+        if vms > 0 {
+            out.push(format!("{vms} VMs in a transitional state"));
+        }
+        let vols = n(Query::new("volume").is_in(
+            "state",
+            [
+                VolumeState::Creating.as_str(),
+                VolumeState::Deleting.as_str(),
+            ],
+        ))
+        .await;
+        if vols > 0 {
+            out.push(format!("{vols} volumes in a transitional state"));
+        }
+        out
+    }
+}
+
+fn uuid(v: &Value) -> Option<Uuid> {
+    v.as_str().and_then(|s| Uuid::parse_str(s).ok())
+}
+
+fn need(v: &Value) -> Result<Uuid, Error> {
+    uuid(&v["uuid"]).ok_or_else(|| Error::internal(format!("no uuid in {v}")))
+}
+
+/// Zones, clusters, networks, storage, images and offerings through the API.
+async fn build_tree(c: &StratusClient, spec: &WorldSpec) -> Result<Datacenter, Error> {
+    let bs = need(
+        &c.create(
+            "backup-storages",
+            json!({"name": "bs", "url": "sftp://bs/images", "total_mb": 10_000_000}),
+        )
+        .await?,
+    )?;
+    let image = need(
+        &c.create(
+            "images",
+            json!({"bs_uuid": bs, "name": "linux", "url": "http://images/linux.qcow2", "format": "qcow2", "size_mb": spec.image_mb}),
+        )
+        .await?,
+    )?;
+    let mut offerings = Vec::new();
+    for (name, cpu, mem) in &spec.offerings {
+        let o = c
+            .create(
+                "instance-offerings",
+                json!({"name": name, "cpu": cpu, "memory_mb": mem}),
+            )
+            .await?;
+        offerings.push((name.clone(), need(&o)?));
+    }
+    let disk_offering = need(
+        &c.create(
+            "disk-offerings",
+            json!({"name": "data", "size_mb": spec.disk_offering_mb}),
+        )
+        .await?,
+    )?;
+    let mut zones = Vec::new();
+    let prefix = 32
+        - (spec.ips_per_zone as u64 + 4)
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(2);
+    for z in 0..spec.zones {
+        let zone = need(
+            &c.create("zones", json!({"name": format!("zone-{z}")}))
+                .await?,
+        )?;
+        c.action(
+            "backup-storages",
+            bs,
+            "attach-zone",
+            json!({"zone_uuid": zone}),
+        )
+        .await?;
+        let l2 = need(&c.create("l2-networks", json!({"zone_uuid": zone, "name": format!("l2-{z}"), "kind": "NoVlan", "physical_interface": "eth0"})).await?)?;
+        let l3 = need(
+            &c.create(
+                "l3-networks",
+                json!({"l2_uuid": l2, "name": format!("l3-{z}"), "dns": ["8.8.8.8"]}),
+            )
+            .await?,
+        )?;
+        let base = u32::from(Ipv4Addr::new(100 + z as u8, 64, 0, 0));
+        let first = Ipv4Addr::from(base + 2);
+        let last = Ipv4Addr::from(base + 1 + spec.ips_per_zone);
+        c.create(
+            "ip-ranges",
+            json!({"l3_uuid": l3, "start_ip": first.to_string(), "end_ip": last.to_string(),
+                   "gateway": Ipv4Addr::from(base + 1).to_string(), "prefix_len": prefix}),
+        )
+        .await?;
+        let ps = need(
+            &c.create(
+                "primary-storages",
+                json!({"zone_uuid": zone, "name": format!("local-{z}"), "url": "/var/lib/stratus"}),
+            )
+            .await?,
+        )?;
+        let mut clusters = Vec::new();
+        for k in 0..spec.clusters_per_zone {
+            let cl = need(
+                &c.create(
+                    "clusters",
+                    json!({"zone_uuid": zone, "name": format!("cluster-{z}-{k}")}),
+                )
+                .await?,
+            )?;
+            c.action(
+                "l2-networks",
+                l2,
+                "attach-cluster",
+                json!({"cluster_uuid": cl}),
+            )
+            .await?;
+            c.action(
+                "primary-storages",
+                ps,
+                "attach-cluster",
+                json!({"cluster_uuid": cl}),
+            )
+            .await?;
+            clusters.push(cl);
+        }
+        zones.push(ZoneRefs {
+            zone,
+            clusters,
+            l2,
+            l3,
+            ps,
+            ip_range: (first, last),
+        });
+    }
+    Ok(Datacenter {
+        zones,
+        bs,
+        image,
+        offerings,
+        disk_offering,
+    })
+}

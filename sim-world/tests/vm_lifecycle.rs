@@ -1,0 +1,138 @@
+//! A VM's whole life through the REST API against simulated hosts: the happy path of every
+//! operation, with the invariants checked after each.
+#![cfg(madsim)]
+
+use serde_json::{json, Value};
+use std::time::Duration;
+use stratus_sim_world::invariants::{census, check};
+use stratus_sim_world::{World, WorldSpec};
+use uuid::Uuid;
+
+fn uuid(v: &Value) -> Uuid {
+    Uuid::parse_str(v["uuid"].as_str().expect("uuid")).unwrap()
+}
+
+async fn assert_clean(w: &World, when: &str) {
+    w.settle(Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|b| panic!("{when}: not settled: {b}"));
+    let bad = check(w).await;
+    assert!(
+        bad.is_empty(),
+        "{when}: invariants broken:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn every_vm_operation_works_and_keeps_the_invariants() {
+    World::run(
+        WorldSpec {
+            seed: 11,
+            ..Default::default()
+        },
+        |w| async move {
+            assert_clean(&w, "after build").await;
+            let c = &w.client;
+            let vm = w.create_vm("web-1", "medium").await.expect("create");
+            let id = uuid(&vm);
+            assert_eq!(vm["state"], "Running", "{vm}");
+            let host = Uuid::parse_str(vm["host_uuid"].as_str().unwrap()).unwrap();
+            assert_clean(&w, "after create").await;
+            let nics = c
+                .list("vm-nics", &[&format!("vm_uuid={id}")])
+                .await
+                .unwrap();
+            assert_eq!(nics.len(), 1);
+            assert!(nics[0]["ip"].is_string(), "{nics:?}");
+            // Query through a relation.
+            let ip = nics[0]["ip"].as_str().unwrap();
+            let found = c.list("vms", &[&format!("nics.ip={ip}")]).await.unwrap();
+            assert_eq!(found.len(), 1);
+
+            let v = c.action("vms", id, "stop", json!({})).await.unwrap();
+            assert_eq!(v["state"], "Stopped");
+            assert_clean(&w, "after stop").await;
+            let v = c.action("vms", id, "start", json!({})).await.unwrap();
+            assert_eq!(v["state"], "Running");
+            assert_eq!(
+                v["host_uuid"],
+                host.to_string(),
+                "local storage: starts on its volumes' host"
+            );
+            let v = c.action("vms", id, "reboot", json!({})).await.unwrap();
+            assert_eq!(v["state"], "Running");
+            assert_clean(&w, "after start and reboot").await;
+
+            // A data volume, attached while running, detached, deleted.
+            let vol = c
+            .create("volumes", json!({"name": "data-1", "disk_offering_uuid": w.dc.disk_offering, "vm_uuid": id}))
+            .await
+            .unwrap();
+            assert_eq!(vol["state"], "Ready");
+            assert_eq!(vol["vm_uuid"], id.to_string());
+            assert_clean(&w, "after volume create+attach").await;
+            let vol_id = uuid(&vol);
+            let v = c
+                .action("volumes", vol_id, "detach", json!({}))
+                .await
+                .unwrap();
+            assert!(v["vm_uuid"].is_null());
+            let v = c
+                .action("volumes", vol_id, "attach", json!({"vm_uuid": id}))
+                .await
+                .unwrap();
+            assert_eq!(v["vm_uuid"], id.to_string());
+            c.action("volumes", vol_id, "detach", json!({}))
+                .await
+                .unwrap();
+            c.delete("volumes", vol_id, false).await.unwrap();
+            assert_clean(&w, "after volume detach+delete").await;
+
+            // Live migration within the cluster: the VM and its local volumes move.
+            let v = c.action("vms", id, "migrate", json!({})).await.unwrap();
+            assert_eq!(v["state"], "Running");
+            let dest = Uuid::parse_str(v["host_uuid"].as_str().unwrap()).unwrap();
+            assert_ne!(dest, host);
+            let sim = w.host_by_uuid(dest).unwrap();
+            assert!(sim.state().vms.contains_key(&id));
+            assert_clean(&w, "after migrate").await;
+
+            // Destroy (recoverable), recover, destroy, expunge.
+            let v = c.action("vms", id, "destroy", json!({})).await.unwrap();
+            assert_eq!(v["state"], "Destroyed");
+            assert_clean(&w, "after destroy").await;
+            let v = c.action("vms", id, "recover", json!({})).await.unwrap();
+            assert_eq!(v["state"], "Stopped");
+            assert_clean(&w, "after recover").await;
+            let v = c.action("vms", id, "start", json!({})).await.unwrap();
+            assert_eq!(v["state"], "Running");
+            c.action("vms", id, "destroy", json!({})).await.unwrap();
+            c.action("vms", id, "expunge", json!({})).await.unwrap();
+            assert_clean(&w, "after expunge").await;
+            let cen = census(&w).await;
+            assert_eq!(
+                (
+                    cen.vms,
+                    cen.nics,
+                    cen.used_ips,
+                    cen.volumes,
+                    cen.reservations
+                ),
+                (0, 0, 0, 0, 0),
+                "{cen:?}"
+            );
+            assert_eq!(
+                (
+                    cen.cpu_used,
+                    cen.memory_used,
+                    cen.disk_used,
+                    cen.host_vms,
+                    cen.host_volumes
+                ),
+                (0, 0, 0, 0, 0),
+                "{cen:?}"
+            );
+        },
+    );
+}
