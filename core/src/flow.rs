@@ -42,7 +42,16 @@ pub trait Flow<C: Send>: Send + Sync + 'static {
     async fn rollback(&self, _ctx: &mut C) -> Result<(), Error> {
         Ok(())
     }
+    /// A step past its operation's point of no return (the host already stopped the VM, say):
+    /// a failure is retried with backoff instead of rolling back work that cannot be undone.
+    /// Only if every attempt fails does the chain roll back.
+    fn forward_only(&self) -> bool {
+        false
+    }
 }
+
+/// Attempts of a forward-only flow (backoff 100 ms doubling: about 25 s in all).
+pub const FORWARD_ATTEMPTS: u32 = 8;
 
 /// What a chain's context must be: journaled as JSON.
 pub trait Context: Serialize + DeserializeOwned + Send + Sync + 'static {}
@@ -406,6 +415,32 @@ impl<C: Context> FlowChain<C> {
         self.forward(journal, id, 0, ctx).await
     }
 
+    /// Run one flow once, with the armed fault points.
+    async fn attempt(
+        &self,
+        journal: &Journal,
+        flow: &dyn Flow<C>,
+        ctx: &mut C,
+    ) -> Result<(), Error> {
+        if journal
+            .faults
+            .take(self.name, flow.name(), FaultWhen::Before)
+        {
+            return Err(injected(self.name, flow.name()));
+        }
+        match AssertUnwindSafe(flow.run(ctx)).catch_unwind().await {
+            Ok(Ok(()))
+                if journal
+                    .faults
+                    .take(self.name, flow.name(), FaultWhen::After) =>
+            {
+                Err(injected(self.name, flow.name()))
+            }
+            Ok(r) => r,
+            Err(p) => Err(panicked(flow.name(), p)),
+        }
+    }
+
     async fn forward(
         &self,
         journal: &Journal,
@@ -415,24 +450,25 @@ impl<C: Context> FlowChain<C> {
     ) -> Result<C, ChainFailure<C>> {
         for i in start..self.flows.len() {
             let flow = &self.flows[i];
-            let outcome = if journal
-                .faults
-                .take(self.name, flow.name(), FaultWhen::Before)
-            {
-                Err(injected(self.name, flow.name()))
+            let attempts = if flow.forward_only() {
+                FORWARD_ATTEMPTS
             } else {
-                match AssertUnwindSafe(flow.run(&mut ctx)).catch_unwind().await {
-                    Ok(Ok(()))
-                        if journal
-                            .faults
-                            .take(self.name, flow.name(), FaultWhen::After) =>
-                    {
-                        Err(injected(self.name, flow.name()))
-                    }
-                    Ok(r) => r,
-                    Err(p) => Err(panicked(flow.name(), p)),
-                }
+                1
             };
+            let mut delay = Duration::from_millis(100);
+            let mut outcome = Ok(());
+            for attempt in 0..attempts {
+                outcome = self.attempt(journal, flow.as_ref(), &mut ctx).await;
+                match &outcome {
+                    Ok(()) => break,
+                    Err(e) if attempt + 1 < attempts => {
+                        tracing::warn!(chain = self.name, flow = flow.name(), error = %e, attempt, "forward-only flow failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                    Err(_) => {}
+                }
+            }
             if let Err(e) = outcome {
                 tracing::debug!(chain = self.name, flow = flow.name(), error = %e, "flow failed; rolling back");
                 let failed = Some(flow.name());

@@ -108,16 +108,16 @@ fn param<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Error> {
     let b: &[u8] = if body.iter().all(|c| c.is_ascii_whitespace()) {
         b"{}"
     } else {
         body
     };
-    serde_json::from_slice(b).map_err(|e| error(&Error::invalid(format!("bad request body: {e}"))))
+    serde_json::from_slice(b).map_err(|e| Error::invalid(format!("bad request body: {e}")))
 }
 
-fn wait_of(pairs: &[(String, String)]) -> Result<Option<Duration>, Response> {
+fn wait_of(pairs: &[(String, String)]) -> Result<Option<Duration>, Error> {
     match param(pairs, "wait") {
         None => Ok(None),
         Some(v) => v
@@ -126,9 +126,7 @@ fn wait_of(pairs: &[(String, String)]) -> Result<Option<Duration>, Response> {
             .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 86_400.0)
             .map(|s| Some(Duration::from_secs_f64(s)))
             .ok_or_else(|| {
-                error(&Error::invalid(format!(
-                    "wait must be seconds from 0 to 86400; got {v:?}"
-                )))
+                Error::invalid(format!("wait must be seconds from 0 to 86400; got {v:?}"))
             }),
     }
 }
@@ -317,13 +315,13 @@ async fn create(
     let pairs = query_pairs(&raw);
     let wait = match wait_of(&pairs) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(e) => return error(&e),
     };
     macro_rules! go {
         ($t:ty) => {
             match parse_body::<$t>(&body) {
                 Ok(m) => submit(&c, None, m, wait).await,
-                Err(r) => r,
+                Err(e) => error(&e),
             }
         };
     }
@@ -343,21 +341,21 @@ async fn create(
                 let id = *m.uuid.get_or_insert_with(|| c.engine.ids.uuid());
                 submit(&c, Some(id), m, wait).await
             }
-            Err(r) => r,
+            Err(e) => error(&e),
         },
         "vms" => match parse_body::<CreateVm>(&body) {
             Ok(mut m) => {
                 let id = *m.uuid.get_or_insert_with(|| c.engine.ids.uuid());
                 submit(&c, Some(id), m, wait).await
             }
-            Err(r) => r,
+            Err(e) => error(&e),
         },
         "volumes" => match parse_body::<CreateDataVolume>(&body) {
             Ok(mut m) => {
                 let id = *m.uuid.get_or_insert_with(|| c.engine.ids.uuid());
                 submit(&c, Some(id), m, wait).await
             }
-            Err(r) => r,
+            Err(e) => error(&e),
         },
         other => match kind_of_path(other) {
             Some(_) => error(&Error::invalid(format!(
@@ -377,7 +375,7 @@ async fn update(
     let pairs = query_pairs(&raw);
     let wait = match wait_of(&pairs) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(e) => return error(&e),
     };
     let Ok(uuid) = Uuid::parse_str(&id) else {
         return error(&Error::invalid(format!("{id:?} is not a uuid")));
@@ -385,7 +383,7 @@ async fn update(
     let mut obj = match parse_body::<serde_json::Value>(&body) {
         Ok(serde_json::Value::Object(o)) => o,
         Ok(_) => return error(&Error::invalid("the body must be a JSON object")),
-        Err(r) => return r,
+        Err(e) => return error(&e),
     };
     obj.insert("uuid".into(), uuid.to_string().into());
     let v = serde_json::Value::Object(obj);
@@ -414,7 +412,7 @@ async fn delete(
     let pairs = query_pairs(&raw);
     let wait = match wait_of(&pairs) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(e) => return error(&e),
     };
     let Ok(uuid) = Uuid::parse_str(&id) else {
         return error(&Error::invalid(format!("{id:?} is not a uuid")));
@@ -468,17 +466,17 @@ async fn action(
     let pairs = query_pairs(&raw);
     let wait = match wait_of(&pairs) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(e) => return error(&e),
     };
     let Ok(uuid) = Uuid::parse_str(&id) else {
         return error(&Error::invalid(format!("{id:?} is not a uuid")));
     };
     let b: ActionBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return error(&e),
     };
     let need = |what: &str, v: Option<Uuid>| {
-        v.ok_or_else(|| error(&Error::invalid(format!("{act} needs {what}"))))
+        v.ok_or_else(|| Error::invalid(format!("{act} needs {what}")))
     };
     let s = Some(uuid);
     match (res.as_str(), act.as_str()) {
@@ -551,7 +549,7 @@ async fn action(
                 )
                 .await
             }
-            Err(r) => r,
+            Err(e) => error(&e),
         },
         ("volumes", "detach") => match c.db().get::<Volume>(uuid).await {
             Ok(Some(v)) => match v.vm_uuid {
@@ -588,7 +586,7 @@ async fn action(
                 )
                 .await
             }
-            Err(r) => r,
+            Err(e) => error(&e),
         },
         ("primary-storages", "attach-cluster") => match need("cluster_uuid", b.cluster_uuid) {
             Ok(cl) => {
@@ -603,7 +601,7 @@ async fn action(
                 )
                 .await
             }
-            Err(r) => r,
+            Err(e) => error(&e),
         },
         ("backup-storages", "attach-zone") => match need("zone_uuid", b.zone_uuid) {
             Ok(z) => {
@@ -618,7 +616,7 @@ async fn action(
                 )
                 .await
             }
-            Err(r) => r,
+            Err(e) => error(&e),
         },
         ("instance-offerings" | "disk-offerings", a @ ("enable" | "disable")) => {
             let state = if a == "enable" {
@@ -688,7 +686,7 @@ struct ConfigSet {
 async fn config_set(State(c): Api, Path(name): Path<String>, body: Bytes) -> Response {
     let b: ConfigSet = match parse_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return error(&e),
     };
     let text = match &b.value {
         serde_json::Value::String(s) => s.clone(),

@@ -1,11 +1,18 @@
 //! VM instances and volumes: every operation a workflow in the VM's own queue, with complete
 //! rollback; state sync with what hosts report.
 //!
-//! - `flows.rs`: create, start, stop, reboot, destroy, recover, expunge, migrate.
-//! - `volume.rs`: data volumes (create, attach, detach, delete).
+//! - `create.rs`, `power.rs` (start, stop, reboot), `lifecycle.rs` (destroy, recover,
+//!   expunge), `migrate.rs`: the workflows, over the helpers of `chain.rs`; `handlers.rs`
+//!   registers them;
+//! - `volume.rs`: data volumes (create, attach, detach, delete);
 //! - `sync.rs`: reconciling the database with the VMs and volumes a host reports.
 
-mod flows;
+mod chain;
+mod create;
+mod handlers;
+mod lifecycle;
+mod migrate;
+mod power;
 mod sync;
 mod volume;
 
@@ -319,7 +326,7 @@ pub fn participants(db: &Db, bus: &Bus) -> Vec<Arc<dyn CascadeParticipant>> {
 }
 
 pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
-    flows::register(cloud)?;
+    handlers::register(cloud)?;
     volume::register(cloud)?;
     sync::register(cloud)?;
     Ok(())

@@ -1,0 +1,233 @@
+//! Destroy (recoverable), recover, expunge. Destroy's point of no return is the host dropping
+//! the VM: after it, capacity, addresses and data volumes are returned with retries and a crash
+//! is finished by recovery. Expunge only goes forward.
+
+use super::chain::{changed_meanwhile, release_reservations, step, Step};
+use super::power::{release_host, restore_prev, run_again, PowerCtx};
+use super::{agent, info, set_state};
+use crate::error::Error;
+use crate::extension::VmOp;
+use crate::flow::{FlowChain, OnInterrupt};
+use crate::model::*;
+use crate::services::network::{AllocateIp, ReleaseIps};
+use crate::services::Cloud;
+use crate::store::{Batch, Expect, Query, Update, Value};
+use std::sync::{Arc, Weak};
+use stratus_kvm_agent::protocol::DestroyVmCmd;
+
+fn s(w: &Weak<Cloud>, name: &'static str, run: super::chain::StepFn<PowerCtx>) -> Step<PowerCtx> {
+    step(w, name, run)
+}
+
+pub(super) fn destroy_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
+    FlowChain::new("vm.destroy")
+        .on_interrupt(OnInterrupt::Finish)
+        .then(
+            s(w, "destroying", |c, x| Box::pin(destroying(c, x)))
+                .undo(|c, x| Box::pin(restore_prev(c, x))),
+        )
+        .then(
+            s(w, "destroy-on-hypervisor", |c, x| Box::pin(destroy(c, x)))
+                .undo(|c, x| Box::pin(run_again(c, x))),
+        )
+        .then(s(w, "release-host", |c, x| Box::pin(release_host(c, x))).forward())
+        .then(s(w, "release-ips", |c, x| Box::pin(release_ips(c, x))).forward())
+        .then(
+            s(w, "detach-data-volumes", |c, x| {
+                Box::pin(detach_data_volumes(c, x))
+            })
+            .forward(),
+        )
+        .then(s(w, "mark-destroyed", |c, x| Box::pin(destroyed(c, x))).forward())
+}
+
+pub(super) fn recover_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
+    FlowChain::new("vm.recover")
+        .then(s(w, "check-destroyed", |c, x| {
+            Box::pin(check_destroyed(c, x))
+        }))
+        .then(
+            s(w, "allocate-ips", |c, x| Box::pin(allocate_ips(c, x)))
+                .undo(|c, x| Box::pin(release_ips(c, x))),
+        )
+        .then(
+            s(w, "mark-stopped", |c, x| Box::pin(recovered(c, x)))
+                .undo(|c, x| Box::pin(recovered_undo(c, x))),
+        )
+}
+
+pub(super) fn expunge_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
+    FlowChain::new("vm.expunge")
+        .on_interrupt(OnInterrupt::Finish)
+        .then(s(w, "expunging", |c, x| Box::pin(expunging(c, x))))
+        .then(s(w, "delete-volumes", |c, x| Box::pin(delete_volumes(c, x))).forward())
+        .then(s(w, "delete-nics-and-vm", |c, x| Box::pin(delete_vm(c, x))).forward())
+}
+
+async fn destroying(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(x.vm).await?;
+    if vm.state == VmState::Destroying {
+        // Resumed by recovery.
+        x.host = vm.host_uuid.or(vm.last_host_uuid);
+        return Ok(());
+    }
+    if !x.force {
+        vm.state.check(vm.uuid, VmAction::Destroy)?;
+        c.engine.ext.vm_before(VmOp::Destroy, &info(&vm)).await?;
+    }
+    x.prev = vm.state;
+    x.host = vm.host_uuid.or(vm.last_host_uuid);
+    changed_meanwhile(
+        set_state(&c, x.vm, Some(vm.state), VmState::Destroying).await?,
+        x.vm,
+    )
+}
+
+async fn destroy(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let Some(host) = x.host else { return Ok(()) };
+    let r = async {
+        let target = c.host_target(host).await?;
+        agent(&c, &target, &DestroyVmCmd { vm: x.vm }).await
+    }
+    .await;
+    match r {
+        Ok(()) => Ok(()),
+        // Forced (a cascade): an unreachable host is cleaned up by state sync later.
+        Err(e) if x.force => {
+            tracing::warn!(vm = %x.vm, error = %e, "forced destroy could not reach the host");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn release_ips(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    for n in c
+        .db()
+        .select::<VmNic>(&Query::of::<VmNic>().eq("vm_uuid", x.vm))
+        .await?
+    {
+        c.bus()
+            .send(ReleaseIps {
+                l3_uuid: n.l3_uuid,
+                nic_uuid: n.uuid,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+async fn detach_data_volumes(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let data = c
+        .db()
+        .select::<Volume>(
+            &Query::of::<Volume>()
+                .eq("vm_uuid", x.vm)
+                .eq("kind", VolumeType::Data.as_str()),
+        )
+        .await?;
+    let b = data.iter().fold(Batch::new(), |b, v| {
+        b.update(
+            Update::of::<Volume>(v.uuid)
+                .set("vm_uuid", Value::Null)
+                .set("device_index", Value::Null),
+        )
+    });
+    c.db().commit(b).await?;
+    Ok(())
+}
+
+async fn destroyed(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    set_state(&c, x.vm, Some(VmState::Destroying), VmState::Destroyed).await?;
+    let vm = c.get::<Vm>(x.vm).await?;
+    c.engine
+        .ext
+        .vm_after(VmOp::Destroy, &info(&vm), Ok(()))
+        .await;
+    Ok(())
+}
+
+async fn check_destroyed(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(x.vm).await?;
+    vm.state.check(vm.uuid, VmAction::Recover)?;
+    c.engine.ext.vm_before(VmOp::Recover, &info(&vm)).await
+}
+
+async fn allocate_ips(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    for n in c
+        .db()
+        .select::<VmNic>(&Query::of::<VmNic>().eq("vm_uuid", x.vm))
+        .await?
+    {
+        c.bus()
+            .send(AllocateIp {
+                l3_uuid: n.l3_uuid,
+                nic_uuid: n.uuid,
+                ip: None,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+async fn recovered(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    set_state(&c, x.vm, Some(VmState::Destroyed), VmState::Stopped).await?;
+    let vm = c.get::<Vm>(x.vm).await?;
+    c.engine
+        .ext
+        .vm_after(VmOp::Recover, &info(&vm), Ok(()))
+        .await;
+    Ok(())
+}
+
+async fn recovered_undo(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    set_state(&c, x.vm, Some(VmState::Stopped), VmState::Destroyed).await?;
+    Ok(())
+}
+
+async fn expunging(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(x.vm).await?;
+    if vm.state != VmState::Expunging {
+        vm.state.check(vm.uuid, VmAction::Expunge)?;
+        c.engine.ext.vm_before(VmOp::Expunge, &info(&vm)).await?;
+        set_state(&c, x.vm, Some(VmState::Destroyed), VmState::Expunging).await?;
+    }
+    Ok(())
+}
+
+/// The VM's own volumes (its root; data volumes were detached at destroy) go, host and row.
+async fn delete_volumes(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    for v in c
+        .db()
+        .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", x.vm))
+        .await?
+    {
+        super::volume::delete_volume_everywhere(&c, &v, x.force).await?;
+    }
+    Ok(())
+}
+
+async fn delete_vm(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let nics = c
+        .db()
+        .select::<VmNic>(&Query::of::<VmNic>().eq("vm_uuid", x.vm))
+        .await?;
+    for n in &nics {
+        c.bus()
+            .send(ReleaseIps {
+                l3_uuid: n.l3_uuid,
+                nic_uuid: n.uuid,
+            })
+            .await?;
+    }
+    release_reservations(&c, x.vm, None).await?;
+    let b = nics.iter().fold(Batch::new(), |b, n| {
+        b.delete::<VmNic>(n.uuid, Expect::Maybe)
+    });
+    c.db().commit(b.delete::<Vm>(x.vm, Expect::Maybe)).await?;
+    c.bus().publish(
+        "/vm/state/change",
+        serde_json::json!({"uuid": x.vm, "old": "Expunging", "new": "Expunged"}),
+    );
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Live migration within a cluster; the VM's local volumes move with it. The destination's CPU,
+//! memory and disk are held by one reservation until the switch; a migration the host finished
+//! but reported as failed is found by asking the destination; one that must be undone after it
+//! happened is migrated back.
+
+use super::chain::{changed_meanwhile, l2s_of, l3s_of, probe, release_reservations, step, Step};
+use super::{agent, info, set_state};
+use crate::error::Error;
+use crate::extension::{AllocationSpec, VmOp};
+use crate::flow::FlowChain;
+use crate::model::*;
+use crate::services::allocator::{AllocateHost, Allocation};
+use crate::services::Cloud;
+use crate::store::Query;
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Weak};
+use stratus_kvm_agent::protocol::{MigrateVmCmd, PowerState};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct MigrateCtx {
+    pub(super) vm: Uuid,
+    pub(super) src: Uuid,
+    pub(super) dest_req: Option<Uuid>,
+    pub(super) dest: Option<Uuid>,
+}
+
+fn s(
+    w: &Weak<Cloud>,
+    name: &'static str,
+    run: super::chain::StepFn<MigrateCtx>,
+) -> Step<MigrateCtx> {
+    step(w, name, run)
+}
+
+pub(super) fn chain(w: &Weak<Cloud>) -> FlowChain<MigrateCtx> {
+    FlowChain::new("vm.migrate")
+        .then(
+            s(w, "migrating", |c, x| Box::pin(migrating(c, x)))
+                .undo(|c, x| Box::pin(migrating_undo(c, x))),
+        )
+        .then(
+            s(w, "allocate-destination", |c, x| {
+                Box::pin(allocate_destination(c, x))
+            })
+            .undo(|c, x| Box::pin(release_destination(c, x))),
+        )
+        .then(
+            s(w, "migrate-on-hypervisor", |c, x| Box::pin(migrate(c, x)))
+                .undo(|c, x| Box::pin(migrate_back(c, x))),
+        )
+        .then(s(w, "switch-host", |c, x| Box::pin(switch_host(c, x))).forward())
+}
+
+async fn migrating(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(x.vm).await?;
+    vm.state.check(vm.uuid, VmAction::Migrate)?;
+    c.engine.ext.vm_before(VmOp::Migrate, &info(&vm)).await?;
+    changed_meanwhile(
+        set_state(&c, x.vm, Some(VmState::Running), VmState::Migrating).await?,
+        x.vm,
+    )
+}
+
+async fn migrating_undo(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
+    set_state(&c, x.vm, Some(VmState::Migrating), VmState::Running).await?;
+    Ok(())
+}
+
+async fn allocate_destination(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(x.vm).await?;
+    let disk: i64 = c
+        .db()
+        .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", x.vm))
+        .await?
+        .iter()
+        .map(|v| v.size_mb)
+        .sum();
+    let spec = AllocationSpec {
+        cpu: vm.cpu,
+        memory_mb: vm.memory_mb,
+        disk_mb: disk,
+        l2_networks: l2s_of(&c, &l3s_of(&c, vm.uuid).await?).await?,
+        zone: Some(vm.zone_uuid),
+        cluster: vm.cluster_uuid,
+        host: x.dest_req,
+        avoid_hosts: vec![x.src],
+    };
+    let a: Allocation = c
+        .bus()
+        .send(AllocateHost {
+            vm: x.vm,
+            spec,
+            hold_disk: true,
+        })
+        .await?;
+    x.dest = Some(a.host);
+    Ok(())
+}
+
+/// Release whatever the VM holds on hosts other than its source.
+async fn release_destination(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
+    release_reservations(&c, x.vm, Some(x.src)).await
+}
+
+async fn migrate(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
+    let dest = x.dest.expect("destination allocated");
+    let src = c.host_target(x.src).await?;
+    let d = c.host_target(dest).await?;
+    let cmd = MigrateVmCmd {
+        vm: x.vm,
+        dest_address: d.address.to_string(),
+        dest_token: d.token.clone(),
+    };
+    match agent(&c, &src, &cmd).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // The answer may be lost while the VM did move: ask the destination.
+            if probe(&c, dest, x.vm).await == Some(PowerState::Running) {
+                tracing::info!(vm = %x.vm, error = %e, "migration reported failure but the VM runs on the destination");
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// If the VM already reached the destination, bring it back.
+async fn migrate_back(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
+    let Some(dest) = x.dest else { return Ok(()) };
+    if probe(&c, dest, x.vm).await != Some(PowerState::Running) {
+        return Ok(());
+    }
+    let d = c.host_target(dest).await?;
+    let s = c.host_target(x.src).await?;
+    let back = MigrateVmCmd {
+        vm: x.vm,
+        dest_address: s.address.to_string(),
+        dest_token: s.token.clone(),
+    };
+    agent(&c, &d, &back).await
+}
+
+async fn switch_host(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
+    let dest = x.dest.expect("destination allocated");
+    super::sync::relocate(&c, x.vm, x.src, dest, VmState::Migrating).await?;
+    let vm = c.get::<Vm>(x.vm).await?;
+    c.engine
+        .ext
+        .vm_after(VmOp::Migrate, &info(&vm), Ok(()))
+        .await;
+    Ok(())
+}

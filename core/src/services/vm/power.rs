@@ -1,0 +1,287 @@
+//! Start, stop and reboot. A VM on local storage starts on the host that holds its volumes.
+//! Stop and reboot pass their point of no return when the host acts; the steps after it are
+//! retried rather than rolled back, and after a crash recovery finishes a stop.
+
+use super::chain::{changed_meanwhile, l2s_of, l3s_of, release_reservations, step, vm_spec, Step};
+use super::{agent, info, set_state, STOP_GRACE};
+use crate::error::Error;
+use crate::extension::{AllocationSpec, VmOp};
+use crate::flow::{FlowChain, OnInterrupt};
+use crate::model::*;
+use crate::services::allocator::{AllocateHost, Allocation};
+use crate::services::Cloud;
+use crate::store::{Batch, Expect, Update, Value};
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use stratus_kvm_agent::protocol::{RebootVmCmd, StartVmCmd, StopVmCmd};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct PowerCtx {
+    pub(super) vm: Uuid,
+    /// The state before the operation (restored on rollback).
+    pub(super) prev: VmState,
+    pub(super) host: Option<Uuid>,
+    pub(super) force: bool,
+}
+
+impl PowerCtx {
+    pub(super) fn new(vm: Uuid, force: bool) -> Self {
+        PowerCtx {
+            vm,
+            prev: VmState::Unknown,
+            host: None,
+            force,
+        }
+    }
+}
+
+fn s(w: &Weak<Cloud>, name: &'static str, run: super::chain::StepFn<PowerCtx>) -> Step<PowerCtx> {
+    step(w, name, run)
+}
+
+pub(super) fn start_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
+    FlowChain::new("vm.start")
+        .then(
+            s(w, "starting", |c, x| Box::pin(starting(c, x)))
+                .undo(|c, x| Box::pin(starting_undo(c, x))),
+        )
+        .then(
+            s(w, "allocate-host", |c, x| Box::pin(allocate_home(c, x)))
+                .undo(|c, x| Box::pin(release_home(c, x))),
+        )
+        .then(
+            s(w, "start-on-hypervisor", |c, x| Box::pin(start(c, x)))
+                .undo(|c, x| Box::pin(force_off(c, x))),
+        )
+        .then(s(w, "mark-running", |c, x| Box::pin(started(c, x))))
+}
+
+pub(super) fn stop_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
+    FlowChain::new("vm.stop")
+        .on_interrupt(OnInterrupt::Finish)
+        .then(
+            s(w, "stopping", |c, x| Box::pin(stopping(c, x)))
+                .undo(|c, x| Box::pin(restore_prev(c, x))),
+        )
+        .then(
+            s(w, "stop-on-hypervisor", |c, x| Box::pin(stop(c, x)))
+                .undo(|c, x| Box::pin(run_again(c, x))),
+        )
+        .then(s(w, "release-host", |c, x| Box::pin(release_host(c, x))).forward())
+        .then(s(w, "mark-stopped", |c, x| Box::pin(stopped(c, x))).forward())
+}
+
+pub(super) fn reboot_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
+    FlowChain::new("vm.reboot")
+        .then(
+            s(w, "rebooting", |c, x| Box::pin(rebooting(c, x)))
+                .undo(|c, x| Box::pin(rebooting_undo(c, x))),
+        )
+        .then(s(w, "reboot-on-hypervisor", |c, x| Box::pin(reboot(c, x))))
+        .then(s(w, "mark-running", |c, x| Box::pin(rebooted(c, x))).forward())
+}
+
+async fn starting(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(x.vm).await?;
+    vm.state.check(vm.uuid, VmAction::Start)?;
+    c.engine.ext.vm_before(VmOp::Start, &info(&vm)).await?;
+    changed_meanwhile(
+        set_state(&c, x.vm, Some(VmState::Stopped), VmState::Starting).await?,
+        x.vm,
+    )
+}
+
+/// Back to Stopped from wherever the chain got (Starting, or Running when the last step failed).
+async fn starting_undo(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let now = c.get::<Vm>(x.vm).await?.state;
+    if matches!(now, VmState::Starting | VmState::Running) {
+        set_state(&c, x.vm, Some(now), VmState::Stopped).await?;
+    }
+    Ok(())
+}
+
+/// Reserve capacity on the VM's home host: where its root volume is.
+async fn allocate_home(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(x.vm).await?;
+    let root = match vm.root_volume_uuid {
+        Some(r) => c.get::<Volume>(r).await?,
+        None => {
+            return Err(Error::internal(format!(
+                "vm {} has no root volume",
+                vm.uuid
+            )))
+        }
+    };
+    let home = root
+        .host_uuid
+        .ok_or_else(|| Error::internal(format!("root volume {} is on no host", root.uuid)))?;
+    let spec = AllocationSpec {
+        cpu: vm.cpu,
+        memory_mb: vm.memory_mb,
+        disk_mb: 0,
+        l2_networks: l2s_of(&c, &l3s_of(&c, vm.uuid).await?).await?,
+        zone: Some(vm.zone_uuid),
+        cluster: vm.cluster_uuid,
+        host: Some(home),
+        avoid_hosts: vec![],
+    };
+    let a: Allocation = c
+        .bus()
+        .send(AllocateHost {
+            vm: vm.uuid,
+            spec,
+            hold_disk: false,
+        })
+        .await?;
+    x.host = Some(a.host);
+    c.db()
+        .commit(
+            Batch::new().update(
+                Update::of::<Vm>(vm.uuid)
+                    .set("host_uuid", a.host)
+                    .set("last_host_uuid", a.host),
+            ),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn release_home(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    release_reservations(&c, x.vm, None).await?;
+    c.db()
+        .commit(
+            Batch::new().update(
+                Update::of::<Vm>(x.vm)
+                    .expect(Expect::Maybe)
+                    .set("host_uuid", Value::Null),
+            ),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn start(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let target = c.host_target(x.host.expect("host allocated")).await?;
+    let spec = vm_spec(&c, x.vm).await?;
+    agent(&c, &target, &StartVmCmd { spec }).await
+}
+
+/// Undo a start: the VM is stopped (its definition stays on the host, as before).
+async fn force_off(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let Some(host) = x.host else { return Ok(()) };
+    let target = c.host_target(host).await?;
+    let cmd = StopVmCmd {
+        vm: x.vm,
+        graceful_timeout_ms: 0,
+        force: true,
+    };
+    agent(&c, &target, &cmd).await
+}
+
+async fn started(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    set_state(&c, x.vm, Some(VmState::Starting), VmState::Running).await?;
+    let vm = c.get::<Vm>(x.vm).await?;
+    c.engine.ext.vm_after(VmOp::Start, &info(&vm), Ok(())).await;
+    Ok(())
+}
+
+async fn stopping(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(x.vm).await?;
+    if vm.state == VmState::Stopping {
+        // Resumed by recovery.
+        x.host = vm.host_uuid;
+        return Ok(());
+    }
+    vm.state.check(vm.uuid, VmAction::Stop)?;
+    c.engine.ext.vm_before(VmOp::Stop, &info(&vm)).await?;
+    x.prev = vm.state;
+    x.host = vm.host_uuid;
+    changed_meanwhile(
+        set_state(&c, x.vm, Some(vm.state), VmState::Stopping).await?,
+        x.vm,
+    )
+}
+
+/// Put the state back as it was before the operation.
+pub(super) async fn restore_prev(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let now = c.get::<Vm>(x.vm).await?.state;
+    if now.is_transitional() && x.prev != VmState::Unknown {
+        set_state(&c, x.vm, Some(now), x.prev).await?;
+    }
+    Ok(())
+}
+
+async fn stop(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let Some(host) = x.host else { return Ok(()) };
+    let target = c.host_target(host).await?;
+    let grace: Duration = c.engine.config.get(&STOP_GRACE.key());
+    let cmd = StopVmCmd {
+        vm: x.vm,
+        graceful_timeout_ms: grace.as_millis() as u64,
+        force: x.force,
+    };
+    agent(&c, &target, &cmd).await
+}
+
+/// Undo a host action that may have stopped or removed the VM: run it again if it was running.
+pub(super) async fn run_again(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    if x.prev != VmState::Running {
+        return Ok(());
+    }
+    let Some(host) = x.host else { return Ok(()) };
+    let target = c.host_target(host).await?;
+    let spec = vm_spec(&c, x.vm).await?;
+    agent(&c, &target, &StartVmCmd { spec }).await
+}
+
+/// Return the VM's capacity (past the point of no return: retried).
+pub(super) async fn release_host(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    release_reservations(&c, x.vm, None).await?;
+    c.db()
+        .commit(Batch::new().update(Update::of::<Vm>(x.vm).set("host_uuid", Value::Null)))
+        .await?;
+    Ok(())
+}
+
+async fn stopped(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    set_state(&c, x.vm, Some(VmState::Stopping), VmState::Stopped).await?;
+    let vm = c.get::<Vm>(x.vm).await?;
+    c.engine.ext.vm_after(VmOp::Stop, &info(&vm), Ok(())).await;
+    Ok(())
+}
+
+async fn rebooting(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(x.vm).await?;
+    vm.state.check(vm.uuid, VmAction::Reboot)?;
+    c.engine.ext.vm_before(VmOp::Reboot, &info(&vm)).await?;
+    x.host = vm.host_uuid;
+    changed_meanwhile(
+        set_state(&c, x.vm, Some(VmState::Running), VmState::Rebooting).await?,
+        x.vm,
+    )
+}
+
+async fn rebooting_undo(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    set_state(&c, x.vm, Some(VmState::Rebooting), VmState::Running).await?;
+    Ok(())
+}
+
+async fn reboot(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    let host = x
+        .host
+        .ok_or_else(|| Error::internal("running VM without a host"))?;
+    let target = c.host_target(host).await?;
+    agent(&c, &target, &RebootVmCmd { vm: x.vm }).await
+}
+
+async fn rebooted(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    set_state(&c, x.vm, Some(VmState::Rebooting), VmState::Running).await?;
+    let vm = c.get::<Vm>(x.vm).await?;
+    c.engine
+        .ext
+        .vm_after(VmOp::Reboot, &info(&vm), Ok(()))
+        .await;
+    Ok(())
+}
