@@ -65,6 +65,9 @@ pub fn config_defs() -> Vec<&'static ConfigDef> {
     AGENT_TIMEOUTS.iter().collect()
 }
 
+/// How long handing a long command to an agent may take (the agent answers 202 at once).
+pub const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Where and how to reach a host's agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostTarget {
@@ -242,9 +245,16 @@ impl AgentClient {
             (H_TASK, task_s.as_str()),
             (H_CALLBACK, callback.as_str()),
         ];
+        // Handing the command over takes moments; only the work takes the command's timeout.
         let r = self
             .http
-            .post(host.address, C::PATH, &headers, body, timeout)
+            .post(
+                host.address,
+                C::PATH,
+                &headers,
+                body,
+                timeout.min(SUBMIT_TIMEOUT),
+            )
             .await
             .map_err(map_http)?;
         if r.status != 202 {

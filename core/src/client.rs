@@ -62,18 +62,24 @@ impl StratusClient {
         Ok((r.status, v))
     }
 
-    /// An API answer as a result: 2xx bodies, or the `{code, message}` (of the job) as an error.
-    fn outcome(status: u16, v: Value) -> Result<Value, Error> {
+    /// A plain API answer: the body of a 2xx, or its `{code, message}` as an error.
+    fn body(status: u16, v: Value) -> Result<Value, Error> {
         if (200..300).contains(&status) {
-            if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
-                return Err(serde_json::from_value(e.clone())
-                    .unwrap_or_else(|_| Error::internal(e.to_string())));
-            }
             return Ok(v);
         }
         let e = v.get("error").filter(|e| !e.is_null()).unwrap_or(&v);
         Err(serde_json::from_value(e.clone())
             .unwrap_or_else(|_| Error::internal(format!("HTTP {status}: {v}"))))
+    }
+
+    /// A job's answer: its result, or its error.
+    fn job_outcome(status: u16, v: Value) -> Result<Value, Error> {
+        let v = Self::body(status, v)?;
+        if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
+            return Err(serde_json::from_value(e.clone())
+                .unwrap_or_else(|_| Error::internal(e.to_string())));
+        }
+        Ok(v.get("result").cloned().unwrap_or(Value::Null))
     }
 
     fn timeout(&self) -> Duration {
@@ -84,7 +90,7 @@ impl StratusClient {
         let (s, v) = self
             .call("GET", path, None, Duration::from_secs(60))
             .await?;
-        Self::outcome(s, v)
+        Self::body(s, v)
     }
 
     /// Items of `resource` matching `conds` (`field=value` forms).
@@ -122,7 +128,7 @@ impl StratusClient {
                 uuid_of(&v, "job_uuid").ok_or_else(|| Error::internal(format!("no job in {v}")))?;
             return self.wait_job(job).await;
         }
-        Self::outcome(s, v).map(|v| v.get("result").cloned().unwrap_or(Value::Null))
+        Self::job_outcome(s, v)
     }
 
     /// Create and wait; returns the created resource.
@@ -172,7 +178,7 @@ impl StratusClient {
             .call(method, path, body, Duration::from_secs(60))
             .await?;
         if s != 202 {
-            return Self::outcome(s, v)
+            return Self::body(s, v)
                 .and_then(|v| Err(Error::internal(format!("expected 202, got {s}: {v}"))));
         }
         Ok(Submitted {
@@ -188,8 +194,7 @@ impl StratusClient {
         loop {
             let v = self.get(&format!("/v1/jobs/{job}")).await?;
             match v["state"].as_str() {
-                Some("Succeeded") => return Ok(v.get("result").cloned().unwrap_or(Value::Null)),
-                Some("Failed") => return Self::outcome(200, v).map(|_| Value::Null),
+                Some("Succeeded") | Some("Failed") => return Self::job_outcome(200, v),
                 _ if tokio::time::Instant::now() >= deadline => {
                     return Err(Error::timeout(format!("job {job} did not finish in time")))
                 }
@@ -207,7 +212,7 @@ impl StratusClient {
                 Duration::from_secs(60),
             )
             .await?;
-        Self::outcome(s, v)
+        Self::body(s, v)
     }
 }
 

@@ -93,12 +93,9 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
         .select::<Vm>(&Query::of::<Vm>().eq("host_uuid", m.host))
         .await?;
     if !m.full {
-        for vm in on_host.iter().filter(|v| {
-            matches!(
-                v.state,
-                VmState::Running | VmState::Paused | VmState::Crashed
-            )
-        }) {
+        // Every VM on the host, whatever its state now: one in the middle of an operation is
+        // looked at again when the operation ends (the report waits in its queue).
+        for vm in on_host.iter() {
             let r = VmStateReport {
                 vm: vm.uuid,
                 host: m.host,
