@@ -203,7 +203,7 @@ fn stop_rolls_back_before_the_host_stops_and_completes_after() {
         for f in flows("vm.stop", &["release-host", "mark-stopped"]) {
             let out = case(&w, &f, || w.client.action("vms", vm, "stop", json!({}))).await;
             assert_eq!(
-                out.expect(&f.label())["state"],
+                out.unwrap_or_else(|e| panic!("{}: {e}", f.label()))["state"],
                 "Stopped",
                 "{}: retried to completion",
                 f.label()
@@ -295,7 +295,7 @@ fn destroy_rolls_back_before_the_host_destroys_and_completes_after() {
             );
             let out = case(&w, &f, || w.client.action("vms", vm, "destroy", json!({}))).await;
             assert_eq!(
-                out.expect(&f.label())["state"],
+                out.unwrap_or_else(|e| panic!("{}: {e}", f.label()))["state"],
                 "Destroyed",
                 "{}",
                 f.label()

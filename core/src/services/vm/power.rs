@@ -55,7 +55,10 @@ pub(super) fn start_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
             s(w, "start-on-hypervisor", |c, x| Box::pin(start(c, x)))
                 .undo(|c, x| Box::pin(force_off(c, x))),
         )
-        .then(s(w, "mark-running", |c, x| Box::pin(started(c, x))))
+        .then(
+            s(w, "mark-running", |c, x| Box::pin(started(c, x)))
+                .undo(|c, x| Box::pin(started_undo(c, x))),
+        )
 }
 
 pub(super) fn stop_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
@@ -95,10 +98,7 @@ async fn starting(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
 
 /// Back to Stopped from wherever the chain got (Starting, or Running when the last step failed).
 async fn starting_undo(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
-    let now = c.get::<Vm>(x.vm).await?.state;
-    if matches!(now, VmState::Starting | VmState::Running) {
-        set_state(&c, x.vm, Some(now), VmState::Stopped).await?;
-    }
+    set_state(&c, x.vm, Some(VmState::Starting), VmState::Stopped).await?;
     Ok(())
 }
 
@@ -184,6 +184,12 @@ async fn started(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
     set_state(&c, x.vm, Some(VmState::Starting), VmState::Running).await?;
     let vm = c.get::<Vm>(x.vm).await?;
     c.engine.ext.vm_after(VmOp::Start, &info(&vm), Ok(())).await;
+    Ok(())
+}
+
+/// Only this step makes the VM Running, so only its undo takes that back.
+async fn started_undo(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+    set_state(&c, x.vm, Some(VmState::Running), VmState::Stopped).await?;
     Ok(())
 }
 
