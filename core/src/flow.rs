@@ -53,6 +53,10 @@ pub trait Flow<C: Send>: Send + Sync + 'static {
 /// Attempts of a forward-only flow (backoff 100 ms doubling: about 25 s in all).
 pub const FORWARD_ATTEMPTS: u32 = 8;
 
+/// Attempts at a flow's rollback before its failure is recorded and the chain goes on: an
+/// agent command that fails once (a host busy for a moment) must not leave a leak behind.
+pub const ROLLBACK_ATTEMPTS: u32 = 4;
+
 /// What a chain's context must be: journaled as JSON.
 pub trait Context: Serialize + DeserializeOwned + Send + Sync + 'static {}
 impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Context for T {}
@@ -512,13 +516,25 @@ impl<C: Context> FlowChain<C> {
         let mut k = from;
         while k >= 0 {
             let flow = &self.flows[k as usize];
-            let r = match AssertUnwindSafe(flow.rollback(&mut ctx))
-                .catch_unwind()
-                .await
-            {
-                Ok(r) => r,
-                Err(p) => Err(panicked(flow.name(), p)),
-            };
+            let mut delay = Duration::from_millis(100);
+            let mut r = Ok(());
+            for attempt in 0..ROLLBACK_ATTEMPTS {
+                r = match AssertUnwindSafe(flow.rollback(&mut ctx))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(p) => Err(panicked(flow.name(), p)),
+                };
+                match &r {
+                    Err(e) if attempt + 1 < ROLLBACK_ATTEMPTS => {
+                        tracing::debug!(chain = self.name, flow = flow.name(), error = %e, attempt, "rollback failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                    _ => break,
+                }
+            }
             if let Err(e) = r {
                 tracing::warn!(chain = self.name, flow = flow.name(), error = %e, "rollback failed; continuing");
                 errors.push((flow.name(), e));

@@ -29,7 +29,7 @@ pub async fn serve(listener: TcpListener, app: Router) {
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc);
+                .serve_connection(TokioIo::new(FlushOnWrite::new(stream)), svc);
             if let Err(e) = conn.await {
                 tracing::trace!(error = %e, "http connection ended with an error");
             }
@@ -149,9 +149,10 @@ impl HttpClient {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| HttpError::Connect(addr, e.to_string()))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| HttpError::Connect(addr, e.to_string()))?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(FlushOnWrite::new(stream)))
+                .await
+                .map_err(|e| HttpError::Connect(addr, e.to_string()))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::trace!(error = %e, "http client connection ended with an error");
@@ -252,6 +253,72 @@ impl HttpClient {
     ) -> Result<HttpResponse, HttpError> {
         let (addr, path) = parse_url(url)?;
         self.post(addr, &path, headers, body, timeout).await
+    }
+}
+
+/// A stream whose flush does nothing when nothing was written since the last one.
+///
+/// madsim's simulated `TcpStream` sends a message on every flush, also an empty one, and an
+/// empty message wakes the peer, whose hyper connection flushes in turn: two idle keep-alive
+/// connections would ping-pong empty messages for as long as the simulation runs (measured:
+/// most of the wall time of an idle simulated datacenter). Real sockets flush nothing then too,
+/// so the wrapper is harmless in the std build.
+struct FlushOnWrite<S> {
+    inner: S,
+    dirty: bool,
+}
+
+impl<S> FlushOnWrite<S> {
+    fn new(inner: S) -> Self {
+        FlushOnWrite {
+            inner,
+            dirty: false,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FlushOnWrite<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FlushOnWrite<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.dirty = true;
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.dirty {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let r = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(r, std::task::Poll::Ready(Ok(()))) {
+            self.dirty = false;
+        }
+        r
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -46,6 +46,8 @@ pub struct WorldSpec {
     pub config: Vec<(String, String)>,
     /// Hosts added at once while building.
     pub add_concurrency: usize,
+    /// Hosts that run (agent up) but are not added; [`World::add_host`] adds one.
+    pub spare_hosts: usize,
 }
 
 impl Default for WorldSpec {
@@ -80,6 +82,7 @@ impl Default for WorldSpec {
                 ("agent.timeout.volume_delete".into(), "60s".into()),
             ],
             add_concurrency: 64,
+            spare_hosts: 0,
         }
     }
 }
@@ -258,9 +261,26 @@ impl World {
         let dc = build_tree(&client, &spec).await?;
         let mut hosts = Vec::new();
         let mut i = 0;
-        for z in &dc.zones {
-            for cl in &z.clusters {
-                for _ in 0..spec.hosts_per_cluster {
+        let placed: Vec<Uuid> = dc
+            .zones
+            .iter()
+            .flat_map(|z| {
+                z.clusters
+                    .iter()
+                    .flat_map(|c| std::iter::repeat_n(*c, spec.hosts_per_cluster))
+            })
+            .chain(std::iter::repeat_n(
+                dc.zones
+                    .first()
+                    .and_then(|z| z.clusters.first())
+                    .copied()
+                    .unwrap_or_default(),
+                spec.spare_hosts,
+            ))
+            .collect();
+        {
+            {
+                for cl in &placed {
                     let ip = host_ip(i);
                     let token = format!("token-{i}");
                     let state = Arc::new(Mutex::new(SimHostState::new(spec.host)));
@@ -304,21 +324,37 @@ impl World {
         Ok(world)
     }
 
-    /// Add every host through the API, `add_concurrency` at a time.
+    fn add_host_request(&self, i: usize, cluster: Uuid) -> Value {
+        let h = &self.hosts[i];
+        json!({
+            "cluster_uuid": cluster,
+            "name": format!("host-{i}"),
+            "address": format!("{}:7070", h.ip),
+            "token": h.token,
+        })
+    }
+
+    /// Add host `i` (a spare, or one a cascade deleted) to `cluster` through the API.
+    pub async fn add_host(&mut self, i: usize, cluster: Uuid) -> Result<Value, Error> {
+        let v = self
+            .client
+            .create("hosts", self.add_host_request(i, cluster))
+            .await?;
+        self.hosts[i].uuid = uuid(&v["uuid"]);
+        self.hosts[i].cluster = cluster;
+        Ok(v)
+    }
+
+    /// Add every host but the spares through the API, `add_concurrency` at a time.
     async fn add_hosts(&mut self) -> Result<(), Error> {
-        let n = self.hosts.len();
+        let n = self.hosts.len() - self.spec.spare_hosts.min(self.hosts.len());
         let mut next = 0;
         while next < n {
             let end = (next + self.spec.add_concurrency.max(1)).min(n);
             let mut tasks = Vec::new();
-            for (i, h) in self.hosts[next..end].iter().enumerate() {
+            for i in next..end {
                 let c = self.client.clone();
-                let body = json!({
-                    "cluster_uuid": h.cluster,
-                    "name": format!("host-{}", next + i),
-                    "address": format!("{}:7070", h.ip),
-                    "token": h.token,
-                });
+                let body = self.add_host_request(i, self.hosts[i].cluster);
                 tasks.push(tokio::spawn(async move { c.create("hosts", body).await }));
             }
             for (i, t) in tasks.into_iter().enumerate() {

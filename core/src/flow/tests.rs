@@ -179,10 +179,15 @@ async fn a_failing_rollback_is_recorded_and_the_rest_still_roll_back() {
             "run b",
             "run c",
             "rollback c",
+            // A failing rollback is tried ROLLBACK_ATTEMPTS times before it is recorded.
+            "rollback b",
+            "rollback b",
+            "rollback b",
             "rollback b",
             "rollback a"
         ]
     );
+    assert_eq!(super::ROLLBACK_ATTEMPTS, 4);
 }
 
 /// Write a journal record as a dead node would have left it.

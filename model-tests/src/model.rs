@@ -1,0 +1,321 @@
+//! The reference model: what a case has asked for so far, enough to generate operations that
+//! name things that can exist and to keep shrinking meaningful (an operation on the third VM
+//! goes when the VM's creation is shrunk away; a restart goes with its crash).
+//!
+//! The model does not predict whether an operation succeeds (capacity, armed faults and a
+//! crashed host decide that); the runner keeps the expected state of each resource and checks
+//! every outcome against it.
+
+use crate::ops::{HostAction, Offering, Op, VmAction, FAILABLE};
+use proptest::prelude::*;
+use proptest::strategy::Union;
+use proptest_state_machine::ReferenceStateMachine;
+use std::collections::BTreeSet;
+
+/// Simulated hosts in the datacenter a case starts with (all added).
+pub const BASE_HOSTS: usize = 3;
+/// Simulated hosts that run but are not in the database until an `AddHost`.
+pub const SPARE_HOSTS: usize = 2;
+pub const ALL_HOSTS: usize = BASE_HOSTS + SPARE_HOSTS;
+/// Addresses in zone 0's first range (small, so exhaustion happens).
+pub const IPS: u16 = 24;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelState {
+    /// The madsim seed of the case.
+    pub seed: u64,
+    /// VMs and volumes asked for (created or not).
+    pub vms: usize,
+    pub volumes: usize,
+    /// Clusters and zones the case created (besides the datacenter's own, index 0).
+    pub clusters: usize,
+    pub zones: usize,
+    pub crashed: BTreeSet<usize>,
+    pub partitioned: BTreeSet<usize>,
+    pub mgmt_up: bool,
+}
+
+impl ModelState {
+    pub fn new(seed: u64) -> Self {
+        ModelState {
+            seed,
+            vms: 0,
+            volumes: 0,
+            clusters: 0,
+            zones: 0,
+            crashed: BTreeSet::new(),
+            partitioned: BTreeSet::new(),
+            mgmt_up: true,
+        }
+    }
+
+    /// Whether `op` may come next.
+    pub fn allows(&self, op: &Op) -> bool {
+        match op {
+            Op::Vm { vm, .. } => *vm < self.vms,
+            Op::CreateVolume { attach } => attach.is_none_or(|v| v < self.vms),
+            Op::AttachVolume { volume, vm } => *volume < self.volumes && *vm < self.vms,
+            Op::DetachVolume { volume } | Op::DeleteVolume { volume } => *volume < self.volumes,
+            Op::Host { host, .. } | Op::DeleteHost { host } => *host < ALL_HOSTS,
+            Op::AddHost { host } => (BASE_HOSTS..ALL_HOSTS).contains(host),
+            Op::DeleteCluster { cluster } => *cluster <= self.clusters,
+            Op::DeleteZone { zone } => *zone <= self.zones,
+            Op::CrashHost { host } => *host < ALL_HOSTS && !self.crashed.contains(host),
+            Op::RestartHost { host } => self.crashed.contains(host),
+            Op::PartitionHost { host } => *host < ALL_HOSTS && !self.partitioned.contains(host),
+            Op::HealHost { host } => self.partitioned.contains(host),
+            Op::KillMgmt => self.mgmt_up,
+            Op::RestartMgmt => !self.mgmt_up,
+            Op::CreateVm { .. }
+            | Op::CreateCluster
+            | Op::CreateZone
+            | Op::AddIpRange
+            | Op::FailNext { .. }
+            | Op::Settle => true,
+        }
+    }
+
+    pub fn apply(mut self, op: &Op) -> Self {
+        match op {
+            Op::CreateVm { .. } => self.vms += 1,
+            Op::CreateVolume { .. } => self.volumes += 1,
+            Op::CreateCluster => self.clusters += 1,
+            Op::CreateZone => self.zones += 1,
+            Op::CrashHost { host } => {
+                self.crashed.insert(*host);
+            }
+            Op::RestartHost { host } => {
+                self.crashed.remove(host);
+            }
+            Op::PartitionHost { host } => {
+                self.partitioned.insert(*host);
+            }
+            Op::HealHost { host } => {
+                self.partitioned.remove(host);
+            }
+            Op::KillMgmt => self.mgmt_up = false,
+            Op::RestartMgmt => self.mgmt_up = true,
+            _ => {}
+        }
+        self
+    }
+
+    /// The operations that may come next, weighted: mostly VM work, some volumes and
+    /// infrastructure, a steady trickle of faults.
+    pub fn next_ops(&self) -> BoxedStrategy<Op> {
+        let mut arms: Vec<(u32, BoxedStrategy<Op>)> = vec![
+            (
+                50,
+                (
+                    prop_oneof![
+                        4 => Just(Offering::Small),
+                        4 => Just(Offering::Medium),
+                        1 => Just(Offering::Huge)
+                    ],
+                    prop::option::weighted(0.2, 0..IPS + 2),
+                )
+                    .prop_map(|(offering, static_ip)| Op::CreateVm {
+                        offering,
+                        static_ip,
+                    })
+                    .boxed(),
+            ),
+            (
+                15,
+                prop::option::of(0..self.vms.max(1))
+                    .prop_map(|attach| Op::CreateVolume { attach })
+                    .boxed(),
+            ),
+            (
+                15,
+                (
+                    0..ALL_HOSTS,
+                    prop::sample::select(vec![
+                        HostAction::Maintenance,
+                        HostAction::Enable,
+                        HostAction::Disable,
+                    ]),
+                )
+                    .prop_map(|(host, action)| Op::Host { host, action })
+                    .boxed(),
+            ),
+            (
+                5,
+                (BASE_HOSTS..ALL_HOSTS)
+                    .prop_map(|host| Op::AddHost { host })
+                    .boxed(),
+            ),
+            (
+                5,
+                (0..ALL_HOSTS)
+                    .prop_map(|host| Op::DeleteHost { host })
+                    .boxed(),
+            ),
+            (5, Just(Op::CreateCluster).boxed()),
+            (5, Just(Op::CreateZone).boxed()),
+            // The datacenter's own cluster and zone go rarely (everything goes with them).
+            (1, Just(Op::DeleteCluster { cluster: 0 }).boxed()),
+            (1, Just(Op::DeleteZone { zone: 0 }).boxed()),
+            (5, Just(Op::AddIpRange).boxed()),
+            (
+                30,
+                (prop::sample::select(FAILABLE.to_vec()), 1..=3u32)
+                    .prop_map(|(kind, n)| Op::FailNext { kind, n })
+                    .boxed(),
+            ),
+            (15, Just(Op::Settle).boxed()),
+        ];
+        if self.clusters > 0 {
+            arms.push((
+                10,
+                (1..=self.clusters)
+                    .prop_map(|cluster| Op::DeleteCluster { cluster })
+                    .boxed(),
+            ));
+        }
+        if self.zones > 0 {
+            arms.push((
+                10,
+                (1..=self.zones)
+                    .prop_map(|zone| Op::DeleteZone { zone })
+                    .boxed(),
+            ));
+        }
+        if self.vms > 0 {
+            arms.push((
+                110,
+                (0..self.vms, prop::sample::select(VmAction::ALL.to_vec()))
+                    .prop_map(|(vm, action)| Op::Vm { vm, action })
+                    .boxed(),
+            ));
+        }
+        if self.volumes > 0 {
+            let (vols, vms) = (self.volumes, self.vms.max(1));
+            arms.push((
+                20,
+                prop_oneof![
+                    (0..vols, 0..vms).prop_map(|(volume, vm)| Op::AttachVolume { volume, vm }),
+                    (0..vols).prop_map(|volume| Op::DetachVolume { volume }),
+                    (0..vols).prop_map(|volume| Op::DeleteVolume { volume }),
+                ]
+                .boxed(),
+            ));
+        }
+        let up: Vec<usize> = (0..ALL_HOSTS)
+            .filter(|h| !self.crashed.contains(h))
+            .collect();
+        if !up.is_empty() {
+            arms.push((
+                5,
+                prop::sample::select(up)
+                    .prop_map(|host| Op::CrashHost { host })
+                    .boxed(),
+            ));
+        }
+        if !self.crashed.is_empty() {
+            let down: Vec<usize> = self.crashed.iter().copied().collect();
+            arms.push((
+                20,
+                prop::sample::select(down)
+                    .prop_map(|host| Op::RestartHost { host })
+                    .boxed(),
+            ));
+        }
+        let whole: Vec<usize> = (0..ALL_HOSTS)
+            .filter(|h| !self.partitioned.contains(h))
+            .collect();
+        if !whole.is_empty() {
+            arms.push((
+                5,
+                prop::sample::select(whole)
+                    .prop_map(|host| Op::PartitionHost { host })
+                    .boxed(),
+            ));
+        }
+        if !self.partitioned.is_empty() {
+            let cut: Vec<usize> = self.partitioned.iter().copied().collect();
+            arms.push((
+                20,
+                prop::sample::select(cut)
+                    .prop_map(|host| Op::HealHost { host })
+                    .boxed(),
+            ));
+        }
+        if self.mgmt_up {
+            arms.push((5, Just(Op::KillMgmt).boxed()));
+        } else {
+            arms.push((30, Just(Op::RestartMgmt).boxed()));
+        }
+        Union::new_weighted(arms).boxed()
+    }
+}
+
+/// The proptest-state-machine glue: the initial state carries the case's madsim seed.
+pub struct Model;
+
+impl ReferenceStateMachine for Model {
+    type State = ModelState;
+    type Transition = Op;
+
+    fn init_state() -> BoxedStrategy<ModelState> {
+        any::<u64>().no_shrink().prop_map(ModelState::new).boxed()
+    }
+
+    fn transitions(state: &ModelState) -> BoxedStrategy<Op> {
+        state.next_ops()
+    }
+
+    fn apply(state: ModelState, op: &Op) -> ModelState {
+        state.apply(op)
+    }
+
+    fn preconditions(state: &ModelState, op: &Op) -> bool {
+        state.allows(op)
+    }
+}
+
+/// Whether a whole sequence is valid from a fresh state (replay files are checked with it).
+pub fn valid_sequence(seed: u64, ops: &[Op]) -> Result<(), String> {
+    let mut s = ModelState::new(seed);
+    for (i, op) in ops.iter().enumerate() {
+        if !s.allows(op) {
+            return Err(format!("operation {i} ({op}) is not allowed there"));
+        }
+        s = s.apply(op);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    #[test]
+    fn generated_sequences_satisfy_their_preconditions() {
+        let mut runner = TestRunner::new(Config {
+            cases: 64,
+            ..Config::default()
+        });
+        runner
+            .run(&Model::sequential_strategy(1..60usize), |(s, ops, _)| {
+                prop_assert!(valid_sequence(s.seed, &ops).is_ok());
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_restart_needs_its_crash() {
+        let s = ModelState::new(1);
+        assert!(!s.allows(&Op::RestartHost { host: 0 }));
+        let s = s.apply(&Op::CrashHost { host: 0 });
+        assert!(s.allows(&Op::RestartHost { host: 0 }));
+        assert!(!s.allows(&Op::CrashHost { host: 0 }));
+        assert!(!s.allows(&Op::Vm {
+            vm: 0,
+            action: VmAction::Start
+        }));
+        assert!(valid_sequence(1, &[Op::KillMgmt, Op::KillMgmt]).is_err());
+    }
+}

@@ -1,0 +1,223 @@
+//! The operations a model-based case is made of: API calls, faults, and "settle".
+//!
+//! Operations name resources by their place in the case (the `vm`-th VM the case created, the
+//! `host`-th simulated host), never by uuid, so a shrunk or replayed case means the same thing.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use stratus_kvm_agent::protocol::CommandKind;
+
+/// An instance offering: two that fit and one that fits nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Offering {
+    Small,
+    Medium,
+    Huge,
+}
+
+impl Offering {
+    pub fn name(self) -> &'static str {
+        match self {
+            Offering::Small => "small",
+            Offering::Medium => "medium",
+            Offering::Huge => "huge",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmAction {
+    Start,
+    Stop,
+    Reboot,
+    Migrate,
+    Destroy,
+    Recover,
+    Expunge,
+}
+
+impl VmAction {
+    pub const ALL: [VmAction; 7] = [
+        VmAction::Start,
+        VmAction::Stop,
+        VmAction::Reboot,
+        VmAction::Migrate,
+        VmAction::Destroy,
+        VmAction::Recover,
+        VmAction::Expunge,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            VmAction::Start => "start",
+            VmAction::Stop => "stop",
+            VmAction::Reboot => "reboot",
+            VmAction::Migrate => "migrate",
+            VmAction::Destroy => "destroy",
+            VmAction::Recover => "recover",
+            VmAction::Expunge => "expunge",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostAction {
+    Maintenance,
+    Enable,
+    Disable,
+}
+
+impl HostAction {
+    pub fn state(self) -> &'static str {
+        match self {
+            HostAction::Maintenance => "Maintenance",
+            HostAction::Enable => "Enabled",
+            HostAction::Disable => "Disabled",
+        }
+    }
+}
+
+/// Agent commands a case may make fail (the ones operations issue; pings and connects are
+/// exercised by the host faults instead).
+pub const FAILABLE: [CommandKind; 10] = [
+    CommandKind::VmStart,
+    CommandKind::VmStop,
+    CommandKind::VmReboot,
+    CommandKind::VmDestroy,
+    CommandKind::VmMigrate,
+    CommandKind::VmReceive,
+    CommandKind::VolumeCreate,
+    CommandKind::VolumeDelete,
+    CommandKind::VolumeAttach,
+    CommandKind::VolumeDetach,
+];
+
+/// One step of a case.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Create a VM on zone 0's network; `static_ip` is an offset into the zone's first range.
+    CreateVm {
+        offering: Offering,
+        static_ip: Option<u16>,
+    },
+    Vm {
+        vm: usize,
+        action: VmAction,
+    },
+    /// Create a data volume, attached to a VM of the case or detached.
+    CreateVolume {
+        attach: Option<usize>,
+    },
+    AttachVolume {
+        volume: usize,
+        vm: usize,
+    },
+    DetachVolume {
+        volume: usize,
+    },
+    DeleteVolume {
+        volume: usize,
+    },
+    Host {
+        host: usize,
+        action: HostAction,
+    },
+    /// Add a simulated host (one not yet in the database) to the newest cluster.
+    AddHost {
+        host: usize,
+    },
+    DeleteHost {
+        host: usize,
+    },
+    /// A cluster in zone 0 with the zone's network and storage attached.
+    CreateCluster,
+    /// Delete cluster `cluster` (0 is the one the datacenter was built with), cascading.
+    DeleteCluster {
+        cluster: usize,
+    },
+    CreateZone,
+    /// Delete zone `zone` (0 is the datacenter's own), cascading.
+    DeleteZone {
+        zone: usize,
+    },
+    /// Another address range on zone 0's network.
+    AddIpRange,
+    CrashHost {
+        host: usize,
+    },
+    RestartHost {
+        host: usize,
+    },
+    PartitionHost {
+        host: usize,
+    },
+    HealHost {
+        host: usize,
+    },
+    /// The next `n` agent commands of `kind` fail (on any host).
+    FailNext {
+        kind: CommandKind,
+        n: u32,
+    },
+    KillMgmt,
+    RestartMgmt,
+    /// Let time pass until nothing is in flight.
+    Settle,
+}
+
+impl Op {
+    /// Faults, as opposed to API operations.
+    pub fn is_fault(&self) -> bool {
+        matches!(
+            self,
+            Op::CrashHost { .. }
+                | Op::RestartHost { .. }
+                | Op::PartitionHost { .. }
+                | Op::HealHost { .. }
+                | Op::FailNext { .. }
+                | Op::KillMgmt
+                | Op::RestartMgmt
+        )
+    }
+
+    /// The kind name used in statistics ("fault kinds injected").
+    pub fn kind(&self) -> String {
+        match self {
+            Op::CreateVm { .. } => "create_vm".into(),
+            Op::Vm { action, .. } => format!("vm_{}", action.name()),
+            Op::CreateVolume { .. } => "create_volume".into(),
+            Op::AttachVolume { .. } => "attach_volume".into(),
+            Op::DetachVolume { .. } => "detach_volume".into(),
+            Op::DeleteVolume { .. } => "delete_volume".into(),
+            Op::Host { action, .. } => format!("host_{}", action.state().to_lowercase()),
+            Op::AddHost { .. } => "add_host".into(),
+            Op::DeleteHost { .. } => "delete_host".into(),
+            Op::CreateCluster => "create_cluster".into(),
+            Op::DeleteCluster { .. } => "delete_cluster".into(),
+            Op::CreateZone => "create_zone".into(),
+            Op::DeleteZone { .. } => "delete_zone".into(),
+            Op::AddIpRange => "add_ip_range".into(),
+            Op::CrashHost { .. } => "crash_host".into(),
+            Op::RestartHost { .. } => "restart_host".into(),
+            Op::PartitionHost { .. } => "partition_host".into(),
+            Op::HealHost { .. } => "heal_host".into(),
+            Op::FailNext { kind, .. } => format!("fail_next:{}", kind.as_str()),
+            Op::KillMgmt => "kill_mgmt".into(),
+            Op::RestartMgmt => "restart_mgmt".into(),
+            Op::Settle => "settle".into(),
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match serde_json::to_string(self) {
+            Ok(s) => f.write_str(&s),
+            Err(_) => write!(f, "{self:?}"),
+        }
+    }
+}

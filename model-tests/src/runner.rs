@@ -1,0 +1,766 @@
+//! Runs a case against the real management stack in the simulated datacenter and checks the
+//! invariants after every step (simulation build only).
+//!
+//! After each operation:
+//! - the books (invariants 1–3: capacity, addresses, storage) must balance;
+//! - while no host or management-node fault is in effect, the database must show exactly the
+//!   expected state of every VM and data volume of the case (invariant 6): a successful
+//!   operation changed its target as it says, a failed one changed nothing at all (the census
+//!   of VMs, NICs, addresses, volumes, reservations and used capacity is as before).
+//!
+//! A `Settle` must reach quiescence (invariant 4) and, with no fault in effect, the database
+//! and the simulated hosts must agree (invariant 5). At the end every fault is healed, the
+//! world settles, every host that is up must be connected again, and all invariants hold.
+
+use crate::case::Case;
+use crate::model::{BASE_HOSTS, IPS, SPARE_HOSTS};
+use crate::ops::{HostAction, Op, VmAction};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use stratus_core::error::{Error, ErrorCode};
+use stratus_core::model::{Host, HostStatus, Vm, Volume, VolumeType};
+use stratus_core::store::{Query, Row};
+use stratus_sim_world::invariants::{census, check, check_books, Census};
+use stratus_sim_world::{HostProfile, Trace, World, WorldSpec};
+use uuid::Uuid;
+
+/// Simulated time one `Settle` (and the final settle) may take.
+const SETTLE_MAX: Duration = Duration::from_secs(900);
+/// Longer than two ping intervals of the world's configuration (10 s) plus a ping timeout.
+const PING_CYCLE: Duration = Duration::from_secs(30);
+
+/// What a case did and found.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Operations run (all of them unless a violation stopped the case).
+    pub ops_run: usize,
+    /// By operation kind: (succeeded, failed with a coded error, skipped: target never created).
+    pub by_kind: BTreeMap<String, (u64, u64, u64)>,
+    /// Faults injected: fault operations by kind and agent faults that fired.
+    pub faults: BTreeMap<String, u64>,
+    pub sim_time: Duration,
+    pub hash: u64,
+    pub violation: Option<Violation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Index of the operation after which it was found (`ops.len()` for the final check).
+    pub step: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "after step {}: {}", self.step, self.message)
+    }
+}
+
+/// The datacenter every case runs in: one zone, one cluster of small hosts (so capacity runs
+/// out), two spare hosts, a small address range (so addresses run out).
+pub fn world_spec(case: &Case) -> WorldSpec {
+    let mut spec = WorldSpec {
+        seed: case.seed,
+        hosts_per_cluster: BASE_HOSTS,
+        spare_hosts: SPARE_HOSTS,
+        host: HostProfile {
+            cpu_cores: 8,
+            memory_mb: 16_384,
+            disk_mb: 200_000,
+        },
+        ips_per_zone: IPS as u32,
+        ..Default::default()
+    };
+    if case.planted_bug {
+        spec.config
+            .push(("debug.bug.leak_ip_on_create_rollback".into(), "true".into()));
+    }
+    spec
+}
+
+/// Run `case` in its own simulation.
+pub fn run_case(case: &Case) -> Outcome {
+    run_case_logged(case, false)
+}
+
+/// Run `case`, printing every operation's outcome when `log` is set (replays do).
+pub fn run_case_logged(case: &Case, log: bool) -> Outcome {
+    let slot = Arc::new(Mutex::new(None));
+    let out = slot.clone();
+    let case2 = case.clone();
+    World::run(world_spec(case), move |w| async move {
+        let mut r = Runner::new(w);
+        r.log = log;
+        let o = r.run(&case2).await;
+        *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(o);
+    });
+    let o = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    o.unwrap_or_else(|| Outcome {
+        violation: Some(Violation {
+            step: 0,
+            message: "the simulation ended without an outcome".into(),
+        }),
+        ..Default::default()
+    })
+}
+
+enum Res {
+    Ok,
+    Failed(Error),
+    /// The target was never created (its creation failed or was shrunk away).
+    Skipped,
+}
+
+/// The expected state of what the case created.
+#[derive(Default)]
+struct Expect {
+    /// VM uuid → state.
+    vms: BTreeMap<Uuid, String>,
+    /// Data volume uuid → the VM it is attached to.
+    volumes: BTreeMap<Uuid, Option<Uuid>>,
+}
+
+struct Runner {
+    w: World,
+    vms: Vec<Option<Uuid>>,
+    volumes: Vec<Option<Uuid>>,
+    /// Clusters usable for new hosts: the datacenter's, then the case's.
+    clusters: Vec<Option<Uuid>>,
+    zones: Vec<Option<Uuid>>,
+    ranges: u32,
+    expect: Expect,
+    /// A host or management-node fault happened since the last quiet settle: expectations
+    /// are off until the next one.
+    tainted: bool,
+    mgmt_up: bool,
+    crashed: BTreeSet<usize>,
+    partitioned: BTreeSet<usize>,
+    trace: Trace,
+    t0: tokio::time::Instant,
+    log: bool,
+    out: Outcome,
+}
+
+fn uuid_of(v: &Value) -> Option<Uuid> {
+    v["uuid"].as_str().and_then(|s| Uuid::parse_str(s).ok())
+}
+
+impl Runner {
+    fn new(w: World) -> Self {
+        let zone = &w.dc.zones[0];
+        let (clusters, zones) = (vec![zone.clusters.first().copied()], vec![Some(zone.zone)]);
+        Runner {
+            w,
+            vms: Vec::new(),
+            volumes: Vec::new(),
+            clusters,
+            zones,
+            ranges: 0,
+            expect: Expect::default(),
+            tainted: false,
+            mgmt_up: true,
+            crashed: BTreeSet::new(),
+            partitioned: BTreeSet::new(),
+            trace: Trace::new(),
+            t0: tokio::time::Instant::now(),
+            log: false,
+            out: Outcome::default(),
+        }
+    }
+
+    async fn run(&mut self, case: &Case) -> Outcome {
+        self.t0 = tokio::time::Instant::now();
+        for (i, op) in case.ops.iter().enumerate() {
+            let before = census(&self.w).await;
+            let res = self.apply(op).await;
+            self.out.ops_run = i + 1;
+            let (tag, code) = match &res {
+                Res::Ok => (0, "ok"),
+                Res::Failed(e) => (1, e.code.as_str()),
+                Res::Skipped => (2, "skipped"),
+            };
+            if self.log {
+                let why = match &res {
+                    Res::Failed(e) => format!(": {}", e.message),
+                    _ => String::new(),
+                };
+                println!(
+                    "  [{:>7.1} s] {i:>2}. {op} -> {code}{why}",
+                    self.t0.elapsed().as_secs_f64()
+                );
+            }
+            let e = self.out.by_kind.entry(op.kind()).or_default();
+            match tag {
+                0 => e.0 += 1,
+                1 => e.1 += 1,
+                _ => e.2 += 1,
+            }
+            if op.is_fault() {
+                *self.out.faults.entry(op.kind()).or_default() += 1;
+            }
+            let after = census(&self.w).await;
+            self.trace.record(
+                self.t0.elapsed().as_nanos(),
+                &format!("{i} {} {code} {after:?}", op.kind()),
+            );
+            if let Err(message) = self.verify(op, &res, &before, &after).await {
+                self.out.violation = Some(Violation { step: i, message });
+                return self.finish();
+            }
+        }
+        if let Err(message) = self.final_check().await {
+            self.out.violation = Some(Violation {
+                step: case.ops.len(),
+                message,
+            });
+        }
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Outcome {
+        for (k, n) in self.w.faults.fired() {
+            *self.out.faults.entry(format!("agent:{k}")).or_default() += n;
+        }
+        self.out.sim_time = self.t0.elapsed();
+        self.trace.record(
+            self.out.sim_time.as_nanos(),
+            &format!("end {:?}", self.out.violation),
+        );
+        self.out.hash = self.trace.hash();
+        std::mem::take(&mut self.out)
+    }
+
+    // ---- operations
+
+    async fn apply(&mut self, op: &Op) -> Res {
+        let c = self.w.client.clone();
+        let done = |r: Result<Value, Error>| match r {
+            Ok(_) => Res::Ok,
+            Err(e) => Res::Failed(e),
+        };
+        match op {
+            Op::CreateVm {
+                offering,
+                static_ip,
+            } => {
+                let mut body = self
+                    .w
+                    .vm_request(&format!("vm-{}", self.vms.len()), offering.name());
+                if let Some(o) = static_ip {
+                    let ip = u32::from(self.w.dc.zones[0].ip_range.0) + *o as u32;
+                    body["static_ips"] = json!({ self.w.dc.zones[0].l3.to_string(): Ipv4Addr::from(ip).to_string() });
+                }
+                let r = c.create("vms", body).await;
+                let id = r.as_ref().ok().and_then(uuid_of);
+                self.vms.push(id);
+                if let Some(id) = id {
+                    self.expect.vms.insert(id, "Running".into());
+                }
+                done(r)
+            }
+            Op::Vm { vm, action } => {
+                let Some(id) = self.vms[*vm] else {
+                    return Res::Skipped;
+                };
+                let r = c.action("vms", id, action.name(), json!({})).await;
+                if r.is_ok() {
+                    match action {
+                        VmAction::Expunge => {
+                            self.expect.vms.remove(&id);
+                        }
+                        a => {
+                            let s = match a {
+                                VmAction::Stop | VmAction::Recover => "Stopped",
+                                VmAction::Destroy => "Destroyed",
+                                _ => "Running",
+                            };
+                            self.expect.vms.insert(id, s.into());
+                        }
+                    }
+                    if matches!(action, VmAction::Destroy | VmAction::Expunge) {
+                        // Data volumes stay, detached (as in the reference design).
+                        for att in self.expect.volumes.values_mut() {
+                            if *att == Some(id) {
+                                *att = None;
+                            }
+                        }
+                    }
+                }
+                done(r)
+            }
+            Op::CreateVolume { attach } => {
+                let vm = match attach {
+                    Some(i) => match self.vms[*i] {
+                        Some(u) => Some(u),
+                        None => {
+                            self.volumes.push(None);
+                            return Res::Skipped;
+                        }
+                    },
+                    None => None,
+                };
+                let r = c
+                    .create(
+                        "volumes",
+                        json!({"name": format!("data-{}", self.volumes.len()),
+                               "disk_offering_uuid": self.w.dc.disk_offering, "vm_uuid": vm}),
+                    )
+                    .await;
+                let id = r.as_ref().ok().and_then(uuid_of);
+                self.volumes.push(id);
+                if let Some(id) = id {
+                    self.expect.volumes.insert(id, vm);
+                }
+                done(r)
+            }
+            Op::AttachVolume { volume, vm } => {
+                let (Some(vol), Some(vm)) = (self.volumes[*volume], self.vms[*vm]) else {
+                    return Res::Skipped;
+                };
+                let r = c
+                    .action("volumes", vol, "attach", json!({ "vm_uuid": vm }))
+                    .await;
+                if r.is_ok() {
+                    self.expect.volumes.insert(vol, Some(vm));
+                }
+                done(r)
+            }
+            Op::DetachVolume { volume } => {
+                let Some(vol) = self.volumes[*volume] else {
+                    return Res::Skipped;
+                };
+                let r = c.action("volumes", vol, "detach", json!({})).await;
+                if r.is_ok() {
+                    self.expect.volumes.insert(vol, None);
+                }
+                done(r)
+            }
+            Op::DeleteVolume { volume } => {
+                let Some(vol) = self.volumes[*volume] else {
+                    return Res::Skipped;
+                };
+                let r = c.delete("volumes", vol, false).await;
+                if r.is_ok() {
+                    self.expect.volumes.remove(&vol);
+                }
+                done(r)
+            }
+            Op::Host { host, action } => {
+                let Some(id) = self.w.hosts[*host].uuid else {
+                    return Res::Skipped;
+                };
+                let name = match action {
+                    HostAction::Maintenance => "maintenance",
+                    HostAction::Enable => "enable",
+                    HostAction::Disable => "disable",
+                };
+                done(c.action("hosts", id, name, json!({})).await)
+            }
+            Op::AddHost { host } => {
+                let Some(cluster) = self.clusters.iter().rev().flatten().next().copied() else {
+                    return Res::Skipped;
+                };
+                // A host already in the database is refused (already_exists).
+                done(self.w.add_host(*host, cluster).await)
+            }
+            Op::DeleteHost { host } => {
+                let Some(id) = self.w.hosts[*host].uuid else {
+                    return Res::Skipped;
+                };
+                let r = c.delete("hosts", id, true).await;
+                if r.is_ok() {
+                    self.w.hosts[*host].uuid = None;
+                }
+                done(r)
+            }
+            Op::CreateCluster => {
+                let z = &self.w.dc.zones[0];
+                let (zone, l2, ps) = (z.zone, z.l2, z.ps);
+                let n = self.clusters.len();
+                let r = async {
+                    let cl = c
+                        .create(
+                            "clusters",
+                            json!({"zone_uuid": zone, "name": format!("case-cluster-{n}")}),
+                        )
+                        .await?;
+                    let id = uuid_of(&cl).ok_or_else(|| Error::internal("no uuid"))?;
+                    c.action(
+                        "l2-networks",
+                        l2,
+                        "attach-cluster",
+                        json!({"cluster_uuid": id}),
+                    )
+                    .await?;
+                    c.action(
+                        "primary-storages",
+                        ps,
+                        "attach-cluster",
+                        json!({"cluster_uuid": id}),
+                    )
+                    .await?;
+                    Ok(cl)
+                }
+                .await;
+                self.clusters.push(r.as_ref().ok().and_then(uuid_of));
+                done(r)
+            }
+            Op::DeleteCluster { cluster } => {
+                let Some(id) = self.clusters.get(*cluster).copied().flatten() else {
+                    return Res::Skipped;
+                };
+                let r = c.delete("clusters", id, true).await;
+                if r.is_ok() {
+                    self.clusters[*cluster] = None;
+                    self.forget_hosts().await;
+                }
+                done(r)
+            }
+            Op::CreateZone => {
+                let n = self.zones.len();
+                let r = c
+                    .create("zones", json!({"name": format!("case-zone-{n}")}))
+                    .await;
+                self.zones.push(r.as_ref().ok().and_then(uuid_of));
+                done(r)
+            }
+            Op::DeleteZone { zone } => {
+                let Some(id) = self.zones.get(*zone).copied().flatten() else {
+                    return Res::Skipped;
+                };
+                let r = c.delete("zones", id, true).await;
+                if r.is_ok() {
+                    self.zones[*zone] = None;
+                    if *zone == 0 {
+                        self.clusters.iter_mut().for_each(|c| *c = None);
+                    }
+                    self.forget_hosts().await;
+                }
+                done(r)
+            }
+            Op::AddIpRange => {
+                self.ranges += 1;
+                let k = self.ranges;
+                let base = u32::from(self.w.dc.zones[0].ip_range.0) & 0xffff_0000 | (k << 8);
+                let ip = |n: u32| Ipv4Addr::from(base + n).to_string();
+                done(
+                    c.create(
+                        "ip-ranges",
+                        json!({"l3_uuid": self.w.dc.zones[0].l3, "start_ip": ip(10), "end_ip": ip(17),
+                               "gateway": ip(1), "prefix_len": 24}),
+                    )
+                    .await,
+                )
+            }
+            Op::CrashHost { host } => {
+                self.w.crash_host(*host);
+                self.crashed.insert(*host);
+                self.tainted = true;
+                Res::Ok
+            }
+            Op::RestartHost { host } => {
+                self.w.restart_host(*host);
+                self.crashed.remove(host);
+                Res::Ok
+            }
+            Op::PartitionHost { host } => {
+                self.w.partition_host(*host);
+                self.partitioned.insert(*host);
+                self.tainted = true;
+                Res::Ok
+            }
+            Op::HealHost { host } => {
+                self.w.heal_host(*host);
+                self.partitioned.remove(host);
+                Res::Ok
+            }
+            Op::FailNext { kind, n } => {
+                self.w.faults.fail_next(*kind, *n);
+                Res::Ok
+            }
+            Op::KillMgmt => {
+                self.w.kill_mgmt();
+                self.mgmt_up = false;
+                self.tainted = true;
+                Res::Ok
+            }
+            Op::RestartMgmt => {
+                self.w.restart_mgmt();
+                self.mgmt_up = true;
+                self.wait_for_api().await;
+                Res::Ok
+            }
+            Op::Settle => {
+                if !self.mgmt_up {
+                    return Res::Skipped;
+                }
+                match self.quiesce().await {
+                    Ok(()) => Res::Ok,
+                    Err(busy) => Res::Failed(Error::timeout(busy)),
+                }
+            }
+        }
+    }
+
+    /// Settle; after a host fault also let the ping tracker look at every host (a host that
+    /// crashed and came back between two pings is only found out by the next ping's VM list)
+    /// and settle again.
+    async fn quiesce(&self) -> Result<(), String> {
+        let quiet = |what: &'static str| async move {
+            self.w.settle(SETTLE_MAX).await.map(|_| ()).map_err(|busy| {
+                format!(
+                    "{what}: not quiescent after {} s: {busy}",
+                    SETTLE_MAX.as_secs()
+                )
+            })
+        };
+        quiet("settle").await?;
+        if self.tainted {
+            tokio::time::sleep(PING_CYCLE).await;
+            quiet("settle after a ping cycle").await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_for_api(&self) {
+        for _ in 0..600 {
+            if self.w.client.get("/v1/health").await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Hosts the database no longer has (a cascade took them) are spare again.
+    async fn forget_hosts(&mut self) {
+        let known: BTreeSet<Uuid> = self
+            .w
+            .db
+            .select::<Host>(&Query::of::<Host>())
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| h.uuid)
+            .collect();
+        for h in &mut self.w.hosts {
+            if h.uuid.is_some_and(|u| !known.contains(&u)) {
+                h.uuid = None;
+            }
+        }
+    }
+
+    fn calm(&self) -> bool {
+        self.mgmt_up && self.crashed.is_empty() && self.partitioned.is_empty()
+    }
+
+    // ---- checks
+
+    async fn verify(
+        &mut self,
+        op: &Op,
+        res: &Res,
+        before: &Census,
+        after: &Census,
+    ) -> Result<(), String> {
+        let books = check_books(&self.w).await;
+        if !books.is_empty() {
+            return Err(books.join("\n"));
+        }
+        match (op, res) {
+            (Op::Settle, Res::Failed(e)) => return Err(e.message.clone()),
+            (Op::Settle, Res::Ok) if self.calm() => {
+                let bad = check(&self.w).await;
+                if !bad.is_empty() {
+                    return Err(bad.join("\n"));
+                }
+                if self.tainted {
+                    self.resync().await;
+                    self.tainted = false;
+                }
+            }
+            _ => {}
+        }
+        if self.tainted {
+            return Ok(());
+        }
+        // Operations whose effects reach beyond their target: take the database's word for the
+        // expectations after them (the books and the host agreement still hold them to account).
+        let wide = matches!(
+            op,
+            Op::Host {
+                action: HostAction::Maintenance,
+                ..
+            } | Op::DeleteHost { .. }
+                | Op::DeleteCluster { .. }
+                | Op::DeleteZone { .. }
+        );
+        if let Res::Failed(e) = res {
+            // The database as before; what a failed clean-up left on a host is the state
+            // sync's to remove, and invariant 5 checks that it did at the next settle.
+            let books = |c: &Census| Census {
+                host_vms: 0,
+                host_volumes: 0,
+                ..c.clone()
+            };
+            if !wide && books(before) != books(after) {
+                return Err(format!(
+                    "{op} failed ({}: {}) but changed the world:\n  before {before:?}\n  after  {after:?}",
+                    e.code, e.message
+                ));
+            }
+            if matches!(e.code, ErrorCode::Internal | ErrorCode::NoHandler) {
+                return Err(format!("{op} failed with an uncoded error: {}", e.message));
+            }
+        }
+        if wide {
+            self.resync().await;
+        }
+        if let (Op::Host { host, action }, Res::Ok) = (op, res) {
+            self.check_host_state(*host, *action).await?;
+        }
+        self.compare().await
+    }
+
+    async fn check_host_state(&self, i: usize, action: HostAction) -> Result<(), String> {
+        let Some(id) = self.w.hosts[i].uuid else {
+            return Ok(());
+        };
+        let Ok(Some(h)) = self.w.db.get::<Host>(id).await else {
+            return Err(format!("host {id} vanished"));
+        };
+        if h.state.as_str() != action.state() {
+            return Err(format!(
+                "host {id} is {} after {action:?} succeeded",
+                h.state
+            ));
+        }
+        if action == HostAction::Maintenance {
+            let vms = self.db_vms().await;
+            if let Some(v) = vms
+                .iter()
+                .find(|v| v.host_uuid == Some(id) && v.state.holds_capacity())
+            {
+                return Err(format!(
+                    "host {id} entered Maintenance with vm {} {} on it",
+                    v.uuid, v.state
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn db_vms(&self) -> Vec<Row<Vm>> {
+        self.w
+            .db
+            .select::<Vm>(&Query::of::<Vm>())
+            .await
+            .unwrap_or_default()
+    }
+
+    async fn db_data_volumes(&self) -> Vec<Row<Volume>> {
+        self.w
+            .db
+            .select::<Volume>(&Query::of::<Volume>())
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| v.kind == VolumeType::Data)
+            .collect()
+    }
+
+    /// Expectations := what the database holds.
+    async fn resync(&mut self) {
+        self.expect.vms = self
+            .db_vms()
+            .await
+            .into_iter()
+            .map(|v| (v.uuid, v.state.as_str().to_string()))
+            .collect();
+        self.expect.volumes = self
+            .db_data_volumes()
+            .await
+            .into_iter()
+            .map(|v| (v.uuid, v.vm_uuid))
+            .collect();
+    }
+
+    /// The database holds exactly the expected VMs and data volumes, in the expected states.
+    async fn compare(&self) -> Result<(), String> {
+        let db: BTreeMap<Uuid, String> = self
+            .db_vms()
+            .await
+            .into_iter()
+            .map(|v| (v.uuid, v.state.as_str().to_string()))
+            .collect();
+        if db != self.expect.vms {
+            return Err(format!(
+                "VMs differ from the model:\n  model    {:?}\n  database {db:?}",
+                self.expect.vms
+            ));
+        }
+        let vols: BTreeMap<Uuid, Option<Uuid>> = self
+            .db_data_volumes()
+            .await
+            .into_iter()
+            .map(|v| (v.uuid, v.vm_uuid))
+            .collect();
+        if vols != self.expect.volumes {
+            return Err(format!(
+                "data volumes differ from the model:\n  model    {:?}\n  database {vols:?}",
+                self.expect.volumes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Heal every fault, settle, wait for the hosts to reconnect, check everything.
+    async fn final_check(&mut self) -> Result<(), String> {
+        if !self.mgmt_up {
+            self.w.restart_mgmt();
+            self.mgmt_up = true;
+            self.wait_for_api().await;
+        }
+        for h in std::mem::take(&mut self.crashed) {
+            self.w.restart_host(h);
+        }
+        for h in std::mem::take(&mut self.partitioned) {
+            self.w.heal_host(h);
+        }
+        self.w
+            .settle(SETTLE_MAX)
+            .await
+            .map_err(|b| format!("final settle: not quiescent: {b}"))?;
+        // Hosts reconnect on their own (ping failures → reconnect).
+        let start = tokio::time::Instant::now();
+        loop {
+            let hosts = self
+                .w
+                .db
+                .select::<Host>(&Query::of::<Host>())
+                .await
+                .unwrap_or_default();
+            let stuck: Vec<String> = hosts
+                .iter()
+                .filter(|h| h.status != HostStatus::Connected)
+                .map(|h| format!("{} {}", h.uuid, h.status))
+                .collect();
+            if stuck.is_empty() {
+                break;
+            }
+            if start.elapsed() > SETTLE_MAX {
+                return Err(format!("hosts not connected again: {}", stuck.join(", ")));
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        self.tainted = true;
+        self.quiesce().await?;
+        let bad = check(&self.w).await;
+        if !bad.is_empty() {
+            return Err(bad.join("\n"));
+        }
+        Ok(())
+    }
+}
