@@ -75,7 +75,7 @@ async fn destroying(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
         vm.state.check(vm.uuid, VmAction::Destroy)?;
         c.engine.ext.vm_before(VmOp::Destroy, &info(&vm)).await?;
     }
-    x.prev = vm.state;
+    x.prev = Some(vm.state);
     x.host = vm.host_uuid.or(vm.last_host_uuid);
     changed_meanwhile(
         set_state(&c, x.vm, Some(vm.state), VmState::Destroying).await?,

@@ -20,8 +20,11 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct PowerCtx {
     pub(super) vm: Uuid,
-    /// The state before the operation (restored on rollback).
-    pub(super) prev: VmState,
+    /// The state before the operation (restored on rollback); None until the first step ran.
+    /// (Not `Unknown` for "unset": a VM on a disconnected host is Unknown, and a failed destroy
+    /// of it must put it back to Unknown, not leave it Destroying.)
+    #[serde(default)]
+    pub(super) prev: Option<VmState>,
     pub(super) host: Option<Uuid>,
     pub(super) force: bool,
 }
@@ -30,7 +33,7 @@ impl PowerCtx {
     pub(super) fn new(vm: Uuid, force: bool) -> Self {
         PowerCtx {
             vm,
-            prev: VmState::Unknown,
+            prev: None,
             host: None,
             force,
         }
@@ -202,7 +205,7 @@ async fn stopping(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
     }
     vm.state.check(vm.uuid, VmAction::Stop)?;
     c.engine.ext.vm_before(VmOp::Stop, &info(&vm)).await?;
-    x.prev = vm.state;
+    x.prev = Some(vm.state);
     x.host = vm.host_uuid;
     changed_meanwhile(
         set_state(&c, x.vm, Some(vm.state), VmState::Stopping).await?,
@@ -213,8 +216,8 @@ async fn stopping(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
 /// Put the state back as it was before the operation.
 pub(super) async fn restore_prev(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
     let now = c.get::<Vm>(x.vm).await?.state;
-    if now.is_transitional() && x.prev != VmState::Unknown {
-        set_state(&c, x.vm, Some(now), x.prev).await?;
+    if let (true, Some(prev)) = (now.is_transitional(), x.prev) {
+        set_state(&c, x.vm, Some(now), prev).await?;
     }
     Ok(())
 }
@@ -233,7 +236,7 @@ async fn stop(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
 
 /// Undo a host action that may have stopped or removed the VM: run it again if it was running.
 pub(super) async fn run_again(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
-    if x.prev != VmState::Running {
+    if x.prev != Some(VmState::Running) {
         return Ok(());
     }
     let Some(host) = x.host else { return Ok(()) };

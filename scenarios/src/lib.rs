@@ -1,0 +1,16 @@
+//! # stratus-scenario
+//!
+//! Declarative, seeded scenarios over the simulated datacenter and their reports:
+//! - [`spec`]: `scenarios/*.toml` — datacenter shape, workload phases, fault profile, seed,
+//!   checks (a malformed file is an error naming the line and the key);
+//! - [`run`] (simulation build): the runner — builds the world, runs the phases with faults,
+//!   settles, checks invariants and latency objectives;
+//! - [`stats`], [`report`], [`svg`]: latency histograms, `summary.json`, `report.md` and SVG
+//!   plots under `reports/<scenario>/<seed>/`.
+
+pub mod report;
+#[cfg(madsim)]
+pub mod run;
+pub mod spec;
+pub mod stats;
+pub mod svg;
