@@ -6,7 +6,7 @@
 //! crashed host decide that); the runner keeps the expected state of each resource and checks
 //! every outcome against it.
 
-use crate::ops::{HostAction, Offering, Op, VmAction, FAILABLE};
+use crate::ops::{AgentFault, HostAction, Offering, Op, VmAction, FAILABLE};
 use proptest::prelude::*;
 use proptest::strategy::Union;
 use proptest_state_machine::ReferenceStateMachine;
@@ -71,6 +71,7 @@ impl ModelState {
             | Op::CreateZone
             | Op::AddIpRange
             | Op::FailNext { .. }
+            | Op::AgentFault { .. }
             | Op::Settle => true,
         }
     }
@@ -161,6 +162,16 @@ impl ModelState {
                 30,
                 (prop::sample::select(FAILABLE.to_vec()), 1..=3u32)
                     .prop_map(|(kind, n)| Op::FailNext { kind, n })
+                    .boxed(),
+            ),
+            (
+                20,
+                (
+                    prop::sample::select(AgentFault::ALL.to_vec()),
+                    prop::sample::select(FAILABLE.to_vec()),
+                    1..=2u32,
+                )
+                    .prop_map(|(fault, kind, n)| Op::AgentFault { fault, kind, n })
                     .boxed(),
             ),
             (15, Just(Op::Settle).boxed()),

@@ -95,6 +95,38 @@ pub const FAILABLE: [CommandKind; 10] = [
     CommandKind::VolumeDetach,
 ];
 
+/// Agent faults beyond plain failure, armed for the next N commands of a kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentFault {
+    /// The host does the work, then reports failure.
+    FailAfter,
+    /// The command takes longer than its timeout.
+    Slow,
+    /// The result callback never arrives.
+    DropCallback,
+    /// The result callback arrives twice.
+    DuplicateCallback,
+}
+
+impl AgentFault {
+    pub const ALL: [AgentFault; 4] = [
+        AgentFault::FailAfter,
+        AgentFault::Slow,
+        AgentFault::DropCallback,
+        AgentFault::DuplicateCallback,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentFault::FailAfter => "fail_after",
+            AgentFault::Slow => "slow",
+            AgentFault::DropCallback => "drop_callback",
+            AgentFault::DuplicateCallback => "duplicate_callback",
+        }
+    }
+}
+
 /// One step of a case.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -163,6 +195,12 @@ pub enum Op {
         kind: CommandKind,
         n: u32,
     },
+    /// The next `n` agent commands of `kind` misbehave as `fault` says.
+    AgentFault {
+        fault: AgentFault,
+        kind: CommandKind,
+        n: u32,
+    },
     KillMgmt,
     RestartMgmt,
     /// Let time pass until nothing is in flight.
@@ -179,6 +217,7 @@ impl Op {
                 | Op::PartitionHost { .. }
                 | Op::HealHost { .. }
                 | Op::FailNext { .. }
+                | Op::AgentFault { .. }
                 | Op::KillMgmt
                 | Op::RestartMgmt
         )
@@ -206,6 +245,9 @@ impl Op {
             Op::PartitionHost { .. } => "partition_host".into(),
             Op::HealHost { .. } => "heal_host".into(),
             Op::FailNext { kind, .. } => format!("fail_next:{}", kind.as_str()),
+            Op::AgentFault { fault, kind, .. } => {
+                format!("{}:{}", fault.name(), kind.as_str())
+            }
             Op::KillMgmt => "kill_mgmt".into(),
             Op::RestartMgmt => "restart_mgmt".into(),
             Op::Settle => "settle".into(),

@@ -14,7 +14,7 @@
 
 use crate::case::Case;
 use crate::model::{BASE_HOSTS, IPS, SPARE_HOSTS};
-use crate::ops::{HostAction, Op, VmAction};
+use crate::ops::{AgentFault, HostAction, Op, VmAction};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -31,6 +31,8 @@ use uuid::Uuid;
 const SETTLE_MAX: Duration = Duration::from_secs(900);
 /// Longer than two ping intervals of the world's configuration (10 s) plus a ping timeout.
 const PING_CYCLE: Duration = Duration::from_secs(30);
+/// How much longer a slow agent command takes: past the world's agent timeouts (60 s).
+const SLOW_BY: Duration = Duration::from_secs(90);
 
 /// What a case did and found.
 #[derive(Debug, Clone, Default)]
@@ -135,6 +137,10 @@ struct Runner {
     /// A host or management-node fault happened since the last quiet settle: expectations
     /// are off until the next one.
     tainted: bool,
+    /// A slow command was armed in this case: one may still finish on its host after the
+    /// management side gave up on it (what it leaves is state sync's to clean up), so every
+    /// settle from then on waits past the slowness and a ping cycle.
+    slow_armed: bool,
     mgmt_up: bool,
     crashed: BTreeSet<usize>,
     partitioned: BTreeSet<usize>,
@@ -142,6 +148,15 @@ struct Runner {
     t0: tokio::time::Instant,
     log: bool,
     out: Outcome,
+}
+
+async fn settle_or_say(w: &World, what: &str) -> Result<(), String> {
+    w.settle(SETTLE_MAX).await.map(|_| ()).map_err(|busy| {
+        format!(
+            "{what}: not quiescent after {} s: {busy}",
+            SETTLE_MAX.as_secs()
+        )
+    })
 }
 
 fn uuid_of(v: &Value) -> Option<Uuid> {
@@ -161,6 +176,7 @@ impl Runner {
             ranges: 0,
             expect: Expect::default(),
             tainted: false,
+            slow_armed: false,
             mgmt_up: true,
             crashed: BTreeSet::new(),
             partitioned: BTreeSet::new(),
@@ -175,7 +191,14 @@ impl Runner {
         self.t0 = tokio::time::Instant::now();
         for (i, op) in case.ops.iter().enumerate() {
             let before = census(&self.w).await;
+            let slow_before = self.slow_fired();
             let res = self.apply(op).await;
+            if self.slow_fired() > slow_before {
+                // A command finished on its host after the management side gave up on it: the
+                // operation failed and rolled back, then the host did it anyway, and state sync
+                // takes the host's word. Expectations are off until the next calm settle.
+                self.tainted = true;
+            }
             self.out.ops_run = i + 1;
             let (tag, code) = match &res {
                 Res::Ok => (0, "ok"),
@@ -481,6 +504,20 @@ impl Runner {
                 self.w.faults.fail_next(*kind, *n);
                 Res::Ok
             }
+            Op::AgentFault { fault, kind, n } => {
+                let f = &self.w.faults;
+                match fault {
+                    AgentFault::FailAfter => f.fail_after_next(*kind, *n),
+                    // Longer than the world's agent timeouts (60 s).
+                    AgentFault::Slow => {
+                        self.slow_armed = true;
+                        f.slow_next(*kind, *n, SLOW_BY)
+                    }
+                    AgentFault::DropCallback => f.drop_callbacks(*kind, *n),
+                    AgentFault::DuplicateCallback => f.duplicate_callbacks(*kind, *n),
+                }
+                Res::Ok
+            }
             Op::KillMgmt => {
                 self.w.kill_mgmt();
                 self.mgmt_up = false;
@@ -508,19 +545,16 @@ impl Runner {
     /// Settle; after a host fault also let the ping tracker look at every host (a host that
     /// crashed and came back between two pings is only found out by the next ping's VM list)
     /// and settle again.
-    async fn quiesce(&self) -> Result<(), String> {
-        let quiet = |what: &'static str| async move {
-            self.w.settle(SETTLE_MAX).await.map(|_| ()).map_err(|busy| {
-                format!(
-                    "{what}: not quiescent after {} s: {busy}",
-                    SETTLE_MAX.as_secs()
-                )
-            })
-        };
-        quiet("settle").await?;
-        if self.tainted {
-            tokio::time::sleep(PING_CYCLE).await;
-            quiet("settle after a ping cycle").await?;
+    async fn quiesce(&mut self) -> Result<(), String> {
+        settle_or_say(&self.w, "settle").await?;
+        if self.tainted || self.slow_armed {
+            let wait = if self.slow_armed {
+                SLOW_BY + PING_CYCLE
+            } else {
+                PING_CYCLE
+            };
+            tokio::time::sleep(wait).await;
+            settle_or_say(&self.w, "settle after a ping cycle").await?;
         }
         Ok(())
     }
@@ -550,6 +584,16 @@ impl Runner {
                 h.uuid = None;
             }
         }
+    }
+
+    fn slow_fired(&self) -> u64 {
+        self.w
+            .faults
+            .fired()
+            .iter()
+            .filter(|(k, _)| k.starts_with("agent_slow"))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     fn calm(&self) -> bool {

@@ -59,7 +59,13 @@ pub(super) fn recover_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
 pub(super) fn expunge_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
     FlowChain::new("vm.expunge")
         .on_interrupt(OnInterrupt::Finish)
-        .then(s(w, "expunging", |c, x| Box::pin(expunging(c, x))))
+        .then(
+            // A host that cannot be reached keeps the volumes: the VM goes back to Destroyed
+            // and the expunge can be tried again (found by the model sweep: it stayed
+            // Expunging for good).
+            s(w, "expunging", |c, x| Box::pin(expunging(c, x)))
+                .undo(|c, x| Box::pin(restore_prev(c, x))),
+        )
         .then(s(w, "delete-volumes", |c, x| Box::pin(delete_volumes(c, x))).forward())
         .then(s(w, "delete-nics-and-vm", |c, x| Box::pin(delete_vm(c, x))).forward())
 }
@@ -192,6 +198,7 @@ async fn expunging(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
         c.engine.ext.vm_before(VmOp::Expunge, &info(&vm)).await?;
         set_state(&c, x.vm, Some(VmState::Destroyed), VmState::Expunging).await?;
     }
+    x.prev = Some(VmState::Destroyed);
     Ok(())
 }
 

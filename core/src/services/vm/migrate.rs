@@ -14,7 +14,7 @@ use crate::services::Cloud;
 use crate::store::Query;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Weak};
-use stratus_kvm_agent::protocol::{MigrateVmCmd, PowerState};
+use stratus_kvm_agent::protocol::{DeleteVolumeCmd, DestroyVmCmd, MigrateVmCmd, PowerState};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,10 +118,39 @@ async fn migrate(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
             // The answer may be lost while the VM did move: ask the destination.
             if probe(&c, dest, x.vm).await == Some(PowerState::Running) {
                 tracing::info!(vm = %x.vm, error = %e, "migration reported failure but the VM runs on the destination");
+                // The source saw a failure and kept its copy: remove it there, or the VM would
+                // run twice (found by the model sweep: the destination received the VM, then
+                // answered with a failure).
+                remove_source_copy(&c, x.src, x.vm).await;
                 Ok(())
             } else {
                 Err(e)
             }
+        }
+    }
+}
+
+/// Destroy the source's copy of a VM that moved, and its local volumes there once the copy is
+/// known to be gone. Best effort: what stays behind is logged.
+async fn remove_source_copy(c: &Arc<Cloud>, src: Uuid, vm: Uuid) {
+    let Ok(target) = c.host_target(src).await else {
+        return;
+    };
+    if let Err(e) = agent(c, &target, &DestroyVmCmd { vm }).await {
+        // A failure may be reported after the work was done: ask.
+        if probe(c, src, vm).await.is_some() {
+            tracing::warn!(vm = %vm, error = %e, "cannot remove the source's copy of a migrated VM");
+            return;
+        }
+    }
+    let volumes = c
+        .db()
+        .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", vm))
+        .await
+        .unwrap_or_default();
+    for v in volumes {
+        if let Err(e) = agent(c, &target, &DeleteVolumeCmd { volume: v.uuid }).await {
+            tracing::warn!(volume = %v.uuid, error = %e, "cannot remove the source's copy of a migrated volume");
         }
     }
 }

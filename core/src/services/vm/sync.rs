@@ -294,7 +294,18 @@ pub(crate) async fn relocate(
     }
     c.allocator.release(c, vm, from).await?;
     if to_res.is_none() && !take_capacity(c, vm, &row, to).await {
-        tracing::warn!(%vm, host = %to, "relocated VM holds no capacity on its new host");
+        // Running where it cannot be accounted (the host is full or disabled): stop it there,
+        // so that the books stay true (found by the model sweep: a migration that finished on
+        // a host after it timed out, onto a host disabled meanwhile).
+        tracing::warn!(%vm, host = %to, "relocated VM cannot hold capacity on its new host; stopping it");
+        let target = c.host_target(to).await?;
+        let stop = stratus_kvm_agent::protocol::StopVmCmd {
+            vm,
+            graceful_timeout_ms: 0,
+            force: true,
+        };
+        agent(c, &target, &stop).await?;
+        set_state(c, vm, Some(VmState::Running), VmState::Stopped).await?;
     }
     c.bus().publish(
         "/vm/state/change",
