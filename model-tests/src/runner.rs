@@ -141,6 +141,9 @@ struct Runner {
     /// management side gave up on it (what it leaves is state sync's to clean up), so every
     /// settle from then on waits past the slowness and a ping cycle.
     slow_armed: bool,
+    /// A failed operation left something on a host (its clean-up failed too): state sync
+    /// removes it at a later ping, so the next settle waits for pings.
+    orphans: bool,
     mgmt_up: bool,
     crashed: BTreeSet<usize>,
     partitioned: BTreeSet<usize>,
@@ -177,6 +180,7 @@ impl Runner {
             expect: Expect::default(),
             tainted: false,
             slow_armed: false,
+            orphans: false,
             mgmt_up: true,
             crashed: BTreeSet::new(),
             partitioned: BTreeSet::new(),
@@ -547,12 +551,16 @@ impl Runner {
     /// and settle again.
     async fn quiesce(&mut self) -> Result<(), String> {
         settle_or_say(&self.w, "settle").await?;
-        if self.tainted || self.slow_armed {
+        if self.tainted || self.slow_armed || self.orphans {
             let wait = if self.slow_armed {
                 SLOW_BY + PING_CYCLE
+            } else if self.orphans {
+                // Armed failures may fail the first clean-up attempts too.
+                3 * PING_CYCLE
             } else {
                 PING_CYCLE
             };
+            self.orphans = false;
             tokio::time::sleep(wait).await;
             settle_or_say(&self.w, "settle after a ping cycle").await?;
         }
@@ -649,6 +657,9 @@ impl Runner {
                 host_volumes: 0,
                 ..c.clone()
             };
+            if (before.host_vms, before.host_volumes) != (after.host_vms, after.host_volumes) {
+                self.orphans = true;
+            }
             if !wide && books(before) != books(after) {
                 return Err(format!(
                     "{op} failed ({}: {}) but changed the world:\n  before {before:?}\n  after  {after:?}",

@@ -353,6 +353,9 @@ async fn sampler(s: Arc<Shared>, stop: Arc<AtomicBool>) {
         lock(&s.rec)
             .hosts_connected
             .push(((Instant::now() - s.t0).as_secs_f64(), n));
+        // madsim keeps a record of every task until its metrics are read: reading them now and
+        // then keeps a long run's memory flat (MADSIM-NOTES).
+        let _ = madsim::runtime::Handle::current().metrics();
         tokio::time::sleep(crate::stats::BUCKET).await;
     }
 }

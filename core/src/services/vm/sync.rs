@@ -420,6 +420,14 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
                 relocate(c, vm.uuid, other, r.host, vm.state).await?;
                 Ok("relocated".into())
             }
+            None if vm.last_host_uuid.is_some_and(|h| h != r.host) => {
+                // Stopped in the database, found running on another host than its last one:
+                // it moved there behind our back (a migration that finished after it timed
+                // out), volumes and all. Found by the model sweep.
+                let from = vm.last_host_uuid.unwrap_or(r.host);
+                relocate(c, vm.uuid, from, r.host, vm.state).await?;
+                Ok("relocated".into())
+            }
             None => {
                 // Running on its home host while the database says stopped.
                 if take_capacity(c, vm.uuid, &vm.data, r.host).await {
