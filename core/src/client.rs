@@ -32,7 +32,9 @@ fn uuid_of(v: &Value, key: &str) -> Option<Uuid> {
 impl StratusClient {
     pub fn new(addr: SocketAddr) -> Self {
         StratusClient {
-            http: HttpClient::new(64),
+            // Room for every request a busy driver has in flight (scenarios run 1,000 at once);
+            // idle ones close after `IDLE_TIMEOUT` anyway.
+            http: HttpClient::new(1024),
             addr,
             wait: Duration::from_secs(3600),
         }

@@ -1,10 +1,11 @@
 //! Jobs: every mutating operation is accepted at once with a job id; its state, progress and
 //! result (or coded error) are stored and can be queried or awaited.
 
+use crate::config::ConfigDef;
 use crate::error::{Error, ErrorCode};
 use crate::hashring::NodeId;
 use crate::ids::Ids;
-use crate::store::{Batch, Db, Expect, Millis, Query, Row, Update};
+use crate::store::{Batch, Db, Expect, Millis, Query, Row, Update, Value};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,24 @@ impl Row<Job> {
             self.error_message.clone().unwrap_or_default(),
         ))
     }
+}
+
+pub static RETENTION: ConfigDef = ConfigDef::duration(
+    "job.retention",
+    "How long a finished job stays readable before it is purged",
+    "24h",
+    60_000,
+    90 * 24 * 3_600_000,
+);
+
+/// How often each management node purges finished jobs past `job.retention`.
+pub const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// Jobs deleted per batch when purging.
+const PURGE_BATCH: u64 = 1000;
+
+pub fn config_defs() -> Vec<&'static ConfigDef> {
+    vec![&RETENTION]
 }
 
 type Waiters = Arc<Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>>;
@@ -159,6 +178,35 @@ impl Jobs {
             Ok(_) => Ok(()),
             Err(e) if e.code() == ErrorCode::ConditionFailed => Ok(()),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Delete the jobs that finished more than `keep` ago; returns how many went. Every node
+    /// may run this at once: deletes of rows already gone are no-ops.
+    pub async fn purge_finished(&self, keep: Duration) -> Result<usize, Error> {
+        let cutoff = crate::clock::now_ms().saturating_sub(keep.as_millis() as i64);
+        let mut gone = 0;
+        loop {
+            let old = self
+                .db
+                .select::<Job>(
+                    &Query::of::<Job>()
+                        .not_null("finished_ms")
+                        .lt("finished_ms", Value::Time(cutoff))
+                        .limit(PURGE_BATCH),
+                )
+                .await?;
+            let mut b = Batch::new();
+            for j in &old {
+                b = b.delete::<Job>(j.uuid, Expect::Maybe);
+            }
+            if !b.is_empty() {
+                self.db.commit(b).await?;
+            }
+            gone += old.len();
+            if (old.len() as u64) < PURGE_BATCH {
+                return Ok(gone);
+            }
         }
     }
 
@@ -302,6 +350,35 @@ mod tests {
         assert_eq!(done.error().unwrap().code, ErrorCode::CapacityExhausted);
         j.finish(id, Ok(serde_json::Value::Null)).await.unwrap();
         assert_eq!(j.get(id).await.unwrap().state, JobState::Failed);
+    }
+
+    #[tokio::test]
+    async fn finished_jobs_past_retention_are_purged_and_others_kept() {
+        let j = jobs();
+        let running = j.create("vm.stop", None).await.unwrap();
+        let recent = j.create("vm.start", None).await.unwrap();
+        j.finish(recent, Ok(serde_json::Value::Null)).await.unwrap();
+        let mut old = Vec::new();
+        for _ in 0..3 {
+            let id = j.create("vm.reboot", None).await.unwrap();
+            j.finish(id, Err(Error::timeout("x"))).await.unwrap();
+            let two_hours_ago = crate::clock::now_ms() - 2 * 3_600_000;
+            j.db.commit(
+                Batch::new()
+                    .update(Update::of::<Job>(id).set("finished_ms", Value::Time(two_hours_ago))),
+            )
+            .await
+            .unwrap();
+            old.push(id);
+        }
+        let hour = Duration::from_secs(3600);
+        assert_eq!(j.purge_finished(hour).await.unwrap(), 3);
+        for id in old {
+            assert_eq!(j.get(id).await.unwrap_err().code, ErrorCode::NotFound);
+        }
+        assert_eq!(j.get(running).await.unwrap().state, JobState::Running);
+        assert_eq!(j.get(recent).await.unwrap().state, JobState::Succeeded);
+        assert_eq!(j.purge_finished(hour).await.unwrap(), 0);
     }
 
     #[tokio::test]

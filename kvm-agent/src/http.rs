@@ -72,12 +72,52 @@ impl HttpResponse {
 
 type Sender = SendRequest<Full<Bytes>>;
 
+/// Idle keep-alive connections are closed after this long unused (as `reqwest` does after its
+/// pool idle timeout). It is shorter than the default ping interval (60 s), so a host that is
+/// only pinged holds no connection between pings: in the 30,000-host simulation idle
+/// connections were a third of the memory.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct Idle {
+    /// Per address, the idle connections with the time each was put back (newest last).
+    conns: HashMap<SocketAddr, Vec<(Sender, tokio::time::Instant)>>,
+    /// Whether a reaper task is running for this pool.
+    reaping: bool,
+}
+
 struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<Sender>>>,
+    idle: Mutex<Idle>,
     max_idle_per_host: usize,
 }
 
-/// A keep-alive HTTP/1.1 client. Cheap to clone; connections are reused per address.
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Closes connections idle for longer than [`IDLE_TIMEOUT`]; ends when the pool is empty or
+/// gone.
+async fn reap(pool: std::sync::Weak<Pool>) {
+    loop {
+        tokio::time::sleep(IDLE_TIMEOUT).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = tokio::time::Instant::now();
+        let mut idle = pool.lock();
+        idle.conns.retain(|_, list| {
+            list.retain(|(s, at)| now.duration_since(*at) < IDLE_TIMEOUT && !s.is_closed());
+            !list.is_empty()
+        });
+        if idle.conns.is_empty() {
+            idle.reaping = false;
+            return;
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 client. Cheap to clone; connections are reused per address and closed
+/// after [`IDLE_TIMEOUT`] unused.
 #[derive(Clone)]
 pub struct HttpClient {
     pool: Arc<Pool>,
@@ -108,16 +148,16 @@ impl HttpClient {
     pub fn new(max_idle_per_host: usize) -> Self {
         HttpClient {
             pool: Arc::new(Pool {
-                idle: Mutex::new(HashMap::new()),
+                idle: Mutex::new(Idle::default()),
                 max_idle_per_host,
             }),
         }
     }
 
     fn take_idle(&self, addr: SocketAddr) -> Option<Sender> {
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(&addr)?;
-        while let Some(s) = list.pop() {
+        let mut idle = self.pool.lock();
+        let list = idle.conns.get_mut(&addr)?;
+        while let Some((s, _)) = list.pop() {
             if !s.is_closed() {
                 return Some(s);
             }
@@ -129,20 +169,25 @@ impl HttpClient {
         if s.is_closed() {
             return;
         }
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(addr).or_default();
+        let mut idle = self.pool.lock();
+        let list = idle.conns.entry(addr).or_default();
         if list.len() < self.pool.max_idle_per_host {
-            list.push(s);
+            list.push((s, tokio::time::Instant::now()));
+        }
+        if !idle.reaping {
+            idle.reaping = true;
+            tokio::spawn(reap(Arc::downgrade(&self.pool)));
         }
     }
 
     /// Drop the idle connections to `addr` (after it restarted, say).
     pub fn forget(&self, addr: SocketAddr) {
-        self.pool
-            .idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&addr);
+        self.pool.lock().conns.remove(&addr);
+    }
+
+    /// Idle connections kept (all addresses).
+    pub fn idle_connections(&self) -> usize {
+        self.pool.lock().conns.values().map(Vec::len).sum()
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<Sender, HttpError> {

@@ -160,7 +160,8 @@ impl<H: Hypervisor> Agent<H> {
             let inner = self.inner.clone();
             tokio::spawn(async move {
                 while let Some(ev) = events.recv().await {
-                    Inner::report(&inner, ev).await;
+                    // Boxed: the forwarding task lives as long as the agent.
+                    Box::pin(Inner::report(&inner, ev)).await;
                 }
             });
         }
@@ -335,6 +336,7 @@ impl<H: Hypervisor> Agent<H> {
                         }
                         None => {}
                     }
+                    tracing::debug!(%task, path = C::PATH, body = %String::from_utf8_lossy(&body), "agent runs a command");
                     tokio::spawn(async move {
                         let fault = inner.faults.command(C::KIND);
                         if !fault.delay.is_zero() {

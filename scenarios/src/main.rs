@@ -26,6 +26,11 @@ mod sim {
     const USAGE: &str = "usage: stratus-scenario FILE [--seed S] [--reports DIR] [--quiet]";
 
     pub fn main() -> i32 {
+        // Logs of the management stack, off unless RUST_LOG asks (e.g. stratus_core=debug).
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
         let mut file: Option<PathBuf> = None;
         let mut seed: Option<u64> = None;
         let mut reports = PathBuf::from("reports");

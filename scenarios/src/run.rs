@@ -101,6 +101,17 @@ impl Shared {
         }
     }
 
+    /// Record an operation of the workers; when the API is down (a manager killed), wait a
+    /// second before the next one, as a real client backs off instead of spinning on errors.
+    async fn recorded(&self, kind: &str, started: Instant, r: &Result<Value, Error>) {
+        self.record(kind, started, r);
+        if r.as_ref()
+            .is_err_and(|e| e.code == stratus_core::error::ErrorCode::NodeUnavailable)
+        {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     fn fault(&self, kind: &str) {
         *lock(&self.fault_events)
             .entry(kind.to_string())
@@ -123,7 +134,7 @@ impl Shared {
         body["l3_network_uuids"] = json!([self.w.dc.zones[zone].l3]);
         let t = Instant::now();
         let r = self.w.client.create("vms", body).await;
-        self.record("create_vm", t, &r);
+        self.recorded("create_vm", t, &r).await;
         if let Some(u) = r.ok().as_ref().and_then(uuid_of) {
             lock(&self.pool).push((u, Power::Running, zone));
         }
@@ -161,7 +172,7 @@ impl Shared {
     async fn action(&self, kind: &str, vm: Uuid, action: &str, body: Value) -> bool {
         let t = Instant::now();
         let r = self.w.client.action("vms", vm, action, body).await;
-        self.record(kind, t, &r);
+        self.recorded(kind, t, &r).await;
         r.is_ok()
     }
 
@@ -218,7 +229,7 @@ impl Shared {
                         json!({"name": "data", "disk_offering_uuid": self.w.dc.disk_offering, "vm_uuid": vm}),
                     )
                     .await;
-                self.record("create_volume", t, &r);
+                self.recorded("create_volume", t, &r).await;
                 if let Some(vol) = r.ok().as_ref().and_then(uuid_of) {
                     let t = Instant::now();
                     let r = self
@@ -226,10 +237,10 @@ impl Shared {
                         .client
                         .action("volumes", vol, "detach", json!({}))
                         .await;
-                    self.record("detach_volume", t, &r);
+                    self.recorded("detach_volume", t, &r).await;
                     let t = Instant::now();
                     let r = self.w.client.delete("volumes", vol, true).await;
-                    self.record("delete_volume", t, &r);
+                    self.recorded("delete_volume", t, &r).await;
                 }
                 Some(power)
             }
@@ -633,7 +644,15 @@ async fn settle_all(w: &World, max: Duration) -> Result<Duration, String> {
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
     // A ping cycle for the hosts' VM lists to reach state sync, then quiet again.
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    let ping = w
+        .spec
+        .config
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "host.ping.interval")
+        .and_then(|(_, v)| stratus_core::config::parse_duration(v))
+        .unwrap_or(Duration::from_secs(60));
+    tokio::time::sleep(ping.max(Duration::from_secs(25)) + Duration::from_secs(5)).await;
     w.settle(max)
         .await
         .map_err(|b| format!("not quiescent after reconnects: {b}"))?;

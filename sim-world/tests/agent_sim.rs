@@ -258,6 +258,25 @@ fn agent_protocol_over_simulated_http() {
             .await;
             let r = wait_result(&results, t3).await;
             assert!(r.outcome.is_ok(), "{r:?}");
+
+            // Keep-alive connections are closed once idle for IDLE_TIMEOUT, and the client
+            // connects again when next used.
+            assert!(c.idle_connections() > 0);
+            tokio::time::sleep(stratus_kvm_agent::http::IDLE_TIMEOUT * 3).await;
+            assert_eq!(c.idle_connections(), 0);
+            let (status, _) = call(
+                &c,
+                "10.1.0.2",
+                "tok-b",
+                &PingCmd {
+                    host_uuid: Uuid::from_u128(2),
+                    report_url: String::new(),
+                },
+                None,
+            )
+            .await;
+            assert_eq!(status, 200);
+            assert_eq!(c.idle_connections(), 1);
         })
         .await
         .unwrap();

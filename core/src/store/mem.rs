@@ -89,6 +89,21 @@ impl Table {
         }
     }
 
+    /// How many rows have field `f` equal to `v`, when an index (or the primary key) can say.
+    fn lookup_len(&self, f: FieldRef, v: &Value) -> Option<usize> {
+        match f {
+            FieldRef::Uuid => Some(
+                v.as_uuid()
+                    .filter(|u| self.rows.contains_key(u))
+                    .map_or(0, |_| 1),
+            ),
+            FieldRef::Declared(i) => self.idx[i]
+                .as_ref()
+                .map(|ix| ix.get(&Key(v.clone())).map_or(0, |s| s.len())),
+            _ => None,
+        }
+    }
+
     /// Uuids whose field `f` equals `v`, when an index (or the primary key) can answer.
     fn lookup(&self, f: FieldRef, v: &Value) -> Option<Vec<Uuid>> {
         match f {
@@ -143,37 +158,42 @@ impl Tables {
             .any(|x| self.holds(x, c, hop + 1))
     }
 
-    /// Candidate uuids (sorted) from the most selective indexed equality, if any.
+    /// Candidate uuids (sorted) from the most selective indexed equality, if any. Only the
+    /// chosen index entry is copied: copying every one first made a query for the volumes of
+    /// one host that are `Ready` copy all the `Ready` volumes of the datacenter (half the wall
+    /// time of the 30,000-host run).
     fn candidates(&self, q: &ResolvedQuery) -> Option<Vec<Uuid>> {
         let t = self.table(q.kind.name);
-        let mut best: Option<Vec<Uuid>> = None;
+        let mut best: Option<(usize, &ResolvedCond)> = None;
         for c in q.conds.iter().filter(|c| c.hops.is_empty()) {
-            let found = match &c.op {
-                super::Op::Eq(v) => t.lookup(c.field, v),
-                super::Op::In(vs) => {
-                    let mut all = BTreeSet::new();
-                    let mut ok = true;
-                    for v in vs {
-                        match t.lookup(c.field, v) {
-                            Some(u) => all.extend(u),
-                            None => {
-                                ok = false;
-                                break;
-                            }
-                        }
-                    }
-                    ok.then(|| all.into_iter().collect())
-                }
+            let size = match &c.op {
+                super::Op::Eq(v) => t.lookup_len(c.field, v),
+                super::Op::In(vs) => vs
+                    .iter()
+                    .map(|v| t.lookup_len(c.field, v))
+                    .sum::<Option<usize>>(),
                 _ => None,
             };
-            if let Some(mut f) = found {
-                if best.as_ref().is_none_or(|b| f.len() < b.len()) {
-                    f.sort_unstable();
-                    best = Some(f);
+            if let Some(n) = size {
+                if best.is_none_or(|(b, _)| n < b) {
+                    best = Some((n, c));
                 }
             }
         }
-        best
+        let (_, c) = best?;
+        let mut found: Vec<Uuid> = match &c.op {
+            super::Op::Eq(v) => t.lookup(c.field, v)?,
+            super::Op::In(vs) => {
+                let mut all = BTreeSet::new();
+                for v in vs {
+                    all.extend(t.lookup(c.field, v)?);
+                }
+                all.into_iter().collect()
+            }
+            _ => return None,
+        };
+        found.sort_unstable();
+        Some(found)
     }
 
     fn matching<'a>(&'a self, q: &ResolvedQuery, stop_after: Option<usize>) -> Vec<&'a Record> {
@@ -430,6 +450,13 @@ impl Store for MemStore {
         rq.offset = 0;
         if rq.conds.is_empty() {
             return Ok(self.lock().table(rq.kind.name).rows.len() as u64);
+        }
+        if let [c] = rq.conds.as_slice() {
+            if let (true, super::Op::Eq(v)) = (c.hops.is_empty(), &c.op) {
+                if let Some(n) = self.lock().table(rq.kind.name).lookup_len(c.field, v) {
+                    return Ok(n as u64);
+                }
+            }
         }
         Ok(self.lock().matching(&rq, None).len() as u64)
     }

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use stratus_kvm_agent::protocol::{
-    DeleteVolumeCmd, DestroyVmCmd, PowerState, VmStatus, VmStatusCmd,
+    DeleteVolumeCmd, DestroyVmCmd, PingCmd, PowerState, VmStatus, VmStatusCmd,
 };
 use uuid::Uuid;
 
@@ -152,12 +152,141 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
         }
     }
     for v in &m.volumes {
-        if c.db().get::<Volume>(*v).await?.is_none() {
-            orphan_volume(c, m.host, *v).await;
-            sum.orphan_volumes += 1;
+        match c.db().get::<Volume>(*v).await? {
+            None => {
+                orphan_volume(c, m.host, *v).await;
+                sum.orphan_volumes += 1;
+            }
+            Some(vol) if vol.host_uuid.is_some_and(|h| h != m.host) => {
+                // A copy on a host the database does not place it on: what a migration that
+                // ended badly can leave behind (found by the 30,000-host scenario). Unless the
+                // VM using it runs here (then its relocation, reported above, moves the rows).
+                if vol.vm_uuid.is_none_or(|vm| !seen.contains_key(&vm)) {
+                    stray_copy(c, m.host, vol.uuid, vol.vm_uuid);
+                    sum.orphan_volumes += 1;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    // Root volumes of destroyed VMs the database places here but the host no longer has: an
+    // expunge whose delete ran on the host while its answer was lost (a partition) went back
+    // to Destroyed. Finish the deletion (found by the partition-storm scenario).
+    let here = c
+        .db()
+        .select::<Volume>(
+            &Query::of::<Volume>()
+                .eq("host_uuid", m.host)
+                .eq("state", VolumeState::Ready.as_str()),
+        )
+        .await?;
+    for v in here {
+        if m.volumes.contains(&v.uuid) {
+            continue;
+        }
+        if let Some(vm) = v.vm_uuid {
+            if c.db()
+                .get::<Vm>(vm)
+                .await?
+                .is_some_and(|x| x.state == VmState::Destroyed)
+            {
+                deleted_on_host(c, m.host, vm, v.uuid);
+                sum.orphan_volumes += 1;
+            }
         }
     }
     Ok(sum)
+}
+
+/// Forget `volume` of the destroyed `vm`, gone from `host` — decided again in the VM's queue.
+fn deleted_on_host(c: &Arc<Cloud>, host: Uuid, vm: Uuid, volume: Uuid) {
+    let c = c.clone();
+    tokio::spawn(async move {
+        let r = c
+            .engine
+            .queues
+            .run(&vm_queue(vm), 1, async {
+                let destroyed = c
+                    .db()
+                    .get::<Vm>(vm)
+                    .await?
+                    .is_some_and(|x| x.state == VmState::Destroyed);
+                let Some(v) = c.db().get::<Volume>(volume).await? else {
+                    return Ok(());
+                };
+                if !destroyed || v.host_uuid != Some(host) || v.state != VolumeState::Ready {
+                    return Ok(());
+                }
+                tracing::info!(%vm, %volume, %host, "volume of a destroyed VM gone from its host: forgotten");
+                super::volume::delete_volume_everywhere(&c, &v, false).await
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(%volume, %host, error = %e, "cannot forget a volume gone from its host");
+        }
+    });
+}
+
+/// Delete the copy of `volume` on `host`, where the database does not place it — decided again
+/// in the queue of the volume's VM (or of the volume when detached), so that a migration in
+/// flight finishes first and a copy it is still moving is left alone.
+fn stray_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
+    c.bus().publish(
+        "/volume/stray",
+        serde_json::json!({"uuid": volume, "host": host}),
+    );
+    if !destroy_orphans(c) {
+        return;
+    }
+    let c = c.clone();
+    tokio::spawn(async move {
+        let q = match vm {
+            Some(vm) => vm_queue(vm),
+            None => super::volume::volume_queue(volume),
+        };
+        let r = c
+            .engine
+            .queues
+            .run(&q, 1, async {
+                let Some(vol) = c.db().get::<Volume>(volume).await? else {
+                    return Ok(());
+                };
+                if vol.state.is_transitional() || vol.host_uuid.is_none_or(|h| h == host) {
+                    return Ok(());
+                }
+                if let Some(vm) = vol.vm_uuid {
+                    let busy = c.db().get::<Vm>(vm).await?.is_none_or(|v| {
+                        v.state.is_transitional() || v.host_uuid == Some(host)
+                    });
+                    if busy {
+                        return Ok(());
+                    }
+                }
+                // Never the last copy: the host the database names must hold it.
+                let Some(home) = vol.host_uuid else {
+                    return Ok(());
+                };
+                let held = agent(
+                    &c,
+                    &c.host_target(home).await?,
+                    &PingCmd {
+                        host_uuid: home,
+                        report_url: c.report_url(),
+                    },
+                )
+                .await?;
+                if held.host_uuid != Some(home) || !held.volumes.contains(&volume) {
+                    tracing::warn!(%volume, %host, %home, "only copy is on another host than the database says; kept");
+                    return Ok(());
+                }
+                let target = c.host_target(host).await?;
+                agent(&c, &target, &DeleteVolumeCmd { volume }).await
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(%volume, %host, error = %e, "cannot delete a stray volume copy");
+        }
+    });
 }
 
 fn spawn_report(c: &Arc<Cloud>, r: VmStateReport) {
@@ -417,6 +546,21 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
         }
         (false, Some(PowerState::Running) | Some(PowerState::Paused)) => match vm.host_uuid {
             Some(other) => {
+                // Perhaps running on the host the database names too (a migration that timed
+                // out, finished later, and left the source running; found by partition-storm):
+                // the copy the database knows stays, this one goes.
+                let there = match c.host_target(other).await {
+                    Ok(t) => agent(c, &t, &VmStatusCmd { vm: vm.uuid })
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|s| s.state),
+                    Err(_) => None,
+                };
+                if matches!(there, Some(PowerState::Running | PowerState::Paused)) {
+                    agent(c, &target, &DestroyVmCmd { vm: vm.uuid }).await?;
+                    return Ok("second copy destroyed".into());
+                }
                 relocate(c, vm.uuid, other, r.host, vm.state).await?;
                 Ok("relocated".into())
             }
@@ -470,7 +614,15 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
     cloud.handle(|c: Arc<Cloud>, m: SyncHostVms| async move { host_sync(&c, m).await })?;
     cloud.handle(|c: Arc<Cloud>, m: VmStateReport| async move {
         let q = vm_queue(m.vm);
-        c.engine.queues.run(&q, 1, reconcile(&c, m)).await
+        let (vm, host) = (m.vm, m.host);
+        let r = c.engine.queues.run(&q, 1, reconcile(&c, m)).await;
+        match &r {
+            Ok(what) => {
+                tracing::debug!(%vm, %host, what = what.as_str(), "state report reconciled")
+            }
+            Err(e) => tracing::debug!(%vm, %host, error = %e, "state report not reconciled"),
+        }
+        r
     })?;
     Ok(())
 }

@@ -80,7 +80,7 @@ impl Message for DeleteVolume {
     }
 }
 
-fn volume_queue(v: Uuid) -> String {
+pub(super) fn volume_queue(v: Uuid) -> String {
     format!("volume-{v}")
 }
 
