@@ -72,11 +72,12 @@ impl Engine {
         let db = Db::new(store);
         let mut defs = opts.config;
         defs.push(&BUS_TIMEOUT);
+        defs.push(&crate::job::RETENTION);
         let config = GlobalConfig::new(db.clone(), &defs);
         config.load().await?;
         let timeout: Duration = config.get(&BUS_TIMEOUT.key());
         let bus = Bus::new(opts.node, timeout);
-        Ok(Arc::new(Engine {
+        let engine = Arc::new(Engine {
             node: opts.node,
             boot,
             journal: Journal::new(db.clone(), ids.clone(), opts.node, boot)
@@ -89,7 +90,9 @@ impl Engine {
             bus,
             ids,
             db,
-        }))
+        });
+        tokio::spawn(purge_jobs(Arc::downgrade(&engine)));
+        Ok(engine)
     }
 
     /// Finish the work of node boots that are gone: resume their journaled chains (for
@@ -113,5 +116,20 @@ impl Engine {
             tracing::info!(?report, jobs_closed = closed, "recovered interrupted work");
         }
         Ok(report)
+    }
+}
+
+/// Every `PURGE_EVERY`, delete the jobs finished longer ago than `job.retention`; ends with the
+/// engine.
+async fn purge_jobs(engine: std::sync::Weak<Engine>) {
+    loop {
+        tokio::time::sleep(crate::job::PURGE_EVERY).await;
+        let Some(e) = engine.upgrade() else { return };
+        let keep: Duration = e.config.get(&crate::job::RETENTION.key());
+        match e.jobs.purge_finished(keep).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, "finished jobs purged"),
+            Err(err) => tracing::warn!(error = %err, "cannot purge finished jobs"),
+        }
     }
 }

@@ -66,15 +66,11 @@ pub static RETENTION: ConfigDef = ConfigDef::duration(
     90 * 24 * 3_600_000,
 );
 
-/// How often each management node purges finished jobs past `job.retention`.
+/// How often each engine purges finished jobs past `job.retention` (see `engine.rs`).
 pub const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 /// Jobs deleted per batch when purging.
 const PURGE_BATCH: u64 = 1000;
-
-pub fn config_defs() -> Vec<&'static ConfigDef> {
-    vec![&RETENTION]
-}
 
 type Waiters = Arc<Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>>;
 

@@ -78,20 +78,6 @@ impl ManagementNode {
                 }
             }
         });
-        // Finished jobs past `job.retention` are purged.
-        let weak = Arc::downgrade(&cloud);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(crate::job::PURGE_EVERY).await;
-                let Some(c) = weak.upgrade() else { break };
-                let keep: std::time::Duration = c.engine.config.get(&crate::job::RETENTION.key());
-                match c.engine.jobs.purge_finished(keep).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(purged = n, "finished jobs purged"),
-                    Err(e) => tracing::warn!(error = %e, "cannot purge finished jobs"),
-                }
-            }
-        });
         let addr =
             stratus_kvm_agent::http::spawn_server(cfg.listen, crate::api::router(cloud.clone()))
                 .await

@@ -82,8 +82,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 struct Idle {
     /// Per address, the idle connections with the time each was put back (newest last).
     conns: HashMap<SocketAddr, Vec<(Sender, tokio::time::Instant)>>,
-    /// Whether a reaper task is running for this pool.
-    reaping: bool,
+    /// The reaper task, while it runs (it also ends when the node running it is killed).
+    reaper: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct Pool {
@@ -110,7 +110,8 @@ async fn reap(pool: std::sync::Weak<Pool>) {
             !list.is_empty()
         });
         if idle.conns.is_empty() {
-            idle.reaping = false;
+            // Under the lock: a connection put back from now on starts a new reaper.
+            idle.reaper = None;
             return;
         }
     }
@@ -174,9 +175,8 @@ impl HttpClient {
         if list.len() < self.pool.max_idle_per_host {
             list.push((s, tokio::time::Instant::now()));
         }
-        if !idle.reaping {
-            idle.reaping = true;
-            tokio::spawn(reap(Arc::downgrade(&self.pool)));
+        if idle.reaper.as_ref().is_none_or(|h| h.is_finished()) {
+            idle.reaper = Some(tokio::spawn(reap(Arc::downgrade(&self.pool))));
         }
     }
 

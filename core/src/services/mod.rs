@@ -90,7 +90,6 @@ impl Cloud {
 /// All global config entries of the services.
 pub fn config_defs() -> Vec<&'static ConfigDef> {
     let mut v = crate::agent::config_defs();
-    v.extend(crate::job::config_defs());
     v.extend(allocator::config_defs());
     v.extend(host::config_defs());
     v.extend(vm::config_defs());

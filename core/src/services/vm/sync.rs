@@ -130,7 +130,7 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
         match c.db().get::<Vm>(*uuid).await? {
             None => {
                 if *state != PowerState::Stopped || c.db().get::<Vm>(*uuid).await?.is_none() {
-                    orphan_vm(c, m.host, *uuid).await;
+                    orphan_vm(c, m.host, *uuid);
                     sum.orphan_vms += 1;
                 }
             }
@@ -154,7 +154,7 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
     for v in &m.volumes {
         match c.db().get::<Volume>(*v).await? {
             None => {
-                orphan_volume(c, m.host, *v).await;
+                orphan_volume(c, m.host, *v);
                 sum.orphan_volumes += 1;
             }
             Some(vol) if vol.host_uuid.is_some_and(|h| h != m.host) => {
@@ -200,31 +200,26 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
 
 /// Forget `volume` of the destroyed `vm`, gone from `host` — decided again in the VM's queue.
 fn deleted_on_host(c: &Arc<Cloud>, host: Uuid, vm: Uuid, volume: Uuid) {
-    let c = c.clone();
-    tokio::spawn(async move {
-        let r = c
-            .engine
-            .queues
-            .run(&vm_queue(vm), 1, async {
-                let destroyed = c
-                    .db()
-                    .get::<Vm>(vm)
-                    .await?
-                    .is_some_and(|x| x.state == VmState::Destroyed);
-                let Some(v) = c.db().get::<Volume>(volume).await? else {
-                    return Ok(());
-                };
-                if !destroyed || v.host_uuid != Some(host) || v.state != VolumeState::Ready {
-                    return Ok(());
-                }
-                tracing::info!(%vm, %volume, %host, "volume of a destroyed VM gone from its host: forgotten");
-                super::volume::delete_volume_everywhere(&c, &v, false).await
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::debug!(%volume, %host, error = %e, "cannot forget a volume gone from its host");
-        }
-    });
+    later_in_queue(
+        c,
+        vm_queue(vm),
+        "forget a volume gone from its host",
+        move |c| async move {
+            let destroyed = c
+                .db()
+                .get::<Vm>(vm)
+                .await?
+                .is_some_and(|x| x.state == VmState::Destroyed);
+            let Some(v) = c.db().get::<Volume>(volume).await? else {
+                return Ok(());
+            };
+            if !destroyed || v.host_uuid != Some(host) || v.state != VolumeState::Ready {
+                return Ok(());
+            }
+            tracing::info!(%vm, %volume, %host, "volume of a destroyed VM gone from its host: forgotten");
+            super::volume::delete_volume_everywhere(&c, &v, false).await
+        },
+    );
 }
 
 /// Delete the copy of `volume` on `host`, where the database does not place it — decided again
@@ -238,53 +233,61 @@ fn stray_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
     if !destroy_orphans(c) {
         return;
     }
+    let q = match vm {
+        Some(vm) => vm_queue(vm),
+        None => super::volume::volume_queue(volume),
+    };
+    later_in_queue(c, q, "delete a stray volume copy", move |c| async move {
+        let Some(vol) = c.db().get::<Volume>(volume).await? else {
+            return Ok(());
+        };
+        if vol.state.is_transitional() || vol.host_uuid.is_none_or(|h| h == host) {
+            return Ok(());
+        }
+        if let Some(vm) = vol.vm_uuid {
+            let busy = c
+                .db()
+                .get::<Vm>(vm)
+                .await?
+                .is_none_or(|v| v.state.is_transitional() || v.host_uuid == Some(host));
+            if busy {
+                return Ok(());
+            }
+        }
+        // Never the last copy: the host the database names must hold it.
+        let Some(home) = vol.host_uuid else {
+            return Ok(());
+        };
+        let held = agent(
+            &c,
+            &c.host_target(home).await?,
+            &PingCmd {
+                host_uuid: home,
+                report_url: c.report_url(),
+            },
+        )
+        .await?;
+        if held.host_uuid != Some(home) || !held.volumes.contains(&volume) {
+            tracing::warn!(%volume, %host, %home, "only copy is on another host than the database says; kept");
+            return Ok(());
+        }
+        let target = c.host_target(host).await?;
+        agent(&c, &target, &DeleteVolumeCmd { volume }).await
+    });
+}
+
+/// Run `work` later, in queue `q`: state sync decides again there, after whatever operation
+/// holds the queue now. A failure is logged; the next report tries again.
+fn later_in_queue<F, Fut>(c: &Arc<Cloud>, q: String, what: &'static str, work: F)
+where
+    F: FnOnce(Arc<Cloud>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), Error>> + Send + 'static,
+{
     let c = c.clone();
     tokio::spawn(async move {
-        let q = match vm {
-            Some(vm) => vm_queue(vm),
-            None => super::volume::volume_queue(volume),
-        };
-        let r = c
-            .engine
-            .queues
-            .run(&q, 1, async {
-                let Some(vol) = c.db().get::<Volume>(volume).await? else {
-                    return Ok(());
-                };
-                if vol.state.is_transitional() || vol.host_uuid.is_none_or(|h| h == host) {
-                    return Ok(());
-                }
-                if let Some(vm) = vol.vm_uuid {
-                    let busy = c.db().get::<Vm>(vm).await?.is_none_or(|v| {
-                        v.state.is_transitional() || v.host_uuid == Some(host)
-                    });
-                    if busy {
-                        return Ok(());
-                    }
-                }
-                // Never the last copy: the host the database names must hold it.
-                let Some(home) = vol.host_uuid else {
-                    return Ok(());
-                };
-                let held = agent(
-                    &c,
-                    &c.host_target(home).await?,
-                    &PingCmd {
-                        host_uuid: home,
-                        report_url: c.report_url(),
-                    },
-                )
-                .await?;
-                if held.host_uuid != Some(home) || !held.volumes.contains(&volume) {
-                    tracing::warn!(%volume, %host, %home, "only copy is on another host than the database says; kept");
-                    return Ok(());
-                }
-                let target = c.host_target(host).await?;
-                agent(&c, &target, &DeleteVolumeCmd { volume }).await
-            })
-            .await;
+        let r = c.engine.queues.run(&q, 1, work(c.clone())).await;
         if let Err(e) = r {
-            tracing::debug!(%volume, %host, error = %e, "cannot delete a stray volume copy");
+            tracing::debug!(queue = %q, error = %e, "cannot {what}");
         }
     });
 }
@@ -303,34 +306,28 @@ fn destroy_orphans(c: &Cloud) -> bool {
     policy == "destroy"
 }
 
-async fn orphan_vm(c: &Arc<Cloud>, host: Uuid, vm: Uuid) {
+fn orphan_vm(c: &Arc<Cloud>, host: Uuid, vm: Uuid) {
     c.bus()
         .publish("/vm/orphan", serde_json::json!({"uuid": vm, "host": host}));
     if !destroy_orphans(c) {
         return;
     }
-    let c = c.clone();
-    tokio::spawn(async move {
-        // In the VM's queue: a create that inserts the row right now is not undone behind its back.
-        let q = vm_queue(vm);
-        let r = c
-            .engine
-            .queues
-            .run(&q, 1, async {
-                if c.db().get::<Vm>(vm).await?.is_some() {
-                    return Ok(());
-                }
-                let target = c.host_target(host).await?;
-                agent(&c, &target, &DestroyVmCmd { vm }).await
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::debug!(%vm, %host, error = %e, "cannot destroy orphan VM");
-        }
-    });
+    // In the VM's queue: a create that inserts the row right now is not undone behind its back.
+    later_in_queue(
+        c,
+        vm_queue(vm),
+        "destroy an orphan VM",
+        move |c| async move {
+            if c.db().get::<Vm>(vm).await?.is_some() {
+                return Ok(());
+            }
+            let target = c.host_target(host).await?;
+            agent(&c, &target, &DestroyVmCmd { vm }).await
+        },
+    );
 }
 
-async fn orphan_volume(c: &Arc<Cloud>, host: Uuid, volume: Uuid) {
+fn orphan_volume(c: &Arc<Cloud>, host: Uuid, volume: Uuid) {
     c.bus().publish(
         "/volume/orphan",
         serde_json::json!({"uuid": volume, "host": host}),
@@ -338,20 +335,18 @@ async fn orphan_volume(c: &Arc<Cloud>, host: Uuid, volume: Uuid) {
     if !destroy_orphans(c) {
         return;
     }
-    let c = c.clone();
-    tokio::spawn(async move {
-        let r = async {
+    later_in_queue(
+        c,
+        super::volume::volume_queue(volume),
+        "delete an orphan volume",
+        move |c| async move {
             if c.db().get::<Volume>(volume).await?.is_some() {
                 return Ok(());
             }
             let target = c.host_target(host).await?;
             agent(&c, &target, &DeleteVolumeCmd { volume }).await
-        }
-        .await;
-        if let Err(e) = r {
-            tracing::debug!(%volume, %host, error = %e, "cannot delete orphan volume");
-        }
-    });
+        },
+    );
 }
 
 /// Record that `vm` now runs on `to` (not `from`): the VM row, its volumes and their local
@@ -473,7 +468,7 @@ async fn take_capacity(c: &Cloud, uuid: Uuid, vm: &Vm, host: Uuid) -> bool {
 async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
     let Some(vm) = c.db().get::<Vm>(r.vm).await? else {
         if r.state.is_some() {
-            orphan_vm(c, r.host, r.vm).await;
+            orphan_vm(c, r.host, r.vm);
             return Ok("orphan".into());
         }
         return Ok("gone".into());
