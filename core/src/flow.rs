@@ -292,7 +292,7 @@ impl Journal {
             "step",
             Update::of::<ChainRecord>(id)
                 .set("next", next as i64)
-                .set("context", Value::Json(ctx)),
+                .set("context", Value::json(ctx)),
         )
         .await
     }
@@ -310,8 +310,8 @@ impl Journal {
             .set("state", ChainState::RollingBack.as_str())
             .set("cursor", cursor)
             .set("error", error.to_string())
-            .set("rollback_errors", Value::Json(serde_json::json!(errors)))
-            .set("context", Value::Json(ctx));
+            .set("rollback_errors", Value::json(serde_json::json!(errors)))
+            .set("context", Value::json(ctx));
         if let Err(e) = self.write("rollback", u).await {
             tracing::error!(chain = %id, error = %e, "cannot journal rollback progress");
         }

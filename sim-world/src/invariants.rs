@@ -69,15 +69,21 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
     let volumes = all::<Volume>(db).await;
     let shares = all::<LocalStorage>(db).await;
     let vm_by: BTreeMap<Uuid, &Row<Vm>> = vms.iter().map(|v| (v.uuid, v)).collect();
+    // Sums and counts grouped once: the scale runs check 30,000 hosts and 100,000 VMs.
+    let mut host_sums: BTreeMap<Uuid, (i64, i64)> = BTreeMap::new();
+    let mut vm_reservations: BTreeMap<Uuid, usize> = BTreeMap::new();
+    let mut disk_held: BTreeMap<(Uuid, Option<Uuid>), i64> = BTreeMap::new();
+    for r in &reservations {
+        let e = host_sums.entry(r.host_uuid).or_default();
+        e.0 += r.cpu;
+        e.1 += r.memory_mb;
+        *vm_reservations.entry(r.vm_uuid).or_default() += 1;
+        *disk_held.entry((r.host_uuid, r.ps_uuid)).or_default() += r.disk_mb;
+    }
 
     // 1. capacity
     for h in &hosts {
-        let mine: Vec<_> = reservations
-            .iter()
-            .filter(|r| r.host_uuid == h.uuid)
-            .collect();
-        let cpu: i64 = mine.iter().map(|r| r.cpu).sum();
-        let mem: i64 = mine.iter().map(|r| r.memory_mb).sum();
+        let (cpu, mem) = host_sums.get(&h.uuid).copied().unwrap_or_default();
         if cpu != h.cpu_used || mem != h.memory_used_mb {
             bad.push(format!(
                 "host {}: counters cpu {} / mem {} but reservations sum to {cpu} / {mem}",
@@ -112,7 +118,7 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
     }
     for vm in &vms {
         if vm.state.holds_capacity() {
-            let n = reservations.iter().filter(|r| r.vm_uuid == vm.uuid).count();
+            let n = vm_reservations.get(&vm.uuid).copied().unwrap_or(0);
             if n != 1 || vm.host_uuid.is_none() {
                 bad.push(format!(
                     "vm {} is {} with host {:?} and {n} reservations",
@@ -124,6 +130,12 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
 
     // 2. IPs
     let nic_by: BTreeMap<Uuid, &Row<VmNic>> = nics.iter().map(|n| (n.uuid, n)).collect();
+    let mut ip_rows: BTreeMap<(Uuid, &str), usize> = BTreeMap::new();
+    let mut range_used: BTreeMap<Uuid, i64> = BTreeMap::new();
+    for u in &used_ips {
+        *ip_rows.entry((u.nic_uuid, u.ip.as_str())).or_default() += 1;
+        *range_used.entry(u.range_uuid).or_default() += 1;
+    }
     for u in &used_ips {
         match nic_by.get(&u.nic_uuid) {
             None => bad.push(format!(
@@ -146,10 +158,7 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
             ));
         }
         if let Some(ip) = &n.ip {
-            let holders = used_ips
-                .iter()
-                .filter(|u| u.nic_uuid == n.uuid && &u.ip == ip)
-                .count();
+            let holders = ip_rows.get(&(n.uuid, ip.as_str())).copied().unwrap_or(0);
             if holders != 1 {
                 bad.push(format!(
                     "NIC {} has address {ip} with {holders} address rows",
@@ -168,7 +177,7 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
         }
     }
     for r in &ranges {
-        let n = used_ips.iter().filter(|u| u.range_uuid == r.uuid).count() as i64;
+        let n = range_used.get(&r.uuid).copied().unwrap_or(0);
         if n != r.used {
             bad.push(format!(
                 "range {} counts {} used addresses, {n} are",
@@ -178,17 +187,21 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
     }
 
     // 3. storage
+    let mut vol_sums: BTreeMap<(Uuid, Uuid), i64> = BTreeMap::new();
+    for v in &volumes {
+        if let (Some(h), Some(ps)) = (v.host_uuid, v.ps_uuid) {
+            *vol_sums.entry((h, ps)).or_default() += v.size_mb;
+        }
+    }
     for s in &shares {
-        let vols: i64 = volumes
-            .iter()
-            .filter(|v| v.host_uuid == Some(s.host_uuid) && v.ps_uuid == Some(s.ps_uuid))
-            .map(|v| v.size_mb)
-            .sum();
-        let held: i64 = reservations
-            .iter()
-            .filter(|r| r.host_uuid == s.host_uuid && r.ps_uuid == Some(s.ps_uuid))
-            .map(|r| r.disk_mb)
-            .sum();
+        let vols = vol_sums
+            .get(&(s.host_uuid, s.ps_uuid))
+            .copied()
+            .unwrap_or(0);
+        let held = disk_held
+            .get(&(s.host_uuid, Some(s.ps_uuid)))
+            .copied()
+            .unwrap_or(0);
         if s.used_mb != vols + held {
             bad.push(format!(
                 "local storage of host {}: used {} but volumes {vols} + held {held}",
@@ -232,9 +245,23 @@ fn hosts_agree(
     vm_by: &BTreeMap<Uuid, &Row<Vm>>,
     bad: &mut Vec<String>,
 ) {
+    let host_by: BTreeMap<Uuid, &Row<Host>> = hosts.iter().map(|h| (h.uuid, h)).collect();
+    let volume_by: BTreeMap<Uuid, &Row<Volume>> = volumes.iter().map(|v| (v.uuid, v)).collect();
+    let mut vms_on: BTreeMap<Uuid, Vec<&Row<Vm>>> = BTreeMap::new();
+    for vm in vms {
+        if let Some(h) = vm.host_uuid {
+            vms_on.entry(h).or_default().push(vm);
+        }
+    }
+    let mut ready_on: BTreeMap<Uuid, Vec<&Row<Volume>>> = BTreeMap::new();
+    for v in volumes.iter().filter(|v| v.state == VolumeState::Ready) {
+        if let Some(h) = v.host_uuid {
+            ready_on.entry(h).or_default().push(v);
+        }
+    }
     for sim in &world.hosts {
         let Some(hu) = sim.uuid else { continue };
-        let Some(h) = hosts.iter().find(|h| h.uuid == hu) else {
+        let Some(h) = host_by.get(&hu) else {
             continue;
         };
         let state = sim.state();
@@ -260,7 +287,7 @@ fn hosts_agree(
             }
         }
         for vu in state.volumes.keys() {
-            match volumes.iter().find(|v| v.uuid == *vu) {
+            match volume_by.get(vu) {
                 None => bad.push(format!(
                     "host {hu} has volume {vu} the database does not know"
                 )),
@@ -271,7 +298,7 @@ fn hosts_agree(
                 _ => {}
             }
         }
-        for vm in vms.iter().filter(|v| v.host_uuid == Some(hu)) {
+        for vm in vms_on.get(&hu).into_iter().flatten() {
             if down {
                 if vm.state == VmState::Running {
                     bad.push(format!(
@@ -290,10 +317,7 @@ fn hosts_agree(
             }
         }
         if !down {
-            for v in volumes
-                .iter()
-                .filter(|v| v.host_uuid == Some(hu) && v.state == VolumeState::Ready)
-            {
+            for v in ready_on.get(&hu).into_iter().flatten() {
                 if !state.volumes.contains_key(&v.uuid) {
                     bad.push(format!(
                         "volume {} is Ready on host {hu} in the database but not on the host",

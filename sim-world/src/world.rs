@@ -50,6 +50,21 @@ pub struct WorldSpec {
     pub spare_hosts: usize,
 }
 
+impl WorldSpec {
+    /// How often hosts are pinged (and their VMs and volumes reach state sync): the last
+    /// `host.ping.interval` in [`WorldSpec::config`], else the product default.
+    pub fn ping_interval(&self) -> Duration {
+        let def = &stratus_core::services::host::PING_INTERVAL;
+        let v = self
+            .config
+            .iter()
+            .rev()
+            .find(|(k, _)| k == def.name)
+            .map_or(def.default, |(_, v)| v.as_str());
+        stratus_core::config::parse_duration(v).unwrap_or(Duration::from_secs(60))
+    }
+}
+
 impl Default for WorldSpec {
     fn default() -> Self {
         WorldSpec {

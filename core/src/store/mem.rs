@@ -41,6 +41,25 @@ impl Ord for Key {
 
 type Index = BTreeMap<Key, BTreeSet<Uuid>>;
 
+fn index_add(ix: &mut Index, v: &Value, uuid: Uuid) {
+    if !v.is_null() {
+        ix.entry(Key(v.clone())).or_default().insert(uuid);
+    }
+}
+
+fn index_del(ix: &mut Index, v: &Value, uuid: Uuid) {
+    if v.is_null() {
+        return;
+    }
+    let k = Key(v.clone());
+    if let Some(set) = ix.get_mut(&k) {
+        set.remove(&uuid);
+        if set.is_empty() {
+            ix.remove(&k);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Table {
     rows: BTreeMap<Uuid, Record>,
@@ -61,30 +80,17 @@ impl Table {
     }
 
     fn index_insert(&mut self, r: &Record) {
-        for (i, ix) in self.idx.iter_mut().enumerate() {
+        for (ix, v) in self.idx.iter_mut().zip(&r.values) {
             if let Some(ix) = ix {
-                if !r.values[i].is_null() {
-                    ix.entry(Key(r.values[i].clone()))
-                        .or_default()
-                        .insert(r.uuid);
-                }
+                index_add(ix, v, r.uuid);
             }
         }
     }
 
     fn index_remove(&mut self, r: &Record) {
-        for (i, ix) in self.idx.iter_mut().enumerate() {
+        for (ix, v) in self.idx.iter_mut().zip(&r.values) {
             if let Some(ix) = ix {
-                if r.values[i].is_null() {
-                    continue;
-                }
-                let k = Key(r.values[i].clone());
-                if let Some(set) = ix.get_mut(&k) {
-                    set.remove(&r.uuid);
-                    if set.is_empty() {
-                        ix.remove(&k);
-                    }
-                }
+                index_del(ix, v, r.uuid);
             }
         }
     }
@@ -375,12 +381,29 @@ impl MemStore {
         check_unique(&t, &overlay)?;
         for ((kind, uuid), new) in overlay {
             let table = t.tables.get_mut(kind).expect("kind resolved");
-            if let Some(old) = table.rows.remove(&uuid) {
-                table.index_remove(&old);
-            }
-            if let Some(new) = new {
-                table.index_insert(&new);
-                table.rows.insert(uuid, new);
+            let Table { rows, idx } = table;
+            match (rows.get_mut(&uuid), new) {
+                (Some(row), Some(new)) => {
+                    // Only the index entries of fields that changed move.
+                    for (i, ix) in idx.iter_mut().enumerate() {
+                        if let Some(ix) = ix {
+                            if row.values[i].compare(&new.values[i]) != Some(Ordering::Equal) {
+                                index_del(ix, &row.values[i], uuid);
+                                index_add(ix, &new.values[i], uuid);
+                            }
+                        }
+                    }
+                    *row = new;
+                }
+                (Some(_), None) => {
+                    let old = rows.remove(&uuid).expect("present");
+                    table.index_remove(&old);
+                }
+                (None, Some(new)) => {
+                    table.index_insert(&new);
+                    table.rows.insert(uuid, new);
+                }
+                (None, None) => {}
             }
         }
         Ok(versions)

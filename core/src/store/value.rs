@@ -3,6 +3,7 @@
 use super::StoreError;
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// The type of a stored field. Every backend stores and compares each type the same way.
@@ -48,10 +49,16 @@ pub enum Value {
     Text(String),
     Uuid(Uuid),
     Time(i64),
-    Json(serde_json::Value),
+    /// Shared: journals rewrite a workflow's context at every step, and rows are copied on
+    /// every read and write of the in-memory store.
+    Json(Arc<serde_json::Value>),
 }
 
 impl Value {
+    pub fn json(j: serde_json::Value) -> Value {
+        Value::Json(Arc::new(j))
+    }
+
     pub fn is_null(&self) -> bool {
         matches!(self, Value::Null)
     }
@@ -111,7 +118,7 @@ impl Value {
                 .map(Value::Float),
             (Value::Text(s), FieldType::Uuid) => Uuid::parse_str(s.trim()).ok().map(Value::Uuid),
             (Value::Uuid(u), FieldType::Text) => Some(Value::Text(u.to_string())),
-            (Value::Text(s), FieldType::Json) => serde_json::from_str(&s).ok().map(Value::Json),
+            (Value::Text(s), FieldType::Json) => serde_json::from_str(&s).ok().map(Value::json),
             _ => None,
         }
     }
@@ -128,7 +135,7 @@ impl Value {
                 .unwrap_or(J::Null),
             Value::Text(s) => J::String(s.clone()),
             Value::Uuid(u) => J::String(u.to_string()),
-            Value::Json(j) => j.clone(),
+            Value::Json(j) => (**j).clone(),
         }
     }
 
@@ -150,7 +157,7 @@ impl Value {
             FieldType::Float => Value::Float(j.as_f64()?),
             FieldType::Text => Value::Text(j.as_str()?.to_string()),
             FieldType::Uuid => Value::Uuid(Uuid::parse_str(j.as_str()?).ok()?),
-            FieldType::Json => Value::Json(j.clone()),
+            FieldType::Json => Value::json(j.clone()),
         })
     }
 
@@ -266,9 +273,13 @@ scalar_field!(u16, Int, Int, |x| i64::from(*x), |y| u16::try_from(*y).ok());
 scalar_field!(f64, Float, Float, |x| *x, |y| Some(*y));
 scalar_field!(String, Text, Text, |x| x.clone(), |y| Some(y.clone()));
 scalar_field!(Uuid, Uuid, Uuid, |x| *x, |y| Some(*y));
-scalar_field!(serde_json::Value, Json, Json, |x| x.clone(), |y| Some(
-    y.clone()
-));
+scalar_field!(
+    serde_json::Value,
+    Json,
+    Json,
+    |x| Arc::new(x.clone()),
+    |y| Some((**y).clone())
+);
 
 /// A point in time, in milliseconds since the Unix epoch.
 #[derive(
@@ -304,11 +315,11 @@ pub struct Json<T>(pub T);
 impl<T: Serialize + serde::de::DeserializeOwned> FieldValue for Json<T> {
     const TYPE: FieldType = FieldType::Json;
     fn to_value(&self) -> Value {
-        Value::Json(serde_json::to_value(&self.0).unwrap_or(serde_json::Value::Null))
+        Value::json(serde_json::to_value(&self.0).unwrap_or(serde_json::Value::Null))
     }
     fn from_value(v: &Value) -> Option<Self> {
         match v {
-            Value::Json(j) => serde_json::from_value(j.clone()).ok().map(Json),
+            Value::Json(j) => T::deserialize(&**j).ok().map(Json),
             _ => None,
         }
     }
@@ -429,7 +440,7 @@ mod tests {
             (FieldType::Time, Value::Time(1_700_000_000_123)),
             (
                 FieldType::Json,
-                Value::Json(serde_json::json!({"a": [1, 2]})),
+                Value::json(serde_json::json!({"a": [1, 2]})),
             ),
             (FieldType::Text, Value::Null),
         ];

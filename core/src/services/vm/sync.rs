@@ -88,6 +88,7 @@ fn looks_wrong(vm: &Vm, host: Uuid, seen: Option<PowerState>) -> bool {
 
 async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error> {
     let mut sum = SyncSummary::default();
+    let mut orphans = Orphans::default();
     let on_host = c
         .db()
         .select::<Vm>(&Query::of::<Vm>().eq("host_uuid", m.host))
@@ -130,7 +131,7 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
         match c.db().get::<Vm>(*uuid).await? {
             None => {
                 if *state != PowerState::Stopped || c.db().get::<Vm>(*uuid).await?.is_none() {
-                    orphan_vm(c, m.host, *uuid);
+                    orphans.vms.push(*uuid);
                     sum.orphan_vms += 1;
                 }
             }
@@ -154,7 +155,7 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
     for v in &m.volumes {
         match c.db().get::<Volume>(*v).await? {
             None => {
-                orphan_volume(c, m.host, *v);
+                orphans.volumes.push(*v);
                 sum.orphan_volumes += 1;
             }
             Some(vol) if vol.host_uuid.is_some_and(|h| h != m.host) => {
@@ -195,6 +196,7 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
             }
         }
     }
+    orphans.clean_up(c, m.host);
     Ok(sum)
 }
 
@@ -284,12 +286,19 @@ where
     Fut: std::future::Future<Output = Result<(), Error>> + Send + 'static,
 {
     let c = c.clone();
-    tokio::spawn(async move {
-        let r = c.engine.queues.run(&q, 1, work(c.clone())).await;
-        if let Err(e) = r {
-            tracing::debug!(queue = %q, error = %e, "cannot {what}");
-        }
-    });
+    tokio::spawn(async move { in_queue(&c, q, what, work).await });
+}
+
+/// Run `work` in queue `q` now; a failure is logged (the next report tries again).
+async fn in_queue<F, Fut>(c: &Arc<Cloud>, q: String, what: &'static str, work: F)
+where
+    F: FnOnce(Arc<Cloud>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>> + Send + 'static,
+{
+    let r = c.engine.queues.run(&q, 1, work(c.clone())).await;
+    if let Err(e) = r {
+        tracing::debug!(queue = %q, error = %e, "cannot {what}");
+    }
 }
 
 fn spawn_report(c: &Arc<Cloud>, r: VmStateReport) {
@@ -306,47 +315,57 @@ fn destroy_orphans(c: &Cloud) -> bool {
     policy == "destroy"
 }
 
-fn orphan_vm(c: &Arc<Cloud>, host: Uuid, vm: Uuid) {
-    c.bus()
-        .publish("/vm/orphan", serde_json::json!({"uuid": vm, "host": host}));
-    if !destroy_orphans(c) {
-        return;
-    }
-    // In the VM's queue: a create that inserts the row right now is not undone behind its back.
-    later_in_queue(
-        c,
-        vm_queue(vm),
-        "destroy an orphan VM",
-        move |c| async move {
-            if c.db().get::<Vm>(vm).await?.is_some() {
-                return Ok(());
-            }
-            let target = c.host_target(host).await?;
-            agent(&c, &target, &DestroyVmCmd { vm }).await
-        },
-    );
+/// VMs and volumes a host has that the database has never heard of.
+#[derive(Default)]
+struct Orphans {
+    vms: Vec<Uuid>,
+    volumes: Vec<Uuid>,
 }
 
-fn orphan_volume(c: &Arc<Cloud>, host: Uuid, volume: Uuid) {
-    c.bus().publish(
-        "/volume/orphan",
-        serde_json::json!({"uuid": volume, "host": host}),
-    );
-    if !destroy_orphans(c) {
-        return;
-    }
-    later_in_queue(
-        c,
-        super::volume::volume_queue(volume),
-        "delete an orphan volume",
-        move |c| async move {
-            if c.db().get::<Volume>(volume).await?.is_some() {
-                return Ok(());
+impl Orphans {
+    /// Report them; under the `destroy` policy destroy the VMs and then delete the volumes, in
+    /// that order (the host refuses to delete a volume an orphan VM still uses), each decided
+    /// again in its own queue: a create that inserts the row right now is not undone behind
+    /// its back.
+    fn clean_up(self, c: &Arc<Cloud>, host: Uuid) {
+        for vm in &self.vms {
+            c.bus()
+                .publish("/vm/orphan", serde_json::json!({"uuid": vm, "host": host}));
+        }
+        for v in &self.volumes {
+            c.bus().publish(
+                "/volume/orphan",
+                serde_json::json!({"uuid": v, "host": host}),
+            );
+        }
+        if !destroy_orphans(c) || (self.vms.is_empty() && self.volumes.is_empty()) {
+            return;
+        }
+        let c = c.clone();
+        tokio::spawn(async move {
+            for vm in self.vms {
+                in_queue(&c, vm_queue(vm), "destroy an orphan VM", |c| async move {
+                    if c.db().get::<Vm>(vm).await?.is_some() {
+                        return Ok(());
+                    }
+                    let target = c.host_target(host).await?;
+                    agent(&c, &target, &DestroyVmCmd { vm }).await
+                })
+                .await;
             }
-            let target = c.host_target(host).await?;
-            agent(&c, &target, &DeleteVolumeCmd { volume }).await
-        },
-    );
+            for volume in self.volumes {
+                let q = super::volume::volume_queue(volume);
+                in_queue(&c, q, "delete an orphan volume", |c| async move {
+                    if c.db().get::<Volume>(volume).await?.is_some() {
+                        return Ok(());
+                    }
+                    let target = c.host_target(host).await?;
+                    agent(&c, &target, &DeleteVolumeCmd { volume }).await
+                })
+                .await;
+            }
+        });
+    }
 }
 
 /// Record that `vm` now runs on `to` (not `from`): the VM row, its volumes and their local
@@ -468,7 +487,11 @@ async fn take_capacity(c: &Cloud, uuid: Uuid, vm: &Vm, host: Uuid) -> bool {
 async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
     let Some(vm) = c.db().get::<Vm>(r.vm).await? else {
         if r.state.is_some() {
-            orphan_vm(c, r.host, r.vm);
+            let orphans = Orphans {
+                vms: vec![r.vm],
+                volumes: Vec::new(),
+            };
+            orphans.clean_up(c, r.host);
             return Ok("orphan".into());
         }
         return Ok("gone".into());

@@ -100,7 +100,7 @@ where
                 None => None,
             },
             FieldType::Json => match row.try_get::<Option<String>, _>(c)? {
-                Some(s) => Some(Value::Json(
+                Some(s) => Some(Value::json(
                     serde_json::from_str(&s).map_err(|e| corrupt(format!("{}: {e}", f.name)))?,
                 )),
                 None => None,
