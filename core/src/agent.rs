@@ -262,7 +262,7 @@ impl AgentClient {
             return decode_reply::<C>(r.status, &r.body);
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let result = match tokio::time::timeout(left, rx).await {
+        let result = match stratus_kvm_agent::deadline::timeout(left, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => return Err(Error::internal("callback waiter dropped")),
             Err(_) => {

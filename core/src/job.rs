@@ -271,7 +271,7 @@ impl Jobs {
                     timeout.as_millis()
                 )));
             }
-            let _ = tokio::time::timeout(step, rx).await;
+            let _ = stratus_kvm_agent::deadline::timeout(step, rx).await;
         }
     }
 

@@ -5,17 +5,19 @@
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
 
-/// Serve `app` on `listener` until the task is dropped. Each connection gets its own task.
-pub async fn serve(listener: TcpListener, app: Router) {
+/// Serve `app` on `listener` until the task is dropped. Each connection gets its own task, and
+/// each request carries a clone of `ext` as an extension (so one router can serve many servers).
+pub async fn serve<X: Clone + Send + Sync + 'static>(listener: TcpListener, app: Router, ext: X) {
     loop {
         let (stream, _peer) = match listener.accept().await {
             Ok(x) => x,
@@ -25,7 +27,11 @@ pub async fn serve(listener: TcpListener, app: Router) {
                 continue;
             }
         };
-        let svc = TowerToHyperService::new(app.clone());
+        let (app, ext) = (app.clone(), ext.clone());
+        let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ext.clone());
+            app.clone().oneshot(req)
+        });
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
@@ -39,9 +45,18 @@ pub async fn serve(listener: TcpListener, app: Router) {
 
 /// Bind `addr` and serve `app` in a background task; returns the bound address.
 pub async fn spawn_server(addr: SocketAddr, app: Router) -> std::io::Result<SocketAddr> {
+    spawn_server_with(addr, app, ()).await
+}
+
+/// [`spawn_server`] with `ext` added to every request (see [`serve`]).
+pub async fn spawn_server_with<X: Clone + Send + Sync + 'static>(
+    addr: SocketAddr,
+    app: Router,
+    ext: X,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    tokio::spawn(serve(listener, app));
+    tokio::spawn(serve(listener, app, ext));
     Ok(local)
 }
 
@@ -76,7 +91,7 @@ type Sender = SendRequest<Full<Bytes>>;
 /// pool idle timeout). It is shorter than the default ping interval (60 s), so a host that is
 /// only pinged holds no connection between pings: in the 30,000-host simulation idle
 /// connections were a third of the memory.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Idle {
@@ -257,7 +272,7 @@ impl HttpClient {
         body: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<HttpResponse, HttpError> {
-        match tokio::time::timeout(timeout, self.send(addr, method, path, headers, body.into()))
+        match crate::deadline::timeout(timeout, self.send(addr, method, path, headers, body.into()))
             .await
         {
             Ok(r) => r,

@@ -6,8 +6,10 @@
 //! - [`server`]: the agent HTTP server, written once and generic over a [`Hypervisor`];
 //! - [`hypervisor`]: the backend trait (the simulated backend lives in `stratus-sim-world`; the
 //!   QEMU/QMP backend is still to come);
-//! - [`http`]: HTTP/1.1 server loop and keep-alive client that run in both builds.
+//! - [`http`]: HTTP/1.1 server loop and keep-alive client that run in both builds;
+//! - [`deadline`]: the timeout every part of Stratus uses (one timer entry, under madsim too).
 
+pub mod deadline;
 pub mod http;
 pub mod hypervisor;
 pub mod protocol;

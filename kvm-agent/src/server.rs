@@ -16,12 +16,13 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::Router;
+use axum::{Extension, Router};
 use serde::Serialize;
+use std::any::TypeId;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -155,7 +156,8 @@ impl<H: Hypervisor> Agent<H> {
 
     /// Serve on `addr` and forward the hypervisor's events as reports. Returns the bound address.
     pub async fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
-        let bound = crate::http::spawn_server(addr, self.router()).await?;
+        let bound =
+            crate::http::spawn_server_with(addr, Self::router(), self.inner.clone()).await?;
         if let Some(mut events) = self.inner.hv.take_events() {
             let inner = self.inner.clone();
             tokio::spawn(async move {
@@ -168,17 +170,31 @@ impl<H: Hypervisor> Agent<H> {
         Ok(bound)
     }
 
-    /// The HTTP routes of the protocol.
-    pub fn router(&self) -> Router {
+    /// The HTTP routes of the protocol, built once per hypervisor type and shared by every agent
+    /// of the process (the simulation runs tens of thousands): each request finds its agent in
+    /// an `Arc<Inner<H>>` extension that [`crate::http::spawn_server_with`] adds.
+    fn router() -> Router {
+        static ROUTERS: OnceLock<Mutex<HashMap<TypeId, Router>>> = OnceLock::new();
+        let mut routers = ROUTERS
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        routers
+            .entry(TypeId::of::<H>())
+            .or_insert_with(Self::build_router)
+            .clone()
+    }
+
+    fn build_router() -> Router {
         let r = Router::new();
-        let r = self.sync::<ConnectCmd, _, _>(r, |a, c| async move {
+        let r = Self::sync::<ConnectCmd, _, _>(r, |a, c| async move {
             *a.binding.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some((c.host_uuid, c.report_url));
             let mut facts = a.hv.facts().await?;
             facts.host_uuid = Some(c.host_uuid);
             Ok(facts)
         });
-        let r = self.sync::<PingCmd, _, _>(r, |a, c| async move {
+        let r = Self::sync::<PingCmd, _, _>(r, |a, c| async move {
             let host_uuid = {
                 let mut b = a.binding.lock().unwrap_or_else(|e| e.into_inner());
                 match b.as_mut() {
@@ -196,30 +212,39 @@ impl<H: Hypervisor> Agent<H> {
                 volumes: a.hv.volumes().await.into_iter().map(|v| v.uuid).collect(),
             })
         });
+        let r = Self::sync::<VmStatusCmd, _, _>(
+            r,
+            |a, c| async move { Ok(a.hv.vm_status(c.vm).await) },
+        );
         let r =
-            self.sync::<VmStatusCmd, _, _>(r, |a, c| async move { Ok(a.hv.vm_status(c.vm).await) });
-        let r = self
-            .sync::<ReceiveVmCmd, _, _>(r, |a, c| async move { a.hv.receive_vm(&c.spec).await });
+            Self::sync::<ReceiveVmCmd, _, _>(
+                r,
+                |a, c| async move { a.hv.receive_vm(&c.spec).await },
+            );
         let r =
-            self.long::<StartVmCmd, _, _>(r, |a, c| async move { a.hv.start_vm(&c.spec).await });
-        let r = self.long::<StopVmCmd, _, _>(r, |a, c| async move {
+            Self::long::<StartVmCmd, _, _>(r, |a, c| async move { a.hv.start_vm(&c.spec).await });
+        let r = Self::long::<StopVmCmd, _, _>(r, |a, c| async move {
             a.hv.stop_vm(c.vm, Duration::from_millis(c.graceful_timeout_ms), c.force)
                 .await
         });
-        let r = self.long::<RebootVmCmd, _, _>(r, |a, c| async move { a.hv.reboot_vm(c.vm).await });
         let r =
-            self.long::<DestroyVmCmd, _, _>(r, |a, c| async move { a.hv.destroy_vm(c.vm).await });
+            Self::long::<RebootVmCmd, _, _>(r, |a, c| async move { a.hv.reboot_vm(c.vm).await });
         let r =
-            self.long::<MigrateVmCmd, _, _>(r, |a, c| async move { Inner::migrate(&a, c).await });
-        let r = self
-            .long::<CreateVolumeCmd, _, _>(r, |a, c| async move { a.hv.create_volume(&c).await });
-        let r = self.long::<DeleteVolumeCmd, _, _>(r, |a, c| async move {
+            Self::long::<DestroyVmCmd, _, _>(r, |a, c| async move { a.hv.destroy_vm(c.vm).await });
+        let r =
+            Self::long::<MigrateVmCmd, _, _>(r, |a, c| async move { Inner::migrate(&a, c).await });
+        let r =
+            Self::long::<CreateVolumeCmd, _, _>(
+                r,
+                |a, c| async move { a.hv.create_volume(&c).await },
+            );
+        let r = Self::long::<DeleteVolumeCmd, _, _>(r, |a, c| async move {
             a.hv.delete_volume(c.volume).await
         });
-        let r = self.long::<AttachVolumeCmd, _, _>(r, |a, c| async move {
+        let r = Self::long::<AttachVolumeCmd, _, _>(r, |a, c| async move {
             a.hv.attach_volume(c.vm, &c.disk).await
         });
-        self.long::<DetachVolumeCmd, _, _>(r, |a, c| async move {
+        Self::long::<DetachVolumeCmd, _, _>(r, |a, c| async move {
             a.hv.detach_volume(c.vm, c.volume).await
         })
     }
@@ -244,57 +269,62 @@ impl<H: Hypervisor> Agent<H> {
     }
 
     /// A short command: answered in the response.
-    fn sync<C, F, Fut>(&self, r: Router, f: F) -> Router
+    fn sync<C, F, Fut>(r: Router, f: F) -> Router
     where
         C: Command,
         F: Fn(Arc<Inner<H>>, C) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<C::Reply, AgentError>> + Send + 'static,
     {
-        let inner = self.inner.clone();
         r.route(
             C::PATH,
-            post(move |headers: HeaderMap, body: Bytes| {
-                let (inner, f) = (inner.clone(), f.clone());
-                async move {
-                    if let Err(resp) = Self::authorized(&inner, &headers) {
-                        return *resp;
+            post(
+                move |Extension(inner): Extension<Arc<Inner<H>>>,
+                      headers: HeaderMap,
+                      body: Bytes| {
+                    let f = f.clone();
+                    async move {
+                        if let Err(resp) = Self::authorized(&inner, &headers) {
+                            return *resp;
+                        }
+                        let cmd: C = match Self::parse(&body) {
+                            Ok(c) => c,
+                            Err(resp) => return *resp,
+                        };
+                        let fault = inner.faults.command(C::KIND);
+                        if !fault.delay.is_zero() {
+                            tokio::time::sleep(fault.delay).await;
+                        }
+                        if fault.fail_before {
+                            return error(AgentError::failed(format!(
+                                "{} failed (injected)",
+                                C::PATH
+                            )));
+                        }
+                        match f(inner, cmd).await {
+                            Ok(_) if fault.fail_after => error(AgentError::failed(format!(
+                                "{} failed after running (injected)",
+                                C::PATH
+                            ))),
+                            Ok(reply) => json(200, &reply),
+                            Err(e) => error(e),
+                        }
                     }
-                    let cmd: C = match Self::parse(&body) {
-                        Ok(c) => c,
-                        Err(resp) => return *resp,
-                    };
-                    let fault = inner.faults.command(C::KIND);
-                    if !fault.delay.is_zero() {
-                        tokio::time::sleep(fault.delay).await;
-                    }
-                    if fault.fail_before {
-                        return error(AgentError::failed(format!("{} failed (injected)", C::PATH)));
-                    }
-                    match f(inner, cmd).await {
-                        Ok(_) if fault.fail_after => error(AgentError::failed(format!(
-                            "{} failed after running (injected)",
-                            C::PATH
-                        ))),
-                        Ok(reply) => json(200, &reply),
-                        Err(e) => error(e),
-                    }
-                }
-            }),
+                },
+            ),
         )
     }
 
     /// A long command: 202 now, the result through the callback.
-    fn long<C, F, Fut>(&self, r: Router, f: F) -> Router
+    fn long<C, F, Fut>(r: Router, f: F) -> Router
     where
         C: Command,
         F: Fn(Arc<Inner<H>>, C) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<C::Reply, AgentError>> + Send + 'static,
     {
-        let inner = self.inner.clone();
         r.route(
             C::PATH,
-            post(move |headers: HeaderMap, body: Bytes| {
-                let (inner, f) = (inner.clone(), f.clone());
+            post(move |Extension(inner): Extension<Arc<Inner<H>>>, headers: HeaderMap, body: Bytes| {
+                let f = f.clone();
                 async move {
                     if let Err(resp) = Self::authorized(&inner, &headers) {
                         return *resp;

@@ -3,6 +3,8 @@
 //! failed, 2 for a bad file or arguments. `ci/scenario` builds and runs it.
 
 // glibc's allocator was a quarter of the scale run's time (perf: malloc, free, consolidation).
+// `--features system-alloc` keeps the system allocator, for heap profilers that hook malloc.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -29,15 +31,22 @@ mod sim {
 
     const USAGE: &str = "usage: stratus-scenario FILE [--seed S] [--reports DIR] [--quiet]";
 
-    /// `mi_option_purge_delay` in mimalloc 3's `mi_option_e`.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    /// mimalloc returns freed memory to the OS after a delay measured on the clock, and madsim
+    /// makes that clock the simulated one, which runs several times faster than wall time:
+    /// pages were returned and faulted in again (10 % of the time, perf). Keep them.
+    fn keep_freed_pages() {
+        /// `mi_option_purge_delay` in mimalloc 3's `mi_option_e`.
+        #[cfg(not(feature = "system-alloc"))]
+        const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+        // SAFETY: sets a process-wide allocator option; no allocation is in flight.
+        #[cfg(not(feature = "system-alloc"))]
+        unsafe {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1)
+        };
+    }
 
     pub fn main() -> i32 {
-        // mimalloc returns freed memory to the OS after a delay measured on the clock, and madsim
-        // makes that clock the simulated one, which runs several times faster than wall time:
-        // pages were returned and faulted in again (10 % of the time, perf). Keep them.
-        // SAFETY: sets a process-wide allocator option; no allocation is in flight.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+        keep_freed_pages();
         // Logs of the management stack, off unless RUST_LOG asks (e.g. stratus_core=debug). No
         // subscriber at all without it: madsim gives every task its node's span, and a
         // subscriber that records spans costs time on every poll.

@@ -313,7 +313,7 @@ impl Bus {
         rx: oneshot::Receiver<Result<T, Error>>,
         timeout: Duration,
     ) -> Result<T, Error> {
-        match tokio::time::timeout(timeout, rx).await {
+        match stratus_kvm_agent::deadline::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Error::internal(format!(
                 "handler for {name} was dropped without replying"
