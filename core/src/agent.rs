@@ -16,9 +16,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use stratus_kvm_agent::deadline::now_ms;
 use stratus_kvm_agent::http::{HttpClient, HttpError};
 use stratus_kvm_agent::protocol::{
-    AgentError, AgentErrorCode, Command, CommandKind, TaskResult, H_CALLBACK, H_TASK, H_TOKEN,
+    AgentError, AgentErrorCode, Command, CommandKind, TaskResult, H_CALLBACK, H_DEADLINE, H_TASK,
+    H_TOKEN,
 };
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -144,6 +146,8 @@ pub fn map_agent_error(kind: CommandKind, e: AgentError) -> Error {
         AgentErrorCode::Unauthorized => ErrorCode::Unauthorized,
         AgentErrorCode::InvalidArgument => ErrorCode::InvalidArgument,
         AgentErrorCode::Unreachable => ErrorCode::HostUnreachable,
+        // Only reaches a caller that already gave up (the deadline is its own timeout).
+        AgentErrorCode::Expired => ErrorCode::Timeout,
         _ => ErrorCode::AgentError,
     };
     Error::new(
@@ -207,12 +211,13 @@ impl AgentClient {
         let body = serde_json::to_vec(cmd)
             .map_err(|e| Error::internal(format!("cannot encode {}: {e}", C::PATH)))?;
         if !C::ASYNC {
+            let refuse_after = handover_deadline(timeout);
             let r = self
                 .http
                 .post(
                     host.address,
                     C::PATH,
-                    &[(H_TOKEN, host.token.as_str())],
+                    &[(H_TOKEN, host.token.as_str()), (H_DEADLINE, &refuse_after)],
                     body,
                     timeout,
                 )
@@ -240,21 +245,18 @@ impl AgentClient {
         let deadline = tokio::time::Instant::now() + timeout;
         let callback = format!("{}/{task}", self.callback_base);
         let task_s = task.to_string();
+        // Handing the command over takes moments; only the work takes the command's timeout.
+        let submit = timeout.min(SUBMIT_TIMEOUT);
+        let refuse_after = handover_deadline(submit);
         let headers = [
             (H_TOKEN, host.token.as_str()),
             (H_TASK, task_s.as_str()),
             (H_CALLBACK, callback.as_str()),
+            (H_DEADLINE, refuse_after.as_str()),
         ];
-        // Handing the command over takes moments; only the work takes the command's timeout.
         let r = self
             .http
-            .post(
-                host.address,
-                C::PATH,
-                &headers,
-                body,
-                timeout.min(SUBMIT_TIMEOUT),
-            )
+            .post(host.address, C::PATH, &headers, body, submit)
             .await
             .map_err(map_http)?;
         if r.status != 202 {
@@ -296,6 +298,12 @@ impl AgentClient {
         let _ = p.tx.send(result);
         Ok(p.host)
     }
+}
+
+/// The [`H_DEADLINE`] header of a command handed over within `submit`: after it the caller has
+/// given up (and rolled back), so the agent must not start the command.
+fn handover_deadline(submit: Duration) -> String {
+    (now_ms() + submit.as_millis() as i64).to_string()
 }
 
 /// Removes a task from the waiting table when the caller stops waiting (any way it stops).

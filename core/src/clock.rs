@@ -4,12 +4,6 @@
 //! seeded; in the std build it is the real clock. Durations and deadlines use `tokio::time`, which
 //! is simulated in the same way.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Milliseconds since the Unix epoch (simulated under madsim).
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+/// Milliseconds since the Unix epoch (simulated under madsim). Defined next to the timeouts in
+/// `stratus-kvm-agent`, which the agent shares.
+pub use stratus_kvm_agent::deadline::now_ms;

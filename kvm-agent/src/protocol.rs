@@ -20,6 +20,12 @@ pub const AGENT_PORT: u16 = 7070;
 pub const H_TOKEN: &str = "x-stratus-token";
 pub const H_TASK: &str = "x-stratus-task";
 pub const H_CALLBACK: &str = "x-stratus-callback";
+/// When the management plane stops waiting for the command to be handed over (milliseconds
+/// since the Unix epoch): the agent refuses a command that arrives later (a partition held it
+/// back), so that work the management side has given up on and rolled back does not run after
+/// all. Clocks of the management nodes and hosts must agree to well within the hand-over
+/// timeout (10 s), as NTP keeps them.
+pub const H_DEADLINE: &str = "x-stratus-deadline";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -33,6 +39,8 @@ pub enum AgentErrorCode {
     Failed,
     /// Another host (migration peer) could not be reached.
     Unreachable,
+    /// The command arrived after its deadline ([`H_DEADLINE`]) and was not run.
+    Expired,
 }
 
 impl AgentErrorCode {
@@ -45,6 +53,7 @@ impl AgentErrorCode {
             AgentErrorCode::InsufficientCapacity => 409,
             AgentErrorCode::Failed => 500,
             AgentErrorCode::Unreachable => 502,
+            AgentErrorCode::Expired => 408,
         }
     }
 }

@@ -259,6 +259,21 @@ impl<H: Hypervisor> Agent<H> {
         }
     }
 
+    /// Refuse a command that arrived after its [`H_DEADLINE`] (its sender gave up on it).
+    fn in_time(headers: &HeaderMap) -> Result<(), Box<Response>> {
+        let Some(deadline) = header(headers, H_DEADLINE).and_then(|d| d.parse::<i64>().ok()) else {
+            return Ok(());
+        };
+        let late = crate::deadline::now_ms() - deadline;
+        if late <= 0 {
+            return Ok(());
+        }
+        Err(Box::new(error(AgentError::new(
+            AgentErrorCode::Expired,
+            format!("arrived {late} ms after its deadline; not run"),
+        ))))
+    }
+
     fn parse<C: Command>(body: &[u8]) -> Result<C, Box<Response>> {
         serde_json::from_slice(body).map_err(|e| {
             Box::new(error(AgentError::new(
@@ -283,7 +298,9 @@ impl<H: Hypervisor> Agent<H> {
                       body: Bytes| {
                     let f = f.clone();
                     async move {
-                        if let Err(resp) = Self::authorized(&inner, &headers) {
+                        if let Err(resp) = Self::authorized(&inner, &headers)
+                            .and_then(|()| Self::in_time(&headers))
+                        {
                             return *resp;
                         }
                         let cmd: C = match Self::parse(&body) {
@@ -326,7 +343,9 @@ impl<H: Hypervisor> Agent<H> {
             post(move |Extension(inner): Extension<Arc<Inner<H>>>, headers: HeaderMap, body: Bytes| {
                 let f = f.clone();
                 async move {
-                    if let Err(resp) = Self::authorized(&inner, &headers) {
+                    if let Err(resp) =
+                        Self::authorized(&inner, &headers).and_then(|()| Self::in_time(&headers))
+                    {
                         return *resp;
                     }
                     let task = header(&headers, H_TASK).and_then(|t| Uuid::parse_str(t).ok());

@@ -108,6 +108,7 @@ fn agent_protocol_over_simulated_http() {
             .ip("10.0.0.1".parse().unwrap())
             .build();
         let r2 = results.clone();
+        let host_a = a.clone();
         mgmt.spawn(async move {
             let results = r2;
             let sink = results.clone();
@@ -160,6 +161,36 @@ fn agent_protocol_over_simulated_http() {
             assert_eq!(status, 200);
             assert_eq!(facts["cpu_cores"], 16);
             assert_eq!(facts["host_uuid"], host.to_string());
+
+            // A command that arrives after its deadline (a partition held it back while its
+            // sender gave up) is refused and not run.
+            let late_vol = Uuid::from_u128(12);
+            let past = (stratus_kvm_agent::deadline::now_ms() - 1).to_string();
+            let r = c
+                .post(
+                    "10.1.0.1:7070".parse().unwrap(),
+                    CreateVolumeCmd::PATH,
+                    &[
+                        (H_TOKEN, "tok-a"),
+                        (H_TASK, &Uuid::from_u128(99).to_string()),
+                        (H_CALLBACK, "http://10.0.0.1:8080/cb"),
+                        (H_DEADLINE, &past),
+                    ],
+                    serde_json::to_vec(&CreateVolumeCmd {
+                        volume: late_vol,
+                        size_mb: 10_240,
+                        image: None,
+                    })
+                    .unwrap(),
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 408);
+            let e: AgentError = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(e.code, AgentErrorCode::Expired);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(!host_a.lock().unwrap().volumes.contains_key(&late_vol));
 
             // A long command without a task id is refused.
             let vm = Uuid::from_u128(10);
@@ -261,6 +292,11 @@ fn agent_protocol_over_simulated_http() {
 
             // Keep-alive connections are closed once idle for IDLE_TIMEOUT, and the client
             // connects again when next used.
+            let ping = PingCmd {
+                host_uuid: host,
+                report_url: String::new(),
+            };
+            assert_eq!(call(&c, "10.1.0.1", "tok-a", &ping, None).await.0, 200);
             assert!(c.idle_connections() > 0);
             tokio::time::sleep(stratus_kvm_agent::http::IDLE_TIMEOUT * 3).await;
             assert_eq!(c.idle_connections(), 0);
