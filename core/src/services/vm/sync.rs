@@ -161,8 +161,15 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
             Some(vol) if vol.host_uuid.is_some_and(|h| h != m.host) => {
                 // A copy on a host the database does not place it on: what a migration that
                 // ended badly can leave behind (found by the 30,000-host scenario). Unless the
-                // VM using it runs here (then its relocation, reported above, moves the rows).
-                if vol.vm_uuid.is_none_or(|vm| !seen.contains_key(&vm)) {
+                // VM using it runs here (then its relocation, reported above, moves the rows);
+                // a stopped copy of the VM here is stale too (found by partition-storm).
+                let runs_here = vol.vm_uuid.is_some_and(|vm| {
+                    matches!(
+                        seen.get(&vm),
+                        Some(PowerState::Running | PowerState::Paused)
+                    )
+                });
+                if !runs_here {
                     stray_copy(c, m.host, vol.uuid, vol.vm_uuid);
                     sum.orphan_volumes += 1;
                 }
@@ -274,6 +281,16 @@ fn stray_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
             return Ok(());
         }
         let target = c.host_target(host).await?;
+        if let Some(vm) = vol.vm_uuid {
+            // A stale, stopped definition of the VM here still holds the disk: it goes first.
+            let here = agent(&c, &target, &VmStatusCmd { vm }).await?.map(|s| s.state);
+            match here {
+                Some(PowerState::Running | PowerState::Paused) => return Ok(()),
+                Some(_) => agent(&c, &target, &DestroyVmCmd { vm }).await?,
+                None => {}
+            }
+        }
+        tracing::debug!(%volume, %host, %home, "stray volume copy deleted");
         agent(&c, &target, &DeleteVolumeCmd { volume }).await
     });
 }
