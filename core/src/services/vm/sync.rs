@@ -283,7 +283,9 @@ fn stray_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
         let target = c.host_target(host).await?;
         if let Some(vm) = vol.vm_uuid {
             // A stale, stopped definition of the VM here still holds the disk: it goes first.
-            let here = agent(&c, &target, &VmStatusCmd { vm }).await?.map(|s| s.state);
+            let here = agent(&c, &target, &VmStatusCmd { vm })
+                .await?
+                .map(|s| s.state);
             match here {
                 Some(PowerState::Running | PowerState::Paused) => return Ok(()),
                 Some(_) => agent(&c, &target, &DestroyVmCmd { vm }).await?,
