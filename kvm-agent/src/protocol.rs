@@ -233,7 +233,8 @@ impl Command for ConnectCmd {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PingCmd {
     pub host_uuid: Uuid,
-    /// The owner's report URL (it may have changed since connect).
+    /// The owner's report URL (it may have changed since connect); empty leaves it as it is (a
+    /// ping that only asks what the host holds, from a node that is not its owner).
     pub report_url: String,
 }
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

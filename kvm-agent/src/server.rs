@@ -199,7 +199,9 @@ impl<H: Hypervisor> Agent<H> {
                 let mut b = a.binding.lock().unwrap_or_else(|e| e.into_inner());
                 match b.as_mut() {
                     Some((h, url)) if *h == c.host_uuid => {
-                        url.clone_from(&c.report_url);
+                        if !c.report_url.is_empty() {
+                            url.clone_from(&c.report_url);
+                        }
                         Some(*h)
                     }
                     Some((h, _)) => Some(*h),

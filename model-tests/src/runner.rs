@@ -29,8 +29,6 @@ use uuid::Uuid;
 
 /// Simulated time one `Settle` (and the final settle) may take.
 const SETTLE_MAX: Duration = Duration::from_secs(900);
-/// Longer than two ping intervals of the world's configuration (10 s) plus a ping timeout.
-const PING_CYCLE: Duration = Duration::from_secs(30);
 /// How much longer a slow agent command takes: past the world's agent timeouts (60 s).
 const SLOW_BY: Duration = Duration::from_secs(90);
 
@@ -552,13 +550,15 @@ impl Runner {
     async fn quiesce(&mut self) -> Result<(), String> {
         settle_or_say(&self.w, "settle").await?;
         if self.tainted || self.slow_armed || self.orphans {
+            // Two ping intervals of the world's configuration plus a ping timeout.
+            let ping_cycle = 2 * self.w.spec.ping_interval() + Duration::from_secs(10);
             let wait = if self.slow_armed {
-                SLOW_BY + PING_CYCLE
+                SLOW_BY + ping_cycle
             } else if self.orphans {
                 // Armed failures may fail the first clean-up attempts too.
-                3 * PING_CYCLE
+                3 * ping_cycle
             } else {
-                PING_CYCLE
+                ping_cycle
             };
             self.orphans = false;
             tokio::time::sleep(wait).await;

@@ -643,7 +643,6 @@ async fn body(w: World, sc: Scenario, quiet: bool) -> RunOutput {
 /// Ping cycles after settling within which state sync must have repaired what faults left.
 const SYNC_ROUNDS: u32 = 2;
 
-/// Settle, wait for every host to be connected again, settle again.
 /// Wait one ping interval (at least 25 s, for the hosts' reconnects to finish) and then some:
 /// every host has reported its VMs and volumes to state sync once.
 async fn sync_cycle(w: &World) {
@@ -651,6 +650,7 @@ async fn sync_cycle(w: &World) {
     tokio::time::sleep(ping.max(Duration::from_secs(25)) + Duration::from_secs(5)).await;
 }
 
+/// Settle, wait for every host to be connected again, a ping cycle, settle again.
 async fn settle_all(w: &World, max: Duration) -> Result<Duration, String> {
     let t = Instant::now();
     w.settle(max)
