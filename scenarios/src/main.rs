@@ -34,19 +34,27 @@ mod sim {
     /// mimalloc returns freed memory to the OS after a delay measured on the clock, and madsim
     /// makes that clock the simulated one, which runs several times faster than wall time:
     /// pages were returned and faulted in again (10 % of the time, perf). Keep them.
-    fn keep_freed_pages() {
-        /// `mi_option_purge_delay` in mimalloc 3's `mi_option_e`.
+    ///
+    /// Every 10,000 allocations that miss its fast path mimalloc also walks every page of the
+    /// heap to collect free ones; with a heap of several GiB that walk was 5 % of the time of
+    /// the 30,000-host run (perf). Walk every 1,000,000 instead (its maximum): the same peak
+    /// memory, 7 % less wall time.
+    fn tune_allocator() {
+        /// `mi_option_purge_delay` and `mi_option_generic_collect` in mimalloc 3's `mi_option_e`.
         #[cfg(not(feature = "system-alloc"))]
         const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-        // SAFETY: sets a process-wide allocator option; no allocation is in flight.
+        #[cfg(not(feature = "system-alloc"))]
+        const MI_OPTION_GENERIC_COLLECT: libmimalloc_sys::mi_option_t = 34;
+        // SAFETY: sets process-wide allocator options; no allocation is in flight.
         #[cfg(not(feature = "system-alloc"))]
         unsafe {
-            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1)
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+            libmimalloc_sys::mi_option_set(MI_OPTION_GENERIC_COLLECT, 1_000_000);
         };
     }
 
     pub fn main() -> i32 {
-        keep_freed_pages();
+        tune_allocator();
         // Logs of the management stack, off unless RUST_LOG asks (e.g. stratus_core=debug). No
         // subscriber at all without it: madsim gives every task its node's span, and a
         // subscriber that records spans costs time on every poll.
