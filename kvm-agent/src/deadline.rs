@@ -1,5 +1,5 @@
-//! [`timeout`]: `tokio::time::timeout` that costs one timer registration and does not keep a
-//! finished task alive.
+//! [`timeout`]: `tokio::time::timeout` that costs one timer registration per 5 s it waits
+//! (`HOP`), leaves no timer entry far behind it, and does not keep a finished task alive.
 //!
 //! madsim's timer cannot cancel an entry, and its `Sleep` adds a new entry, holding a clone of
 //! the task's waker, every time it is polled while pending. Under `tokio::time::timeout` the
@@ -91,12 +91,14 @@ async fn timeout_in_hops<F: Future>(
     hop: Duration,
     fut: F,
 ) -> Result<F::Output, Elapsed> {
-    let deadline = tokio::time::Instant::now() + d;
+    let now = tokio::time::Instant::now();
+    // A duration past what an Instant can hold waits "forever" (30 years), as tokio's does.
+    let deadline = now
+        .checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400));
     let next_ring = move |now: tokio::time::Instant| deadline.min(now + hop);
     let mut fut = pin!(fut);
-    let mut sleep = pin!(tokio::time::sleep_until(next_ring(
-        tokio::time::Instant::now()
-    )));
+    let mut sleep = pin!(tokio::time::sleep_until(next_ring(now)));
     let mut armed = Disarm(None);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(v) = fut.as_mut().poll(cx) {
@@ -169,6 +171,11 @@ mod tests {
             timeout(Duration::from_millis(30), ticks(10)).await,
             Err(Elapsed)
         );
+    }
+
+    #[tokio::test]
+    async fn a_timeout_too_long_for_an_instant_waits_instead_of_panicking() {
+        assert_eq!(timeout(Duration::MAX, async { 7 }).await, Ok(7));
     }
 
     #[tokio::test]
