@@ -1,5 +1,6 @@
 //! The real agent server on the simulated hypervisor, over simulated HTTP: connect, ping, long
-//! commands with callbacks, tokens, duplicate task ids, migration between two hosts.
+//! commands with callbacks, tokens, duplicate task ids, migration between two hosts, and where
+//! reports go after pings with and without a report URL.
 #![cfg(madsim)]
 
 use axum::routing::post;
@@ -325,5 +326,131 @@ fn agent_protocol_over_simulated_http() {
             1,
             "duplicate task not re-run"
         );
+    });
+}
+
+/// State sync asks a VM's home host what it holds with a ping that carries no report URL: the
+/// VM's owner need not own the host. Such a ping leaves the host's reports going where its
+/// owner pointed them; a ping with a URL re-points them.
+#[test]
+fn a_ping_without_a_report_url_leaves_the_reports_where_they_went() {
+    let rt = Runtime::with_seed_and_config(5, madsim::Config::default());
+    rt.block_on(async {
+        let state = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
+        let hv = SimHypervisor::new(state, LatencyProfile::zero(), 7);
+        let agent_hv = hv.clone();
+        Handle::current()
+            .create_node()
+            .name("host")
+            .ip("10.1.0.3".parse().unwrap())
+            .init(move || {
+                let hv = agent_hv.clone();
+                async move {
+                    let agent = Agent::new(hv, AgentConfig::new("tok"), Arc::new(NoFaults));
+                    agent.serve("0.0.0.0:7070".parse().unwrap()).await.unwrap();
+                    std::future::pending::<()>().await;
+                }
+            })
+            .build();
+        let mgmt = Handle::current()
+            .create_node()
+            .name("mgmt")
+            .ip("10.0.0.1".parse().unwrap())
+            .build();
+        mgmt.spawn(async move {
+            let results: Arc<Mutex<Vec<TaskResult>>> = Arc::default();
+            // Reports, by the path they arrived at.
+            let reports: Arc<Mutex<Vec<(String, Report)>>> = Arc::default();
+            let (cb, rep) = (results.clone(), reports.clone());
+            let app = Router::new()
+                .route(
+                    "/cb",
+                    post(move |body: axum::body::Bytes| {
+                        let cb = cb.clone();
+                        async move {
+                            cb.lock()
+                                .unwrap()
+                                .push(serde_json::from_slice(&body).unwrap());
+                            "ok"
+                        }
+                    }),
+                )
+                .route(
+                    "/{sink}",
+                    post(
+                        move |axum::extract::Path(sink): axum::extract::Path<String>,
+                              body: axum::body::Bytes| {
+                            let rep = rep.clone();
+                            async move {
+                                rep.lock()
+                                    .unwrap()
+                                    .push((sink, serde_json::from_slice(&body).unwrap()));
+                                "ok"
+                            }
+                        },
+                    ),
+                );
+            spawn_server("0.0.0.0:8080".parse().unwrap(), app)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let c = HttpClient::default();
+            let host = Uuid::from_u128(3);
+            let ping = |url: &str| PingCmd {
+                host_uuid: host,
+                report_url: url.to_string(),
+            };
+            let connect = ConnectCmd {
+                host_uuid: host,
+                report_url: "http://10.0.0.1:8080/owner".into(),
+            };
+            assert_eq!(call(&c, "10.1.0.3", "tok", &connect, None).await.0, 200);
+            // Two running VMs to crash.
+            for n in 0..2u128 {
+                let (vm, vol) = (Uuid::from_u128(20 + n), Uuid::from_u128(30 + n));
+                let t = Uuid::from_u128(200 + 2 * n);
+                let create = CreateVolumeCmd {
+                    volume: vol,
+                    size_mb: 10_240,
+                    image: None,
+                };
+                call(&c, "10.1.0.3", "tok", &create, Some(t)).await;
+                assert!(wait_result(&results, t).await.outcome.is_ok());
+                let t = Uuid::from_u128(201 + 2 * n);
+                let start = StartVmCmd {
+                    spec: spec(vm, vol),
+                };
+                call(&c, "10.1.0.3", "tok", &start, Some(t)).await;
+                assert!(wait_result(&results, t).await.outcome.is_ok());
+            }
+            let reports_at = |sink: &str| -> Vec<Uuid> {
+                reports
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(s, _)| s == sink)
+                    .filter_map(|(_, r)| match r.event {
+                        ReportEvent::VmState { vm, .. } => Some(vm),
+                        ReportEvent::HostStopping => None,
+                    })
+                    .collect()
+            };
+
+            // State sync's question: no URL. The crash still goes to the owner.
+            assert_eq!(call(&c, "10.1.0.3", "tok", &ping(""), None).await.0, 200);
+            assert!(hv.crash_vm(Uuid::from_u128(20)));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(reports_at("owner"), vec![Uuid::from_u128(20)]);
+
+            // The host's owner pings with its URL (a new owner after a rebalance): re-pointed.
+            let new_owner = ping("http://10.0.0.1:8080/new-owner");
+            assert_eq!(call(&c, "10.1.0.3", "tok", &new_owner, None).await.0, 200);
+            assert!(hv.crash_vm(Uuid::from_u128(21)));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(reports_at("new-owner"), vec![Uuid::from_u128(21)]);
+            assert_eq!(reports_at("owner"), vec![Uuid::from_u128(20)]);
+        })
+        .await
+        .unwrap();
     });
 }
