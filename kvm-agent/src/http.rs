@@ -88,13 +88,11 @@ impl HttpResponse {
 type Sender = SendRequest<Full<Bytes>>;
 
 /// Idle keep-alive connections are closed after this long unused (as `reqwest` does after its
-/// pool idle timeout). A pooled connection is reused by a caller that sends its next request
-/// right away (the scenario's clients, a burst of commands to one host); a host otherwise gets a
-/// command every few tens of seconds and a ping every minute, so a longer wait only holds
-/// sockets and buffers. In the 30,000-host simulation (30,000 creates, 2 minutes of churn):
-/// 1 s took 83.0 s wall and 2,172 MiB, 100 ms 68.1 s and 1,902 MiB — madsim looks for a free
-/// ephemeral port by scanning the node's sockets, so every idle socket slows every connect.
-pub const IDLE_TIMEOUT: Duration = Duration::from_millis(100);
+/// pool idle timeout), unless the client was made with [`HttpClient::with_idle_timeout`]. It is
+/// shorter than the default ping interval (60 s), so a host that is only pinged holds no
+/// connection between pings: in the 30,000-host simulation idle connections were a third of the
+/// memory.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Idle {
@@ -107,6 +105,7 @@ struct Idle {
 struct Pool {
     idle: Mutex<Idle>,
     max_idle_per_host: usize,
+    idle_timeout: Duration,
 }
 
 impl Pool {
@@ -115,16 +114,16 @@ impl Pool {
     }
 }
 
-/// Closes connections idle for longer than [`IDLE_TIMEOUT`]; ends when the pool is empty or
-/// gone.
-async fn reap(pool: std::sync::Weak<Pool>) {
+/// Closes connections idle for longer than the pool's idle timeout; ends when the pool is empty
+/// or gone.
+async fn reap(pool: std::sync::Weak<Pool>, every: Duration) {
     loop {
-        tokio::time::sleep(IDLE_TIMEOUT).await;
+        tokio::time::sleep(every).await;
         let Some(pool) = pool.upgrade() else { return };
         let now = tokio::time::Instant::now();
         let mut idle = pool.lock();
         idle.conns.retain(|_, list| {
-            list.retain(|(s, at)| now.duration_since(*at) < IDLE_TIMEOUT && !s.is_closed());
+            list.retain(|(s, at)| now.duration_since(*at) < every && !s.is_closed());
             !list.is_empty()
         });
         if idle.conns.is_empty() {
@@ -136,7 +135,7 @@ async fn reap(pool: std::sync::Weak<Pool>) {
 }
 
 /// A keep-alive HTTP/1.1 client. Cheap to clone; connections are reused per address and closed
-/// after [`IDLE_TIMEOUT`] unused.
+/// after [`IDLE_TIMEOUT`] (or the client's own idle timeout) unused.
 #[derive(Clone)]
 pub struct HttpClient {
     pool: Arc<Pool>,
@@ -165,10 +164,16 @@ pub fn parse_url(url: &str) -> Result<(SocketAddr, String), HttpError> {
 
 impl HttpClient {
     pub fn new(max_idle_per_host: usize) -> Self {
+        Self::with_idle_timeout(max_idle_per_host, IDLE_TIMEOUT)
+    }
+
+    /// A client whose idle connections close after `idle_timeout` instead of [`IDLE_TIMEOUT`].
+    pub fn with_idle_timeout(max_idle_per_host: usize, idle_timeout: Duration) -> Self {
         HttpClient {
             pool: Arc::new(Pool {
                 idle: Mutex::new(Idle::default()),
                 max_idle_per_host,
+                idle_timeout,
             }),
         }
     }
@@ -194,7 +199,8 @@ impl HttpClient {
             list.push((s, tokio::time::Instant::now()));
         }
         if idle.reaper.as_ref().is_none_or(|h| h.is_finished()) {
-            idle.reaper = Some(tokio::spawn(reap(Arc::downgrade(&self.pool))));
+            let every = self.pool.idle_timeout;
+            idle.reaper = Some(tokio::spawn(reap(Arc::downgrade(&self.pool), every)));
         }
     }
 
