@@ -367,11 +367,10 @@ impl Allocator {
                 }
             }
             if found.len() < want {
-                let pool: Vec<Uuid> = eligible
+                let mut all: Vec<Uuid> = eligible
                     .iter()
                     .flat_map(|ci| ci.hosts.iter().copied())
                     .collect();
-                let mut all = pool;
                 all.shuffle(rng);
                 for u in &all {
                     if found.len() >= want * 4 {
