@@ -21,15 +21,16 @@ const PROFILE: HostProfile = HostProfile {
     disk_mb: 1_000_000,
 };
 
-fn host_node(ip: &str, token: &'static str, state: Arc<Mutex<SimHostState>>) {
+/// A host node at `ip` running the real agent on `hv` (the test may keep a clone of `hv` to
+/// crash VMs).
+fn host_node(ip: &str, token: &'static str, hv: SimHypervisor) {
     Handle::current()
         .create_node()
         .name(ip)
         .ip(ip.parse().unwrap())
         .init(move || {
-            let state = state.clone();
+            let hv = hv.clone();
             async move {
-                let hv = SimHypervisor::new(state, LatencyProfile::default(), 7);
                 let agent = Agent::new(hv, AgentConfig::new(token), Arc::new(NoFaults));
                 agent.serve("0.0.0.0:7070".parse().unwrap()).await.unwrap();
                 // A node exits when its init task returns.
@@ -37,6 +38,24 @@ fn host_node(ip: &str, token: &'static str, state: Arc<Mutex<SimHostState>>) {
             }
         })
         .build();
+}
+
+/// The management side's callback endpoint: every task result posted to `/cb` lands in
+/// `results`.
+fn callback_sink(results: Arc<Mutex<Vec<TaskResult>>>) -> Router {
+    Router::new().route(
+        "/cb",
+        post(move |body: axum::body::Bytes| {
+            let results = results.clone();
+            async move {
+                results
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap());
+                "ok"
+            }
+        }),
+    )
 }
 
 async fn call<C: Command>(
@@ -100,8 +119,11 @@ fn agent_protocol_over_simulated_http() {
     rt.block_on(async {
         let a = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
         let b = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
-        host_node("10.1.0.1", "tok-a", a.clone());
-        host_node("10.1.0.2", "tok-b", b.clone());
+        let sim = |state: &Arc<Mutex<SimHostState>>| {
+            SimHypervisor::new(state.clone(), LatencyProfile::default(), 7)
+        };
+        host_node("10.1.0.1", "tok-a", sim(&a));
+        host_node("10.1.0.2", "tok-b", sim(&b));
         let results: Arc<Mutex<Vec<TaskResult>>> = Arc::default();
         let mgmt = Handle::current()
             .create_node()
@@ -112,19 +134,7 @@ fn agent_protocol_over_simulated_http() {
         let host_a = a.clone();
         mgmt.spawn(async move {
             let results = r2;
-            let sink = results.clone();
-            let app = Router::new().route(
-                "/cb",
-                post(move |body: axum::body::Bytes| {
-                    let sink = sink.clone();
-                    async move {
-                        sink.lock()
-                            .unwrap()
-                            .push(serde_json::from_slice(&body).unwrap());
-                        "ok"
-                    }
-                }),
-            );
+            let app = callback_sink(results.clone());
             spawn_server("0.0.0.0:8080".parse().unwrap(), app)
                 .await
                 .unwrap();
@@ -338,20 +348,7 @@ fn a_ping_without_a_report_url_leaves_the_reports_where_they_went() {
     rt.block_on(async {
         let state = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
         let hv = SimHypervisor::new(state, LatencyProfile::zero(), 7);
-        let agent_hv = hv.clone();
-        Handle::current()
-            .create_node()
-            .name("host")
-            .ip("10.1.0.3".parse().unwrap())
-            .init(move || {
-                let hv = agent_hv.clone();
-                async move {
-                    let agent = Agent::new(hv, AgentConfig::new("tok"), Arc::new(NoFaults));
-                    agent.serve("0.0.0.0:7070".parse().unwrap()).await.unwrap();
-                    std::future::pending::<()>().await;
-                }
-            })
-            .build();
+        host_node("10.1.0.3", "tok", hv.clone());
         let mgmt = Handle::current()
             .create_node()
             .name("mgmt")
@@ -361,35 +358,22 @@ fn a_ping_without_a_report_url_leaves_the_reports_where_they_went() {
             let results: Arc<Mutex<Vec<TaskResult>>> = Arc::default();
             // Reports, by the path they arrived at.
             let reports: Arc<Mutex<Vec<(String, Report)>>> = Arc::default();
-            let (cb, rep) = (results.clone(), reports.clone());
-            let app = Router::new()
-                .route(
-                    "/cb",
-                    post(move |body: axum::body::Bytes| {
-                        let cb = cb.clone();
+            let rep = reports.clone();
+            let app = callback_sink(results.clone()).route(
+                "/{sink}",
+                post(
+                    move |axum::extract::Path(sink): axum::extract::Path<String>,
+                          body: axum::body::Bytes| {
+                        let rep = rep.clone();
                         async move {
-                            cb.lock()
+                            rep.lock()
                                 .unwrap()
-                                .push(serde_json::from_slice(&body).unwrap());
+                                .push((sink, serde_json::from_slice(&body).unwrap()));
                             "ok"
                         }
-                    }),
-                )
-                .route(
-                    "/{sink}",
-                    post(
-                        move |axum::extract::Path(sink): axum::extract::Path<String>,
-                              body: axum::body::Bytes| {
-                            let rep = rep.clone();
-                            async move {
-                                rep.lock()
-                                    .unwrap()
-                                    .push((sink, serde_json::from_slice(&body).unwrap()));
-                                "ok"
-                            }
-                        },
-                    ),
-                );
+                    },
+                ),
+            );
             spawn_server("0.0.0.0:8080".parse().unwrap(), app)
                 .await
                 .unwrap();
