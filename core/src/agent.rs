@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use stratus_kvm_agent::deadline::now_ms;
 use stratus_kvm_agent::http::{HttpClient, HttpError};
 use stratus_kvm_agent::protocol::{
     AgentError, AgentErrorCode, Command, CommandKind, TaskResult, H_CALLBACK, H_DEADLINE, H_TASK,
@@ -317,7 +316,7 @@ impl AgentClient {
 /// The [`H_DEADLINE`] header of a command handed over within `submit`: after it the caller has
 /// given up (and rolled back), so the agent must not start the command.
 fn handover_deadline(submit: Duration) -> String {
-    (now_ms() + submit.as_millis() as i64).to_string()
+    (crate::clock::now_ms() + submit.as_millis() as i64).to_string()
 }
 
 /// Removes a task from the waiting table when the caller stops waiting (any way it stops).

@@ -550,8 +550,7 @@ impl Runner {
     async fn quiesce(&mut self) -> Result<(), String> {
         settle_or_say(&self.w, "settle").await?;
         if self.tainted || self.slow_armed || self.orphans {
-            // Two ping intervals of the world's configuration plus a ping timeout.
-            let ping_cycle = 2 * self.w.spec.ping_interval() + Duration::from_secs(10);
+            let ping_cycle = self.w.spec.ping_cycle();
             let wait = if self.slow_armed {
                 SLOW_BY + ping_cycle
             } else if self.orphans {

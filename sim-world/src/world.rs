@@ -54,14 +54,26 @@ impl WorldSpec {
     /// How often hosts are pinged (and their VMs and volumes reach state sync): the last
     /// `host.ping.interval` in [`WorldSpec::config`], else the product default.
     pub fn ping_interval(&self) -> Duration {
-        let def = &stratus_core::services::host::PING_INTERVAL;
+        self.duration(&stratus_core::services::host::PING_INTERVAL)
+    }
+
+    /// Two ping intervals plus a ping timeout: by then every connected host has been pinged
+    /// and a host that stopped answering has had a failed ping counted.
+    pub fn ping_cycle(&self) -> Duration {
+        2 * self.ping_interval() + self.duration(&stratus_core::services::host::PING_TIMEOUT)
+    }
+
+    /// A duration setting: the last value for it in [`WorldSpec::config`], else its default.
+    fn duration(&self, def: &stratus_core::config::ConfigDef) -> Duration {
         let v = self
             .config
             .iter()
             .rev()
             .find(|(k, _)| k == def.name)
             .map_or(def.default, |(_, v)| v.as_str());
-        stratus_core::config::parse_duration(v).unwrap_or(Duration::from_secs(60))
+        stratus_core::config::parse_duration(v)
+            .or_else(|| stratus_core::config::parse_duration(def.default))
+            .unwrap_or_default()
     }
 }
 
