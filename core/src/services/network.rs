@@ -266,6 +266,9 @@ async fn take(db: &Db, l3: Uuid, r: &Row<IpRange>, nic: Uuid, ip: i64) -> Result
     }
 }
 
+/// How many consecutive addresses one probe of the allocator reads.
+const IP_WINDOW: i64 = 16;
+
 async fn allocate(c: &Cloud, m: &AllocateIp) -> Result<IpAllocation, Error> {
     let db = c.db();
     let l3 = c.get::<L3Network>(m.l3_uuid).await?;
@@ -341,26 +344,35 @@ async fn allocate(c: &Cloud, m: &AllocateIp) -> Result<IpAllocation, Error> {
         if r.used + block.len() as i64 >= size {
             continue;
         }
-        // Random probes first (cheap while the range is far from full) ...
-        for _ in 0..16 {
-            let v = r.start_int + c.engine.ids.with_rng(|g| g.gen_range(0..size));
-            if !block.contains(&v) && take(db, l3.uuid, r, m.nic_uuid, v).await? {
-                return Ok(ok(r, int_to_ip(v)));
-            }
-        }
-        // ... then the first gap, in order.
-        let used: BTreeSet<i64> = db
-            .select::<UsedIp>(&Query::of::<UsedIp>().eq("range_uuid", r.uuid))
-            .await?
-            .iter()
-            .map(|u| u.ip_int)
-            .collect();
-        for v in r.start_int..=r.end_int {
-            if !used.contains(&v)
-                && !block.contains(&v)
-                && take(db, l3.uuid, r, m.nic_uuid, v).await?
-            {
-                return Ok(ok(r, int_to_ip(v)));
+        // Windows of consecutive addresses from a random start, wrapping around the range: one
+        // indexed query says which of a window's addresses are taken. A window is all taken only
+        // when the range is nearly full, so the cost stays flat as it fills. (The former
+        // fallback, after 16 random probes, read every address of the range: filling 52,000 of
+        // 60,000 addresses, the last 8,400 creates took 14 s wall; with windows, 7 s.)
+        let start = c.engine.ids.with_rng(|g| g.gen_range(0..size));
+        let mut offset = 0;
+        while offset < size {
+            let window: Vec<i64> = (offset..size.min(offset + IP_WINDOW))
+                .map(|k| r.start_int + (start + k) % size)
+                .collect();
+            offset += IP_WINDOW;
+            let used: BTreeSet<i64> = db
+                .select::<UsedIp>(
+                    &Query::of::<UsedIp>()
+                        .eq("range_uuid", r.uuid)
+                        .is_in("ip_int", window.iter().copied()),
+                )
+                .await?
+                .iter()
+                .map(|u| u.ip_int)
+                .collect();
+            for v in window {
+                if !used.contains(&v)
+                    && !block.contains(&v)
+                    && take(db, l3.uuid, r, m.nic_uuid, v).await?
+                {
+                    return Ok(ok(r, int_to_ip(v)));
+                }
             }
         }
     }
