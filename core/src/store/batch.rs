@@ -225,11 +225,11 @@ pub struct ResolvedBound {
 }
 
 impl ResolvedUpdate {
-    /// Apply to a current record (already known to exist and match); returns the new values or
-    /// the reason the guard failed.
-    pub fn apply(&self, cur: &Record) -> Result<Vec<Value>, StoreError> {
+    /// Apply to a current record (already known to exist and match) in place, or say why the
+    /// guard failed. On an error the record may be half changed: callers apply to a copy.
+    pub fn apply(&self, rec: &mut Record) -> Result<(), StoreError> {
         for c in &self.when {
-            if !cur.with_value(c.field, |v| super::query::op_holds(&c.op, v)) {
+            if !rec.with_value(c.field, |v| super::query::op_holds(&c.op, v)) {
                 return Err(StoreError::ConditionFailed {
                     kind: self.kind.name.to_string(),
                     uuid: self.uuid,
@@ -237,7 +237,7 @@ impl ResolvedUpdate {
                 });
             }
         }
-        let mut values = cur.values.clone();
+        let values = &mut rec.values;
         for (i, v) in &self.set {
             values[*i] = v.clone();
         }
@@ -286,7 +286,7 @@ impl ResolvedUpdate {
                 });
             }
         }
-        Ok(values)
+        Ok(())
     }
 }
 

@@ -350,13 +350,10 @@ impl MemStore {
                         });
                     };
                     check_expect(&cur, u.expect)?;
-                    let values = u.apply(&cur)?;
-                    let rec = Record {
-                        values,
-                        version: cur.version + 1,
-                        updated_ms: now,
-                        ..cur
-                    };
+                    let mut rec = cur;
+                    u.apply(&mut rec)?;
+                    rec.version += 1;
+                    rec.updated_ms = now;
                     versions.push(rec.version);
                     overlay.insert((u.kind.name, u.uuid), Some(rec));
                 }

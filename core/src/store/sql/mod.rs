@@ -639,12 +639,10 @@ impl SqlStore {
                         .into());
                     };
                     check_expect(&cur, u.expect)?;
-                    let new = Record {
-                        values: u.apply(&cur)?,
-                        version: cur.version + 1,
-                        updated_ms: now,
-                        ..cur.clone()
-                    };
+                    let mut new = cur.clone();
+                    u.apply(&mut new)?;
+                    new.version = cur.version + 1;
+                    new.updated_ms = now;
                     let mut changed: Vec<usize> = u
                         .set
                         .iter()
