@@ -36,6 +36,14 @@ mod sim {
     }
 
     pub fn main() -> i32 {
+        // The stack's logs (e.g. RUST_LOG=stratus_core=debug), as in stratus-scenario: no
+        // subscriber at all without it (madsim gives every task a span).
+        if std::env::var_os("RUST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .init();
+        }
         let mut cfg = SweepConfig {
             verbose: true,
             ..SweepConfig::default()

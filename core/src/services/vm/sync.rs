@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use stratus_kvm_agent::protocol::{
-    DeleteVolumeCmd, DestroyVmCmd, PingCmd, PowerState, VmStatus, VmStatusCmd,
+    DeleteVolumeCmd, DestroyVmCmd, DetachVolumeCmd, PingCmd, PowerState, VmStatus, VmStatusCmd,
 };
 use uuid::Uuid;
 
@@ -277,9 +277,12 @@ fn stray_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
             },
         )
         .await?;
-        if held.host_uuid != Some(home) || !held.volumes.contains(&volume) {
-            tracing::warn!(%volume, %host, %home, "only copy is on another host than the database says; kept");
+        if held.host_uuid != Some(home) {
+            tracing::warn!(%volume, %host, %home, "the host the database names does not know itself; copy kept");
             return Ok(());
+        }
+        if !held.volumes.contains(&volume) {
+            return adopt_only_copy(&c, &vol, home, host).await;
         }
         let target = c.host_target(host).await?;
         if let Some(vm) = vol.vm_uuid {
@@ -296,6 +299,67 @@ fn stray_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
         tracing::debug!(%volume, %host, %home, "stray volume copy deleted");
         agent(&c, &target, &DeleteVolumeCmd { volume }).await
     });
+}
+
+/// The only copy of `vol` is on `host`, not on `home` where the database places it (a migration
+/// that timed out and was rolled back in the database finished on the hosts later; found by the
+/// model sweep). Unless its VM runs, the database follows the copy: the volume and its
+/// local-storage share move to `host`, where the VM will start next. Called in the VM's queue.
+async fn adopt_only_copy(
+    c: &Arc<Cloud>,
+    vol: &crate::store::Row<Volume>,
+    home: Uuid,
+    host: Uuid,
+) -> Result<(), Error> {
+    let vm = match vol.vm_uuid {
+        Some(vm) => c.db().get::<Vm>(vm).await?,
+        None => None,
+    };
+    if vm.as_ref().is_some_and(|v| v.state == VmState::Running) {
+        tracing::warn!(volume = %vol.uuid, %host, %home, "only copy is on another host than the running VM's; kept");
+        return Ok(());
+    }
+    // Ask again: the report that found the copy may be old.
+    let there = agent(
+        c,
+        &c.host_target(host).await?,
+        &PingCmd {
+            host_uuid: host,
+            report_url: String::new(),
+        },
+    )
+    .await?;
+    if there.host_uuid != Some(host) || !there.volumes.contains(&vol.uuid) {
+        return Ok(());
+    }
+    let mut b = Batch::new().update(
+        Update::of::<Volume>(vol.uuid)
+            .when_eq("host_uuid", home)
+            .set("host_uuid", host),
+    );
+    if let Some(ps) = vol.ps_uuid {
+        b = b
+            .update(
+                Update::of::<LocalStorage>(local_storage_uuid(ps, home))
+                    .expect(Expect::Maybe)
+                    .add("used_mb", -vol.size_mb)
+                    .min("used_mb", 0),
+            )
+            .update(
+                Update::of::<LocalStorage>(local_storage_uuid(ps, host))
+                    .expect(Expect::Maybe)
+                    .add("used_mb", vol.size_mb),
+            );
+    }
+    match c.db().commit(b).await {
+        Ok(_) => {
+            tracing::info!(volume = %vol.uuid, %host, %home, "only copy is on another host than the database said: the database follows it");
+            Ok(())
+        }
+        // Moved meanwhile: the next report decides again.
+        Err(e) if e.code() == ErrorCode::ConditionFailed => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Run `work` later, in queue `q`: state sync decides again there, after whatever operation
@@ -380,6 +444,30 @@ impl Orphans {
                         return Ok(());
                     }
                     let target = c.host_target(host).await?;
+                    if agent(&c, &target, &DeleteVolumeCmd { volume })
+                        .await
+                        .is_ok()
+                    {
+                        return Ok(());
+                    }
+                    // A VM here may still use it: an attach whose rollback could not detach
+                    // (found by the model sweep). Detach it from the VMs the database places
+                    // here (a VM without it ignores or refuses that), then delete again.
+                    let here = c
+                        .db()
+                        .select::<Vm>(&Query::of::<Vm>().eq("host_uuid", host))
+                        .await?;
+                    for vm in here {
+                        let _ = agent(
+                            &c,
+                            &target,
+                            &DetachVolumeCmd {
+                                vm: vm.uuid,
+                                volume,
+                            },
+                        )
+                        .await;
+                    }
                     agent(&c, &target, &DeleteVolumeCmd { volume }).await
                 })
                 .await;
