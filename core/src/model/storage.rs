@@ -58,6 +58,15 @@ pub fn local_storage_uuid(ps: Uuid, host: Uuid) -> Uuid {
     crate::ids::name_uuid(&ps.to_string(), &format!("local/{host}"))
 }
 
+/// Give `mb` back to `host`'s share of primary storage `ps`: refused if it would go below zero,
+/// nothing if the share is gone.
+pub fn local_storage_give_back(ps: Uuid, host: Uuid, mb: i64) -> crate::store::Update {
+    crate::store::Update::of::<LocalStorage>(local_storage_uuid(ps, host))
+        .expect(crate::store::Expect::Maybe)
+        .add("used_mb", -mb)
+        .min("used_mb", 0)
+}
+
 crate::resource! {
     /// Backup storage: where images are kept.
     pub struct BackupStorage: "backup_storage" {

@@ -544,12 +544,7 @@ impl Allocator {
         };
         let mut b = Batch::new();
         if let (Some(ps), true) = (r.ps_uuid, r.disk_mb > 0) {
-            b = b.update(
-                Update::of::<LocalStorage>(local_storage_uuid(ps, host))
-                    .expect(Expect::Maybe)
-                    .add("used_mb", -r.disk_mb)
-                    .min("used_mb", 0),
-            );
+            b = b.update(local_storage_give_back(ps, host, r.disk_mb));
         }
         let b = b
             .delete::<Reservation>(id, Expect::Version(r.version))

@@ -339,12 +339,7 @@ async fn adopt_only_copy(
     );
     if let Some(ps) = vol.ps_uuid {
         b = b
-            .update(
-                Update::of::<LocalStorage>(local_storage_uuid(ps, home))
-                    .expect(Expect::Maybe)
-                    .add("used_mb", -vol.size_mb)
-                    .min("used_mb", 0),
-            )
+            .update(local_storage_give_back(ps, home, vol.size_mb))
             .update(
                 Update::of::<LocalStorage>(local_storage_uuid(ps, host))
                     .expect(Expect::Maybe)
@@ -504,12 +499,7 @@ pub(crate) async fn relocate(
     for v in vols.iter().filter(|v| v.host_uuid == Some(from)) {
         b = b.update(Update::of::<Volume>(v.uuid).set("host_uuid", to));
         if let Some(ps) = v.ps_uuid {
-            b = b.update(
-                Update::of::<LocalStorage>(local_storage_uuid(ps, from))
-                    .expect(Expect::Maybe)
-                    .add("used_mb", -v.size_mb)
-                    .min("used_mb", 0),
-            );
+            b = b.update(local_storage_give_back(ps, from, v.size_mb));
             moved += v.size_mb;
             ps_used = Some(ps);
         }

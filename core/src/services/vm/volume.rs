@@ -91,12 +91,7 @@ pub(crate) async fn forget_volume_row(c: &Cloud, volume: Uuid) -> Result<(), Err
     };
     let mut b = Batch::new().delete::<Volume>(volume, Expect::Version(v.version));
     if let (Some(ps), Some(host)) = (v.ps_uuid, v.host_uuid) {
-        b = b.update(
-            Update::of::<LocalStorage>(local_storage_uuid(ps, host))
-                .expect(Expect::Maybe)
-                .add("used_mb", -v.size_mb)
-                .min("used_mb", 0),
-        );
+        b = b.update(local_storage_give_back(ps, host, v.size_mb));
     }
     match c.db().commit(b).await {
         Ok(_) => {
@@ -319,12 +314,7 @@ impl Flow<AttachCtx> for AttachStep {
                     return Ok(());
                 };
                 let b = Batch::new()
-                    .update(
-                        Update::of::<LocalStorage>(local_storage_uuid(ps, host))
-                            .expect(Expect::Maybe)
-                            .add("used_mb", -v.size_mb)
-                            .min("used_mb", 0),
-                    )
+                    .update(local_storage_give_back(ps, host, v.size_mb))
                     .update(
                         Update::of::<Volume>(v.uuid)
                             .version(v.version)
