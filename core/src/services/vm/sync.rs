@@ -303,8 +303,9 @@ fn stray_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
 
 /// The only copy of `vol` is on `host`, not on `home` where the database places it (a migration
 /// that timed out and was rolled back in the database finished on the hosts later; found by the
-/// model sweep). Unless its VM runs, the database follows the copy: the volume and its
-/// local-storage share move to `host`, where the VM will start next. Called in the VM's queue.
+/// model sweep). Unless its VM runs (or is paused), the database follows the copy: the volume
+/// and its local-storage share move to `host`, where the VM will start next. Called in the VM's
+/// queue.
 async fn adopt_only_copy(
     c: &Arc<Cloud>,
     vol: &crate::store::Row<Volume>,
@@ -315,7 +316,10 @@ async fn adopt_only_copy(
         Some(vm) => c.db().get::<Vm>(vm).await?,
         None => None,
     };
-    if vm.as_ref().is_some_and(|v| v.state == VmState::Running) {
+    if vm
+        .as_ref()
+        .is_some_and(|v| matches!(v.state, VmState::Running | VmState::Paused))
+    {
         tracing::warn!(volume = %vol.uuid, %host, %home, "only copy is on another host than the running VM's; kept");
         return Ok(());
     }
