@@ -67,6 +67,22 @@ pub fn local_storage_give_back(ps: Uuid, host: Uuid, mb: i64) -> crate::store::U
         .min("used_mb", 0)
 }
 
+/// Take `mb` of `host`'s share of primary storage `ps`: refused if it would pass the share's
+/// total (or the share does not exist).
+pub fn local_storage_take(ps: Uuid, host: Uuid, mb: i64) -> crate::store::Update {
+    crate::store::Update::of::<LocalStorage>(local_storage_uuid(ps, host))
+        .add("used_mb", mb)
+        .max_field("used_mb", "total_mb")
+}
+
+/// Count `mb` more on `host`'s share of primary storage `ps`, with no room check: for data that
+/// is already there (moved by a migration); nothing if the share is gone.
+pub fn local_storage_count(ps: Uuid, host: Uuid, mb: i64) -> crate::store::Update {
+    crate::store::Update::of::<LocalStorage>(local_storage_uuid(ps, host))
+        .expect(crate::store::Expect::Maybe)
+        .add("used_mb", mb)
+}
+
 crate::resource! {
     /// Backup storage: where images are kept.
     pub struct BackupStorage: "backup_storage" {

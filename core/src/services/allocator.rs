@@ -412,11 +412,7 @@ impl Allocator {
         );
         let mut b = Batch::new();
         if let Some(ps) = disk {
-            b = b.update(
-                Update::of::<LocalStorage>(local_storage_uuid(ps, cap.uuid))
-                    .add("used_mb", spec.disk_mb)
-                    .max_field("used_mb", "total_mb"),
-            );
+            b = b.update(local_storage_take(ps, cap.uuid, spec.disk_mb));
         }
         let b = b.insert(&res).update(
             Update::of::<Host>(cap.uuid)

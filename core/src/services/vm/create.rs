@@ -250,11 +250,7 @@ async fn allocate_volumes(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error>
         ));
         total += v.size_mb;
     }
-    b = b.update(
-        Update::of::<LocalStorage>(local_storage_uuid(ps, host))
-            .add("used_mb", total)
-            .max_field("used_mb", "total_mb"),
-    );
+    b = b.update(local_storage_take(ps, host, total));
     match c.db().commit(b).await {
         Ok(_) => {
             c.allocator.disk_changed(host, ps, total);

@@ -21,7 +21,7 @@ use crate::extension::AllocationSpec;
 use crate::model::*;
 use crate::services::allocator::AllocateHost;
 use crate::services::Cloud;
-use crate::store::{Batch, Expect, Query, Update, Value};
+use crate::store::{Batch, Query, Update, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -267,21 +267,11 @@ fn stray_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
         let Some(home) = vol.host_uuid else {
             return Ok(());
         };
-        let held = agent(
-            &c,
-            &c.host_target(home).await?,
-            &PingCmd {
-                host_uuid: home,
-                // Only asking: this node (the VM's owner) need not be the host's owner.
-                report_url: String::new(),
-            },
-        )
-        .await?;
-        if held.host_uuid != Some(home) {
+        let Some(held) = volumes_held(&c, home).await? else {
             tracing::warn!(%volume, %host, %home, "the host the database names does not know itself; copy kept");
             return Ok(());
-        }
-        if !held.volumes.contains(&volume) {
+        };
+        if !held.contains(&volume) {
             return adopt_only_copy(&c, &vol, home, host).await;
         }
         let target = c.host_target(host).await?;
@@ -324,16 +314,10 @@ async fn adopt_only_copy(
         return Ok(());
     }
     // Ask again: the report that found the copy may be old.
-    let there = agent(
-        c,
-        &c.host_target(host).await?,
-        &PingCmd {
-            host_uuid: host,
-            report_url: String::new(),
-        },
-    )
-    .await?;
-    if there.host_uuid != Some(host) || !there.volumes.contains(&vol.uuid) {
+    if !volumes_held(c, host)
+        .await?
+        .is_some_and(|held| held.contains(&vol.uuid))
+    {
         return Ok(());
     }
     let mut b = Batch::new().update(
@@ -344,11 +328,7 @@ async fn adopt_only_copy(
     if let Some(ps) = vol.ps_uuid {
         b = b
             .update(local_storage_give_back(ps, home, vol.size_mb))
-            .update(
-                Update::of::<LocalStorage>(local_storage_uuid(ps, host))
-                    .expect(Expect::Maybe)
-                    .add("used_mb", vol.size_mb),
-            );
+            .update(local_storage_count(ps, host, vol.size_mb));
     }
     match c.db().commit(b).await {
         Ok(_) => {
@@ -359,6 +339,21 @@ async fn adopt_only_copy(
         Err(e) if e.code() == ErrorCode::ConditionFailed => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The volumes `host` says it holds; `None` when its agent does not know it is that host (it
+/// restarted). Only asking: this node need not be the host's owner, so no report URL is given.
+async fn volumes_held(c: &Cloud, host: Uuid) -> Result<Option<Vec<Uuid>>, Error> {
+    let p = agent(
+        c,
+        &c.host_target(host).await?,
+        &PingCmd {
+            host_uuid: host,
+            report_url: String::new(),
+        },
+    )
+    .await?;
+    Ok((p.host_uuid == Some(host)).then_some(p.volumes))
 }
 
 /// Run `work` later, in queue `q`: state sync decides again there, after whatever operation
@@ -518,11 +513,7 @@ pub(crate) async fn relocate(
         }
         _ => {
             if let Some(ps) = ps_used {
-                b = b.update(
-                    Update::of::<LocalStorage>(local_storage_uuid(ps, to))
-                        .expect(Expect::Maybe)
-                        .add("used_mb", moved),
-                );
+                b = b.update(local_storage_count(ps, to, moved));
             }
         }
     }

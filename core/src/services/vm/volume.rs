@@ -234,11 +234,7 @@ impl Flow<AttachCtx> for AttachStep {
                         )
                     })?;
                 let b = Batch::new()
-                    .update(
-                        Update::of::<LocalStorage>(share.uuid)
-                            .add("used_mb", v.size_mb)
-                            .max_field("used_mb", "total_mb"),
-                    )
+                    .update(local_storage_take(share.ps_uuid, host, v.size_mb))
                     .update(
                         Update::of::<Volume>(v.uuid)
                             .version(v.version)
