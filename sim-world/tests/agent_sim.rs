@@ -40,6 +40,23 @@ fn host_node(ip: &str, token: &'static str, hv: SimHypervisor) {
         .build();
 }
 
+/// The management node (10.0.0.1), on which a test runs its side.
+fn mgmt_node() -> madsim::runtime::NodeHandle {
+    Handle::current()
+        .create_node()
+        .name("mgmt")
+        .ip("10.0.0.1".parse().unwrap())
+        .build()
+}
+
+/// Serve `app` on the management node's port 8080, then give the host nodes time to start.
+async fn serve_mgmt(app: Router) {
+    spawn_server("0.0.0.0:8080".parse().unwrap(), app)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 /// The management side's callback endpoint: every task result posted to `/cb` lands in
 /// `results`.
 fn callback_sink(results: Arc<Mutex<Vec<TaskResult>>>) -> Router {
@@ -125,20 +142,13 @@ fn agent_protocol_over_simulated_http() {
         host_node("10.1.0.1", "tok-a", sim(&a));
         host_node("10.1.0.2", "tok-b", sim(&b));
         let results: Arc<Mutex<Vec<TaskResult>>> = Arc::default();
-        let mgmt = Handle::current()
-            .create_node()
-            .name("mgmt")
-            .ip("10.0.0.1".parse().unwrap())
-            .build();
+        let mgmt = mgmt_node();
         let r2 = results.clone();
         let host_a = a.clone();
         mgmt.spawn(async move {
             let results = r2;
             let app = callback_sink(results.clone());
-            spawn_server("0.0.0.0:8080".parse().unwrap(), app)
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            serve_mgmt(app).await;
             let c = HttpClient::default();
             let host = Uuid::from_u128(1);
 
@@ -349,11 +359,7 @@ fn a_ping_without_a_report_url_leaves_the_reports_where_they_went() {
         let state = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
         let hv = SimHypervisor::new(state, LatencyProfile::zero(), 7);
         host_node("10.1.0.3", "tok", hv.clone());
-        let mgmt = Handle::current()
-            .create_node()
-            .name("mgmt")
-            .ip("10.0.0.1".parse().unwrap())
-            .build();
+        let mgmt = mgmt_node();
         mgmt.spawn(async move {
             let results: Arc<Mutex<Vec<TaskResult>>> = Arc::default();
             // Reports, by the path they arrived at.
@@ -374,10 +380,7 @@ fn a_ping_without_a_report_url_leaves_the_reports_where_they_went() {
                     },
                 ),
             );
-            spawn_server("0.0.0.0:8080".parse().unwrap(), app)
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            serve_mgmt(app).await;
             let c = HttpClient::default();
             let host = Uuid::from_u128(3);
             let ping = |url: &str| PingCmd {
