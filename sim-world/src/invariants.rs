@@ -193,7 +193,14 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
             *vol_sums.entry((h, ps)).or_default() += v.size_mb;
         }
     }
+    let host_set: BTreeSet<Uuid> = hosts.iter().map(|h| h.uuid).collect();
     for s in &shares {
+        if !host_set.contains(&s.host_uuid) {
+            bad.push(format!(
+                "local storage share {} of host {} that does not exist",
+                s.uuid, s.host_uuid
+            ));
+        }
         let vols = vol_sums
             .get(&(s.host_uuid, s.ps_uuid))
             .copied()

@@ -389,9 +389,18 @@ impl CascadeParticipant for HostParticipant {
         crate::cascade::children_by_field(&self.db, "host", "cluster_uuid", parent).await
     }
     async fn delete(&self, uuid: Uuid) -> Result<(), Error> {
-        self.db
-            .commit(Batch::new().delete::<Host>(uuid, Expect::Maybe))
+        // The shares were deleted with the rest of the tree, but a host reconnecting while its
+        // cluster is deleted makes its share again: none may outlive the host.
+        let shares = self
+            .db
+            .select::<LocalStorage>(&Query::of::<LocalStorage>().eq("host_uuid", uuid))
             .await?;
+        let batch = shares
+            .iter()
+            .fold(Batch::new().delete::<Host>(uuid, Expect::Maybe), |b, s| {
+                b.delete::<LocalStorage>(s.uuid, Expect::Maybe)
+            });
+        self.db.commit(batch).await?;
         self.bus
             .publish("/host/deleted", serde_json::json!({"uuid": uuid}));
         Ok(())

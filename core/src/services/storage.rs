@@ -149,6 +149,28 @@ pub fn participants(db: &Db, _bus: &Bus) -> Vec<Arc<dyn CascadeParticipant>> {
     ]
 }
 
+/// What `host`'s volumes on primary storage `ps` and its reservations there hold, in MiB.
+async fn local_storage_in_use(c: &Cloud, ps: Uuid, host: Uuid) -> Result<i64, Error> {
+    let volumes = c
+        .db()
+        .select::<Volume>(
+            &Query::of::<Volume>()
+                .eq("host_uuid", host)
+                .eq("ps_uuid", ps),
+        )
+        .await?;
+    let held = c
+        .db()
+        .select::<Reservation>(&Query::of::<Reservation>().eq("host_uuid", host))
+        .await?;
+    Ok(volumes.iter().map(|v| v.size_mb).sum::<i64>()
+        + held
+            .iter()
+            .filter(|r| r.ps_uuid == Some(ps))
+            .map(|r| r.disk_mb)
+            .sum::<i64>())
+}
+
 /// Create or resize `host`'s share of local primary storage `ps`.
 async fn ensure_local_storage(c: &Cloud, ps: Uuid, host: &Row<Host>) -> Result<(), Error> {
     let id = local_storage_uuid(ps, host.uuid);
@@ -164,13 +186,17 @@ async fn ensure_local_storage(c: &Cloud, ps: Uuid, host: &Row<Host>) -> Result<(
             Ok(())
         }
         None => {
+            // A new host has nothing on it, but a share can also be missing under data that is
+            // there: a cluster's forced deletion removes the shares before the hosts, and a host
+            // that reconnects in between gets its share back here. It counts what is on it.
+            let used_mb = local_storage_in_use(c, ps, host.uuid).await?;
             let row = Row::new(
                 id,
                 LocalStorage {
                     ps_uuid: ps,
                     host_uuid: host.uuid,
                     total_mb: host.disk_mb,
-                    used_mb: 0,
+                    used_mb,
                 },
             );
             match c.db().insert(row).await {
