@@ -14,6 +14,7 @@
 //! Volumes a host has that the database has never heard of are deleted the same way.
 //! VMs in a transitional state are left alone: their operation, or recovery, ends it.
 
+use super::chain::probe;
 use super::{agent, set_state, vm_queue, ORPHAN_POLICY};
 use crate::bus::Message;
 use crate::error::{Error, ErrorCode};
@@ -174,6 +175,10 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
                     sum.orphan_volumes += 1;
                 }
             }
+            Some(vol) if vol.host_uuid.is_none() => {
+                unplaced_copy(c, m.host, vol.uuid);
+                sum.orphan_volumes += 1;
+            }
             Some(_) => {}
         }
     }
@@ -192,13 +197,19 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
         if m.volumes.contains(&v.uuid) {
             continue;
         }
-        if let Some(vm) = v.vm_uuid {
-            if c.db()
-                .get::<Vm>(vm)
-                .await?
-                .is_some_and(|x| x.state == VmState::Destroyed)
-            {
-                deleted_on_host(c, m.host, vm, v.uuid);
+        match v.vm_uuid {
+            Some(vm) => {
+                if c.db()
+                    .get::<Vm>(vm)
+                    .await?
+                    .is_some_and(|x| x.state == VmState::Destroyed)
+                {
+                    deleted_on_host(c, m.host, vm, v.uuid);
+                    sum.orphan_volumes += 1;
+                }
+            }
+            None => {
+                lost_copy(c, m.host, v.uuid);
                 sum.orphan_volumes += 1;
             }
         }
@@ -289,6 +300,66 @@ fn stray_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
         tracing::debug!(%volume, %host, %home, "stray volume copy deleted");
         agent(&c, &target, &DeleteVolumeCmd { volume }).await
     });
+}
+
+/// A detached data volume the database has ready on `host` is not there: a deletion that ran
+/// on the host but reported failure (found by the model sweep). Decided again in the volume's
+/// queue, after asking the host once more: the volume is placed on no host again, its local
+/// storage given back; its data is gone, and an attach creates it anew (empty).
+fn lost_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid) {
+    later_in_queue(
+        c,
+        super::volume::volume_queue(volume),
+        "unplace a volume gone from its host",
+        move |c| async move {
+            let Some(v) = c.db().get::<Volume>(volume).await? else {
+                return Ok(());
+            };
+            if v.vm_uuid.is_some() || v.host_uuid != Some(host) || v.state != VolumeState::Ready {
+                return Ok(());
+            }
+            match volumes_held(&c, host).await? {
+                Some(held) if !held.contains(&volume) => {}
+                _ => return Ok(()),
+            }
+            super::volume::unplace_volume(&c, &v).await?;
+            tracing::warn!(%volume, %host, "data volume gone from its host: placed on no host again, its data lost");
+            Ok(())
+        },
+    );
+}
+
+/// Delete the copy of `volume` on `host` when the database places the volume on no host: an
+/// attach whose creation on the host timed out was rolled back, and the creation finished later
+/// (found by the model sweep). Decided again in the volume's queue, which an attach holds from
+/// placing the volume to creating it on the host: there, a volume on no host has no copy that
+/// anything still wants.
+fn unplaced_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid) {
+    c.bus().publish(
+        "/volume/stray",
+        serde_json::json!({"uuid": volume, "host": host}),
+    );
+    if !destroy_orphans(c) {
+        return;
+    }
+    let q = super::volume::volume_queue(volume);
+    later_in_queue(
+        c,
+        q,
+        "delete an unplaced volume's copy",
+        move |c| async move {
+            let Some(vol) = c.db().get::<Volume>(volume).await? else {
+                return Ok(());
+            };
+            if vol.host_uuid.is_some() || vol.state != VolumeState::NotInstantiated {
+                return Ok(());
+            }
+            let target = c.host_target(host).await?;
+            agent(&c, &target, &DeleteVolumeCmd { volume }).await?;
+            tracing::info!(%volume, %host, "copy of a volume placed on no host deleted");
+            Ok(())
+        },
+    );
 }
 
 /// The only copy of `vol` is on `host`, not on `home` where the database places it (a migration
@@ -660,14 +731,7 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
                 // Perhaps running on the host the database names too (a migration that timed
                 // out, finished later, and left the source running; found by partition-storm):
                 // the copy the database knows stays, this one goes.
-                let there = match c.host_target(other).await {
-                    Ok(t) => agent(c, &t, &VmStatusCmd { vm: vm.uuid })
-                        .await
-                        .ok()
-                        .flatten()
-                        .map(|s| s.state),
-                    Err(_) => None,
-                };
+                let there = probe(c, other, vm.uuid).await;
                 if matches!(there, Some(PowerState::Running | PowerState::Paused)) {
                     agent(c, &target, &DestroyVmCmd { vm: vm.uuid }).await?;
                     return Ok("second copy destroyed".into());
@@ -676,10 +740,17 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
                 Ok("relocated".into())
             }
             None if vm.last_host_uuid.is_some_and(|h| h != r.host) => {
+                let from = vm.last_host_uuid.unwrap_or(r.host);
+                if probe(c, from, vm.uuid).await.is_some() {
+                    // Its last host still has it (stopped there): this is a stale copy, the
+                    // source of a migration that reported failure after the VM had moved, whose
+                    // destroy failed too (found by the model sweep).
+                    agent(c, &target, &DestroyVmCmd { vm: vm.uuid }).await?;
+                    return Ok("stale copy destroyed".into());
+                }
                 // Stopped in the database, found running on another host than its last one:
                 // it moved there behind our back (a migration that finished after it timed
                 // out), volumes and all. Found by the model sweep.
-                let from = vm.last_host_uuid.unwrap_or(r.host);
                 relocate(c, vm.uuid, from, r.host, vm.state).await?;
                 Ok("relocated".into())
             }

@@ -105,6 +105,26 @@ pub(crate) async fn forget_volume_row(c: &Cloud, volume: Uuid) -> Result<(), Err
     }
 }
 
+/// Place `v` on no host again (`NotInstantiated`), its local storage given back; refused when
+/// the row changed since `v` was read.
+pub(crate) async fn unplace_volume(c: &Cloud, v: &Row<Volume>) -> Result<(), Error> {
+    let (Some(host), Some(ps)) = (v.host_uuid, v.ps_uuid) else {
+        return Ok(());
+    };
+    let b = Batch::new()
+        .update(local_storage_give_back(ps, host, v.size_mb))
+        .update(
+            Update::of::<Volume>(v.uuid)
+                .version(v.version)
+                .set("host_uuid", Value::Null)
+                .set("ps_uuid", Value::Null)
+                .set("state", VolumeState::NotInstantiated.as_str()),
+        );
+    c.db().commit(b).await?;
+    c.allocator.disk_changed(host, ps, -v.size_mb);
+    Ok(())
+}
+
 /// Delete a volume on its host, then its row. With `force`, an unreachable host is skipped (the
 /// host's next ping reports the orphan and state sync deletes it).
 pub(crate) async fn delete_volume_everywhere(
@@ -306,21 +326,7 @@ impl Flow<AttachCtx> for AttachStep {
                 let Some(v) = c.db().get::<Volume>(x.volume).await? else {
                     return Ok(());
                 };
-                let (Some(host), Some(ps)) = (v.host_uuid, v.ps_uuid) else {
-                    return Ok(());
-                };
-                let b = Batch::new()
-                    .update(local_storage_give_back(ps, host, v.size_mb))
-                    .update(
-                        Update::of::<Volume>(v.uuid)
-                            .version(v.version)
-                            .set("host_uuid", Value::Null)
-                            .set("ps_uuid", Value::Null)
-                            .set("state", VolumeState::NotInstantiated.as_str()),
-                    );
-                c.db().commit(b).await?;
-                c.allocator.disk_changed(host, ps, -v.size_mb);
-                Ok(())
+                unplace_volume(&c, &v).await
             }
             "create-on-host" if x.placed => {
                 let target = c.host_target(x.host.expect("checked")).await?;
@@ -503,11 +509,21 @@ async fn attach(
         queue: vm_queue(vm),
         job: None,
     };
-    c.engine
-        .queues
-        .run(&vm_queue(vm), 1, chain.run(&c.engine.journal, target, ctx))
-        .await
-        .map_err(|f| f.error)?;
+    // In the volume's queue too: state sync deletes the copy of a volume placed on no host
+    // there (`unplaced_copy`), and must not meet an attach between placing the volume and
+    // creating it on the host.
+    let q = &c.engine.queues;
+    q.run(
+        &vm_queue(vm),
+        1,
+        q.run(
+            &volume_queue(volume),
+            1,
+            chain.run(&c.engine.journal, target, ctx),
+        ),
+    )
+    .await
+    .map_err(|f| f.error)?;
     c.get::<Volume>(volume).await
 }
 
