@@ -196,12 +196,13 @@ impl Runner {
         self.t0 = tokio::time::Instant::now();
         for (i, op) in case.ops.iter().enumerate() {
             let before = census(&self.w).await;
-            let slow_before = self.slow_fired();
+            let late_before = self.late_fired();
             let res = self.apply(op).await;
-            if self.slow_fired() > slow_before {
-                // A command finished on its host after the management side gave up on it: the
-                // operation failed and rolled back, then the host did it anyway, and state sync
-                // takes the host's word. Expectations are off until the next calm settle.
+            if self.late_fired() > late_before {
+                // A command finished on its host after the management side gave up on it (it
+                // was slow, or its result was lost): the operation failed and rolled back, the
+                // host did it anyway, and state sync takes the host's word, perhaps during a
+                // later operation. Expectations are off until the next calm settle.
                 self.tainted = true;
             }
             self.out.ops_run = i + 1;
@@ -596,12 +597,13 @@ impl Runner {
         }
     }
 
-    fn slow_fired(&self) -> u64 {
+    /// Slow commands and lost results so far.
+    fn late_fired(&self) -> u64 {
         self.w
             .faults
             .fired()
             .iter()
-            .filter(|(k, _)| k.starts_with("agent_slow"))
+            .filter(|(k, _)| k.starts_with("agent_slow") || k.starts_with("callback_lost"))
             .map(|(_, n)| n)
             .sum()
     }

@@ -223,6 +223,9 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
         }
     }
     for v in &volumes {
+        if let Some(h) = v.host_uuid.filter(|h| !host_set.contains(h)) {
+            bad.push(format!("volume {} on host {h} that does not exist", v.uuid));
+        }
         match v.vm_uuid {
             Some(vm) if !vm_by.contains_key(&vm) => {
                 bad.push(format!("volume {} of vm {vm} that does not exist", v.uuid))

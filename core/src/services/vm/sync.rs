@@ -354,8 +354,7 @@ fn unplaced_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid) {
             if vol.host_uuid.is_some() || vol.state != VolumeState::NotInstantiated {
                 return Ok(());
             }
-            let target = c.host_target(host).await?;
-            agent(&c, &target, &DeleteVolumeCmd { volume }).await?;
+            delete_copy(&c, host, volume).await?;
             tracing::info!(%volume, %host, "copy of a volume placed on no host deleted");
             Ok(())
         },
@@ -508,37 +507,39 @@ impl Orphans {
                     if c.db().get::<Volume>(volume).await?.is_some() {
                         return Ok(());
                     }
-                    let target = c.host_target(host).await?;
-                    if agent(&c, &target, &DeleteVolumeCmd { volume })
-                        .await
-                        .is_ok()
-                    {
-                        return Ok(());
-                    }
-                    // A VM here may still use it: an attach whose rollback could not detach
-                    // (found by the model sweep). Detach it from the VMs the database places
-                    // here (a VM without it ignores or refuses that), then delete again.
-                    let here = c
-                        .db()
-                        .select::<Vm>(&Query::of::<Vm>().eq("host_uuid", host))
-                        .await?;
-                    for vm in here {
-                        let _ = agent(
-                            &c,
-                            &target,
-                            &DetachVolumeCmd {
-                                vm: vm.uuid,
-                                volume,
-                            },
-                        )
-                        .await;
-                    }
-                    agent(&c, &target, &DeleteVolumeCmd { volume }).await
+                    delete_copy(&c, host, volume).await
                 })
                 .await;
             }
         });
     }
+}
+
+/// Delete the copy of `volume` on `host`, which no VM should be using. If a VM there still
+/// uses it (an attach whose rollback could not detach; found by the model sweep), detach it
+/// from the VMs the database places there (a VM without it ignores or refuses that) and delete
+/// again. The host names the VM only in its error message.
+async fn delete_copy(c: &Cloud, host: Uuid, volume: Uuid) -> Result<(), Error> {
+    let target = c.host_target(host).await?;
+    if agent(c, &target, &DeleteVolumeCmd { volume }).await.is_ok() {
+        return Ok(());
+    }
+    let here = c
+        .db()
+        .select::<Vm>(&Query::of::<Vm>().eq("host_uuid", host))
+        .await?;
+    for vm in here {
+        let _ = agent(
+            c,
+            &target,
+            &DetachVolumeCmd {
+                vm: vm.uuid,
+                volume,
+            },
+        )
+        .await;
+    }
+    agent(c, &target, &DeleteVolumeCmd { volume }).await
 }
 
 /// Record that `vm` now runs on `to` (not `from`): the VM row, its volumes and their local
@@ -611,8 +612,28 @@ pub(crate) async fn relocate(
             graceful_timeout_ms: 0,
             force: true,
         };
-        agent(c, &target, &stop).await?;
-        set_state(c, vm, Some(VmState::Running), VmState::Stopped).await?;
+        let stopped = agent(c, &target, &stop).await;
+        // Stopped in the database either way, as a stop leaves a VM (no host, `to` its last):
+        // if the host did not stop it, its next report finds it running there, unaccounted,
+        // and state sync stops it again (found by the model sweep: the stop failed, and the VM
+        // stayed Running with no capacity held).
+        c.db()
+            .commit(
+                Batch::new().update(
+                    Update::of::<Vm>(vm)
+                        .when_eq("state", VmState::Running.as_str())
+                        .set("host_uuid", Value::Null)
+                        .set("last_host_uuid", to)
+                        .set("state", VmState::Stopped.as_str()),
+                ),
+            )
+            .await?;
+        c.bus().publish(
+            "/vm/state/change",
+            serde_json::json!({"uuid": vm, "old": "Running", "new": "Stopped"}),
+        );
+        stopped?;
+        return Ok(());
     }
     c.bus().publish(
         "/vm/state/change",
