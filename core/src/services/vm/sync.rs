@@ -517,17 +517,27 @@ impl Orphans {
 
 /// Delete the copy of `volume` on `host`, which no VM should be using. If a VM there still
 /// uses it (an attach whose rollback could not detach; found by the model sweep), detach it
-/// from the VMs the database places there (a VM without it ignores or refuses that) and delete
-/// again. The host names the VM only in its error message.
+/// from the VMs the database places there, running or stopped (a VM without it ignores or
+/// refuses that), and delete again. The host names the VM only in its error message.
 async fn delete_copy(c: &Cloud, host: Uuid, volume: Uuid) -> Result<(), Error> {
     let target = c.host_target(host).await?;
     if agent(c, &target, &DeleteVolumeCmd { volume }).await.is_ok() {
         return Ok(());
     }
-    let here = c
+    // Stopped VMs are defined on their last host and still hold their disks there.
+    let mut here = c
         .db()
         .select::<Vm>(&Query::of::<Vm>().eq("host_uuid", host))
         .await?;
+    here.extend(
+        c.db()
+            .select::<Vm>(
+                &Query::of::<Vm>()
+                    .eq("last_host_uuid", host)
+                    .is_null("host_uuid"),
+            )
+            .await?,
+    );
     for vm in here {
         let _ = agent(
             c,
