@@ -5,13 +5,15 @@
 //! 1. check — unless forced, every resource in the tree may refuse (a running VM, an offering in
 //!    use); the first refusal aborts the whole deletion with a clear `in_use` error and nothing
 //!    is deleted;
-//! 2. delete (or force-delete) — deepest first, the resource itself last;
+//! 2. delete (or force-delete) — deepest first, the resource itself last; before each resource
+//!    goes, children it has gained since the walk (what deleting its other children left, or
+//!    what was made meanwhile) are deleted first;
 //! 3. cleanup — deepest first, after everything is gone.
 
 use crate::error::{Error, ErrorCode};
 use crate::store::{Db, Query};
 use async_trait::async_trait;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -135,6 +137,52 @@ impl Cascade {
         Ok(out)
     }
 
+    /// Children of (kind, uuid) now that this deletion has not tried yet.
+    async fn late_children(
+        &self,
+        kind: &'static str,
+        uuid: Uuid,
+        tried: &BTreeSet<(&'static str, Uuid)>,
+    ) -> Result<Vec<(&'static str, Uuid)>, Error> {
+        let mut out = Vec::new();
+        for p in self
+            .by_kind
+            .values()
+            .filter(|p| p.parents().contains(&kind))
+        {
+            for c in p.children(kind, uuid).await? {
+                if !tried.contains(&(p.kind(), c)) {
+                    out.push((p.kind(), c));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Delete one resource: a failure ends the deletion, or, forced, is noted and passed over.
+    async fn delete_one(
+        &self,
+        k: &'static str,
+        u: Uuid,
+        mode: DeleteMode,
+        report: &mut CascadeReport,
+    ) -> Result<(), Error> {
+        let p = self.participant(k)?;
+        let r = match mode {
+            DeleteMode::Check => p.delete(u).await,
+            DeleteMode::Force => p.force_delete(u).await,
+        };
+        match r {
+            Ok(()) => report.deleted.push((k, u)),
+            Err(e) if mode == DeleteMode::Force => {
+                report.errors.push(e.context(format!("{k} {u}")))
+            }
+            Err(e) => return Err(e.context(format!("deleting {k} {u}"))),
+        }
+        Ok(())
+    }
+
     /// Delete (kind, uuid) and everything below it.
     pub async fn delete(
         &self,
@@ -166,19 +214,20 @@ impl Cascade {
             }
         }
         let mut report = CascadeReport::default();
-        for (_, k, u) in &tree {
-            let p = self.participant(k)?;
-            let r = match mode {
-                DeleteMode::Check => p.delete(*u).await,
-                DeleteMode::Force => p.force_delete(*u).await,
-            };
-            match r {
-                Ok(()) => report.deleted.push((k, *u)),
-                Err(e) if mode == DeleteMode::Force => {
-                    report.errors.push(e.context(format!("{k} {u}")))
+        let mut tried: BTreeSet<(&'static str, Uuid)> = BTreeSet::new();
+        for &(_, k, u) in &tree {
+            // Children that appeared after the walk go first: deleting a VM detaches its data
+            // volumes, a host reconnecting meanwhile makes its storage share again (both found
+            // by the model sweep, outliving their host).
+            for (ck, cu) in self.late_children(k, u, &tried).await? {
+                for (_, k2, u2) in self.tree(ck, cu).await? {
+                    if tried.insert((k2, u2)) {
+                        self.delete_one(k2, u2, mode, &mut report).await?;
+                    }
                 }
-                Err(e) => return Err(e.context(format!("deleting {k} {u}"))),
             }
+            tried.insert((k, u));
+            self.delete_one(k, u, mode, &mut report).await?;
         }
         for (k, u) in &report.deleted {
             if let Err(e) = self.participant(k)?.cleanup(*u).await {
@@ -318,6 +367,104 @@ mod tests {
             .unwrap();
         assert_eq!(r.deleted.len(), 5);
         assert_eq!(log.lock().unwrap()[0], "force vm 1000");
+    }
+
+    /// Deleting a VM leaves a disk under its host (a data volume it detached).
+    struct LeavesDisk {
+        disks: Arc<Mutex<Vec<(u128, u128)>>>,
+        log: Log,
+    }
+
+    #[async_trait]
+    impl CascadeParticipant for LeavesDisk {
+        fn kind(&self) -> &'static str {
+            "disk"
+        }
+        fn parents(&self) -> &'static [&'static str] {
+            &["host"]
+        }
+        async fn children(&self, _pk: &str, parent: Uuid) -> Result<Vec<Uuid>, Error> {
+            Ok(self
+                .disks
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(p, _)| Uuid::from_u128(*p) == parent)
+                .map(|(_, c)| Uuid::from_u128(*c))
+                .collect())
+        }
+        async fn delete(&self, uuid: Uuid) -> Result<(), Error> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("delete disk {}", uuid.as_u128()));
+            Ok(())
+        }
+    }
+
+    /// A VM whose deletion puts disk 5000 under host 100.
+    struct DetachingVm {
+        disks: Arc<Mutex<Vec<(u128, u128)>>>,
+        log: Log,
+    }
+
+    #[async_trait]
+    impl CascadeParticipant for DetachingVm {
+        fn kind(&self) -> &'static str {
+            "vm"
+        }
+        fn parents(&self) -> &'static [&'static str] {
+            &["host"]
+        }
+        async fn children(&self, _pk: &str, parent: Uuid) -> Result<Vec<Uuid>, Error> {
+            Ok(if parent == Uuid::from_u128(100) {
+                vec![Uuid::from_u128(1000)]
+            } else {
+                vec![]
+            })
+        }
+        async fn delete(&self, uuid: Uuid) -> Result<(), Error> {
+            self.disks.lock().unwrap().push((100, 5000));
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("delete vm {}", uuid.as_u128()));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn children_a_deletion_leaves_behind_go_before_their_parent() {
+        let log = Log::default();
+        let disks = Arc::new(Mutex::new(Vec::new()));
+        let host = Arc::new(Toy {
+            kind: "host",
+            parents: &["cluster"],
+            edges: vec![],
+            running: vec![],
+            log: log.clone(),
+        });
+        let c = Cascade::new(&[
+            host,
+            Arc::new(DetachingVm {
+                disks: disks.clone(),
+                log: log.clone(),
+            }),
+            Arc::new(LeavesDisk {
+                disks,
+                log: log.clone(),
+            }),
+        ]);
+        let r = c
+            .delete("host", Uuid::from_u128(100), DeleteMode::Check)
+            .await
+            .unwrap();
+        assert_eq!(r.deleted.len(), 3);
+        let l = log.lock().unwrap().clone();
+        assert_eq!(
+            l[..3],
+            ["delete vm 1000", "delete disk 5000", "delete host 100"]
+        );
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 
 use super::cascade::SimpleParticipant;
 use super::storage::SyncLocalStorage;
-use super::vm::{DeleteVolume, MigrateVm, StopVm, SyncHostVms};
+use super::vm::{MigrateVm, StopVm, SyncHostVms};
 use super::{check_name, Cloud};
 use crate::agent::{AgentClient, HostTarget};
 use crate::bus::{Bus, Message};
@@ -389,32 +389,9 @@ impl CascadeParticipant for HostParticipant {
         crate::cascade::children_by_field(&self.db, "host", "cluster_uuid", parent).await
     }
     async fn delete(&self, uuid: Uuid) -> Result<(), Error> {
-        // Data volumes detached from the host's VMs while they were deleted, after the tree was
-        // walked, are still placed here: they go as the detached ones of the tree did (found by
-        // the model sweep: one outlived its host, and the host added again held it).
-        let left = self
-            .db
-            .select::<Volume>(
-                &Query::of::<Volume>()
-                    .eq("host_uuid", uuid)
-                    .is_null("vm_uuid"),
-            )
-            .await?;
-        for v in left {
-            match self
-                .bus
-                .send(DeleteVolume {
-                    uuid: v.uuid,
-                    force: true,
-                })
-                .await
-            {
-                Err(e) if e.code == ErrorCode::NotFound => {}
-                other => other?,
-            }
-        }
-        // The shares were deleted with the rest of the tree, but a host reconnecting while its
-        // cluster is deleted makes its share again: none may outlive the host.
+        // The host's storage shares go in the same commit: the cascade deleted them before, but
+        // a host reconnecting meanwhile makes its share again (under the same uuid), and a share
+        // is only made while its host exists (`ensure_local_storage`).
         let shares = self
             .db
             .select::<LocalStorage>(&Query::of::<LocalStorage>().eq("host_uuid", uuid))

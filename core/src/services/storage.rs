@@ -188,7 +188,8 @@ async fn ensure_local_storage(c: &Cloud, ps: Uuid, host: &Row<Host>) -> Result<(
         None => {
             // A new host has nothing on it, but a share can also be missing under data that is
             // there: a cluster's forced deletion removes the shares before the hosts, and a host
-            // that reconnects in between gets its share back here. It counts what is on it.
+            // that reconnects in between gets its share back here (the cascade then deletes it
+            // with the host). It counts what is on it.
             let used_mb = local_storage_in_use(c, ps, host.uuid).await?;
             let row = Row::new(
                 id,
@@ -199,7 +200,12 @@ async fn ensure_local_storage(c: &Cloud, ps: Uuid, host: &Row<Host>) -> Result<(
                     used_mb,
                 },
             );
-            match c.db().insert(row).await {
+            // Only while the host exists: a host deleted while it reconnected (its cluster
+            // force-deleted) gets no share that would outlive it (found by the model sweep).
+            let b = Batch::new()
+                .insert(&row)
+                .update(Update::of::<Host>(host.uuid));
+            match c.db().commit(b).await {
                 Ok(_) => Ok(()),
                 // Created concurrently: fine.
                 Err(e) if e.code() == ErrorCode::AlreadyExists => Ok(()),
