@@ -14,7 +14,7 @@
 //! Volumes a host has that the database has never heard of are deleted the same way.
 //! VMs in a transitional state are left alone: their operation, or recovery, ends it.
 
-use super::chain::probe;
+use super::chain::{probe, release_reservations};
 use super::{agent, set_state, vm_queue, ORPHAN_POLICY};
 use crate::bus::Message;
 use crate::error::{Error, ErrorCode};
@@ -627,27 +627,36 @@ pub(crate) async fn relocate(
         // if the host did not stop it, its next report finds it running there, unaccounted,
         // and state sync stops it again (found by the model sweep: the stop failed, and the VM
         // stayed Running with no capacity held).
-        c.db()
-            .commit(
-                Batch::new().update(
-                    Update::of::<Vm>(vm)
-                        .when_eq("state", VmState::Running.as_str())
-                        .set("host_uuid", Value::Null)
-                        .set("last_host_uuid", to)
-                        .set("state", VmState::Stopped.as_str()),
-                ),
-            )
-            .await?;
-        c.bus().publish(
-            "/vm/state/change",
-            serde_json::json!({"uuid": vm, "old": "Running", "new": "Stopped"}),
-        );
+        record_stopped(c, vm, VmState::Running, Some(to)).await?;
         stopped?;
         return Ok(());
     }
     c.bus().publish(
         "/vm/state/change",
         serde_json::json!({"uuid": vm, "old": expect.as_str(), "new": "Running", "host": to}),
+    );
+    Ok(())
+}
+
+/// Record `vm`, which was `prev`, as Stopped on no host (with `last` as its last host when
+/// given), and say so.
+async fn record_stopped(
+    c: &Cloud,
+    vm: Uuid,
+    prev: VmState,
+    last: Option<Uuid>,
+) -> Result<(), Error> {
+    let mut u = Update::of::<Vm>(vm)
+        .when_eq("state", prev.as_str())
+        .set("host_uuid", Value::Null)
+        .set("state", VmState::Stopped.as_str());
+    if let Some(h) = last {
+        u = u.set("last_host_uuid", h);
+    }
+    c.db().commit(Batch::new().update(u)).await?;
+    c.bus().publish(
+        "/vm/state/change",
+        serde_json::json!({"uuid": vm, "old": prev.as_str(), "new": "Stopped"}),
     );
     Ok(())
 }
@@ -734,27 +743,8 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
         }
         (true, Some(PowerState::Stopped) | None) => {
             // Stopped behind our back (or the host lost it): return the capacity.
-            let held = c
-                .db()
-                .select::<Reservation>(&Query::of::<Reservation>().eq("vm_uuid", vm.uuid))
-                .await?;
-            for res in held {
-                c.allocator.release(c, vm.uuid, res.host_uuid).await?;
-            }
-            c.db()
-                .commit(
-                    Batch::new().update(
-                        Update::of::<Vm>(vm.uuid)
-                            .when_eq("state", vm.state.as_str())
-                            .set("host_uuid", Value::Null)
-                            .set("state", VmState::Stopped.as_str()),
-                    ),
-                )
-                .await?;
-            c.bus().publish(
-                "/vm/state/change",
-                serde_json::json!({"uuid": vm.uuid, "old": vm.state.as_str(), "new": "Stopped"}),
-            );
+            release_reservations(c, vm.uuid, None).await?;
+            record_stopped(c, vm.uuid, vm.state, None).await?;
             Ok("stopped".into())
         }
         (false, Some(PowerState::Running) | Some(PowerState::Paused)) => match vm.host_uuid {
