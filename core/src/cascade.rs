@@ -245,13 +245,17 @@ mod tests {
 
     type Log = Arc<Mutex<Vec<String>>>;
 
+    type Edges = Arc<Mutex<Vec<(u128, u128)>>>;
+
     /// A toy tree: zone → cluster → host → vm, with VMs that refuse while "running".
     struct Toy {
         kind: &'static str,
         parents: &'static [&'static str],
-        edges: Vec<(u128, u128)>,
+        edges: Edges,
         running: Vec<u128>,
         log: Log,
+        /// Deleting one of these adds an edge to another kind's edges (a VM detaching a disk).
+        leaves: Option<(Edges, (u128, u128))>,
     }
 
     #[async_trait]
@@ -265,6 +269,8 @@ mod tests {
         async fn children(&self, _pk: &str, parent: Uuid) -> Result<Vec<Uuid>, Error> {
             Ok(self
                 .edges
+                .lock()
+                .unwrap()
                 .iter()
                 .filter(|(p, _)| Uuid::from_u128(*p) == parent)
                 .map(|(_, c)| Uuid::from_u128(*c))
@@ -277,6 +283,9 @@ mod tests {
             Ok(())
         }
         async fn delete(&self, uuid: Uuid) -> Result<(), Error> {
+            if let Some((edges, edge)) = &self.leaves {
+                edges.lock().unwrap().push(*edge);
+            }
             self.log
                 .lock()
                 .unwrap()
@@ -304,9 +313,10 @@ mod tests {
             Arc::new(Toy {
                 kind,
                 parents,
-                edges,
+                edges: Arc::new(Mutex::new(edges)),
                 running,
                 log: log.clone(),
+                leaves: None,
             }) as Arc<dyn CascadeParticipant>
         };
         Cascade::new(&[
@@ -369,91 +379,26 @@ mod tests {
         assert_eq!(log.lock().unwrap()[0], "force vm 1000");
     }
 
-    /// Deleting a VM leaves a disk under its host (a data volume it detached).
-    struct LeavesDisk {
-        disks: Arc<Mutex<Vec<(u128, u128)>>>,
-        log: Log,
-    }
-
-    #[async_trait]
-    impl CascadeParticipant for LeavesDisk {
-        fn kind(&self) -> &'static str {
-            "disk"
-        }
-        fn parents(&self) -> &'static [&'static str] {
-            &["host"]
-        }
-        async fn children(&self, _pk: &str, parent: Uuid) -> Result<Vec<Uuid>, Error> {
-            Ok(self
-                .disks
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(p, _)| Uuid::from_u128(*p) == parent)
-                .map(|(_, c)| Uuid::from_u128(*c))
-                .collect())
-        }
-        async fn delete(&self, uuid: Uuid) -> Result<(), Error> {
-            self.log
-                .lock()
-                .unwrap()
-                .push(format!("delete disk {}", uuid.as_u128()));
-            Ok(())
-        }
-    }
-
-    /// A VM whose deletion puts disk 5000 under host 100.
-    struct DetachingVm {
-        disks: Arc<Mutex<Vec<(u128, u128)>>>,
-        log: Log,
-    }
-
-    #[async_trait]
-    impl CascadeParticipant for DetachingVm {
-        fn kind(&self) -> &'static str {
-            "vm"
-        }
-        fn parents(&self) -> &'static [&'static str] {
-            &["host"]
-        }
-        async fn children(&self, _pk: &str, parent: Uuid) -> Result<Vec<Uuid>, Error> {
-            Ok(if parent == Uuid::from_u128(100) {
-                vec![Uuid::from_u128(1000)]
-            } else {
-                vec![]
-            })
-        }
-        async fn delete(&self, uuid: Uuid) -> Result<(), Error> {
-            self.disks.lock().unwrap().push((100, 5000));
-            self.log
-                .lock()
-                .unwrap()
-                .push(format!("delete vm {}", uuid.as_u128()));
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn children_a_deletion_leaves_behind_go_before_their_parent() {
         let log = Log::default();
-        let disks = Arc::new(Mutex::new(Vec::new()));
-        let host = Arc::new(Toy {
-            kind: "host",
-            parents: &["cluster"],
-            edges: vec![],
-            running: vec![],
-            log: log.clone(),
-        });
+        let disks = Edges::default();
+        let toy = |kind, parents, edges: Edges, leaves| {
+            Arc::new(Toy {
+                kind,
+                parents,
+                edges,
+                running: vec![],
+                log: log.clone(),
+                leaves,
+            }) as Arc<dyn CascadeParticipant>
+        };
+        let vms = Arc::new(Mutex::new(vec![(100, 1000)]));
+        // Deleting VM 1000 puts disk 5000 under host 100 (a data volume it detached).
         let c = Cascade::new(&[
-            host,
-            Arc::new(DetachingVm {
-                disks: disks.clone(),
-                log: log.clone(),
-            }),
-            Arc::new(LeavesDisk {
-                disks,
-                log: log.clone(),
-            }),
+            toy("host", &["cluster"], Edges::default(), None),
+            toy("vm", &["host"], vms, Some((disks.clone(), (100, 5000)))),
+            toy("disk", &["host"], disks, None),
         ]);
         let r = c
             .delete("host", Uuid::from_u128(100), DeleteMode::Check)
