@@ -1,0 +1,115 @@
+//! The simulation's wire: a request and its answer travel as values over madsim's reliable,
+//! ordered channels — what its simulated `TcpStream` is built on, so connecting, latency and
+//! clogged links behave as they do for TCP — instead of as HTTP/1.1 bytes.
+//!
+//! Like an HTTP/1.1 connection, a connection carries one request at a time, and the server drops
+//! the handler of a request whose client went away (hyper does so when it reads the end of the
+//! stream while a request is in flight).
+
+use axum::Router;
+use bytes::Bytes;
+use hyper::Request;
+use madsim::net::{Endpoint, Receiver, Sender};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// What a server sends back for one request.
+struct Answer {
+    status: u16,
+    body: Bytes,
+}
+
+/// Bind `addr` and serve `app` in a background task; returns the bound address.
+pub(super) async fn listen<X: Clone + Send + Sync + 'static>(
+    addr: SocketAddr,
+    app: Router,
+    ext: X,
+) -> std::io::Result<SocketAddr> {
+    let ep = Endpoint::bind(addr).await?;
+    let local = ep.local_addr()?;
+    tokio::spawn(accept_loop(ep, app, ext));
+    Ok(local)
+}
+
+async fn accept_loop<X: Clone + Send + Sync + 'static>(ep: Endpoint, app: Router, ext: X) {
+    loop {
+        match ep.accept1().await {
+            Ok((tx, rx, _peer)) => {
+                tokio::spawn(serve_connection(tx, rx, app.clone(), ext.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection<X: Clone + Send + Sync + 'static>(
+    tx: Sender,
+    mut rx: Receiver,
+    app: Router,
+    ext: X,
+) {
+    while let Ok(msg) = rx.recv().await {
+        let Ok(req) = msg.downcast::<Request<Bytes>>() else {
+            tracing::warn!("not a request on an http connection");
+            return;
+        };
+        let req = req.map(axum::body::Body::from);
+        let resp = tokio::select! {
+            resp = super::route(app.clone(), ext.clone(), req) => resp,
+            _ = tx.closed() => return,
+        };
+        let status = resp.status().as_u16();
+        let body = match axum::body::to_bytes(resp.into_body(), usize::MAX).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::trace!(error = %e, "reading a response body failed");
+                return;
+            }
+        };
+        if tx.send(Box::new(Answer { status, body })).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One client connection.
+pub(super) struct Conn {
+    tx: Sender,
+    rx: Receiver,
+}
+
+impl Conn {
+    pub(super) async fn connect(addr: SocketAddr) -> Result<Conn, String> {
+        // As madsim's `TcpStream::connect` does: an ephemeral local port per connection.
+        let ep = Endpoint::bind("0.0.0.0:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let (tx, rx) = ep.connect1(addr).await.map_err(|e| e.to_string())?;
+        Ok(Conn { tx, rx })
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Whether the connection can take a request now.
+    pub(super) async fn ready(&mut self) -> bool {
+        !self.tx.is_closed()
+    }
+
+    /// Send `req` and wait for the answer: status and body.
+    pub(super) async fn round_trip(&mut self, req: Request<Bytes>) -> Result<(u16, Bytes), String> {
+        self.tx
+            .send(Box::new(req))
+            .await
+            .map_err(|e| e.to_string())?;
+        let msg = self.rx.recv().await.map_err(|e| e.to_string())?;
+        let answer = msg
+            .downcast::<Answer>()
+            .map_err(|_| "not an answer on an http connection".to_string())?;
+        Ok((answer.status, answer.body))
+    }
+}

@@ -1,0 +1,97 @@
+//! The std build's wire: HTTP/1.1 by hyper at the connection level over `tokio::net` streams.
+
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Bind `addr` and serve `app` in a background task; returns the bound address.
+pub(super) async fn listen<X: Clone + Send + Sync + 'static>(
+    addr: SocketAddr,
+    app: Router,
+    ext: X,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(accept_loop(listener, app, ext));
+    Ok(local)
+}
+
+async fn accept_loop<X: Clone + Send + Sync + 'static>(listener: TcpListener, app: Router, ext: X) {
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let (app, ext) = (app.clone(), ext.clone());
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (app, ext) = (app.clone(), ext.clone());
+            async move {
+                let resp = super::route(app, ext, req.map(axum::body::Body::new)).await;
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+/// One client connection.
+pub(super) struct Conn(SendRequest<Full<Bytes>>);
+
+impl Conn {
+    pub(super) async fn connect(addr: SocketAddr) -> Result<Conn, String> {
+        let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, "http client connection ended with an error");
+            }
+        });
+        Ok(Conn(sender))
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+
+    /// Whether the connection can take a request now.
+    pub(super) async fn ready(&mut self) -> bool {
+        self.0.ready().await.is_ok()
+    }
+
+    /// Send `req` and read the whole answer: status and body.
+    pub(super) async fn round_trip(&mut self, req: Request<Bytes>) -> Result<(u16, Bytes), String> {
+        let resp = self
+            .0
+            .send_request(req.map(Full::new))
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    }
+}

@@ -1,0 +1,165 @@
+//! The HTTP plumbing's contract, run on both wires: HTTP/1.1 over real TCP in the std build,
+//! values over simulated channels under madsim.
+
+use super::*;
+use axum::extract::{Extension, Request as AxumRequest};
+use axum::routing::post;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[test]
+fn urls_split_into_address_and_path() {
+    let (a, p) = parse_url("http://10.0.0.1:8080/agent/callback/x").unwrap();
+    assert_eq!(a, "10.0.0.1:8080".parse().unwrap());
+    assert_eq!(p, "/agent/callback/x");
+    assert_eq!(parse_url("http://10.0.0.1:80").unwrap().1, "/");
+    assert!(parse_url("https://10.0.0.1:80/").is_err());
+    assert!(parse_url("http://host.example:80/").is_err());
+}
+
+/// Sets its flag when dropped: shows whether a handler ran to its end or was dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn app(dropped: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route(
+            "/echo",
+            post(
+                |Extension(name): Extension<String>, req: AxumRequest| async move {
+                    let header = req
+                        .headers()
+                        .get("x-test")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    let body = axum::body::to_bytes(req.into_body(), usize::MAX)
+                        .await
+                        .unwrap_or_default();
+                    let text = format!("{name} {header} {}", String::from_utf8_lossy(&body));
+                    (axum::http::StatusCode::CREATED, text)
+                },
+            ),
+        )
+        .route(
+            "/hang",
+            post(move || async move {
+                let _guard = SetOnDrop(dropped);
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                "late"
+            }),
+        )
+}
+
+async fn server(dropped: Arc<AtomicBool>) -> SocketAddr {
+    spawn_server_with(
+        "127.0.0.1:0".parse().unwrap(),
+        app(dropped),
+        "server-a".to_string(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_answer_carries_status_body_and_what_the_request_sent() {
+    let addr = server(Arc::default()).await;
+    let c = HttpClient::default();
+    let r = c
+        .post(
+            addr,
+            "/echo",
+            &[("x-test", "h1")],
+            "b1",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    assert!(r.is_success());
+    assert_eq!(&r.body[..], b"server-a h1 b1");
+    let r = c
+        .post_url(
+            &format!("http://{addr}/nowhere"),
+            &[],
+            "",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn a_connection_is_reused_and_closed_once_idle() {
+    let addr = server(Arc::default()).await;
+    let c = HttpClient::with_idle_timeout(4, Duration::from_millis(200));
+    for i in 0..3 {
+        let r = c
+            .post(addr, "/echo", &[], format!("{i}"), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(r.body, format!("server-a  {i}"));
+        assert_eq!(c.idle_connections(), 1, "one connection, reused");
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(c.idle_connections(), 0);
+    let r = c
+        .post(addr, "/echo", &[], "again", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    assert_eq!(c.idle_connections(), 1);
+}
+
+#[tokio::test]
+async fn nobody_listening_is_a_connect_error() {
+    // Bind a server, learn its port, and talk to the next one, which nobody serves.
+    let addr = server(Arc::default()).await;
+    let nobody = SocketAddr::new(addr.ip(), addr.port().wrapping_add(1).max(1));
+    let e = HttpClient::default()
+        .post(nobody, "/echo", &[], "", Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, HttpError::Connect(a, _) if a == nobody),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_past_its_timeout_fails_and_its_handler_is_dropped() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let addr = server(dropped.clone()).await;
+    let c = HttpClient::default();
+    let e = c
+        .post(addr, "/hang", &[], "", Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, HttpError::Timeout(a, 300) if a == addr),
+        "{e:?}"
+    );
+    assert_eq!(
+        c.idle_connections(),
+        0,
+        "a timed-out connection is not reused"
+    );
+    // The client closed the connection; the server notices and drops the handler.
+    for _ in 0..100 {
+        if dropped.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dropped.load(Ordering::SeqCst), "handler still running");
+    let r = c
+        .post(addr, "/echo", &[], "after", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(&r.body[..], b"server-a  after");
+}
