@@ -98,6 +98,7 @@ struct Idle {
 
 struct Pool {
     idle: Mutex<Idle>,
+    connector: wire::Connector,
     max_idle_per_host: usize,
     idle_timeout: Duration,
 }
@@ -166,6 +167,7 @@ impl HttpClient {
         HttpClient {
             pool: Arc::new(Pool {
                 idle: Mutex::new(Idle::default()),
+                connector: wire::Connector::default(),
                 max_idle_per_host,
                 idle_timeout,
             }),
@@ -217,7 +219,9 @@ impl HttpClient {
         body: Bytes,
     ) -> Result<HttpResponse, HttpError> {
         let connect = |addr| async move {
-            wire::Conn::connect(addr)
+            self.pool
+                .connector
+                .connect(addr)
                 .await
                 .map_err(|e| HttpError::Connect(addr, e))
         };

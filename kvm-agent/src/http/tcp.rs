@@ -52,11 +52,12 @@ async fn accept_loop<X: Clone + Send + Sync + 'static>(listener: TcpListener, ap
     }
 }
 
-/// One client connection.
-pub(super) struct Conn(SendRequest<Full<Bytes>>);
+/// Makes a client's connections.
+#[derive(Default)]
+pub(super) struct Connector {}
 
-impl Conn {
-    pub(super) async fn connect(addr: SocketAddr) -> Result<Conn, String> {
+impl Connector {
+    pub(super) async fn connect(&self, addr: SocketAddr) -> Result<Conn, String> {
         let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -68,7 +69,12 @@ impl Conn {
         });
         Ok(Conn(sender))
     }
+}
 
+/// One client connection.
+pub(super) struct Conn(SendRequest<Full<Bytes>>);
+
+impl Conn {
     pub(super) fn is_closed(&self) -> bool {
         self.0.is_closed()
     }
