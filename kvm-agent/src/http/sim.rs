@@ -8,6 +8,7 @@
 
 use axum::Router;
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use hyper::Request;
 use madsim::net::{Endpoint, Receiver, Sender};
 use madsim::task::NodeId;
@@ -34,9 +35,15 @@ pub(super) async fn listen<X: Clone + Send + Sync + 'static>(
     Ok(local)
 }
 
+/// Accepts a listener waits for at once. madsim's accept sleeps at least 1 ms (its shortest
+/// sleep) before it takes a connection, so one accept at a time caps a listener at 1,000
+/// connections a simulated second — a limit of the simulator, not of TCP.
+const ACCEPTS: usize = 4;
+
 async fn accept_loop<X: Clone + Send + Sync + 'static>(ep: Endpoint, app: Router, ext: X) {
-    loop {
-        match ep.accept1().await {
+    let mut accepts: FuturesUnordered<_> = (0..ACCEPTS).map(|_| accept(ep.clone())).collect();
+    while let Some(accepted) = accepts.next().await {
+        match accepted {
             Ok((tx, rx, _peer)) => {
                 tokio::spawn(serve_connection(tx, rx, app.clone(), ext.clone()));
             }
@@ -45,7 +52,12 @@ async fn accept_loop<X: Clone + Send + Sync + 'static>(ep: Endpoint, app: Router
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+        accepts.push(accept(ep.clone()));
     }
+}
+
+async fn accept(ep: Endpoint) -> std::io::Result<(Sender, Receiver, SocketAddr)> {
+    ep.accept1().await
 }
 
 async fn serve_connection<X: Clone + Send + Sync + 'static>(
