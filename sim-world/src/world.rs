@@ -12,6 +12,7 @@ use madsim::runtime::{Handle, NodeHandle, Runtime};
 use serde_json::{json, Value};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_core::client::StratusClient;
@@ -187,31 +188,34 @@ fn host_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 1 + (n >> 16) as u8, (n >> 8) as u8, n as u8)
 }
 
+/// What every simulated host node is started with.
+#[derive(Clone)]
+struct HostEnv {
+    latency: LatencyProfile,
+    faults: Arc<SimFaults>,
+    /// Agents that started listening (each restart counts again).
+    listening: Arc<AtomicUsize>,
+}
+
 fn start_host_node(
     h: &Handle,
     ip: Ipv4Addr,
     token: String,
     state: Arc<Mutex<SimHostState>>,
-    latency: LatencyProfile,
-    faults: Arc<SimFaults>,
+    env: HostEnv,
     slot: Arc<Mutex<Option<SimHypervisor>>>,
 ) -> NodeHandle {
     h.create_node()
         .name(ip.to_string())
         .ip(ip.into())
         .init(move || {
-            let (token, state, latency, faults, slot) = (
-                token.clone(),
-                state.clone(),
-                latency.clone(),
-                faults.clone(),
-                slot.clone(),
-            );
+            let (token, state, env, slot) =
+                (token.clone(), state.clone(), env.clone(), slot.clone());
             async move {
                 let seed: u64 = madsim::rand::random();
-                let hv = SimHypervisor::new(state, latency, seed);
+                let hv = SimHypervisor::new(state, env.latency, seed);
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(hv.clone());
-                let agent = Agent::new(hv, AgentConfig::new(token), faults);
+                let agent = Agent::new(hv, AgentConfig::new(token), env.faults);
                 agent
                     .serve(SocketAddr::new(
                         ip.into(),
@@ -219,6 +223,7 @@ fn start_host_node(
                     ))
                     .await
                     .expect("agent listens");
+                env.listening.fetch_add(1, Ordering::Relaxed);
                 // A madsim node exits when its init task returns.
                 std::future::pending::<()>().await;
             }
@@ -309,6 +314,11 @@ impl World {
                 spec.spare_hosts,
             ))
             .collect();
+        let env = HostEnv {
+            latency: spec.latency.clone(),
+            faults: faults.clone(),
+            listening: Arc::default(),
+        };
         {
             {
                 for cl in &placed {
@@ -321,8 +331,7 @@ impl World {
                         ip,
                         token.clone(),
                         state.clone(),
-                        spec.latency.clone(),
-                        faults.clone(),
+                        env.clone(),
                         slot.clone(),
                     )
                     .id();
@@ -338,6 +347,12 @@ impl World {
                     i += 1;
                 }
             }
+        }
+        // Add hosts once their agents listen. A node's first task runs when the executor picks
+        // it, in random order, and every task it runs moves the clock on: at 100,000 hosts an
+        // add reached an agent that had not started yet ("connection refused").
+        while env.listening.load(Ordering::Relaxed) < hosts.len() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let db = Db::new(store.clone());
         let mut world = World {
