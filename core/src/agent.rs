@@ -19,7 +19,7 @@ use std::time::Duration;
 use stratus_kvm_agent::http::{HttpClient, HttpError};
 use stratus_kvm_agent::protocol::{
     AgentError, AgentErrorCode, Command, CommandKind, TaskResult, H_CALLBACK, H_DEADLINE, H_TASK,
-    H_TOKEN,
+    H_TOKEN, H_WAIT_UNTIL,
 };
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -225,7 +225,7 @@ impl AgentClient {
         let body = serde_json::to_vec(cmd)
             .map_err(|e| Error::internal(format!("cannot encode {}: {e}", C::PATH)))?;
         if !C::ASYNC {
-            let refuse_after = handover_deadline(timeout);
+            let refuse_after = deadline_after(timeout);
             let r = self
                 .http
                 .post(
@@ -261,12 +261,14 @@ impl AgentClient {
         let task_s = task.to_string();
         // Handing the command over takes moments; only the work takes the command's timeout.
         let submit = timeout.min(SUBMIT_TIMEOUT);
-        let refuse_after = handover_deadline(submit);
+        let refuse_after = deadline_after(submit);
+        let wait_until = deadline_after(timeout);
         let headers = [
             (H_TOKEN, host.token.as_str()),
             (H_TASK, task_s.as_str()),
             (H_CALLBACK, callback.as_str()),
             (H_DEADLINE, refuse_after.as_str()),
+            (H_WAIT_UNTIL, wait_until.as_str()),
         ];
         let r = self
             .http
@@ -314,10 +316,10 @@ impl AgentClient {
     }
 }
 
-/// The [`H_DEADLINE`] header of a command handed over within `submit`: after it the caller has
-/// given up (and rolled back), so the agent must not start the command.
-fn handover_deadline(submit: Duration) -> String {
-    (crate::clock::now_ms() + submit.as_millis() as i64).to_string()
+/// A deadline header's value ([`H_DEADLINE`], [`H_WAIT_UNTIL`]) for `after` from now: after it
+/// the caller has given up (and rolled back), so the agent must not start the command.
+fn deadline_after(after: Duration) -> String {
+    (crate::clock::now_ms() + after.as_millis() as i64).to_string()
 }
 
 /// Removes a task from the waiting table when the caller stops waiting (any way it stops).

@@ -26,6 +26,12 @@ pub const H_CALLBACK: &str = "x-stratus-callback";
 /// all. Clocks of the management nodes and hosts must agree to well within the hand-over
 /// timeout (10 s), as NTP keeps them.
 pub const H_DEADLINE: &str = "x-stratus-deadline";
+/// When the management plane stops waiting for a long command's result (milliseconds since the
+/// Unix epoch). The agent does not start the work after it — the sender has given up and rolled
+/// back — and ends the task `expired` instead. (The model sweep found a migration held back on a
+/// slow host that moved the VM after its rollback, onto a host deleted meanwhile.) Work already
+/// started runs to its end. Clocks must agree as for [`H_DEADLINE`].
+pub const H_WAIT_UNTIL: &str = "x-stratus-wait-until";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -39,7 +45,8 @@ pub enum AgentErrorCode {
     Failed,
     /// Another host (migration peer) could not be reached.
     Unreachable,
-    /// The command arrived after its deadline ([`H_DEADLINE`]) and was not run.
+    /// The command arrived after its deadline ([`H_DEADLINE`]), or its work would have started
+    /// after its sender stopped waiting ([`H_WAIT_UNTIL`]), and was not run.
     Expired,
 }
 

@@ -136,6 +136,23 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// A header holding a time in milliseconds since the Unix epoch.
+fn millis(h: &HeaderMap, name: &str) -> Option<i64> {
+    header(h, name).and_then(|d| d.parse().ok())
+}
+
+/// `Expired` when `deadline` has passed: the command `what` (arrived, would have started) that
+/// long after it, and is not run.
+fn past(deadline: Option<i64>, what: &str) -> Option<AgentError> {
+    let late = crate::deadline::now_ms() - deadline?;
+    (late > 0).then(|| {
+        AgentError::new(
+            AgentErrorCode::Expired,
+            format!("{what} {late} ms after its deadline; not run"),
+        )
+    })
+}
+
 impl<H: Hypervisor> Agent<H> {
     pub fn new(hv: H, config: AgentConfig, faults: Arc<dyn Faults>) -> Self {
         Agent {
@@ -263,17 +280,10 @@ impl<H: Hypervisor> Agent<H> {
 
     /// Refuse a command that arrived after its [`H_DEADLINE`] (its sender gave up on it).
     fn in_time(headers: &HeaderMap) -> Result<(), Box<Response>> {
-        let Some(deadline) = header(headers, H_DEADLINE).and_then(|d| d.parse::<i64>().ok()) else {
-            return Ok(());
-        };
-        let late = crate::deadline::now_ms() - deadline;
-        if late <= 0 {
-            return Ok(());
+        match past(millis(headers, H_DEADLINE), "arrived") {
+            Some(e) => Err(Box::new(error(e))),
+            None => Ok(()),
         }
-        Err(Box::new(error(AgentError::new(
-            AgentErrorCode::Expired,
-            format!("arrived {late} ms after its deadline; not run"),
-        ))))
     }
 
     fn parse<C: Command>(body: &[u8]) -> Result<C, Box<Response>> {
@@ -352,6 +362,7 @@ impl<H: Hypervisor> Agent<H> {
                     }
                     let task = header(&headers, H_TASK).and_then(|t| Uuid::parse_str(t).ok());
                     let callback = header(&headers, H_CALLBACK).map(str::to_string);
+                    let wait_until = millis(&headers, H_WAIT_UNTIL);
                     let (Some(task), Some(callback)) = (task, callback) else {
                         return error(AgentError::new(
                             AgentErrorCode::InvalidArgument,
@@ -393,7 +404,10 @@ impl<H: Hypervisor> Agent<H> {
                         if !fault.delay.is_zero() {
                             tokio::time::sleep(fault.delay).await;
                         }
-                        let outcome = if fault.fail_before {
+                        // Work its sender no longer waits for is not started (it rolled back).
+                        let outcome = if let Some(e) = past(wait_until, "would have started") {
+                            Err(e)
+                        } else if fault.fail_before {
                             Err(AgentError::failed(format!("{} failed (injected)", C::PATH)))
                         } else {
                             match f(inner.clone(), cmd).await {

@@ -213,6 +213,35 @@ fn agent_protocol_over_simulated_http() {
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert!(!host_a.lock().unwrap().volumes.contains_key(&late_vol));
 
+            // A long command handed over in time whose sender stopped waiting for its result
+            // before the work would start (a slow host) is not run: its task ends `expired`.
+            let stale_vol = Uuid::from_u128(13);
+            let stale_task = Uuid::from_u128(98);
+            let r = c
+                .post(
+                    "10.1.0.1:7070".parse().unwrap(),
+                    CreateVolumeCmd::PATH,
+                    &[
+                        (H_TOKEN, "tok-a"),
+                        (H_TASK, &stale_task.to_string()),
+                        (H_CALLBACK, "http://10.0.0.1:8080/cb"),
+                        (H_WAIT_UNTIL, &past),
+                    ],
+                    serde_json::to_vec(&CreateVolumeCmd {
+                        volume: stale_vol,
+                        size_mb: 10_240,
+                        image: None,
+                    })
+                    .unwrap(),
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 202);
+            let e = wait_result(&results, stale_task).await.outcome.unwrap_err();
+            assert_eq!(e.code, AgentErrorCode::Expired, "{e:?}");
+            assert!(!host_a.lock().unwrap().volumes.contains_key(&stale_vol));
+
             // A long command without a task id is refused.
             let vm = Uuid::from_u128(10);
             let vol = Uuid::from_u128(11);
