@@ -105,6 +105,34 @@ async fn call<C: Command>(
     )
 }
 
+/// Hand host 10.1.0.1 a volume create as task `task`, with one more header.
+async fn create_volume_task(
+    c: &HttpClient,
+    volume: Uuid,
+    task: Uuid,
+    extra: (&str, &str),
+) -> stratus_kvm_agent::http::HttpResponse {
+    c.post(
+        "10.1.0.1:7070".parse().unwrap(),
+        CreateVolumeCmd::PATH,
+        &[
+            (H_TOKEN, "tok-a"),
+            (H_TASK, &task.to_string()),
+            (H_CALLBACK, "http://10.0.0.1:8080/cb"),
+            extra,
+        ],
+        serde_json::to_vec(&CreateVolumeCmd {
+            volume,
+            size_mb: 10_240,
+            image: None,
+        })
+        .unwrap(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap()
+}
+
 async fn wait_result(results: &Arc<Mutex<Vec<TaskResult>>>, task: Uuid) -> TaskResult {
     for _ in 0..200 {
         if let Some(r) = results.lock().unwrap().iter().find(|r| r.task == task) {
@@ -187,26 +215,8 @@ fn agent_protocol_over_simulated_http() {
             // sender gave up) is refused and not run.
             let late_vol = Uuid::from_u128(12);
             let past = (stratus_kvm_agent::deadline::now_ms() - 1).to_string();
-            let r = c
-                .post(
-                    "10.1.0.1:7070".parse().unwrap(),
-                    CreateVolumeCmd::PATH,
-                    &[
-                        (H_TOKEN, "tok-a"),
-                        (H_TASK, &Uuid::from_u128(99).to_string()),
-                        (H_CALLBACK, "http://10.0.0.1:8080/cb"),
-                        (H_DEADLINE, &past),
-                    ],
-                    serde_json::to_vec(&CreateVolumeCmd {
-                        volume: late_vol,
-                        size_mb: 10_240,
-                        image: None,
-                    })
-                    .unwrap(),
-                    Duration::from_secs(5),
-                )
-                .await
-                .unwrap();
+            let r =
+                create_volume_task(&c, late_vol, Uuid::from_u128(99), (H_DEADLINE, &past)).await;
             assert_eq!(r.status, 408);
             let e: AgentError = serde_json::from_slice(&r.body).unwrap();
             assert_eq!(e.code, AgentErrorCode::Expired);
@@ -217,26 +227,7 @@ fn agent_protocol_over_simulated_http() {
             // before the work would start (a slow host) is not run: its task ends `expired`.
             let stale_vol = Uuid::from_u128(13);
             let stale_task = Uuid::from_u128(98);
-            let r = c
-                .post(
-                    "10.1.0.1:7070".parse().unwrap(),
-                    CreateVolumeCmd::PATH,
-                    &[
-                        (H_TOKEN, "tok-a"),
-                        (H_TASK, &stale_task.to_string()),
-                        (H_CALLBACK, "http://10.0.0.1:8080/cb"),
-                        (H_WAIT_UNTIL, &past),
-                    ],
-                    serde_json::to_vec(&CreateVolumeCmd {
-                        volume: stale_vol,
-                        size_mb: 10_240,
-                        image: None,
-                    })
-                    .unwrap(),
-                    Duration::from_secs(5),
-                )
-                .await
-                .unwrap();
+            let r = create_volume_task(&c, stale_vol, stale_task, (H_WAIT_UNTIL, &past)).await;
             assert_eq!(r.status, 202);
             let e = wait_result(&results, stale_task).await.outcome.unwrap_err();
             assert_eq!(e.code, AgentErrorCode::Expired, "{e:?}");
