@@ -57,6 +57,11 @@ pub const FORWARD_ATTEMPTS: u32 = 8;
 /// agent command that fails once (a host busy for a moment) must not leave a leak behind.
 pub const ROLLBACK_ATTEMPTS: u32 = 4;
 
+/// Opens the note a VM operation's error message ends with when its rollback failed too (the
+/// failed steps follow): what the rollback could not undo is left for state sync, so the world
+/// may differ from before the operation.
+pub const ROLLBACK_FAILED_NOTE: &str = "(rollback: ";
+
 /// What a chain's context must be: journaled as JSON.
 pub trait Context: Serialize + DeserializeOwned + Send + Sync + 'static {}
 impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Context for T {}

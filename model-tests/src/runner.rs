@@ -21,6 +21,7 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_core::error::{Error, ErrorCode};
+use stratus_core::flow::ROLLBACK_FAILED_NOTE;
 use stratus_core::model::{Host, HostStatus, Vm, Volume, VolumeType};
 use stratus_core::store::{Query, Row};
 use stratus_sim_world::invariants::{census, check, check_books, Census};
@@ -203,6 +204,12 @@ impl Runner {
                 // was slow, or its result was lost): the operation failed and rolled back, the
                 // host did it anyway, and state sync takes the host's word, perhaps during a
                 // later operation. Expectations are off until the next calm settle.
+                self.tainted = true;
+            }
+            if matches!(&res, Res::Failed(e) if e.message.contains(ROLLBACK_FAILED_NOTE)) {
+                // Its rollback failed too (a stop that ran on the host though it reported a
+                // failure, then a failing start): the stack leaves the rest to state sync, which
+                // takes the host's word. Expectations are off until the next calm settle.
                 self.tainted = true;
             }
             self.out.ops_run = i + 1;

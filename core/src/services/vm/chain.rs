@@ -3,7 +3,7 @@
 
 use super::{agent, vm_queue};
 use crate::error::{Error, ErrorCode};
-use crate::flow::{ChainTarget, Context, Flow, FlowChain};
+use crate::flow::{ChainTarget, Context, Flow, FlowChain, ROLLBACK_FAILED_NOTE};
 use crate::model::*;
 use crate::services::Cloud;
 use crate::store::Query;
@@ -204,7 +204,7 @@ pub(super) async fn run_chain<C: Context>(
                     .map(|(n, e)| format!("{n}: {e}"))
                     .collect();
                 tracing::warn!(%vm, rollback_errors = ?what, "rollback left work for state sync");
-                e.message = format!("{} (rollback: {})", e.message, what.join("; "));
+                e.message = format!("{} {ROLLBACK_FAILED_NOTE}{})", e.message, what.join("; "));
             }
             Err(e)
         }
