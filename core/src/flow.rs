@@ -57,9 +57,9 @@ pub const FORWARD_ATTEMPTS: u32 = 8;
 /// agent command that fails once (a host busy for a moment) must not leave a leak behind.
 pub const ROLLBACK_ATTEMPTS: u32 = 4;
 
-/// Opens the note a VM operation's error message ends with when its rollback failed too (the
-/// failed steps follow): what the rollback could not undo is left for state sync, so the world
-/// may differ from before the operation.
+/// Opens the note an operation's error message ends with when its chain's rollback failed too
+/// (the failed steps follow; see [`ChainFailure::into_error`]): what the rollback could not undo
+/// is left for state sync, so the world may differ from before the operation.
 pub const ROLLBACK_FAILED_NOTE: &str = "(rollback: ";
 
 /// What a chain's context must be: journaled as JSON.
@@ -120,6 +120,25 @@ pub struct ChainFailure<C> {
     /// Rollbacks that failed, by flow.
     pub rollback_errors: Vec<(&'static str, Error)>,
     pub ctx: C,
+}
+
+impl<C> ChainFailure<C> {
+    /// The error to report for a chain on `resource`: the chain's own, followed by
+    /// [`ROLLBACK_FAILED_NOTE`] and the rollbacks that failed, when any did (what they could not
+    /// undo is left for state sync, so the caller must not assume the world is as before).
+    pub fn into_error(self, resource: uuid::Uuid) -> Error {
+        let mut e = self.error;
+        if !self.rollback_errors.is_empty() {
+            let what: Vec<String> = self
+                .rollback_errors
+                .iter()
+                .map(|(n, e)| format!("{n}: {e}"))
+                .collect();
+            tracing::warn!(%resource, rollback_errors = ?what, "rollback left work for state sync");
+            e.message = format!("{} {ROLLBACK_FAILED_NOTE}{})", e.message, what.join("; "));
+        }
+        e
+    }
 }
 
 /// When an armed fault point fails its flow.

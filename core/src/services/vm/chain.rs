@@ -3,7 +3,7 @@
 
 use super::{agent, vm_queue};
 use crate::error::{Error, ErrorCode};
-use crate::flow::{ChainTarget, Context, Flow, FlowChain, ROLLBACK_FAILED_NOTE};
+use crate::flow::{ChainTarget, Context, Flow, FlowChain};
 use crate::model::*;
 use crate::services::Cloud;
 use crate::store::Query;
@@ -193,22 +193,10 @@ pub(super) async fn run_chain<C: Context>(
         queue: vm_queue(vm),
         job: None,
     };
-    match chain.run(&c.engine.journal, target, ctx).await {
-        Ok(ctx) => Ok(ctx),
-        Err(f) => {
-            let mut e = f.error;
-            if !f.rollback_errors.is_empty() {
-                let what: Vec<String> = f
-                    .rollback_errors
-                    .iter()
-                    .map(|(n, e)| format!("{n}: {e}"))
-                    .collect();
-                tracing::warn!(%vm, rollback_errors = ?what, "rollback left work for state sync");
-                e.message = format!("{} {ROLLBACK_FAILED_NOTE}{})", e.message, what.join("; "));
-            }
-            Err(e)
-        }
-    }
+    chain
+        .run(&c.engine.journal, target, ctx)
+        .await
+        .map_err(|f| f.into_error(vm))
 }
 
 /// Refuse unless `ok`, with a conflict error (the VM changed state under us).

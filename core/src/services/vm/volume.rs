@@ -523,7 +523,7 @@ async fn attach(
         ),
     )
     .await
-    .map_err(|f| f.error)?;
+    .map_err(|f| f.into_error(volume))?;
     c.get::<Volume>(volume).await
 }
 
@@ -638,7 +638,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
                     ch.run(&c.engine.journal, target, ctx),
                 )
                 .await
-                .map_err(|f| f.error)?;
+                .map_err(|f| f.into_error(m.volume_uuid))?;
             c.get::<Volume>(m.volume_uuid).await
         }
     })?;
