@@ -9,7 +9,7 @@
 //! - [`Faults`] lets the simulation delay or fail commands and drop or duplicate callbacks; the
 //!   real agent uses [`NoFaults`].
 
-use crate::http::HttpClient;
+use crate::http::{HttpClient, HttpError};
 use crate::hypervisor::Hypervisor;
 use crate::protocol::*;
 use axum::body::Bytes;
@@ -46,6 +46,10 @@ pub enum CallbackFate {
     /// Sent twice.
     Duplicate,
 }
+
+/// How long a migration's source waits for the destination to take the VM (less when the
+/// migration's sender stops waiting sooner).
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Fault hooks (the simulation's; the real agent has none).
 pub trait Faults: Send + Sync + 'static {
@@ -240,30 +244,34 @@ impl<H: Hypervisor> Agent<H> {
                 r,
                 |a, c| async move { a.hv.receive_vm(&c.spec).await },
             );
-        let r =
-            Self::long::<StartVmCmd, _, _>(r, |a, c| async move { a.hv.start_vm(&c.spec).await });
-        let r = Self::long::<StopVmCmd, _, _>(r, |a, c| async move {
+        let r = Self::long::<StartVmCmd, _, _>(
+            r,
+            |a, c, _| async move { a.hv.start_vm(&c.spec).await },
+        );
+        let r = Self::long::<StopVmCmd, _, _>(r, |a, c, _| async move {
             a.hv.stop_vm(c.vm, Duration::from_millis(c.graceful_timeout_ms), c.force)
                 .await
         });
         let r =
-            Self::long::<RebootVmCmd, _, _>(r, |a, c| async move { a.hv.reboot_vm(c.vm).await });
+            Self::long::<RebootVmCmd, _, _>(r, |a, c, _| async move { a.hv.reboot_vm(c.vm).await });
         let r =
-            Self::long::<DestroyVmCmd, _, _>(r, |a, c| async move { a.hv.destroy_vm(c.vm).await });
-        let r =
-            Self::long::<MigrateVmCmd, _, _>(r, |a, c| async move { Inner::migrate(&a, c).await });
-        let r =
-            Self::long::<CreateVolumeCmd, _, _>(
+            Self::long::<DestroyVmCmd, _, _>(
                 r,
-                |a, c| async move { a.hv.create_volume(&c).await },
+                |a, c, _| async move { a.hv.destroy_vm(c.vm).await },
             );
-        let r = Self::long::<DeleteVolumeCmd, _, _>(r, |a, c| async move {
+        let r = Self::long::<MigrateVmCmd, _, _>(r, |a, c, until| async move {
+            Inner::migrate(&a, c, until).await
+        });
+        let r = Self::long::<CreateVolumeCmd, _, _>(r, |a, c, _| async move {
+            a.hv.create_volume(&c).await
+        });
+        let r = Self::long::<DeleteVolumeCmd, _, _>(r, |a, c, _| async move {
             a.hv.delete_volume(c.volume).await
         });
-        let r = Self::long::<AttachVolumeCmd, _, _>(r, |a, c| async move {
+        let r = Self::long::<AttachVolumeCmd, _, _>(r, |a, c, _| async move {
             a.hv.attach_volume(c.vm, &c.disk).await
         });
-        Self::long::<DetachVolumeCmd, _, _>(r, |a, c| async move {
+        Self::long::<DetachVolumeCmd, _, _>(r, |a, c, _| async move {
             a.hv.detach_volume(c.vm, c.volume).await
         })
     }
@@ -322,6 +330,12 @@ impl<H: Hypervisor> Agent<H> {
                         let fault = inner.faults.command(C::KIND);
                         if !fault.delay.is_zero() {
                             tokio::time::sleep(fault.delay).await;
+                            // Held back past its deadline: its sender gave up on it.
+                            if let Some(e) =
+                                past(millis(&headers, H_DEADLINE), "would have started")
+                            {
+                                return error(e);
+                            }
                         }
                         if fault.fail_before {
                             return error(AgentError::failed(format!(
@@ -343,11 +357,12 @@ impl<H: Hypervisor> Agent<H> {
         )
     }
 
-    /// A long command: 202 now, the result through the callback.
+    /// A long command: 202 now, the result through the callback. `f` also gets the command's
+    /// [`H_WAIT_UNTIL`], for work it hands on (a migration's receive).
     fn long<C, F, Fut>(r: Router, f: F) -> Router
     where
         C: Command,
-        F: Fn(Arc<Inner<H>>, C) -> Fut + Clone + Send + Sync + 'static,
+        F: Fn(Arc<Inner<H>>, C, Option<i64>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<C::Reply, AgentError>> + Send + 'static,
     {
         r.route(
@@ -410,7 +425,7 @@ impl<H: Hypervisor> Agent<H> {
                         } else if fault.fail_before {
                             Err(AgentError::failed(format!("{} failed (injected)", C::PATH)))
                         } else {
-                            match f(inner.clone(), cmd).await {
+                            match f(inner.clone(), cmd, wait_until).await {
                                 Ok(_) if fault.fail_after => Err(AgentError::failed(format!(
                                     "{} failed after running (injected)",
                                     C::PATH
@@ -519,8 +534,15 @@ impl<H: Hypervisor> Inner<H> {
         }
     }
 
-    /// Hand the VM and its disks to the destination agent, then let go of them here.
-    async fn migrate(inner: &Arc<Inner<H>>, c: MigrateVmCmd) -> Result<(), AgentError> {
+    /// Hand the VM and its disks to the destination agent, then let go of them here. The
+    /// receive carries the migration's `wait_until` as its deadline, and this side stops waiting
+    /// for it then: after that moment the management node has rolled the migration back (the VM
+    /// stays here), so the destination must not take the VM.
+    async fn migrate(
+        inner: &Arc<Inner<H>>,
+        c: MigrateVmCmd,
+        wait_until: Option<i64>,
+    ) -> Result<(), AgentError> {
         let spec = inner.hv.vm_spec(c.vm).await?;
         let dest: SocketAddr = c.dest_address.parse().map_err(|_| {
             AgentError::new(
@@ -530,17 +552,31 @@ impl<H: Hypervisor> Inner<H> {
         })?;
         let body = serde_json::to_vec(&ReceiveVmCmd { spec })
             .map_err(|e| AgentError::failed(e.to_string()))?;
-        let r = inner
+        let deadline = wait_until.map(|t| t.to_string());
+        let mut headers = vec![(H_TOKEN, c.dest_token.as_str())];
+        let mut timeout = RECEIVE_TIMEOUT;
+        let mut sender_waits = true;
+        if let (Some(t), Some(d)) = (wait_until, &deadline) {
+            headers.push((H_DEADLINE, d.as_str()));
+            let left = Duration::from_millis((t - crate::deadline::now_ms()).max(0) as u64);
+            if left < timeout {
+                (timeout, sender_waits) = (left, false);
+            }
+        }
+        let r = match inner
             .client
-            .post(
-                dest,
-                ReceiveVmCmd::PATH,
-                &[(H_TOKEN, c.dest_token.as_str())],
-                body,
-                Duration::from_secs(60),
-            )
+            .post(dest, ReceiveVmCmd::PATH, &headers, body, timeout)
             .await
-            .map_err(|e| AgentError::new(AgentErrorCode::Unreachable, e.to_string()))?;
+        {
+            Ok(r) => r,
+            Err(HttpError::Timeout(..)) if !sender_waits => {
+                return Err(AgentError::new(
+                    AgentErrorCode::Expired,
+                    format!("the destination did not take the VM within {} ms, before the migration's sender stopped waiting; the VM stays here", timeout.as_millis()),
+                ))
+            }
+            Err(e) => return Err(AgentError::new(AgentErrorCode::Unreachable, e.to_string())),
+        };
         if !r.is_success() {
             let e: AgentError = serde_json::from_slice(&r.body).unwrap_or_else(|_| {
                 AgentError::failed(format!("destination answered {}", r.status))

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_kvm_agent::http::{spawn_server, HttpClient};
 use stratus_kvm_agent::protocol::*;
-use stratus_kvm_agent::{Agent, AgentConfig, NoFaults};
+use stratus_kvm_agent::{Agent, AgentConfig, CallbackFate, CommandFault, Faults, NoFaults};
 use stratus_sim_world::{HostProfile, LatencyProfile, SimHostState, SimHypervisor};
 use uuid::Uuid;
 
@@ -24,14 +24,19 @@ const PROFILE: HostProfile = HostProfile {
 /// A host node at `ip` running the real agent on `hv` (the test may keep a clone of `hv` to
 /// crash VMs).
 fn host_node(ip: &str, token: &'static str, hv: SimHypervisor) {
+    host_node_with(ip, token, hv, Arc::new(NoFaults));
+}
+
+/// [`host_node`] with fault hooks.
+fn host_node_with(ip: &str, token: &'static str, hv: SimHypervisor, faults: Arc<dyn Faults>) {
     Handle::current()
         .create_node()
         .name(ip)
         .ip(ip.parse().unwrap())
         .init(move || {
-            let hv = hv.clone();
+            let (hv, faults) = (hv.clone(), faults.clone());
             async move {
-                let agent = Agent::new(hv, AgentConfig::new(token), Arc::new(NoFaults));
+                let agent = Agent::new(hv, AgentConfig::new(token), faults);
                 agent.serve("0.0.0.0:7070".parse().unwrap()).await.unwrap();
                 // A node exits when its init task returns.
                 std::future::pending::<()>().await;
@@ -456,6 +461,122 @@ fn a_ping_without_a_report_url_leaves_the_reports_where_they_went() {
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert_eq!(reports_at("new-owner"), vec![Uuid::from_u128(21)]);
             assert_eq!(reports_at("owner"), vec![Uuid::from_u128(20)]);
+        })
+        .await
+        .unwrap();
+    });
+}
+
+/// A host that holds every `kind` command back `delay` before running it.
+struct Slow {
+    kind: CommandKind,
+    delay: Duration,
+}
+
+impl Faults for Slow {
+    fn command(&self, kind: CommandKind) -> CommandFault {
+        CommandFault {
+            delay: if kind == self.kind {
+                self.delay
+            } else {
+                Duration::ZERO
+            },
+            ..CommandFault::default()
+        }
+    }
+    fn callback(&self, _kind: CommandKind) -> CallbackFate {
+        CallbackFate::Deliver
+    }
+}
+
+/// A migration hands its destination the time its sender stops waiting
+/// (`x-stratus-wait-until`) as the receive's deadline: a destination that would only take the
+/// VM after it (here a slow one) refuses, and the VM stays on the source, where the management
+/// node, which rolled the migration back by then, expects it. In time, the same migration moves
+/// the VM.
+#[test]
+fn a_migration_receive_does_not_outlive_its_sender() {
+    let rt = Runtime::with_seed_and_config(9, madsim::Config::default());
+    rt.block_on(async {
+        let a = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
+        let b = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
+        let sim = |state: &Arc<Mutex<SimHostState>>| {
+            SimHypervisor::new(state.clone(), LatencyProfile::zero(), 7)
+        };
+        host_node("10.1.0.1", "tok-a", sim(&a));
+        let slow = Slow {
+            kind: CommandKind::VmReceive,
+            delay: Duration::from_secs(2),
+        };
+        host_node_with("10.1.0.2", "tok-b", sim(&b), Arc::new(slow));
+        let (host_a, host_b) = (a.clone(), b.clone());
+        let mgmt = mgmt_node();
+        mgmt.spawn(async move {
+            let results: Arc<Mutex<Vec<TaskResult>>> = Arc::default();
+            serve_mgmt(callback_sink(results.clone())).await;
+            let c = HttpClient::default();
+            let (vm, vol) = (Uuid::from_u128(40), Uuid::from_u128(41));
+            let create = CreateVolumeCmd {
+                volume: vol,
+                size_mb: 10_240,
+                image: None,
+            };
+            let t = Uuid::from_u128(400);
+            call(&c, "10.1.0.1", "tok-a", &create, Some(t)).await;
+            assert!(wait_result(&results, t).await.outcome.is_ok());
+            let t = Uuid::from_u128(401);
+            let start = StartVmCmd {
+                spec: spec(vm, vol),
+            };
+            call(&c, "10.1.0.1", "tok-a", &start, Some(t)).await;
+            assert!(wait_result(&results, t).await.outcome.is_ok());
+
+            let migrate = |task: Uuid, wait_ms: i64| {
+                let c = c.clone();
+                async move {
+                    let until = (stratus_kvm_agent::deadline::now_ms() + wait_ms).to_string();
+                    let r = c
+                        .post(
+                            "10.1.0.1:7070".parse().unwrap(),
+                            MigrateVmCmd::PATH,
+                            &[
+                                (H_TOKEN, "tok-a"),
+                                (H_TASK, &task.to_string()),
+                                (H_CALLBACK, "http://10.0.0.1:8080/cb"),
+                                (H_WAIT_UNTIL, &until),
+                            ],
+                            serde_json::to_vec(&MigrateVmCmd {
+                                vm,
+                                dest_address: "10.1.0.2:7070".into(),
+                                dest_token: "tok-b".into(),
+                            })
+                            .unwrap(),
+                            Duration::from_secs(5),
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status, 202);
+                }
+            };
+            // The sender waits 1 s; the destination would take the VM after 2 s.
+            let late = Uuid::from_u128(402);
+            migrate(late, 1_000).await;
+            let e = wait_result(&results, late).await.outcome.unwrap_err();
+            assert_eq!(e.code, AgentErrorCode::Expired, "{e:?}");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            assert!(host_a.lock().unwrap().vms.contains_key(&vm), "VM stays");
+            assert!(
+                host_b.lock().unwrap().vms.is_empty(),
+                "destination took nothing"
+            );
+
+            // Waited for long enough, the same migration moves the VM.
+            let in_time = Uuid::from_u128(403);
+            migrate(in_time, 30_000).await;
+            let r = wait_result(&results, in_time).await;
+            assert!(r.outcome.is_ok(), "{r:?}");
+            assert!(host_a.lock().unwrap().vms.is_empty());
+            assert!(host_b.lock().unwrap().vms.contains_key(&vm));
         })
         .await
         .unwrap();
