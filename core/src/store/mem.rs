@@ -8,7 +8,7 @@ use super::batch::{resolve_batch, Expect, ResolvedWrite};
 use super::meta::{FieldRef, Record, Schema};
 use super::query::{op_holds, resolve, Hop, ResolvedCond, ResolvedQuery};
 use super::value::{FieldType, Value};
-use super::{Batch, Query, Store, StoreError};
+use super::{Batch, Query, ReadRecord, Store, StoreError};
 use crate::clock::now_ms;
 use async_trait::async_trait;
 use std::cmp::Ordering;
@@ -286,13 +286,15 @@ impl MemStore {
         self.lock().tables.values().all(|t| t.rows.is_empty())
     }
 
-    fn query_sync(&self, q: &ResolvedQuery) -> Vec<Record> {
+    /// Hand the rows matching `q`, in its order, to `read`.
+    fn query_sync(&self, q: &ResolvedQuery, read: &mut ReadRecord<'_>) {
         let t = self.lock();
         let offset = q.offset as usize;
         if q.sort.is_empty() {
             let stop = q.limit.map(|l| offset + l as usize);
             let rows = t.matching(q, stop);
-            return rows.into_iter().skip(offset).cloned().collect();
+            rows.into_iter().skip(offset).for_each(read);
+            return;
         }
         let mut rows = t.matching(q, None);
         rows.sort_by(|a, b| {
@@ -307,7 +309,7 @@ impl MemStore {
             a.uuid.cmp(&b.uuid)
         });
         let take = q.limit.map_or(usize::MAX, |l| l as usize);
-        rows.into_iter().skip(offset).take(take).cloned().collect()
+        rows.into_iter().skip(offset).take(take).for_each(read);
     }
 
     fn commit_sync(&self, writes: Vec<ResolvedWrite>) -> Result<Vec<u64>, StoreError> {
@@ -485,8 +487,30 @@ impl Store for MemStore {
     }
 
     async fn query(&self, q: &Query) -> Result<Vec<Record>, StoreError> {
+        let mut rows = Vec::new();
+        self.query_with(q, &mut |r| rows.push(r.clone())).await?;
+        Ok(rows)
+    }
+
+    async fn get_with(
+        &self,
+        kind: &str,
+        uuid: Uuid,
+        read: &mut ReadRecord<'_>,
+    ) -> Result<bool, StoreError> {
+        let meta = self.schema.kind(kind)?;
+        let t = self.lock();
+        let row = t.table(meta.name).rows.get(&uuid);
+        if let Some(r) = row {
+            read(r);
+        }
+        Ok(row.is_some())
+    }
+
+    async fn query_with(&self, q: &Query, read: &mut ReadRecord<'_>) -> Result<(), StoreError> {
         let rq = resolve(&self.schema, q)?;
-        Ok(self.query_sync(&rq))
+        self.query_sync(&rq, read);
+        Ok(())
     }
 
     async fn count(&self, q: &Query) -> Result<u64, StoreError> {

@@ -108,6 +108,9 @@ impl From<StoreError> for Error {
     }
 }
 
+/// What [`Store::get_with`] and [`Store::query_with`] hand each row to.
+pub type ReadRecord<'a> = dyn for<'r> FnMut(&'r Record) + Send + 'a;
+
 /// The storage interface. All methods are atomic; none holds a lock across an await of the
 /// caller.
 #[async_trait]
@@ -123,6 +126,28 @@ pub trait Store: Send + Sync + 'static {
     /// Apply every write or none. Returns the new version of each written row (0 for deletes and
     /// no-ops).
     async fn commit(&self, batch: Batch) -> Result<Vec<u64>, StoreError>;
+    /// Hand the row, if any, to `read` without copying it (a backend that keeps rows in memory
+    /// lends its own; copying every row read was 3 % of the 30,000-host run). Returns whether
+    /// there was a row.
+    async fn get_with(
+        &self,
+        kind: &str,
+        uuid: Uuid,
+        read: &mut ReadRecord<'_>,
+    ) -> Result<bool, StoreError> {
+        let r = self.get(kind, uuid).await?;
+        if let Some(r) = &r {
+            read(r);
+        }
+        Ok(r.is_some())
+    }
+    /// Hand the rows of [`Store::query`], in its order, to `read` without copying them.
+    async fn query_with(&self, q: &Query, read: &mut ReadRecord<'_>) -> Result<(), StoreError> {
+        for r in self.query(q).await? {
+            read(&r);
+        }
+        Ok(())
+    }
 }
 
 /// A cheap, clonable handle with typed helpers over any [`Store`].
@@ -145,10 +170,11 @@ impl Db {
     }
 
     pub async fn get<T: Resource>(&self, uuid: Uuid) -> Result<Option<Row<T>>, StoreError> {
-        match self.inner.get(T::META.name, uuid).await? {
-            Some(r) => Ok(Some(Row::from_record(&r)?)),
-            None => Ok(None),
-        }
+        let mut row = None;
+        self.inner
+            .get_with(T::META.name, uuid, &mut |r| row = Some(Row::from_record(r)))
+            .await?;
+        row.transpose()
     }
 
     /// Like [`Db::get`] but a missing row is a `NotFound` error.
@@ -161,12 +187,11 @@ impl Db {
 
     pub async fn select<T: Resource>(&self, q: &Query) -> Result<Vec<Row<T>>, StoreError> {
         debug_assert_eq!(q.kind, T::META.name);
+        let mut rows = Vec::new();
         self.inner
-            .query(q)
-            .await?
-            .iter()
-            .map(Row::from_record)
-            .collect()
+            .query_with(q, &mut |r| rows.push(Row::from_record(r)))
+            .await?;
+        rows.into_iter().collect()
     }
 
     pub async fn count(&self, q: &Query) -> Result<u64, StoreError> {
