@@ -173,7 +173,15 @@ async fn migrate_back(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
 
 async fn switch_host(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
     let dest = x.dest.expect("destination allocated");
-    super::sync::relocate(&c, x.vm, x.src, dest, VmState::Migrating).await?;
+    super::sync::relocate(
+        &c,
+        x.vm,
+        x.src,
+        dest,
+        VmState::Migrating,
+        super::sync::Moving::All,
+    )
+    .await?;
     let vm = c.get::<Vm>(x.vm).await?;
     c.engine
         .ext

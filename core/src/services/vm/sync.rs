@@ -552,21 +552,41 @@ async fn delete_copy(c: &Cloud, host: Uuid, volume: Uuid) -> Result<(), Error> {
     agent(c, &target, &DeleteVolumeCmd { volume }).await
 }
 
-/// Record that `vm` now runs on `to` (not `from`): the VM row, its volumes and their local
-/// storage, and its reservations. A reservation on `to` that holds disk (a migration's) becomes
-/// the volumes' share; without one, capacity is taken on `to` now.
+/// Which of a relocated VM's volumes on `from` go with it.
+pub(crate) enum Moving {
+    /// All of them: a migration that just moved them.
+    All,
+    /// Those the new host holds: a VM found running elsewhere than the database says. Its copy
+    /// there may predate a volume attached on `from` since, which stays where it is (found by
+    /// a model case: moving it anyway placed it on a host that never had it).
+    Held(Vec<Uuid>),
+}
+
+/// Record that `vm` now runs on `to` (not `from`): the VM row, its volumes (those `moving`
+/// says) and their local storage, and its reservations. A reservation on `to` that holds disk
+/// (a migration's) becomes the volumes' share; without one, capacity is taken on `to` now.
 pub(crate) async fn relocate(
     c: &Cloud,
     vm: Uuid,
     from: Uuid,
     to: Uuid,
     expect: VmState,
+    moving: Moving,
 ) -> Result<(), Error> {
     let row = c.get::<Vm>(vm).await?;
-    let vols = c
+    let mut vols = c
         .db()
         .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", vm))
         .await?;
+    if let Moving::Held(held) = &moving {
+        vols.retain(|v| {
+            let keep = held.contains(&v.uuid);
+            if !keep && v.host_uuid == Some(from) {
+                tracing::warn!(%vm, volume = %v.uuid, %from, %to, "relocated VM's host lacks this volume; it stays on its host");
+            }
+            keep
+        });
+    }
     let to_res = c.db().get::<Reservation>(reservation_uuid(vm, to)).await?;
     let mut b = Batch::new().update(
         Update::of::<Vm>(vm)
@@ -757,7 +777,8 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
                     agent(c, &target, &DestroyVmCmd { vm: vm.uuid }).await?;
                     return Ok("second copy destroyed".into());
                 }
-                relocate(c, vm.uuid, other, r.host, vm.state).await?;
+                let held = Moving::Held(volumes_held(c, r.host).await?.unwrap_or_default());
+                relocate(c, vm.uuid, other, r.host, vm.state, held).await?;
                 Ok("relocated".into())
             }
             None if vm.last_host_uuid.is_some_and(|h| h != r.host) => {
@@ -772,7 +793,8 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
                 // Stopped in the database, found running on another host than its last one:
                 // it moved there behind our back (a migration that finished after it timed
                 // out), volumes and all. Found by the model sweep.
-                relocate(c, vm.uuid, from, r.host, vm.state).await?;
+                let held = Moving::Held(volumes_held(c, r.host).await?.unwrap_or_default());
+                relocate(c, vm.uuid, from, r.host, vm.state, held).await?;
                 Ok("relocated".into())
             }
             None => {
