@@ -534,10 +534,13 @@ impl<H: Hypervisor> Inner<H> {
         }
     }
 
-    /// Hand the VM and its disks to the destination agent, then let go of them here. The
-    /// receive carries the migration's `wait_until` as its deadline, and this side stops waiting
-    /// for it then: after that moment the management node has rolled the migration back (the VM
-    /// stays here), so the destination must not take the VM.
+    /// Hand the VM and its disks to the destination agent, then let go of them here. This side
+    /// waits for the receive until the migration's `wait_until` (after it the management node
+    /// has rolled the migration back and expects the VM here) or [`RECEIVE_TIMEOUT`], whichever
+    /// comes first, and hands that moment to the destination as the receive's deadline: a
+    /// destination that would only start taking the VM later does not. A receive that started
+    /// in time and answers too late leaves a second copy there, which state sync destroys (the
+    /// database names this host).
     async fn migrate(
         inner: &Arc<Inner<H>>,
         c: MigrateVmCmd,
@@ -552,17 +555,18 @@ impl<H: Hypervisor> Inner<H> {
         })?;
         let body = serde_json::to_vec(&ReceiveVmCmd { spec })
             .map_err(|e| AgentError::failed(e.to_string()))?;
-        let deadline = wait_until.map(|t| t.to_string());
-        let mut headers = vec![(H_TOKEN, c.dest_token.as_str())];
-        let mut timeout = RECEIVE_TIMEOUT;
-        let mut sender_waits = true;
-        if let (Some(t), Some(d)) = (wait_until, &deadline) {
-            headers.push((H_DEADLINE, d.as_str()));
-            let left = Duration::from_millis((t - crate::deadline::now_ms()).max(0) as u64);
-            if left < timeout {
-                (timeout, sender_waits) = (left, false);
-            }
-        }
+        let now = crate::deadline::now_ms();
+        let own = now + RECEIVE_TIMEOUT.as_millis() as i64;
+        let (deadline, sender_waits) = match wait_until {
+            Some(t) if t < own => (t, false),
+            _ => (own, true),
+        };
+        let timeout = Duration::from_millis((deadline - now).max(0) as u64);
+        let deadline_header = deadline.to_string();
+        let headers = [
+            (H_TOKEN, c.dest_token.as_str()),
+            (H_DEADLINE, deadline_header.as_str()),
+        ];
         let r = match inner
             .client
             .post(dest, ReceiveVmCmd::PATH, &headers, body, timeout)

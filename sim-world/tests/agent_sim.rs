@@ -493,7 +493,8 @@ impl Faults for Slow {
 /// (`x-stratus-wait-until`) as the receive's deadline: a destination that would only take the
 /// VM after it (here a slow one) refuses, and the VM stays on the source, where the management
 /// node, which rolled the migration back by then, expects it. In time, the same migration moves
-/// the VM.
+/// the VM. A sender that waits longer than the source's own 60 s for a receive: the receive's
+/// deadline is the source's.
 #[test]
 fn a_migration_receive_does_not_outlive_its_sender() {
     let rt = Runtime::with_seed_and_config(9, madsim::Config::default());
@@ -513,7 +514,21 @@ fn a_migration_receive_does_not_outlive_its_sender() {
         let mgmt = mgmt_node();
         mgmt.spawn(async move {
             let results: Arc<Mutex<Vec<TaskResult>>> = Arc::default();
-            serve_mgmt(callback_sink(results.clone())).await;
+            // The deadlines receives arrive with at the stand-in destination.
+            let deadlines: Arc<Mutex<Vec<String>>> = Arc::default();
+            let noted = deadlines.clone();
+            let app = callback_sink(results.clone()).route(
+                ReceiveVmCmd::PATH,
+                post(move |headers: axum::http::HeaderMap| {
+                    let noted = noted.clone();
+                    async move {
+                        let d = headers.get(H_DEADLINE).and_then(|v| v.to_str().ok());
+                        noted.lock().unwrap().push(d.unwrap_or("").to_string());
+                        "{}"
+                    }
+                }),
+            );
+            serve_mgmt(app).await;
             let c = HttpClient::default();
             let (vm, vol) = (Uuid::from_u128(40), Uuid::from_u128(41));
             let create = CreateVolumeCmd {
@@ -531,7 +546,7 @@ fn a_migration_receive_does_not_outlive_its_sender() {
             call(&c, "10.1.0.1", "tok-a", &start, Some(t)).await;
             assert!(wait_result(&results, t).await.outcome.is_ok());
 
-            let migrate = |task: Uuid, wait_ms: i64| {
+            let migrate = |task: Uuid, wait_ms: i64, dest: &'static str, token: &'static str| {
                 let c = c.clone();
                 async move {
                     let until = (stratus_kvm_agent::deadline::now_ms() + wait_ms).to_string();
@@ -547,8 +562,8 @@ fn a_migration_receive_does_not_outlive_its_sender() {
                             ],
                             serde_json::to_vec(&MigrateVmCmd {
                                 vm,
-                                dest_address: "10.1.0.2:7070".into(),
-                                dest_token: "tok-b".into(),
+                                dest_address: dest.into(),
+                                dest_token: token.into(),
                             })
                             .unwrap(),
                             Duration::from_secs(5),
@@ -560,7 +575,7 @@ fn a_migration_receive_does_not_outlive_its_sender() {
             };
             // The sender waits 1 s; the destination would take the VM after 2 s.
             let late = Uuid::from_u128(402);
-            migrate(late, 1_000).await;
+            migrate(late, 1_000, "10.1.0.2:7070", "tok-b").await;
             let e = wait_result(&results, late).await.outcome.unwrap_err();
             assert_eq!(e.code, AgentErrorCode::Expired, "{e:?}");
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -572,11 +587,52 @@ fn a_migration_receive_does_not_outlive_its_sender() {
 
             // Waited for long enough, the same migration moves the VM.
             let in_time = Uuid::from_u128(403);
-            migrate(in_time, 30_000).await;
+            migrate(in_time, 30_000, "10.1.0.2:7070", "tok-b").await;
             let r = wait_result(&results, in_time).await;
             assert!(r.outcome.is_ok(), "{r:?}");
             assert!(host_a.lock().unwrap().vms.is_empty());
             assert!(host_b.lock().unwrap().vms.contains_key(&vm));
+
+            // A sender that waits 10 minutes: the source waits for the receive only its own
+            // 60 s, so that is the deadline the destination gets (here, a stand-in that notes
+            // it), not the sender's.
+            let from_b = |task: Uuid, wait_ms: i64| {
+                let c = c.clone();
+                async move {
+                    let until = (stratus_kvm_agent::deadline::now_ms() + wait_ms).to_string();
+                    c.post(
+                        "10.1.0.2:7070".parse().unwrap(),
+                        MigrateVmCmd::PATH,
+                        &[
+                            (H_TOKEN, "tok-b"),
+                            (H_TASK, &task.to_string()),
+                            (H_CALLBACK, "http://10.0.0.1:8080/cb"),
+                            (H_WAIT_UNTIL, &until),
+                        ],
+                        serde_json::to_vec(&MigrateVmCmd {
+                            vm,
+                            dest_address: "10.0.0.1:8080".into(),
+                            dest_token: "tok-m".into(),
+                        })
+                        .unwrap(),
+                        Duration::from_secs(5),
+                    )
+                    .await
+                    .unwrap()
+                }
+            };
+            let sent = stratus_kvm_agent::deadline::now_ms();
+            assert_eq!(from_b(Uuid::from_u128(404), 600_000).await.status, 202);
+            assert!(wait_result(&results, Uuid::from_u128(404))
+                .await
+                .outcome
+                .is_ok());
+            let got: i64 = deadlines.lock().unwrap()[0].parse().unwrap();
+            assert!(
+                (sent + 59_000..=sent + 61_000).contains(&got),
+                "receive deadline {} ms after the send",
+                got - sent
+            );
         })
         .await
         .unwrap();

@@ -108,7 +108,8 @@ impl From<StoreError> for Error {
     }
 }
 
-/// What [`Store::get_with`] and [`Store::query_with`] hand each row to.
+/// What [`Store::get_with`] and [`Store::query_with`] hand each row to. It may run under the
+/// store's lock (the in-memory store's), so it must not call the store.
 pub type ReadRecord<'a> = dyn for<'r> FnMut(&'r Record) + Send + 'a;
 
 /// The storage interface. All methods are atomic; none holds a lock across an await of the

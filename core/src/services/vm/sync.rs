@@ -557,8 +557,9 @@ pub(crate) enum Moving {
     /// All of them: a migration that just moved them.
     All,
     /// Those the new host holds: a VM found running elsewhere than the database says. Its copy
-    /// there may predate a volume attached on `from` since, which stays where it is (found by
-    /// a model case: moving it anyway placed it on a host that never had it).
+    /// there may predate a data volume attached on `from` since: that volume stays on its host
+    /// and is detached in the database, as the running copy has no such disk (found by a model
+    /// case: moving it anyway placed it on a host that never had it).
     Held(Vec<Uuid>),
 }
 
@@ -578,16 +579,6 @@ pub(crate) async fn relocate(
         .db()
         .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", vm))
         .await?;
-    if let Moving::Held(held) = &moving {
-        vols.retain(|v| {
-            let keep = held.contains(&v.uuid);
-            if !keep && v.host_uuid == Some(from) {
-                tracing::warn!(%vm, volume = %v.uuid, %from, %to, "relocated VM's host lacks this volume; it stays on its host");
-            }
-            keep
-        });
-    }
-    let to_res = c.db().get::<Reservation>(reservation_uuid(vm, to)).await?;
     let mut b = Batch::new().update(
         Update::of::<Vm>(vm)
             .when_eq("state", expect.as_str())
@@ -595,6 +586,27 @@ pub(crate) async fn relocate(
             .set("last_host_uuid", to)
             .set("state", VmState::Running.as_str()),
     );
+    if let Moving::Held(held) = &moving {
+        let lacking = vols
+            .iter()
+            .filter(|v| v.host_uuid == Some(from) && !held.contains(&v.uuid));
+        for v in lacking {
+            if v.kind != VolumeType::Data {
+                // Its root disk is not there: not this VM's copy to follow (cannot happen while
+                // the host runs it); leave it all for the next report.
+                tracing::warn!(%vm, volume = %v.uuid, %from, %to, "VM found running on a host without its root volume; not relocated");
+                return Ok(());
+            }
+            tracing::warn!(%vm, volume = %v.uuid, %from, %to, "relocated VM's new host lacks this data volume: detached, it stays on its host");
+            b = b.update(
+                Update::of::<Volume>(v.uuid)
+                    .set("vm_uuid", Value::Null)
+                    .set("device_index", Value::Null),
+            );
+        }
+        vols.retain(|v| held.contains(&v.uuid));
+    }
+    let to_res = c.db().get::<Reservation>(reservation_uuid(vm, to)).await?;
     let mut moved = 0i64;
     let mut ps_used = None;
     for v in vols.iter().filter(|v| v.host_uuid == Some(from)) {
@@ -605,20 +617,22 @@ pub(crate) async fn relocate(
             ps_used = Some(ps);
         }
     }
-    match &to_res {
+    let counted_on_to = match &to_res {
         Some(r) if r.disk_mb > 0 => {
             b = b.update(
                 Update::of::<Reservation>(r.uuid)
                     .set("disk_mb", 0i64)
                     .set("ps_uuid", Value::Null),
             );
+            false
         }
         _ => {
             if let Some(ps) = ps_used {
                 b = b.update(local_storage_count(ps, to, moved));
             }
+            true
         }
-    }
+    };
     match c.db().commit(b).await {
         Ok(_) => {}
         // Already relocated (a replayed step).
@@ -629,6 +643,9 @@ pub(crate) async fn relocate(
     }
     if let Some(ps) = ps_used {
         c.allocator.disk_changed(from, ps, -moved);
+        if counted_on_to {
+            c.allocator.disk_changed(to, ps, moved);
+        }
     }
     c.allocator.release(c, vm, from).await?;
     if to_res.is_none() && !take_capacity(c, vm, &row, to).await {
@@ -777,8 +794,10 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
                     agent(c, &target, &DestroyVmCmd { vm: vm.uuid }).await?;
                     return Ok("second copy destroyed".into());
                 }
-                let held = Moving::Held(volumes_held(c, r.host).await?.unwrap_or_default());
-                relocate(c, vm.uuid, other, r.host, vm.state, held).await?;
+                let Some(held) = volumes_held(c, r.host).await? else {
+                    return Ok("host does not know itself yet".into());
+                };
+                relocate(c, vm.uuid, other, r.host, vm.state, Moving::Held(held)).await?;
                 Ok("relocated".into())
             }
             None if vm.last_host_uuid.is_some_and(|h| h != r.host) => {
@@ -793,8 +812,10 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
                 // Stopped in the database, found running on another host than its last one:
                 // it moved there behind our back (a migration that finished after it timed
                 // out), volumes and all. Found by the model sweep.
-                let held = Moving::Held(volumes_held(c, r.host).await?.unwrap_or_default());
-                relocate(c, vm.uuid, from, r.host, vm.state, held).await?;
+                let Some(held) = volumes_held(c, r.host).await? else {
+                    return Ok("host does not know itself yet".into());
+                };
+                relocate(c, vm.uuid, from, r.host, vm.state, Moving::Held(held)).await?;
                 Ok("relocated".into())
             }
             None => {
