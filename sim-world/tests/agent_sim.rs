@@ -138,6 +138,45 @@ async fn create_volume_task(
     .unwrap()
 }
 
+/// Hand host `src` (ip, token) a migration of `vm` to `dest` (ip or ip:port, token) as task
+/// `task`, its sender waiting `wait_ms` for the result (`x-stratus-wait-until`).
+async fn migrate_task(
+    c: &HttpClient,
+    src: (&str, &str),
+    dest: (&str, &str),
+    vm: Uuid,
+    task: Uuid,
+    wait_ms: i64,
+) {
+    let until = (stratus_kvm_agent::deadline::now_ms() + wait_ms).to_string();
+    let dest_address = if dest.0.contains(':') {
+        dest.0.to_string()
+    } else {
+        format!("{}:7070", dest.0)
+    };
+    let r = c
+        .post(
+            format!("{}:7070", src.0).parse().unwrap(),
+            MigrateVmCmd::PATH,
+            &[
+                (H_TOKEN, src.1),
+                (H_TASK, &task.to_string()),
+                (H_CALLBACK, "http://10.0.0.1:8080/cb"),
+                (H_WAIT_UNTIL, &until),
+            ],
+            serde_json::to_vec(&MigrateVmCmd {
+                vm,
+                dest_address,
+                dest_token: dest.1.to_string(),
+            })
+            .unwrap(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+}
+
 async fn wait_result(results: &Arc<Mutex<Vec<TaskResult>>>, task: Uuid) -> TaskResult {
     for _ in 0..200 {
         if let Some(r) = results.lock().unwrap().iter().find(|r| r.task == task) {
@@ -546,36 +585,17 @@ fn a_migration_receive_does_not_outlive_its_sender() {
             call(&c, "10.1.0.1", "tok-a", &start, Some(t)).await;
             assert!(wait_result(&results, t).await.outcome.is_ok());
 
-            let migrate = |task: Uuid, wait_ms: i64, dest: &'static str, token: &'static str| {
-                let c = c.clone();
-                async move {
-                    let until = (stratus_kvm_agent::deadline::now_ms() + wait_ms).to_string();
-                    let r = c
-                        .post(
-                            "10.1.0.1:7070".parse().unwrap(),
-                            MigrateVmCmd::PATH,
-                            &[
-                                (H_TOKEN, "tok-a"),
-                                (H_TASK, &task.to_string()),
-                                (H_CALLBACK, "http://10.0.0.1:8080/cb"),
-                                (H_WAIT_UNTIL, &until),
-                            ],
-                            serde_json::to_vec(&MigrateVmCmd {
-                                vm,
-                                dest_address: dest.into(),
-                                dest_token: token.into(),
-                            })
-                            .unwrap(),
-                            Duration::from_secs(5),
-                        )
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status, 202);
-                }
-            };
             // The sender waits 1 s; the destination would take the VM after 2 s.
             let late = Uuid::from_u128(402);
-            migrate(late, 1_000, "10.1.0.2:7070", "tok-b").await;
+            migrate_task(
+                &c,
+                ("10.1.0.1", "tok-a"),
+                ("10.1.0.2", "tok-b"),
+                vm,
+                late,
+                1_000,
+            )
+            .await;
             let e = wait_result(&results, late).await.outcome.unwrap_err();
             assert_eq!(e.code, AgentErrorCode::Expired, "{e:?}");
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -587,7 +607,15 @@ fn a_migration_receive_does_not_outlive_its_sender() {
 
             // Waited for long enough, the same migration moves the VM.
             let in_time = Uuid::from_u128(403);
-            migrate(in_time, 30_000, "10.1.0.2:7070", "tok-b").await;
+            migrate_task(
+                &c,
+                ("10.1.0.1", "tok-a"),
+                ("10.1.0.2", "tok-b"),
+                vm,
+                in_time,
+                30_000,
+            )
+            .await;
             let r = wait_result(&results, in_time).await;
             assert!(r.outcome.is_ok(), "{r:?}");
             assert!(host_a.lock().unwrap().vms.is_empty());
@@ -596,33 +624,17 @@ fn a_migration_receive_does_not_outlive_its_sender() {
             // A sender that waits 10 minutes: the source waits for the receive only its own
             // 60 s, so that is the deadline the destination gets (here, a stand-in that notes
             // it), not the sender's.
-            let from_b = |task: Uuid, wait_ms: i64| {
-                let c = c.clone();
-                async move {
-                    let until = (stratus_kvm_agent::deadline::now_ms() + wait_ms).to_string();
-                    c.post(
-                        "10.1.0.2:7070".parse().unwrap(),
-                        MigrateVmCmd::PATH,
-                        &[
-                            (H_TOKEN, "tok-b"),
-                            (H_TASK, &task.to_string()),
-                            (H_CALLBACK, "http://10.0.0.1:8080/cb"),
-                            (H_WAIT_UNTIL, &until),
-                        ],
-                        serde_json::to_vec(&MigrateVmCmd {
-                            vm,
-                            dest_address: "10.0.0.1:8080".into(),
-                            dest_token: "tok-m".into(),
-                        })
-                        .unwrap(),
-                        Duration::from_secs(5),
-                    )
-                    .await
-                    .unwrap()
-                }
-            };
             let sent = stratus_kvm_agent::deadline::now_ms();
-            assert_eq!(from_b(Uuid::from_u128(404), 600_000).await.status, 202);
+            let stand_in = ("10.0.0.1:8080", "tok-m");
+            migrate_task(
+                &c,
+                ("10.1.0.2", "tok-b"),
+                stand_in,
+                vm,
+                Uuid::from_u128(404),
+                600_000,
+            )
+            .await;
             assert!(wait_result(&results, Uuid::from_u128(404))
                 .await
                 .outcome
