@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_kvm_agent::http::{spawn_server, HttpClient};
 use stratus_kvm_agent::protocol::*;
-use stratus_kvm_agent::{Agent, AgentConfig, CallbackFate, CommandFault, Faults, NoFaults};
-use stratus_sim_world::{HostProfile, LatencyProfile, SimHostState, SimHypervisor};
+use stratus_kvm_agent::{Agent, AgentConfig, Faults, NoFaults};
+use stratus_sim_world::{HostProfile, LatencyProfile, SimFaults, SimHostState, SimHypervisor};
 use uuid::Uuid;
 
 const PROFILE: HostProfile = HostProfile {
@@ -506,28 +506,6 @@ fn a_ping_without_a_report_url_leaves_the_reports_where_they_went() {
     });
 }
 
-/// A host that holds every `kind` command back `delay` before running it.
-struct Slow {
-    kind: CommandKind,
-    delay: Duration,
-}
-
-impl Faults for Slow {
-    fn command(&self, kind: CommandKind) -> CommandFault {
-        CommandFault {
-            delay: if kind == self.kind {
-                self.delay
-            } else {
-                Duration::ZERO
-            },
-            ..CommandFault::default()
-        }
-    }
-    fn callback(&self, _kind: CommandKind) -> CallbackFate {
-        CallbackFate::Deliver
-    }
-}
-
 /// A migration hands its destination the time its sender stops waiting
 /// (`x-stratus-wait-until`) as the receive's deadline: a destination that would only take the
 /// VM after it (here a slow one) refuses, and the VM stays on the source, where the management
@@ -544,10 +522,9 @@ fn a_migration_receive_does_not_outlive_its_sender() {
             SimHypervisor::new(state.clone(), LatencyProfile::zero(), 7)
         };
         host_node("10.1.0.1", "tok-a", sim(&a));
-        let slow = Slow {
-            kind: CommandKind::VmReceive,
-            delay: Duration::from_secs(2),
-        };
+        // The destination's next receive is held back 2 s.
+        let slow = SimFaults::new(9);
+        slow.slow_next(CommandKind::VmReceive, 1, Duration::from_secs(2));
         host_node_with("10.1.0.2", "tok-b", sim(&b), Arc::new(slow));
         let (host_a, host_b) = (a.clone(), b.clone());
         let mgmt = mgmt_node();
