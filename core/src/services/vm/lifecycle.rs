@@ -11,7 +11,7 @@ use crate::flow::{FlowChain, OnInterrupt};
 use crate::model::*;
 use crate::services::network::{AllocateIp, ReleaseIps};
 use crate::services::Cloud;
-use crate::store::{Batch, Expect, Query, Update, Value};
+use crate::store::{Batch, Expect, Query};
 use std::sync::{Arc, Weak};
 use stratus_kvm_agent::protocol::DestroyVmCmd;
 
@@ -133,11 +133,7 @@ async fn detach_data_volumes(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Erro
         )
         .await?;
     let b = data.iter().fold(Batch::new(), |b, v| {
-        b.update(
-            Update::of::<Volume>(v.uuid)
-                .set("vm_uuid", Value::Null)
-                .set("device_index", Value::Null),
-        )
+        b.update(super::volume::detachment(v.uuid))
     });
     c.db().commit(b).await?;
     Ok(())

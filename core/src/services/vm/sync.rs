@@ -598,11 +598,7 @@ pub(crate) async fn relocate(
                 return Ok(());
             }
             tracing::warn!(%vm, volume = %v.uuid, %from, %to, "relocated VM's new host lacks this data volume: detached, it stays on its host");
-            b = b.update(
-                Update::of::<Volume>(v.uuid)
-                    .set("vm_uuid", Value::Null)
-                    .set("device_index", Value::Null),
-            );
+            b = b.update(super::volume::detachment(v.uuid));
         }
         vols.retain(|v| held.contains(&v.uuid));
     }
@@ -724,6 +720,21 @@ async fn take_capacity(c: &Cloud, uuid: Uuid, vm: &Vm, host: Uuid) -> bool {
     }
 }
 
+/// `vm` was found running on `host`, not on `from` where the database has it: it moves there
+/// with the volumes the host holds (once the host knows itself again, after an agent restart).
+async fn relocate_found(
+    c: &Cloud,
+    vm: &crate::store::Row<Vm>,
+    from: Uuid,
+    host: Uuid,
+) -> Result<String, Error> {
+    let Some(held) = volumes_held(c, host).await? else {
+        return Ok("host does not know itself yet".into());
+    };
+    relocate(c, vm.uuid, from, host, vm.state, Moving::Held(held)).await?;
+    Ok("relocated".into())
+}
+
 /// Decide and correct one VM (in its queue).
 async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
     let Some(vm) = c.db().get::<Vm>(r.vm).await? else {
@@ -794,11 +805,7 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
                     agent(c, &target, &DestroyVmCmd { vm: vm.uuid }).await?;
                     return Ok("second copy destroyed".into());
                 }
-                let Some(held) = volumes_held(c, r.host).await? else {
-                    return Ok("host does not know itself yet".into());
-                };
-                relocate(c, vm.uuid, other, r.host, vm.state, Moving::Held(held)).await?;
-                Ok("relocated".into())
+                relocate_found(c, &vm, other, r.host).await
             }
             None if vm.last_host_uuid.is_some_and(|h| h != r.host) => {
                 let from = vm.last_host_uuid.unwrap_or(r.host);
@@ -812,11 +819,7 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
                 // Stopped in the database, found running on another host than its last one:
                 // it moved there behind our back (a migration that finished after it timed
                 // out), volumes and all. Found by the model sweep.
-                let Some(held) = volumes_held(c, r.host).await? else {
-                    return Ok("host does not know itself yet".into());
-                };
-                relocate(c, vm.uuid, from, r.host, vm.state, Moving::Held(held)).await?;
-                Ok("relocated".into())
+                relocate_found(c, &vm, from, r.host).await
             }
             None => {
                 // Running on its home host while the database says stopped.

@@ -166,6 +166,13 @@ struct AttachStep {
     cloud: Weak<Cloud>,
 }
 
+/// The database side of detaching `volume` from its VM.
+pub(super) fn detachment(volume: Uuid) -> Update {
+    Update::of::<Volume>(volume)
+        .set("vm_uuid", Value::Null)
+        .set("device_index", Value::Null)
+}
+
 fn gone() -> Error {
     Error::new(
         ErrorCode::NodeUnavailable,
@@ -409,13 +416,7 @@ impl Flow<DetachCtx> for DetachStep {
             }
             "record-detachment" => {
                 c.db()
-                    .commit(
-                        Batch::new().update(
-                            Update::of::<Volume>(x.volume)
-                                .set("vm_uuid", Value::Null)
-                                .set("device_index", Value::Null),
-                        ),
-                    )
+                    .commit(Batch::new().update(detachment(x.volume)))
                     .await?;
                 Ok(())
             }
