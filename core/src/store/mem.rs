@@ -482,8 +482,10 @@ impl Store for MemStore {
     }
 
     async fn get(&self, kind: &str, uuid: Uuid) -> Result<Option<Record>, StoreError> {
-        let meta = self.schema.kind(kind)?;
-        Ok(self.lock().table(meta.name).rows.get(&uuid).cloned())
+        let mut row = None;
+        self.get_with(kind, uuid, &mut |r| row = Some(r.clone()))
+            .await?;
+        Ok(row)
     }
 
     async fn query(&self, q: &Query) -> Result<Vec<Record>, StoreError> {
