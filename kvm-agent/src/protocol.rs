@@ -30,8 +30,8 @@ pub const H_DEADLINE: &str = "x-stratus-deadline";
 /// Unix epoch). The agent does not start the work after it — the sender has given up and rolled
 /// back — and ends the task `expired` instead. (The model sweep found a migration held back on a
 /// slow host that moved the VM after its rollback, onto a host deleted meanwhile.) A migration's
-/// source passes it on as the receive's [`H_DEADLINE`] (or its own 60 s, when sooner). Work already started runs to its end.
-/// Clocks must agree as for [`H_DEADLINE`].
+/// source passes it on as the receive's [`H_DEADLINE`] (or its own 60 s, when sooner). Work
+/// already started runs to its end. Clocks must agree as for [`H_DEADLINE`].
 pub const H_WAIT_UNTIL: &str = "x-stratus-wait-until";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -576,7 +576,11 @@ impl<H: Hypervisor> Inner<H> {
             Err(HttpError::Timeout(..)) if !sender_waits => {
                 return Err(AgentError::new(
                     AgentErrorCode::Expired,
-                    format!("the destination did not take the VM within {} ms, before the migration's sender stopped waiting; the VM stays here", timeout.as_millis()),
+                    format!(
+                        "the destination did not take the VM within {} ms, before the \
+                         migration's sender stopped waiting; the VM stays here",
+                        timeout.as_millis()
+                    ),
                 ))
             }
             Err(e) => return Err(AgentError::new(AgentErrorCode::Unreachable, e.to_string())),
