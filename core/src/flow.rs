@@ -351,16 +351,22 @@ impl Journal {
         .await
     }
 
-    async fn end(&self, id: Uuid) {
-        let r = retry("end", || async {
+    /// Remove the journal of a chain that ended.
+    async fn remove(&self, id: Uuid) -> Result<(), Error> {
+        retry("end", || async {
             Ok(self
                 .db
                 .commit(Batch::new().delete::<ChainRecord>(id, Expect::Maybe))
                 .await
                 .map(|_| ())?)
         })
-        .await;
-        if let Err(e) = r {
+        .await
+    }
+
+    /// Remove the journal of a chain whose outcome is already settled (rolled back, or found
+    /// finished by recovery); a failure is only logged.
+    async fn end(&self, id: Uuid) {
+        if let Err(e) = self.remove(id).await {
             tracing::error!(chain = %id, error = %e, "cannot remove a finished chain's journal");
         }
     }
@@ -504,7 +510,16 @@ impl<C: Context> FlowChain<C> {
                     .roll_back(journal, id, i as i64, e, failed, Vec::new(), ctx)
                     .await);
             }
-            if let Err(e) = journal.step(id, i + 1, to_json(&ctx)).await {
+            // After the last flow, removing the journal is what records that the chain
+            // finished: writing `next` = the number of flows first would only add a commit
+            // (a crash before the removal finds the journal as it was while this flow ran,
+            // which is the crash the journal is for).
+            let recorded = if i + 1 == self.flows.len() {
+                journal.remove(id).await
+            } else {
+                journal.step(id, i + 1, to_json(&ctx)).await
+            };
+            if let Err(e) = recorded {
                 // The flow ran but the journal cannot say so: undo it with the others.
                 let e = e.context("cannot journal chain progress");
                 return Err(self
@@ -512,7 +527,10 @@ impl<C: Context> FlowChain<C> {
                     .await);
             }
         }
-        journal.end(id).await;
+        if start >= self.flows.len() {
+            // No flow left to run (an empty chain): nothing removed the journal yet.
+            journal.end(id).await;
+        }
         Ok(ctx)
     }
 

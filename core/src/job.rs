@@ -262,9 +262,14 @@ impl Jobs {
             if job.is_finished() {
                 return Ok(job);
             }
-            // Woken by finish() on this node, or re-read periodically (jobs run elsewhere).
-            let step = Duration::from_secs(1)
-                .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            // A job of this boot wakes its waiters when it finishes (finish() runs here); one
+            // run elsewhere is re-read every second.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let step = if job.boot == self.boot {
+                left
+            } else {
+                Duration::from_secs(1).min(left)
+            };
             if step.is_zero() {
                 return Err(Error::timeout(format!(
                     "job {id} still running after {} ms",

@@ -368,3 +368,112 @@ async fn armed_fault_points_fail_exactly_their_flow() {
     );
     assert_eq!(e.journal.faults().fired(), 2);
 }
+
+/// A memory store that counts the journal's commits and can refuse to remove a journal.
+struct JournalWatch {
+    mem: MemStore,
+    commits: std::sync::atomic::AtomicUsize,
+    refuse_removal: bool,
+}
+
+#[async_trait]
+impl crate::store::Store for JournalWatch {
+    fn backend(&self) -> &'static str {
+        "journal-watch"
+    }
+    fn schema(&self) -> &Schema {
+        self.mem.schema()
+    }
+    async fn get(
+        &self,
+        kind: &str,
+        uuid: Uuid,
+    ) -> Result<Option<crate::store::Record>, crate::store::StoreError> {
+        self.mem.get(kind, uuid).await
+    }
+    async fn query(
+        &self,
+        q: &crate::store::Query,
+    ) -> Result<Vec<crate::store::Record>, crate::store::StoreError> {
+        self.mem.query(q).await
+    }
+    async fn count(&self, q: &crate::store::Query) -> Result<u64, crate::store::StoreError> {
+        self.mem.count(q).await
+    }
+    async fn commit(&self, batch: Batch) -> Result<Vec<u64>, crate::store::StoreError> {
+        use crate::store::Write;
+        let journal = |w: &Write| match w {
+            Write::Insert(r) | Write::Upsert(r) => r.kind.name == ChainRecord::META.name,
+            Write::Update(u) => u.kind == ChainRecord::META.name,
+            Write::Delete { kind, .. } => *kind == ChainRecord::META.name,
+        };
+        if batch.writes.iter().any(journal) {
+            self.commits
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        let removal = |w: &Write| matches!(w, Write::Delete { .. }) && journal(w);
+        if self.refuse_removal && batch.writes.iter().any(removal) {
+            return Err(crate::store::StoreError::InvalidWrite(
+                "journal removal refused by the test".into(),
+            ));
+        }
+        self.mem.commit(batch).await
+    }
+}
+
+fn watched(refuse_removal: bool) -> (Env, Arc<JournalWatch>) {
+    let store = Arc::new(JournalWatch {
+        mem: MemStore::new(Schema::new().with(ChainRecord::META).with(Job::META)),
+        commits: Default::default(),
+        refuse_removal,
+    });
+    let db = Db::new(store.clone());
+    let ids = Arc::new(Ids::from_seed(10));
+    let (node, boot) = (Uuid::from_u128(1), Uuid::from_u128(10));
+    let env = Env {
+        journal: Journal::new(db.clone(), ids.clone(), node, boot),
+        jobs: Jobs::new(db.clone(), ids, node, boot),
+        queues: Queues::new(),
+        db,
+    };
+    (env, store)
+}
+
+#[tokio::test]
+async fn the_last_flow_is_recorded_by_removing_the_journal() {
+    let (e, store) = watched(false);
+    let log = Log::default();
+    let chain = FlowChain::new("test.ok")
+        .then(step("a", &log))
+        .then(step("b", &log))
+        .then(step("c", &log));
+    chain
+        .run(&e.journal, target(), Ctx::default())
+        .await
+        .unwrap();
+    // The insert, `next` after a and after b, and the removal after c.
+    assert_eq!(store.commits.load(std::sync::atomic::Ordering::SeqCst), 4);
+    assert!(e.journal.in_progress().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_chain_whose_journal_cannot_record_its_end_rolls_back() {
+    let (e, _) = watched(true);
+    let log = Log::default();
+    let chain = FlowChain::new("test.stuck")
+        .then(step("a", &log))
+        .then(step("b", &log));
+    let f = chain
+        .run(&e.journal, target(), Ctx::default())
+        .await
+        .unwrap_err();
+    assert!(
+        f.error.message.contains("cannot journal chain progress"),
+        "{}",
+        f.error
+    );
+    assert_eq!(
+        logged(&log),
+        vec!["run a", "run b", "rollback b", "rollback a"]
+    );
+}
