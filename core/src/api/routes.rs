@@ -696,7 +696,7 @@ async fn config_set(State(c): Api, Path(name): Path<String>, body: Bytes) -> Res
         Ok(v) => {
             c.bus().publish(
                 "/config/change",
-                serde_json::json!({"name": name, "value": v.to_string()}),
+                || serde_json::json!({"name": name, "value": v.to_string()}),
             );
             config_get(State(c), Path(name)).await
         }

@@ -393,20 +393,29 @@ impl Bus {
     }
 
     /// Publish an event to local subscribers (and, through the transport, to other nodes).
-    pub fn publish(&self, path: &str, data: impl Serialize) {
-        let event = Arc::new(Event {
-            path: path.to_string(),
-            data: serde_json::to_value(data).unwrap_or(serde_json::Value::Null),
-            node: self.inner.node,
-            at_ms: crate::clock::now_ms(),
-        });
-        self.deliver_event(event.clone());
+    /// `data` is called only when somebody hears the event.
+    pub fn publish(&self, path: &str, data: impl FnOnce() -> serde_json::Value) {
         let others: Vec<NodeId> = self
             .members()
             .into_iter()
             .filter(|n| *n != self.inner.node)
             .collect();
-        if others.is_empty() {
+        let peers = !others.is_empty() && read(&self.inner.transport).is_some();
+        let heard = |s: &Subscription| !s.tx.is_closed() && glob_match(&s.pattern, path);
+        if !peers && !read(&self.inner.subs).iter().any(heard) {
+            // Nobody here or elsewhere hears it: count it, and skip building it (a VM's every
+            // state change publishes one, and on one node nothing subscribes to those).
+            self.inner.stats.events.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let event = Arc::new(Event {
+            path: path.to_string(),
+            data: data(),
+            node: self.inner.node,
+            at_ms: crate::clock::now_ms(),
+        });
+        self.deliver_event(event.clone());
+        if !peers {
             return;
         }
         if let Some(t) = read(&self.inner.transport).clone() {

@@ -158,7 +158,7 @@ async fn remote_delivery_serializes_through_the_transport() {
     assert_eq!(a.stats().remote.load(Ordering::Relaxed), 1);
     // Events published on a reach b's subscribers too.
     let mut sub = b.subscribe("/vm/**").unwrap();
-    a.publish("/vm/state/change", serde_json::json!({"x": 1}));
+    a.publish("/vm/state/change", || serde_json::json!({"x": 1}));
     let e = tokio::time::timeout(Duration::from_secs(1), sub.recv())
         .await
         .unwrap()
@@ -174,8 +174,11 @@ async fn events_reach_matching_subscribers_only() {
     let mut all = b.subscribe("/**").unwrap();
     let mut host = b.subscribe("/host/**").unwrap();
     assert!(b.subscribe("vm").is_err());
-    b.publish("/vm/state/change", serde_json::json!({"state": "Running"}));
-    b.publish("/host/status/change", serde_json::json!({}));
+    b.publish(
+        "/vm/state/change",
+        || serde_json::json!({"state": "Running"}),
+    );
+    b.publish("/host/status/change", || serde_json::json!({}));
     assert_eq!(vm.try_recv().unwrap().data["state"], "Running");
     assert!(vm.try_recv().is_none());
     assert_eq!(all.try_recv().unwrap().path, "/vm/state/change");
@@ -183,4 +186,12 @@ async fn events_reach_matching_subscribers_only() {
     assert_eq!(host.try_recv().unwrap().path, "/host/status/change");
     drop(host);
     assert_eq!(b.subscriptions(), 2);
+    // Nobody hears a volume event: it is counted but never built.
+    drop(all);
+    let before = b.stats().events.load(Ordering::Relaxed);
+    b.publish("/volume/stray", || {
+        panic!("an event nobody hears was built")
+    });
+    assert_eq!(b.stats().events.load(Ordering::Relaxed), before + 1);
+    assert!(vm.try_recv().is_none());
 }

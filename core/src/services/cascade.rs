@@ -58,7 +58,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
             .await?;
         c.bus().publish(
             &format!("/{kind}/deleted"),
-            serde_json::json!({"uuid": m.uuid}),
+            || serde_json::json!({"uuid": m.uuid}),
         );
         Ok(DeleteReport {
             deleted: report

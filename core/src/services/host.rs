@@ -177,7 +177,7 @@ fn normalize_address(a: &str) -> Result<String, Error> {
 async fn publish_status(c: &Cloud, h: &Row<Host>, old: HostStatus, new: HostStatus) {
     c.bus().publish(
         "/host/status/change",
-        serde_json::json!({"uuid": h.uuid, "old": old.as_str(), "new": new.as_str()}),
+        || serde_json::json!({"uuid": h.uuid, "old": old.as_str(), "new": new.as_str()}),
     );
 }
 
@@ -403,7 +403,7 @@ impl CascadeParticipant for HostParticipant {
             });
         self.db.commit(batch).await?;
         self.bus
-            .publish("/host/deleted", serde_json::json!({"uuid": uuid}));
+            .publish("/host/deleted", || serde_json::json!({"uuid": uuid}));
         Ok(())
     }
 }
@@ -502,7 +502,7 @@ async fn maintenance(c: &Arc<Cloud>, host: Uuid) -> Result<(), Error> {
         .await?;
     c.bus().publish(
         "/host/state/change",
-        serde_json::json!({"uuid": host, "new": "PreMaintenance"}),
+        || serde_json::json!({"uuid": host, "new": "PreMaintenance"}),
     );
     let vms = c
         .db()
@@ -539,7 +539,7 @@ async fn maintenance(c: &Arc<Cloud>, host: Uuid) -> Result<(), Error> {
         .await?;
     c.bus().publish(
         "/host/state/change",
-        serde_json::json!({"uuid": host, "new": "Maintenance"}),
+        || serde_json::json!({"uuid": host, "new": "Maintenance"}),
     );
     Ok(())
 }
@@ -585,7 +585,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
                     .await?;
                 c.bus().publish(
                     "/host/state/change",
-                    serde_json::json!({"uuid": m.uuid, "new": new.as_str()}),
+                    || serde_json::json!({"uuid": m.uuid, "new": new.as_str()}),
                 );
             }
             HostAction::Maintenance => {

@@ -200,7 +200,7 @@ async fn allocate_host(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
         .await?;
     c.bus().publish(
         "/vm/state/change",
-        serde_json::json!({"uuid": x.vm, "old": "Created", "new": "Starting"}),
+        || serde_json::json!({"uuid": x.vm, "old": "Created", "new": "Starting"}),
     );
     Ok(())
 }
@@ -392,7 +392,7 @@ async fn mark_running(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
         .await?;
     c.bus().publish(
         "/vm/state/change",
-        serde_json::json!({"uuid": x.vm, "old": "Starting", "new": "Running"}),
+        || serde_json::json!({"uuid": x.vm, "old": "Starting", "new": "Running"}),
     );
     let vm = c.get::<Vm>(x.vm).await?;
     c.engine

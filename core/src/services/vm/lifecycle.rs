@@ -230,7 +230,7 @@ async fn delete_vm(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
     c.db().commit(b.delete::<Vm>(x.vm, Expect::Maybe)).await?;
     c.bus().publish(
         "/vm/state/change",
-        serde_json::json!({"uuid": x.vm, "old": "Expunging", "new": "Expunged"}),
+        || serde_json::json!({"uuid": x.vm, "old": "Expunging", "new": "Expunged"}),
     );
     Ok(())
 }

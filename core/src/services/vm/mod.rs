@@ -172,7 +172,7 @@ pub(crate) async fn set_state(
         Ok(_) => {
             c.bus().publish(
                 "/vm/state/change",
-                serde_json::json!({"uuid": vm, "old": from.map(|f| f.as_str()), "new": to.as_str()}),
+                || serde_json::json!({"uuid": vm, "old": from.map(|f| f.as_str()), "new": to.as_str()}),
             );
             Ok(true)
         }
