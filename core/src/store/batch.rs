@@ -226,8 +226,17 @@ pub struct ResolvedBound {
 
 impl ResolvedUpdate {
     /// Apply to a current record (already known to exist and match) in place, or say why the
-    /// guard failed. On an error the record may be half changed: callers apply to a copy.
+    /// guard failed; on an error the record is unchanged.
     pub fn apply(&self, rec: &mut Record) -> Result<(), StoreError> {
+        for (i, v) in self.changes(rec)? {
+            rec.values[i] = v;
+        }
+        Ok(())
+    }
+
+    /// The new values of the fields this update changes (each field once, in the order first
+    /// touched), checked against its conditions and bounds; `rec` is only read.
+    pub fn changes(&self, rec: &Record) -> Result<Vec<(usize, Value)>, StoreError> {
         for c in &self.when {
             if !rec.with_value(c.field, |v| super::query::op_holds(&c.op, v)) {
                 return Err(StoreError::ConditionFailed {
@@ -237,26 +246,37 @@ impl ResolvedUpdate {
                 });
             }
         }
-        let values = &mut rec.values;
+        let mut out: Vec<(usize, Value)> = Vec::with_capacity(self.set.len() + self.add.len());
+        fn current<'a>(out: &'a [(usize, Value)], rec: &'a Record, i: usize) -> &'a Value {
+            out.iter()
+                .find(|(j, _)| *j == i)
+                .map_or(&rec.values[i], |(_, v)| v)
+        }
+        fn put(out: &mut Vec<(usize, Value)>, i: usize, v: Value) {
+            match out.iter_mut().find(|(j, _)| *j == i) {
+                Some(slot) => slot.1 = v,
+                None => out.push((i, v)),
+            }
+        }
         for (i, v) in &self.set {
-            values[*i] = v.clone();
+            put(&mut out, *i, v.clone());
         }
         for (i, d) in &self.add {
             let name = self.kind.fields[*i].name;
-            let old = values[*i]
-                .as_int()
-                .ok_or_else(|| StoreError::ConditionFailed {
-                    kind: self.kind.name.to_string(),
-                    uuid: self.uuid,
-                    detail: format!("{name} is null and cannot be incremented"),
-                })?;
+            let cur = current(&out, rec, *i);
+            let old = cur.as_int().ok_or_else(|| StoreError::ConditionFailed {
+                kind: self.kind.name.to_string(),
+                uuid: self.uuid,
+                detail: format!("{name} is null and cannot be incremented"),
+            })?;
             let new = old
                 .checked_add(*d)
                 .ok_or_else(|| StoreError::InvalidWrite(format!("{name} would overflow")))?;
-            values[*i] = match values[*i] {
+            let new = match cur {
                 Value::Time(_) => Value::Time(new),
                 _ => Value::Int(new),
             };
+            put(&mut out, *i, new);
         }
         for ResolvedBound {
             field: i,
@@ -266,8 +286,8 @@ impl ResolvedUpdate {
         } in &self.bounds
         {
             let name = self.kind.fields[*i].name;
-            let v = values[*i].as_int();
-            let other = max_field.and_then(|j| values[j].as_int());
+            let v = current(&out, rec, *i).as_int();
+            let other = max_field.and_then(|j| current(&out, rec, j).as_int());
             let max = match (max, other) {
                 (Some(a), Some(b)) => Some((*a).min(b)),
                 (a, b) => a.or(b),
@@ -286,7 +306,7 @@ impl ResolvedUpdate {
                 });
             }
         }
-        Ok(())
+        Ok(out)
     }
 }
 

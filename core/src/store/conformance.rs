@@ -531,6 +531,33 @@ pub async fn writes_and_guards(store: &Arc<dyn Store>, ids: &Ids) {
     c.db.commit(Batch::new().update(Update::of::<CsWidget>(w.uuid).set("name", c.name("g"))))
         .await
         .unwrap();
+    // An update may not take another row's unique value; the row stays as it was.
+    let other = c.widget("g-other", 2);
+    c.insert_all(std::slice::from_ref(&other)).await;
+    let err =
+        c.db.commit(
+            Batch::new().update(
+                Update::of::<CsWidget>(other.uuid)
+                    .set("name", c.name("g"))
+                    .set("size", 7i64),
+            ),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Duplicate { ref field, .. } if field == "name"),
+        "{err}"
+    );
+    let kept = c.db.must_get::<CsWidget>(other.uuid).await.unwrap();
+    assert_eq!(
+        (kept.name.as_str(), kept.size),
+        (c.name("g-other").as_str(), 2)
+    );
+    let by_name = c.q().eq("name", c.name("g-other"));
+    assert_eq!(c.db.select::<CsWidget>(&by_name).await.unwrap().len(), 1);
+    c.db.commit(Batch::new().delete::<CsWidget>(other.uuid, Expect::Exists))
+        .await
+        .unwrap();
     // Upsert inserts then replaces.
     let mut u = c.widget("up", 3);
     let v = c.db.commit(Batch::new().upsert(&u)).await.unwrap();
