@@ -8,7 +8,7 @@
 //! were `BTreeMap`s: a tenth of the 30,000-host run's samples searched their nodes.)
 
 use super::batch::{resolve_batch, Expect, ResolvedUpdate, ResolvedWrite};
-use super::meta::{FieldRef, Record, Schema};
+use super::meta::{FieldRef, KindMeta, Record, Schema};
 use super::query::{op_holds, resolve, Hop, ResolvedCond, ResolvedQuery};
 use super::value::{FieldType, Value};
 use super::{Batch, Query, ReadRecord, Store, StoreError};
@@ -105,6 +105,17 @@ fn index_del(ix: &mut Index, v: &Value, uuid: Uuid) {
         set.remove(&uuid);
         if set.is_empty() {
             ix.remove(k);
+        }
+    }
+}
+
+/// Move `uuid`'s entry in index `ix` (if the field is indexed) from `old` to `new`, when they
+/// differ.
+fn index_move(ix: &mut Option<Index>, old: &Value, new: &Value, uuid: Uuid) {
+    if let Some(ix) = ix {
+        if old.compare(new) != Some(Ordering::Equal) {
+            index_del(ix, old, uuid);
+            index_add(ix, new, uuid);
         }
     }
 }
@@ -354,15 +365,6 @@ impl MemStore {
             Some(x) => x.clone(),
             None => t.table(k).rows.get(&u).cloned(),
         };
-        let check_expect = |cur: &Record, e: Expect| match e {
-            Expect::Version(v) if cur.version != v => Err(StoreError::Conflict {
-                kind: cur.kind.name.to_string(),
-                uuid: cur.uuid,
-                expected: v,
-                found: cur.version,
-            }),
-            _ => Ok(()),
-        };
         for w in writes {
             match w {
                 ResolvedWrite::Insert { mut rec, upsert } => {
@@ -406,7 +408,7 @@ impl MemStore {
                             uuid: u.uuid,
                         });
                     };
-                    check_expect(&cur, u.expect)?;
+                    check_version(&cur, u.expect)?;
                     let mut rec = cur;
                     u.apply(&mut rec)?;
                     rec.version += 1;
@@ -417,7 +419,7 @@ impl MemStore {
                 ResolvedWrite::Delete { kind, uuid, expect } => {
                     match current(&t, &overlay, kind.name, uuid) {
                         Some(cur) => {
-                            check_expect(&cur, expect)?;
+                            check_version(&cur, expect)?;
                             overlay.insert((kind.name, uuid), None);
                         }
                         None if expect == Expect::Maybe => {}
@@ -438,14 +440,8 @@ impl MemStore {
             let Table { rows, idx } = table;
             match (rows.get_mut(&uuid), new) {
                 (Some(row), Some(new)) => {
-                    // Only the index entries of fields that changed move.
                     for (i, ix) in idx.iter_mut().enumerate() {
-                        if let Some(ix) = ix {
-                            if row.values[i].compare(&new.values[i]) != Some(Ordering::Equal) {
-                                index_del(ix, &row.values[i], uuid);
-                                index_add(ix, &new.values[i], uuid);
-                            }
-                        }
+                        index_move(ix, &row.values[i], &new.values[i], uuid);
                     }
                     *row = new;
                 }
@@ -478,38 +474,15 @@ fn update_one(t: &mut Tables, u: &ResolvedUpdate, now: i64) -> Result<u64, Store
             uuid: u.uuid,
         });
     };
-    if let Expect::Version(v) = u.expect {
-        if row.version != v {
-            return Err(StoreError::Conflict {
-                kind: u.kind.name.to_string(),
-                uuid: u.uuid,
-                expected: v,
-                found: row.version,
-            });
-        }
-    }
+    check_version(row, u.expect)?;
     let changes = u.changes(row)?;
     for (i, v) in &changes {
-        let m = &u.kind.fields[*i];
-        if !m.unique || v.is_null() {
-            continue;
-        }
-        let holders = table.idx[*i].as_ref().and_then(|ix| ix.get(Key::of(v)));
-        if holders.is_some_and(|h| h.iter().any(|x| *x != u.uuid)) {
-            return Err(StoreError::Duplicate {
-                kind: u.kind.name.to_string(),
-                field: m.name.to_string(),
-                value: v.to_string(),
-            });
+        if u.kind.fields[*i].unique && held_elsewhere(&table.idx[*i], v, u.uuid, |_| false) {
+            return Err(duplicate(u.kind, *i, v));
         }
     }
     for (i, v) in changes {
-        if let Some(ix) = &mut table.idx[i] {
-            if row.values[i].compare(&v) != Some(Ordering::Equal) {
-                index_del(ix, &row.values[i], u.uuid);
-                index_add(ix, &v, u.uuid);
-            }
-        }
+        index_move(&mut table.idx[i], &row.values[i], &v, u.uuid);
         row.values[i] = v;
     }
     row.version += 1;
@@ -526,31 +499,54 @@ fn check_unique(
         let Some(rec) = rec else { continue };
         let table = t.table(kind);
         for (i, m) in rec.kind.fields.iter().enumerate() {
-            if !m.unique || rec.values[i].is_null() {
+            let v = &rec.values[i];
+            if !m.unique || v.is_null() {
                 continue;
             }
-            let key = Key(rec.values[i].clone());
-            let dup = || StoreError::Duplicate {
-                kind: kind.to_string(),
-                field: m.name.to_string(),
-                value: rec.values[i].to_string(),
-            };
-            if let Some(prev) = seen.insert((kind, i, key.clone()), *uuid) {
+            if let Some(prev) = seen.insert((kind, i, Key(v.clone())), *uuid) {
                 if prev != *uuid {
-                    return Err(dup());
+                    return Err(duplicate(rec.kind, i, v));
                 }
             }
-            let holders = table.idx[i].as_ref().and_then(|ix| ix.get(&key));
             // A holder that this batch rewrites is checked by its own overlay entry.
-            if holders.is_some_and(|h| {
-                h.iter()
-                    .any(|u| u != uuid && !overlay.contains_key(&(*kind, *u)))
-            }) {
-                return Err(dup());
+            let rewritten = |u: &Uuid| overlay.contains_key(&(*kind, *u));
+            if held_elsewhere(&table.idx[i], v, *uuid, rewritten) {
+                return Err(duplicate(rec.kind, i, v));
             }
         }
     }
     Ok(())
+}
+
+/// Whether a row other than `uuid` (and not `skip`ped) holds `v` in index `ix`.
+fn held_elsewhere(ix: &Option<Index>, v: &Value, uuid: Uuid, skip: impl Fn(&Uuid) -> bool) -> bool {
+    if v.is_null() {
+        return false;
+    }
+    ix.as_ref()
+        .and_then(|ix| ix.get(Key::of(v)))
+        .is_some_and(|h| h.iter().any(|u| *u != uuid && !skip(u)))
+}
+
+fn duplicate(kind: &KindMeta, field: usize, v: &Value) -> StoreError {
+    StoreError::Duplicate {
+        kind: kind.name.to_string(),
+        field: kind.fields[field].name.to_string(),
+        value: v.to_string(),
+    }
+}
+
+/// `Expect::Version` against the current row (the other expectations are about existence).
+fn check_version(cur: &Record, e: Expect) -> Result<(), StoreError> {
+    match e {
+        Expect::Version(v) if cur.version != v => Err(StoreError::Conflict {
+            kind: cur.kind.name.to_string(),
+            uuid: cur.uuid,
+            expected: v,
+            found: cur.version,
+        }),
+        _ => Ok(()),
+    }
 }
 
 #[async_trait]

@@ -730,12 +730,7 @@ async fn take_capacity(c: &Cloud, uuid: Uuid, vm: &Vm, host: Uuid) -> bool {
 
 /// `vm` was found running on `host`, not on `from` where the database has it: it moves there
 /// with the volumes the host holds (once the host knows itself again, after an agent restart).
-async fn relocate_found(
-    c: &Cloud,
-    vm: &crate::store::Row<Vm>,
-    from: Uuid,
-    host: Uuid,
-) -> Result<String, Error> {
+async fn relocate_found(c: &Cloud, vm: &Row<Vm>, from: Uuid, host: Uuid) -> Result<String, Error> {
     let Some(held) = volumes_held(c, host).await? else {
         return Ok("host does not know itself yet".into());
     };
