@@ -310,6 +310,20 @@ impl ResolvedUpdate {
     }
 }
 
+/// `Expect::Version` against the current row (the other expectations are about existence);
+/// every backend checks it the same way.
+pub(super) fn check_version(cur: &Record, e: Expect) -> Result<(), StoreError> {
+    match e {
+        Expect::Version(v) if cur.version != v => Err(StoreError::Conflict {
+            kind: cur.kind.name.to_string(),
+            uuid: cur.uuid,
+            expected: v,
+            found: cur.version,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn declared(kind: &'static KindMeta, field: &str, what: &str) -> Result<usize, StoreError> {
     kind.field_index(field).ok_or_else(|| {
         if kind.resolve_field(field).is_some() {

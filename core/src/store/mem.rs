@@ -7,7 +7,7 @@
 //! unless the query sorts), and the hasher is fixed, so seeded runs stay reproducible. (They
 //! were `BTreeMap`s: a tenth of the 30,000-host run's samples searched their nodes.)
 
-use super::batch::{resolve_batch, Expect, ResolvedUpdate, ResolvedWrite};
+use super::batch::{check_version, resolve_batch, Expect, ResolvedUpdate, ResolvedWrite};
 use super::meta::{FieldRef, KindMeta, Record, Schema};
 use super::query::{op_holds, resolve, Hop, ResolvedCond, ResolvedQuery};
 use super::value::{FieldType, Value};
@@ -533,19 +533,6 @@ fn duplicate(kind: &KindMeta, field: usize, v: &Value) -> StoreError {
         kind: kind.name.to_string(),
         field: kind.fields[field].name.to_string(),
         value: v.to_string(),
-    }
-}
-
-/// `Expect::Version` against the current row (the other expectations are about existence).
-fn check_version(cur: &Record, e: Expect) -> Result<(), StoreError> {
-    match e {
-        Expect::Version(v) if cur.version != v => Err(StoreError::Conflict {
-            kind: cur.kind.name.to_string(),
-            uuid: cur.uuid,
-            expected: v,
-            found: cur.version,
-        }),
-        _ => Ok(()),
     }
 }
 

@@ -11,7 +11,7 @@
 
 mod gen;
 
-use super::batch::{resolve_batch, Expect, ResolvedWrite};
+use super::batch::{check_version, resolve_batch, Expect, ResolvedWrite};
 use super::meta::{KindMeta, Record, Schema};
 use super::query::resolve;
 use super::value::{FieldType, Value};
@@ -278,18 +278,6 @@ pub struct SqlStore {
     pools: Pools,
     /// Unique index name → (kind, field), to turn constraint errors into `Duplicate`.
     unique_indexes: HashMap<String, (&'static str, &'static str)>,
-}
-
-fn check_expect(cur: &Record, e: Expect) -> Result<(), StoreError> {
-    match e {
-        Expect::Version(v) if cur.version != v => Err(StoreError::Conflict {
-            kind: cur.kind.name.to_string(),
-            uuid: cur.uuid,
-            expected: v,
-            found: cur.version,
-        }),
-        _ => Ok(()),
-    }
 }
 
 impl SqlStore {
@@ -638,7 +626,7 @@ impl SqlStore {
                         }
                         .into());
                     };
-                    check_expect(&cur, u.expect)?;
+                    check_version(&cur, u.expect)?;
                     let mut new = cur.clone();
                     u.apply(&mut new)?;
                     new.version = cur.version + 1;
@@ -678,7 +666,7 @@ impl SqlStore {
                         .await?
                     {
                         Some(cur) => {
-                            check_expect(&cur, expect)?;
+                            check_version(&cur, expect)?;
                             tx.execute(&gen::delete(d, kind, &id)).await?;
                         }
                         None if expect == Expect::Maybe => {}
