@@ -395,12 +395,16 @@ impl Bus {
     /// Publish an event to local subscribers (and, through the transport, to other nodes).
     /// `data` is called only when somebody hears the event.
     pub fn publish(&self, path: &str, data: impl FnOnce() -> serde_json::Value) {
-        let others: Vec<NodeId> = self
-            .members()
-            .into_iter()
-            .filter(|n| *n != self.inner.node)
-            .collect();
-        let peers = !others.is_empty() && read(&self.inner.transport).is_some();
+        // Without a transport there is nobody else to tell, and the ring is not even read.
+        let others: Vec<NodeId> = if read(&self.inner.transport).is_some() {
+            self.members()
+                .into_iter()
+                .filter(|n| *n != self.inner.node)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let peers = !others.is_empty();
         let heard = |s: &Subscription| !s.tx.is_closed() && glob_match(&s.pattern, path);
         if !peers && !read(&self.inner.subs).iter().any(heard) {
             // Nobody here or elsewhere hears it: count it, and skip building it (a VM's every

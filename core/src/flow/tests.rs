@@ -16,6 +16,9 @@ struct Step {
     fail_run: bool,
     fail_rollback: bool,
     panic_run: bool,
+    /// Never finishes running (a node that dies during it).
+    hang_run: bool,
+    nothing_to_undo: bool,
 }
 
 fn step(name: &'static str, log: &Log) -> Step {
@@ -25,6 +28,8 @@ fn step(name: &'static str, log: &Log) -> Step {
         fail_run: false,
         fail_rollback: false,
         panic_run: false,
+        hang_run: false,
+        nothing_to_undo: false,
     }
 }
 
@@ -37,6 +42,9 @@ impl Flow<Ctx> for Step {
         self.log.lock().unwrap().push(format!("run {}", self.name));
         if self.panic_run {
             panic!("{} exploded", self.name);
+        }
+        if self.hang_run {
+            std::future::pending::<()>().await;
         }
         if self.fail_run {
             return Err(Error::new(
@@ -57,6 +65,9 @@ impl Flow<Ctx> for Step {
             return Err(Error::internal(format!("{} rollback failed", self.name)));
         }
         Ok(())
+    }
+    fn undoes(&self) -> bool {
+        !self.nothing_to_undo
     }
 }
 
@@ -476,4 +487,72 @@ async fn a_chain_whose_journal_cannot_record_its_end_rolls_back() {
         logged(&log),
         vec!["run a", "run b", "rollback b", "rollback a"]
     );
+}
+
+fn no_undo(name: &'static str, log: &Log) -> Step {
+    let mut s = step(name, log);
+    s.nothing_to_undo = true;
+    s
+}
+
+#[tokio::test]
+async fn the_step_before_a_flow_with_nothing_to_undo_is_not_journaled() {
+    let log = Log::default();
+    let chain = || {
+        FlowChain::new("test.skip")
+            .then(step("a", &log))
+            .then(no_undo("b", &log))
+            .then(step("c", &log))
+    };
+    let (e, store) = watched(false);
+    chain()
+        .run(&e.journal, target(), Ctx::default())
+        .await
+        .unwrap();
+    // The insert, `next` after b (c has something to undo) and the removal after c.
+    assert_eq!(store.commits.load(std::sync::atomic::Ordering::SeqCst), 3);
+    // A chain that finishes when interrupted must know b ran: every step is journaled.
+    let (e, store) = watched(false);
+    chain()
+        .on_interrupt(OnInterrupt::Finish)
+        .run(&e.journal, target(), Ctx::default())
+        .await
+        .unwrap();
+    assert_eq!(store.commits.load(std::sync::atomic::Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn a_node_dying_in_a_flow_with_nothing_to_undo_rolls_back_the_flow_before_it() {
+    let (e, store) = env(10);
+    let log = Log::default();
+    let mut b = no_undo("b", &log);
+    b.hang_run = true;
+    let chain = FlowChain::new("test.skip")
+        .then(step("a", &log))
+        .then(b)
+        .then(step("c", &log));
+    let mut run = Box::pin(chain.run(&e.journal, target(), Ctx::default()));
+    assert!(
+        futures::poll!(run.as_mut()).is_pending(),
+        "b never finishes"
+    );
+    // The node dies while b runs.
+    drop(run);
+    let rec = e.journal.in_progress().await.unwrap();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(
+        rec[0].next, 0,
+        "a may be in flight, as far as the journal knows"
+    );
+    assert_eq!(rec[0].context, serde_json::json!({"done": []}));
+    // The node comes back with a new boot and recovers what the old one left.
+    let e = env_on(store, 11);
+    let reg = ChainRegistry::new();
+    reg.register(Arc::new(chain));
+    let report = recover_orphans(&e.journal, &reg, &e.queues, &e.jobs, &[], |_| true)
+        .await
+        .unwrap();
+    assert_eq!(report.rolled_back, 1);
+    assert_eq!(logged(&log), vec!["run a", "run b", "rollback a"]);
+    assert!(e.journal.in_progress().await.unwrap().is_empty());
 }

@@ -73,6 +73,9 @@ impl<C: Context> Flow<C> for Step<C> {
     fn forward_only(&self) -> bool {
         self.forward_only
     }
+    fn undoes(&self) -> bool {
+        self.undo.is_some()
+    }
 }
 
 /// The bridge (and VLAN) a NIC on `l3` plugs into.
