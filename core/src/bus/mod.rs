@@ -395,18 +395,18 @@ impl Bus {
     /// Publish an event to local subscribers (and, through the transport, to other nodes).
     /// `data` is called only when somebody hears the event.
     pub fn publish(&self, path: &str, data: impl FnOnce() -> serde_json::Value) {
-        // Without a transport there is nobody else to tell, and the ring is not even read.
-        let others: Vec<NodeId> = if read(&self.inner.transport).is_some() {
-            self.members()
+        // The transport and the other nodes it reaches, if any (without a transport the ring
+        // is not even read).
+        let peers = read(&self.inner.transport).clone().and_then(|t| {
+            let others: Vec<NodeId> = self
+                .members()
                 .into_iter()
                 .filter(|n| *n != self.inner.node)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let peers = !others.is_empty();
+                .collect();
+            (!others.is_empty()).then_some((t, others))
+        });
         let heard = |s: &Subscription| !s.tx.is_closed() && glob_match(&s.pattern, path);
-        if !peers && !read(&self.inner.subs).iter().any(heard) {
+        if peers.is_none() && !read(&self.inner.subs).iter().any(heard) {
             // Nobody here or elsewhere hears it: count it, and skip building it (a VM's every
             // state change publishes one, and on one node nothing subscribes to those).
             self.inner.stats.events.fetch_add(1, Ordering::Relaxed);
@@ -419,10 +419,7 @@ impl Bus {
             at_ms: crate::clock::now_ms(),
         });
         self.deliver_event(event.clone());
-        if !peers {
-            return;
-        }
-        if let Some(t) = read(&self.inner.transport).clone() {
+        if let Some((t, others)) = peers {
             tokio::spawn(async move {
                 for n in others {
                     t.forward_event(n, event.clone()).await;
