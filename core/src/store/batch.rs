@@ -324,6 +324,18 @@ pub(super) fn check_version(cur: &Record, e: Expect) -> Result<(), StoreError> {
     }
 }
 
+/// An update or delete found no row: fine only under `Expect::Maybe`; every backend says so the
+/// same way.
+pub(super) fn check_missing(kind: &KindMeta, uuid: Uuid, e: Expect) -> Result<(), StoreError> {
+    match e {
+        Expect::Maybe => Ok(()),
+        _ => Err(StoreError::NotFound {
+            kind: kind.name.to_string(),
+            uuid,
+        }),
+    }
+}
+
 fn declared(kind: &'static KindMeta, field: &str, what: &str) -> Result<usize, StoreError> {
     kind.field_index(field).ok_or_else(|| {
         if kind.resolve_field(field).is_some() {

@@ -7,7 +7,7 @@
 //! unless the query sorts), and the hasher is fixed, so seeded runs stay reproducible. (They
 //! were `BTreeMap`s: a tenth of the 30,000-host run's samples searched their nodes.)
 
-use super::batch::{check_version, resolve_batch, Expect, ResolvedUpdate, ResolvedWrite};
+use super::batch::{check_missing, check_version, resolve_batch, ResolvedUpdate, ResolvedWrite};
 use super::meta::{FieldRef, KindMeta, Record, Schema};
 use super::query::{op_holds, resolve, Hop, ResolvedCond, ResolvedQuery};
 use super::value::{FieldType, Value};
@@ -399,14 +399,9 @@ impl MemStore {
                 }
                 ResolvedWrite::Update(u) => {
                     let Some(cur) = current(&t, &overlay, u.kind.name, u.uuid) else {
-                        if u.expect == Expect::Maybe {
-                            versions.push(0);
-                            continue;
-                        }
-                        return Err(StoreError::NotFound {
-                            kind: u.kind.name.to_string(),
-                            uuid: u.uuid,
-                        });
+                        check_missing(u.kind, u.uuid, u.expect)?;
+                        versions.push(0);
+                        continue;
                     };
                     check_version(&cur, u.expect)?;
                     let mut rec = cur;
@@ -422,13 +417,7 @@ impl MemStore {
                             check_version(&cur, expect)?;
                             overlay.insert((kind.name, uuid), None);
                         }
-                        None if expect == Expect::Maybe => {}
-                        None => {
-                            return Err(StoreError::NotFound {
-                                kind: kind.name.to_string(),
-                                uuid,
-                            })
-                        }
+                        None => check_missing(kind, uuid, expect)?,
                     }
                     versions.push(0);
                 }
@@ -466,13 +455,8 @@ impl MemStore {
 fn update_one(t: &mut Tables, u: &ResolvedUpdate, now: i64) -> Result<u64, StoreError> {
     let table = t.tables.get_mut(u.kind.name).expect("kind resolved");
     let Some(row) = table.rows.get_mut(&u.uuid) else {
-        if u.expect == Expect::Maybe {
-            return Ok(0);
-        }
-        return Err(StoreError::NotFound {
-            kind: u.kind.name.to_string(),
-            uuid: u.uuid,
-        });
+        check_missing(u.kind, u.uuid, u.expect)?;
+        return Ok(0);
     };
     check_version(row, u.expect)?;
     let changes = u.changes(row)?;

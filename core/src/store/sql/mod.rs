@@ -11,7 +11,7 @@
 
 mod gen;
 
-use super::batch::{check_version, resolve_batch, Expect, ResolvedWrite};
+use super::batch::{check_missing, check_version, resolve_batch, ResolvedWrite};
 use super::meta::{KindMeta, Record, Schema};
 use super::query::resolve;
 use super::value::{FieldType, Value};
@@ -616,15 +616,9 @@ impl SqlStore {
                         .fetch_record(&gen::select_for_update(d, u.kind, &uuid), u.kind)
                         .await?
                     else {
-                        if u.expect == Expect::Maybe {
-                            versions.push(0);
-                            continue;
-                        }
-                        return Err(StoreError::NotFound {
-                            kind: u.kind.name.to_string(),
-                            uuid: u.uuid,
-                        }
-                        .into());
+                        check_missing(u.kind, u.uuid, u.expect)?;
+                        versions.push(0);
+                        continue;
                     };
                     check_version(&cur, u.expect)?;
                     let mut new = cur.clone();
@@ -669,14 +663,7 @@ impl SqlStore {
                             check_version(&cur, expect)?;
                             tx.execute(&gen::delete(d, kind, &id)).await?;
                         }
-                        None if expect == Expect::Maybe => {}
-                        None => {
-                            return Err(StoreError::NotFound {
-                                kind: kind.name.to_string(),
-                                uuid,
-                            }
-                            .into())
-                        }
+                        None => check_missing(kind, uuid, expect)?,
                     }
                     versions.push(0);
                 }
