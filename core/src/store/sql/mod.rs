@@ -622,17 +622,14 @@ impl SqlStore {
                     };
                     check_version(&cur, u.expect)?;
                     let mut new = cur.clone();
-                    u.apply(&mut new)?;
+                    let mut changed = Vec::new();
+                    for (i, v) in u.changes(&cur)? {
+                        new.values[i] = v;
+                        changed.push(i);
+                    }
+                    changed.sort_unstable();
                     new.version = cur.version + 1;
                     new.updated_ms = now;
-                    let mut changed: Vec<usize> = u
-                        .set
-                        .iter()
-                        .map(|(i, _)| *i)
-                        .chain(u.add.iter().map(|(i, _)| *i))
-                        .collect();
-                    changed.sort_unstable();
-                    changed.dedup();
                     match tx
                         .execute(&gen::update(d, &new, &changed, cur.version))
                         .await
