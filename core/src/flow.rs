@@ -528,10 +528,8 @@ impl<C: Context> FlowChain<C> {
             let recorded = if i + 1 == self.flows.len() {
                 journal.remove(id).await
             } else if self.on_interrupt == OnInterrupt::RollBack && !self.flows[i + 1].undoes() {
-                // The next flow has nothing to undo: if the node dies while it runs, recovery
-                // rolls back from this flow with the context from before it, which is the crash
-                // during this flow the contract already covers, and flows after the next one
-                // are journaled before they run. One commit less (two of a VM create's nine).
+                // The next flow has nothing to undo: a crash during it is recovered as a crash
+                // during this one (the module's contract).
                 Ok(())
             } else {
                 journal.step(id, i + 1, to_json(&ctx)).await
