@@ -117,6 +117,38 @@ async fn a_connection_is_reused_and_closed_once_idle() {
 }
 
 #[tokio::test]
+async fn the_reaper_closes_what_was_put_back_by_the_cutoff_and_nothing_newer() {
+    let t0 = tokio::time::Instant::now();
+    let at = |ms| t0 + Duration::from_millis(ms);
+    let (a, b): (SocketAddr, SocketAddr) =
+        ("10.0.0.1:1".parse().unwrap(), "10.0.0.2:1".parse().unwrap());
+    let mut idle = Idle::<u32>::default();
+    // Put back in time order, as `put_idle` does: a at 0 and 20, b at 10 and 30; the one of a
+    // put back at 20 was then taken again (its order entry stays and finds nothing).
+    for (conn, ms, addr) in [(1, 0, a), (2, 10, b), (3, 20, a), (4, 30, b)] {
+        idle.conns.entry(addr).or_default().push((conn, at(ms)));
+        idle.order.push_back((at(ms), addr));
+    }
+    idle.conns.get_mut(&a).unwrap().pop();
+    let left = |idle: &Idle<u32>| {
+        let mut v: Vec<u32> = idle.conns.values().flatten().map(|(c, _)| *c).collect();
+        v.sort();
+        v
+    };
+    idle.close_older(at(5));
+    assert_eq!(left(&idle), [2, 4]);
+    assert!(
+        !idle.conns.contains_key(&a),
+        "an address with nothing idle is dropped"
+    );
+    idle.close_older(at(25));
+    assert_eq!(left(&idle), [4], "the one put back at 10 went, at 30 stays");
+    assert_eq!(idle.order.len(), 1);
+    idle.close_older(at(30));
+    assert!(idle.conns.is_empty() && idle.order.is_empty());
+}
+
+#[tokio::test]
 async fn nobody_listening_is_a_connect_error() {
     // Bind a server, learn its port, and talk to the next one, which nobody serves.
     let addr = server(Arc::default()).await;
