@@ -76,7 +76,8 @@ pub struct AgentConfig {
     pub token: String,
     /// Give up delivering a callback after this long.
     pub callback_deadline: Duration,
-    /// Finished tasks remembered for duplicate detection.
+    /// Finished tasks remembered for duplicate detection, at most. A task whose request carried
+    /// a deadline ([`H_DEADLINE`]) is forgotten once the deadline has passed, sooner.
     pub remembered_tasks: usize,
 }
 
@@ -98,7 +99,35 @@ enum TaskState {
 #[derive(Default)]
 struct Tasks {
     map: HashMap<Uuid, TaskState>,
-    finished: VecDeque<Uuid>,
+    /// Finished tasks in the order they finished, with their request's deadline.
+    finished: VecDeque<(Uuid, Option<i64>)>,
+}
+
+impl Tasks {
+    /// Record `task`'s result, and forget the finished tasks nobody can send again: those whose
+    /// request's deadline has passed by `now` (a copy of the request arriving from now on is
+    /// refused as expired before its task id is looked at; the agent's clock does not go back),
+    /// and the oldest beyond `keep`. They were all kept up to `keep` before: in the 30,000-host
+    /// scenario, every command's result stayed for the whole run.
+    fn finish(
+        &mut self,
+        task: Uuid,
+        result: TaskResult,
+        deadline: Option<i64>,
+        now: i64,
+        keep: usize,
+    ) {
+        self.map.insert(task, TaskState::Done(result));
+        self.finished.push_back((task, deadline));
+        while let Some(&(old, d)) = self.finished.front() {
+            let expired = d.is_some_and(|d| now > d);
+            if !expired && self.finished.len() <= keep {
+                break;
+            }
+            self.finished.pop_front();
+            self.map.remove(&old);
+        }
+    }
 }
 
 struct Inner<H> {
@@ -376,6 +405,7 @@ impl<H: Hypervisor> Agent<H> {
                         return *resp;
                     }
                     let task = header(&headers, H_TASK).and_then(|t| Uuid::parse_str(t).ok());
+                    let deadline = millis(&headers, H_DEADLINE);
                     let callback = header(&headers, H_CALLBACK).map(str::to_string);
                     let wait_until = millis(&headers, H_WAIT_UNTIL);
                     let (Some(task), Some(callback)) = (task, callback) else {
@@ -441,7 +471,7 @@ impl<H: Hypervisor> Agent<H> {
                             kind: C::KIND,
                             outcome,
                         };
-                        Inner::finish(&inner, task, result.clone());
+                        Inner::finish(&inner, task, result.clone(), deadline);
                         match inner.faults.callback(C::KIND) {
                             CallbackFate::Drop => {}
                             CallbackFate::Deliver => {
@@ -462,15 +492,11 @@ impl<H: Hypervisor> Agent<H> {
 }
 
 impl<H: Hypervisor> Inner<H> {
-    fn finish(&self, task: Uuid, result: TaskResult) {
+    fn finish(&self, task: Uuid, result: TaskResult, deadline: Option<i64>) {
+        let now = crate::deadline::now_ms();
+        let keep = self.config.remembered_tasks;
         let mut t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        t.map.insert(task, TaskState::Done(result));
-        t.finished.push_back(task);
-        while t.finished.len() > self.config.remembered_tasks {
-            if let Some(old) = t.finished.pop_front() {
-                t.map.remove(&old);
-            }
-        }
+        t.finish(task, result, deadline, now, keep);
     }
 
     /// POST a result to its callback, retrying with backoff.
@@ -592,5 +618,54 @@ impl<H: Hypervisor> Inner<H> {
             return Err(e);
         }
         inner.hv.release_migrated(c.vm).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(task: Uuid) -> TaskResult {
+        TaskResult {
+            task,
+            kind: CommandKind::VmStart,
+            outcome: Ok(serde_json::Value::Null),
+        }
+    }
+
+    fn known(t: &Tasks) -> Vec<u128> {
+        let mut v: Vec<u128> = t.map.keys().map(|u| u.as_u128()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn finished_tasks_are_forgotten_past_their_deadline_or_beyond_the_count() {
+        let id = Uuid::from_u128;
+        let mut t = Tasks::default();
+        // Running tasks are never forgotten here.
+        t.map.insert(id(9), TaskState::Running);
+        t.finish(id(1), done(id(1)), Some(1_000), 500, 4);
+        t.finish(id(2), done(id(2)), Some(2_000), 900, 4);
+        t.finish(id(3), done(id(3)), None, 1_000, 4);
+        assert_eq!(
+            known(&t),
+            [1, 2, 3, 9],
+            "nothing past its deadline at 1,000"
+        );
+        t.finish(id(4), done(id(4)), Some(9_000), 1_001, 4);
+        assert_eq!(
+            known(&t),
+            [2, 3, 4, 9],
+            "1 expired at 1,001, with room for it"
+        );
+        // 2 expires at 2,001; 3 has no deadline and is forgotten only beyond the count.
+        t.finish(id(5), done(id(5)), Some(9_000), 2_001, 4);
+        assert_eq!(known(&t), [3, 4, 5, 9]);
+        t.finish(id(6), done(id(6)), Some(9_000), 2_002, 4);
+        assert_eq!(known(&t), [3, 4, 5, 6, 9]);
+        t.finish(id(7), done(id(7)), Some(9_000), 2_003, 4);
+        assert_eq!(known(&t), [4, 5, 6, 7, 9], "the oldest beyond four");
+        assert_eq!(t.finished.len(), 4);
     }
 }
