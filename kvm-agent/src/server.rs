@@ -107,8 +107,7 @@ impl Tasks {
     /// Record `task`'s result, and forget the finished tasks nobody can send again: those whose
     /// request's deadline has passed by `now` (a copy of the request arriving from now on is
     /// refused as expired before its task id is looked at; the agent's clock does not go back),
-    /// and the oldest beyond `keep`. They were all kept up to `keep` before: in the 30,000-host
-    /// scenario, every command's result stayed for the whole run.
+    /// and the oldest beyond `keep`.
     fn finish(
         &mut self,
         task: Uuid,

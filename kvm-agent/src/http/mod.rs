@@ -241,7 +241,8 @@ impl HttpClient {
         self.pool.lock().conns.remove(&addr);
     }
 
-    /// Idle connections kept (all addresses).
+    /// Idle connections kept (all addresses). One its server closed counts until the reaper
+    /// reaches it; it is never handed out.
     pub fn idle_connections(&self) -> usize {
         self.pool.lock().conns.values().map(Vec::len).sum()
     }
