@@ -195,6 +195,13 @@ impl Db {
         rows.into_iter().collect()
     }
 
+    /// The uuids of the rows matching `q`, in its order, without decoding the rows.
+    pub async fn uuids(&self, q: &Query) -> Result<Vec<Uuid>, StoreError> {
+        let mut out = Vec::new();
+        self.inner.query_with(q, &mut |r| out.push(r.uuid)).await?;
+        Ok(out)
+    }
+
     pub async fn count(&self, q: &Query) -> Result<u64, StoreError> {
         self.inner.count(q).await
     }
