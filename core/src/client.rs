@@ -76,12 +76,12 @@ impl StratusClient {
 
     /// A job's answer: its result, or its error.
     fn job_outcome(status: u16, v: Value) -> Result<Value, Error> {
-        let v = Self::body(status, v)?;
+        let mut v = Self::body(status, v)?;
         if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
             return Err(serde_json::from_value(e.clone())
                 .unwrap_or_else(|_| Error::internal(e.to_string())));
         }
-        Ok(v.get("result").cloned().unwrap_or(Value::Null))
+        Ok(v.get_mut("result").map(Value::take).unwrap_or(Value::Null))
     }
 
     fn timeout(&self) -> Duration {

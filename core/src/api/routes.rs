@@ -145,15 +145,17 @@ pub struct JobView {
     pub error: Option<Error>,
 }
 
-fn job_view(j: &Row<Job>) -> JobView {
+/// Takes the row: its result moves into the view instead of being copied.
+fn job_view(j: Row<Job>) -> JobView {
+    let error = j.error();
     JobView {
         job_uuid: j.uuid,
         resource_uuid: j.resource_uuid,
-        operation: j.operation.clone(),
         state: j.state.as_str().to_string(),
         progress: j.progress,
-        result: j.result.clone(),
-        error: j.error(),
+        error,
+        result: j.data.result,
+        operation: j.data.operation,
     }
 }
 
@@ -210,13 +212,13 @@ where
         );
     };
     match c.engine.jobs.wait(job, wait).await {
-        Ok(j) if j.state == JobState::Succeeded => json(200, &job_view(&j)),
+        Ok(j) if j.state == JobState::Succeeded => json(200, &job_view(j)),
         Ok(j) if j.state == JobState::Failed => {
-            let v = job_view(&j);
+            let v = job_view(j);
             let status = v.error.as_ref().map_or(500, |e| e.code.http_status());
             json(status, &v)
         }
-        Ok(j) => json(202, &job_view(&j)),
+        Ok(j) => json(202, &job_view(j)),
         Err(e) if e.code == ErrorCode::Timeout => json(
             202,
             &serde_json::json!({"job_uuid": job, "resource_uuid": resource, "state": "Running"}),
@@ -295,7 +297,7 @@ async fn get_one(State(c): Api, Path((res, id)): Path<(String, String)>) -> Resp
     };
     if kind == "job" {
         return match c.engine.jobs.get(uuid).await {
-            Ok(j) => json(200, &job_view(&j)),
+            Ok(j) => json(200, &job_view(j)),
             Err(e) => error(&e),
         };
     }
