@@ -156,19 +156,18 @@ pub fn map_agent_error(kind: CommandKind, e: AgentError) -> Error {
 }
 
 /// How long the management node keeps an idle connection to an agent. A host gets a command
-/// every few tens of seconds and a ping every minute, so a pooled connection is reused only by a
-/// burst of commands. The value was chosen when the simulation ran hyper over madsim's TCP, which
-/// binds an ephemeral port per connection by scanning the node's sockets: idle sockets piled up
-/// on the management node slowed every connect (10 % of the 30,000-host run at 1 s, perf; a
-/// 30,000-host run with 30,000 creates went from 82.8 s to 68.1 s wall at 100 ms). The
-/// simulation's wire now connects from one endpoint per node, and the figure was not measured
-/// again. Clients that connect *to* the management node keep the default [`IDLE_TIMEOUT`]:
-/// madsim's accept takes at least 1 ms of simulated time, so one listener accepts at most 1,000
+/// every few tens of seconds and a ping every minute, so a pooled connection is reused only by
+/// the commands of one operation and by bursts. 100 ms was chosen when the simulation ran hyper
+/// over madsim's TCP, which bound an ephemeral port per connection by scanning the node's
+/// sockets. On the simulation's own wire (one endpoint per node) the 30,000-host run took 182.4
+/// and 190.7 s at 1 s, 194.2 s at 100 ms and 188.4 s at 3 s (each run alone, 2026-11-30).
+/// Clients that connect *to* the management node keep the default [`IDLE_TIMEOUT`]: madsim's
+/// accept takes at least 1 ms of simulated time, so one listener accepts at most 1,000
 /// connections a simulated second, and fresh connections for every callback queued there (at
 /// 2,000 concurrent creates, p50 create 2.8 s → 3.9 s simulated).
 ///
 /// [`IDLE_TIMEOUT`]: stratus_kvm_agent::http::IDLE_TIMEOUT
-const AGENT_IDLE_TIMEOUT: Duration = Duration::from_millis(100);
+const AGENT_IDLE_TIMEOUT: Duration = Duration::from_millis(1000);
 
 impl AgentClient {
     pub fn new(ids: Arc<Ids>, callback_base: String) -> Self {
