@@ -69,14 +69,23 @@ pub static RETENTION: ConfigDef = ConfigDef::duration(
 /// How often each engine purges finished jobs past `job.retention` (see `engine.rs`).
 pub const PURGE_EVERY: Duration = Duration::from_secs(60);
 
-/// Jobs deleted per batch when purging.
+/// Jobs deleted per commit when purging.
 const PURGE_BATCH: usize = 1000;
+
+/// Jobs one purge query finds at most. A query per commit read the whole job table each time
+/// (`finished_ms` has no ordered index in the memory store: 45.5 million rows over the 438
+/// queries of the 30,000-host run, whose churn finishes 43,000 jobs a simulated minute); an
+/// unbounded query would make a backlog (a lowered `job.retention`, purges failing for a while)
+/// one huge read on a SQL store.
+const PURGE_PAGE: usize = 20_000;
 
 type Waiters = Arc<Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>>;
 
-/// A waiter's registration ends with its wait, however the wait ends: a wait that found its job
-/// already finished (as every wait does on the read after its wake-up), timed out or failed
-/// left its sender in the table for good: one entry per operation, all through a run.
+/// Unregisters one round's sender of [`Jobs::wait`] when the round ends, however it ends
+/// (return, `?`, timeout, or the wait being dropped): `wake` removes only the senders of a job
+/// that finishes on this node after they registered. Without it, the round that finds the job
+/// finished (every wait's last) left its sender for good, and a wait on another node's job one
+/// more every second.
 struct Unwait<'a> {
     jobs: &'a Jobs,
     id: Uuid,
@@ -195,27 +204,39 @@ impl Jobs {
     /// may run this at once: deletes of rows already gone are no-ops.
     pub async fn purge_finished(&self, keep: Duration) -> Result<usize, Error> {
         let cutoff = crate::clock::now_ms().saturating_sub(keep.as_millis() as i64);
-        self.purge_finished_before(cutoff, PURGE_BATCH).await
+        self.purge_finished_before(cutoff, PURGE_PAGE, PURGE_BATCH)
+            .await
     }
 
-    /// One query finds them all (`finished_ms` has no ordered index: a query per batch read
-    /// every job again, 45 million rows in the 30,000-host run); deletes go `batch` at a time.
-    async fn purge_finished_before(&self, cutoff: i64, batch: usize) -> Result<usize, Error> {
-        let old = self
-            .db
-            .uuids(
-                &Query::of::<Job>()
-                    .not_null("finished_ms")
-                    .lt("finished_ms", Value::Time(cutoff)),
-            )
-            .await?;
-        for chunk in old.chunks(batch) {
-            let b = chunk
-                .iter()
-                .fold(Batch::new(), |b, &id| b.delete::<Job>(id, Expect::Maybe));
-            self.db.commit(b).await?;
+    /// Finds them `page` at a time (uuids only) and deletes them `batch` to a commit.
+    async fn purge_finished_before(
+        &self,
+        cutoff: i64,
+        page: usize,
+        batch: usize,
+    ) -> Result<usize, Error> {
+        let mut gone = 0;
+        loop {
+            let old = self
+                .db
+                .uuids(
+                    &Query::of::<Job>()
+                        .not_null("finished_ms")
+                        .lt("finished_ms", Value::Time(cutoff))
+                        .limit(page as u64),
+                )
+                .await?;
+            for chunk in old.chunks(batch) {
+                let b = chunk
+                    .iter()
+                    .fold(Batch::new(), |b, &id| b.delete::<Job>(id, Expect::Maybe));
+                self.db.commit(b).await?;
+            }
+            gone += old.len();
+            if old.len() < page {
+                return Ok(gone);
+            }
         }
-        Ok(old.len())
     }
 
     /// Forget the waiters of `id` that stopped waiting, and the entry once none is left.
@@ -399,8 +420,8 @@ mod tests {
         }
         let hour = Duration::from_secs(3600);
         let cutoff = crate::clock::now_ms() - hour.as_millis() as i64;
-        // Two deletes of two and one: every batch goes, not only the first.
-        assert_eq!(j.purge_finished_before(cutoff, 2).await.unwrap(), 3);
+        // Pages of two, commits of one: every page and every commit goes, not only the first.
+        assert_eq!(j.purge_finished_before(cutoff, 2, 1).await.unwrap(), 3);
         for id in old {
             assert_eq!(j.get(id).await.unwrap_err().code, ErrorCode::NotFound);
         }
@@ -432,6 +453,14 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(waiting(), 0, "after a timeout");
+        // Dropped while it waits (a client that went away).
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(20),
+            j.wait(running, Duration::from_secs(5)),
+        )
+        .await;
+        assert!(dropped.is_err(), "the wait was still waiting");
+        assert_eq!(waiting(), 0, "after being dropped");
         // Another waiter of the same job stays registered.
         let (tx, _rx) = oneshot::channel();
         j.waiters.lock().unwrap().insert(running, vec![tx]);

@@ -195,7 +195,8 @@ impl Db {
         rows.into_iter().collect()
     }
 
-    /// The uuids of the rows matching `q`, in its order, without decoding the rows.
+    /// The uuids of the rows matching `q`, in its order, without building typed rows (the
+    /// memory store lends its own; the SQL stores still read whole records).
     pub async fn uuids(&self, q: &Query) -> Result<Vec<Uuid>, StoreError> {
         let mut out = Vec::new();
         self.inner.query_with(q, &mut |r| out.push(r.uuid)).await?;
