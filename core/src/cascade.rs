@@ -45,12 +45,7 @@ pub async fn children_by_field(
     field: &str,
     parent: Uuid,
 ) -> Result<Vec<Uuid>, Error> {
-    Ok(db
-        .query(&Query::new(kind).eq(field, parent))
-        .await?
-        .into_iter()
-        .map(|r| r.uuid)
-        .collect())
+    Ok(db.uuids(&Query::new(kind).eq(field, parent)).await?)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

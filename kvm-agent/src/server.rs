@@ -107,7 +107,9 @@ impl Tasks {
     /// Record `task`'s result, and forget the finished tasks nobody can send again: those whose
     /// request's deadline has passed by `now` (a copy of the request arriving from now on is
     /// refused as expired before its task id is looked at; the agent's clock does not go back),
-    /// and the oldest beyond `keep`.
+    /// and the oldest beyond `keep`. Only the front is looked at: a task without a deadline
+    /// there keeps the ones behind it until the count moves it on (every command from a
+    /// management node carries a deadline).
     fn finish(
         &mut self,
         task: Uuid,
@@ -119,8 +121,7 @@ impl Tasks {
         self.map.insert(task, TaskState::Done(result));
         self.finished.push_back((task, deadline));
         while let Some(&(old, d)) = self.finished.front() {
-            let expired = d.is_some_and(|d| now > d);
-            if !expired && self.finished.len() <= keep {
+            if !d.is_some_and(|d| expired(d, now)) && self.finished.len() <= keep {
                 break;
             }
             self.finished.pop_front();
@@ -175,9 +176,18 @@ fn millis(h: &HeaderMap, name: &str) -> Option<i64> {
 
 /// `Expired` when `deadline` has passed: the command `what` (arrived, would have started) that
 /// long after it, and is not run.
+/// Whether a request with `deadline` is expired at `now` (ms): the one rule for refusing it
+/// ([`past`]) and for forgetting its finished task ([`Tasks::finish`]), so a copy of a request
+/// whose task was forgotten is always refused.
+fn expired(deadline: i64, now: i64) -> bool {
+    now > deadline
+}
+
 fn past(deadline: Option<i64>, what: &str) -> Option<AgentError> {
-    let late = crate::deadline::now_ms() - deadline?;
-    (late > 0).then(|| {
+    let deadline = deadline?;
+    let now = crate::deadline::now_ms();
+    let late = now - deadline;
+    expired(deadline, now).then(|| {
         AgentError::new(
             AgentErrorCode::Expired,
             format!("{what} {late} ms after its deadline; not run"),
