@@ -28,7 +28,7 @@ use crate::hashring::NodeId;
 use crate::ids::Ids;
 use crate::job::Jobs;
 use crate::queue::Queues;
-use crate::store::{Batch, Db, Expect, Json, Query, Row, Update, Value};
+use crate::store::{Batch, Db, Expect, Json, JsonText, Query, Row, Update, Value};
 use async_trait::async_trait;
 use futures::FutureExt;
 use serde::de::DeserializeOwned;
@@ -107,7 +107,7 @@ crate::resource! {
         next: i64 [column],
         /// While rolling back: the next flow to roll back (-1 when none is left).
         cursor: i64,
-        context: serde_json::Value,
+        context: JsonText,
         error: Option<String>,
         rollback_errors: Json<Vec<String>>,
     }
@@ -296,7 +296,7 @@ impl Journal {
         id: Uuid,
         chain: &str,
         t: &ChainTarget,
-        ctx: serde_json::Value,
+        ctx: JsonText,
     ) -> Result<(), Error> {
         let rec = ChainRecord {
             chain: chain.to_string(),
@@ -322,12 +322,12 @@ impl Journal {
         .await
     }
 
-    async fn step(&self, id: Uuid, next: usize, ctx: serde_json::Value) -> Result<(), Error> {
+    async fn step(&self, id: Uuid, next: usize, ctx: JsonText) -> Result<(), Error> {
         self.write(
             "step",
             Update::of::<ChainRecord>(id)
                 .set("next", next as i64)
-                .set("context", Value::json(ctx)),
+                .set("context", Value::Json(ctx)),
         )
         .await
     }
@@ -338,15 +338,15 @@ impl Journal {
         cursor: i64,
         error: &Error,
         errors: &[String],
-        ctx: serde_json::Value,
+        ctx: JsonText,
     ) {
         let u = Update::of::<ChainRecord>(id)
             .expect(Expect::Maybe)
             .set("state", ChainState::RollingBack.as_str())
             .set("cursor", cursor)
             .set("error", error.to_string())
-            .set("rollback_errors", Value::json(serde_json::json!(errors)))
-            .set("context", Value::json(ctx));
+            .set("rollback_errors", Value::Json(JsonText::of(errors)))
+            .set("context", Value::Json(ctx));
         if let Err(e) = self.write("rollback", u).await {
             tracing::error!(chain = %id, error = %e, "cannot journal rollback progress");
         }
@@ -389,10 +389,6 @@ impl Journal {
             .select::<ChainRecord>(&Query::of::<ChainRecord>())
             .await?)
     }
-}
-
-fn to_json<C: Context>(ctx: &C) -> serde_json::Value {
-    serde_json::to_value(ctx).unwrap_or(serde_json::Value::Null)
 }
 
 fn panicked(flow: &str, p: Box<dyn std::any::Any + Send>) -> Error {
@@ -449,7 +445,10 @@ impl<C: Context> FlowChain<C> {
         ctx: C,
     ) -> Result<C, ChainFailure<C>> {
         let id = journal.ids.uuid();
-        if let Err(e) = journal.start(id, self.name, &target, to_json(&ctx)).await {
+        if let Err(e) = journal
+            .start(id, self.name, &target, JsonText::of(&ctx))
+            .await
+        {
             return Err(ChainFailure {
                 error: e.context(format!("chain {} could not start", self.name)),
                 failed_flow: None,
@@ -532,7 +531,7 @@ impl<C: Context> FlowChain<C> {
                 // during this one (the module's contract).
                 Ok(())
             } else {
-                journal.step(id, i + 1, to_json(&ctx)).await
+                journal.step(id, i + 1, JsonText::of(&ctx)).await
             };
             if let Err(e) = recorded {
                 // The flow ran but the journal cannot say so: undo it with the others.
@@ -568,7 +567,7 @@ impl<C: Context> FlowChain<C> {
                 .collect::<Vec<_>>()
         };
         journal
-            .rolling_back(id, from, &error, &texts(&errors), to_json(&ctx))
+            .rolling_back(id, from, &error, &texts(&errors), JsonText::of(&ctx))
             .await;
         let mut k = from;
         while k >= 0 {
@@ -598,7 +597,7 @@ impl<C: Context> FlowChain<C> {
             }
             k -= 1;
             journal
-                .rolling_back(id, k, &error, &texts(&errors), to_json(&ctx))
+                .rolling_back(id, k, &error, &texts(&errors), JsonText::of(&ctx))
                 .await;
         }
         journal.end(id).await;
@@ -612,7 +611,7 @@ impl<C: Context> FlowChain<C> {
 
     /// Finish an interrupted chain from its journal record.
     async fn resume(&self, journal: &Journal, rec: &Row<ChainRecord>) -> RecoveryOutcome {
-        let ctx: C = match serde_json::from_value(rec.context.clone()) {
+        let ctx: C = match rec.context.decode() {
             Ok(c) => c,
             Err(e) => {
                 return RecoveryOutcome::Unrecoverable(format!("context does not decode: {e}"))

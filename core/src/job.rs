@@ -31,7 +31,7 @@ crate::resource! {
         /// 0..=100.
         progress: i64 [column],
         progress_note: Option<String>,
-        result: Option<serde_json::Value>,
+        result: Option<crate::store::JsonText>,
         error_code: Option<String>,
         error_message: Option<String>,
         node: Uuid,
@@ -185,7 +185,7 @@ impl Jobs {
             Ok(v) => u
                 .set("state", JobState::Succeeded.as_str())
                 .set("progress", 100i64)
-                .set("result", crate::store::Value::json(v)),
+                .set("result", crate::store::Value::Json((&v).into())),
             Err(e) => u
                 .set("state", JobState::Failed.as_str())
                 .set("error_code", e.code.as_str())
@@ -378,7 +378,10 @@ mod tests {
         let done = j.wait(id, Duration::from_secs(5)).await.unwrap();
         assert_eq!(done.state, JobState::Succeeded);
         assert_eq!(done.progress, 100);
-        assert_eq!(done.result, Some(serde_json::json!({"vm": "ok"})));
+        assert_eq!(
+            done.result.as_ref().map(|r| r.to_value()),
+            Some(serde_json::json!({"vm": "ok"}))
+        );
         assert!(done.finished_ms.is_some());
         assert_eq!(done.progress_note.as_deref(), Some("allocated host"));
     }

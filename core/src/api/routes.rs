@@ -140,7 +140,7 @@ pub struct JobView {
     pub state: String,
     pub progress: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
+    pub result: Option<crate::store::JsonText>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<Error>,
 }

@@ -221,7 +221,7 @@ async fn orphan(
         state,
         next,
         cursor,
-        context: serde_json::json!({"done": ["a", "b"]}),
+        context: (&serde_json::json!({"done": ["a", "b"]})).into(),
         error: None,
         rollback_errors: Json(Vec::new()),
     };
@@ -544,7 +544,7 @@ async fn a_node_dying_in_a_flow_with_nothing_to_undo_rolls_back_the_flow_before_
         rec[0].next, 0,
         "a may be in flight, as far as the journal knows"
     );
-    assert_eq!(rec[0].context, serde_json::json!({"done": []}));
+    assert_eq!(rec[0].context.to_value(), serde_json::json!({"done": []}));
     // The node comes back with a new boot and recovers what the old one left.
     let e = env_on(store, 11);
     let reg = ChainRegistry::new();

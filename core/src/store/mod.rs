@@ -29,7 +29,7 @@ pub use query::{
     hop, like_escape, like_match, op_holds, resolve, resolve_cond, Cond, Hop, Op, Query,
     ResolvedCond, ResolvedQuery, ResolvedSort, Sort,
 };
-pub use value::{decode_field, FieldType, FieldValue, Json, Millis, Value};
+pub use value::{decode_field, FieldType, FieldValue, Json, JsonText, Millis, Value};
 
 use crate::error::{Error, ErrorCode};
 use async_trait::async_trait;

@@ -2,6 +2,7 @@
 
 use super::StoreError;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use std::cmp::Ordering;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -49,14 +50,92 @@ pub enum Value {
     Text(String),
     Uuid(Uuid),
     Time(i64),
-    /// Shared: journals rewrite a workflow's context at every step, and rows are copied on
-    /// every read and write of the in-memory store.
-    Json(Arc<serde_json::Value>),
+    Json(JsonText),
+}
+
+/// JSON as its text, checked when made. Shared: journals rewrite a workflow's context at every
+/// step, and rows are copied on every read and write of the in-memory store. It was a
+/// `serde_json::Value` tree: building the tree of a workflow's context at every journal step,
+/// and dropping the one it replaced, allocated a string and a map node per field (a VM create's
+/// context has sixteen), where the text is one allocation; a job's result was copied as a tree
+/// at every read of the job and serialized again for every answer, where the text goes out as
+/// it is.
+#[derive(Clone)]
+pub struct JsonText(Arc<RawValue>);
+
+impl JsonText {
+    /// The JSON of `v` (`null` if `v` cannot be serialized, as a map with non-text keys).
+    pub fn of<T: Serialize + ?Sized>(v: &T) -> JsonText {
+        JsonText(Arc::from(
+            serde_json::value::to_raw_value(v)
+                .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON")),
+        ))
+    }
+
+    /// `s` if it is JSON (whitespace around it is kept).
+    pub fn parse(s: String) -> Option<JsonText> {
+        RawValue::from_string(s)
+            .ok()
+            .map(|r| JsonText(Arc::from(r)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The JSON as a tree.
+    pub fn to_value(&self) -> serde_json::Value {
+        self.decode().unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Decode the JSON into `T`.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.as_str())
+    }
+}
+
+/// The same JSON, whatever its spacing and key order (PostgreSQL's `jsonb` gives back its own
+/// form of what it was given): equal text first, the trees only when the texts differ.
+impl PartialEq for JsonText {
+    fn eq(&self, o: &Self) -> bool {
+        self.as_str() == o.as_str() || self.to_value() == o.to_value()
+    }
+}
+
+impl std::fmt::Debug for JsonText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for JsonText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Written as the JSON itself (not as a string holding it).
+impl Serialize for JsonText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(d).map(|r| JsonText(Arc::from(r)))
+    }
+}
+
+impl From<&serde_json::Value> for JsonText {
+    fn from(v: &serde_json::Value) -> Self {
+        JsonText::of(v)
+    }
 }
 
 impl Value {
     pub fn json(j: serde_json::Value) -> Value {
-        Value::Json(Arc::new(j))
+        Value::Json(JsonText::of(&j))
     }
 
     pub fn is_null(&self) -> bool {
@@ -118,7 +197,7 @@ impl Value {
                 .map(Value::Float),
             (Value::Text(s), FieldType::Uuid) => Uuid::parse_str(s.trim()).ok().map(Value::Uuid),
             (Value::Uuid(u), FieldType::Text) => Some(Value::Text(u.to_string())),
-            (Value::Text(s), FieldType::Json) => serde_json::from_str(&s).ok().map(Value::json),
+            (Value::Text(s), FieldType::Json) => JsonText::parse(s).map(Value::Json),
             _ => None,
         }
     }
@@ -135,7 +214,7 @@ impl Value {
                 .unwrap_or(J::Null),
             Value::Text(s) => J::String(s.clone()),
             Value::Uuid(u) => J::String(u.to_string()),
-            Value::Json(j) => (**j).clone(),
+            Value::Json(j) => j.to_value(),
         }
     }
 
@@ -157,7 +236,7 @@ impl Value {
             FieldType::Float => Value::Float(j.as_f64()?),
             FieldType::Text => Value::Text(j.as_str()?.to_string()),
             FieldType::Uuid => Value::Uuid(Uuid::parse_str(j.as_str()?).ok()?),
-            FieldType::Json => Value::json(j.clone()),
+            FieldType::Json => Value::Json(JsonText::of(j)),
         })
     }
 
@@ -273,13 +352,10 @@ scalar_field!(u16, Int, Int, |x| i64::from(*x), |y| u16::try_from(*y).ok());
 scalar_field!(f64, Float, Float, |x| *x, |y| Some(*y));
 scalar_field!(String, Text, Text, |x| x.clone(), |y| Some(y.clone()));
 scalar_field!(Uuid, Uuid, Uuid, |x| *x, |y| Some(*y));
-scalar_field!(
-    serde_json::Value,
-    Json,
-    Json,
-    |x| Arc::new(x.clone()),
-    |y| Some((**y).clone())
-);
+scalar_field!(serde_json::Value, Json, Json, |x| JsonText::of(x), |y| y
+    .decode()
+    .ok());
+scalar_field!(JsonText, Json, Json, |x| x.clone(), |y| Some(y.clone()));
 
 /// A point in time, in milliseconds since the Unix epoch.
 #[derive(
@@ -315,11 +391,11 @@ pub struct Json<T>(pub T);
 impl<T: Serialize + serde::de::DeserializeOwned> FieldValue for Json<T> {
     const TYPE: FieldType = FieldType::Json;
     fn to_value(&self) -> Value {
-        Value::json(serde_json::to_value(&self.0).unwrap_or(serde_json::Value::Null))
+        Value::Json(JsonText::of(&self.0))
     }
     fn from_value(v: &Value) -> Option<Self> {
         match v {
-            Value::Json(j) => T::deserialize(&**j).ok().map(Json),
+            Value::Json(j) => j.decode().ok().map(Json),
             _ => None,
         }
     }
@@ -447,6 +523,45 @@ mod tests {
         for (ty, v) in cases {
             assert_eq!(Value::from_json(ty, &v.to_json()), Some(v));
         }
+    }
+
+    #[test]
+    fn json_text_is_the_same_json_whatever_its_spacing_and_key_order() {
+        let ours = JsonText::of(&serde_json::json!({"b": [1, 2], "a": "x"}));
+        let theirs = JsonText::parse(r#"{ "a": "x",  "b": [1,2] }"#.into()).expect("JSON");
+        assert_eq!(ours, theirs);
+        assert_ne!(
+            ours,
+            JsonText::of(&serde_json::json!({"a": "x", "b": [2, 1]}))
+        );
+        assert_eq!(
+            theirs.to_value(),
+            serde_json::json!({"a": "x", "b": [1, 2]})
+        );
+        assert!(JsonText::parse("{\"a\": ".into()).is_none(), "not JSON");
+        assert_eq!(
+            Value::from("[1").coerce(FieldType::Json),
+            None,
+            "text that is not JSON is no JSON value"
+        );
+    }
+
+    #[test]
+    fn json_text_is_written_as_the_json_itself() {
+        #[derive(Serialize)]
+        struct View {
+            result: JsonText,
+        }
+        let v = View {
+            result: JsonText::of(&serde_json::json!({"vm": {"state": "Running"}})),
+        };
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            r#"{"result":{"vm":{"state":"Running"}}}"#
+        );
+        // A map serde_json cannot write (its keys are not text) becomes `null`, not a panic.
+        let odd: std::collections::BTreeMap<(i32, i32), i32> = [((1, 2), 3)].into();
+        assert_eq!(JsonText::of(&odd).as_str(), "null");
     }
 
     #[test]

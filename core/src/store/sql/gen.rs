@@ -35,7 +35,7 @@ impl Param {
             Value::Float(f) => Param::Float(*f),
             Value::Text(s) => Param::Text(s.clone()),
             Value::Uuid(u) => Param::Text(u.to_string()),
-            Value::Json(j) => Param::Text(j.to_string()),
+            Value::Json(j) => Param::Text(j.as_str().to_string()),
         }
     }
 }

@@ -14,7 +14,7 @@ mod gen;
 use super::batch::{check_missing, check_version, resolve_batch, ResolvedWrite};
 use super::meta::{KindMeta, Record, Schema};
 use super::query::resolve;
-use super::value::{FieldType, Value};
+use super::value::{FieldType, JsonText, Value};
 use super::{Batch, Query, Store, StoreError};
 use crate::clock::now_ms;
 use async_trait::async_trait;
@@ -100,8 +100,8 @@ where
                 None => None,
             },
             FieldType::Json => match row.try_get::<Option<String>, _>(c)? {
-                Some(s) => Some(Value::json(
-                    serde_json::from_str(&s).map_err(|e| corrupt(format!("{}: {e}", f.name)))?,
+                Some(s) => Some(Value::Json(
+                    JsonText::parse(s).ok_or_else(|| corrupt(format!("{} is not JSON", f.name)))?,
                 )),
                 None => None,
             },
