@@ -72,11 +72,17 @@ impl JsonText {
         ))
     }
 
-    /// `s` if it is JSON (whitespace around it is kept).
-    pub fn parse(s: String) -> Option<JsonText> {
-        RawValue::from_string(s)
-            .ok()
-            .map(|r| JsonText(Arc::from(r)))
+    /// `s` if it is JSON that decodes (serde_json decodes at most 128 levels of nesting, where
+    /// its raw values take any depth: deeper text is refused here rather than read as `null`
+    /// later).
+    pub fn parse(s: String) -> Result<JsonText, serde_json::Error> {
+        let raw = RawValue::from_string(s)?;
+        if nesting(raw.get()) > MAX_NESTING {
+            return Err(serde::de::Error::custom(format!(
+                "nested deeper than {MAX_NESTING} levels"
+            )));
+        }
+        Ok(JsonText(Arc::from(raw)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -92,6 +98,30 @@ impl JsonText {
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         serde_json::from_str(self.as_str())
     }
+}
+
+/// The deepest nesting serde_json decodes.
+const MAX_NESTING: usize = 128;
+
+/// How deeply arrays and objects nest in `json` (which is JSON).
+fn nesting(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_text, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        match (in_text, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_text = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_text = true,
+            (false, _, b'[' | b'{') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, _, b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// The same JSON, whatever its spacing and key order (PostgreSQL's `jsonb` gives back its own
@@ -197,7 +227,7 @@ impl Value {
                 .map(Value::Float),
             (Value::Text(s), FieldType::Uuid) => Uuid::parse_str(s.trim()).ok().map(Value::Uuid),
             (Value::Uuid(u), FieldType::Text) => Some(Value::Text(u.to_string())),
-            (Value::Text(s), FieldType::Json) => JsonText::parse(s).map(Value::Json),
+            (Value::Text(s), FieldType::Json) => JsonText::parse(s).ok().map(Value::Json),
             _ => None,
         }
     }
@@ -538,7 +568,16 @@ mod tests {
             theirs.to_value(),
             serde_json::json!({"a": "x", "b": [1, 2]})
         );
-        assert!(JsonText::parse("{\"a\": ".into()).is_none(), "not JSON");
+        assert!(JsonText::parse("{\"a\": ".into()).is_err(), "not JSON");
+        let nested = |n| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(JsonText::parse(nested(MAX_NESTING)).is_ok());
+        assert_eq!(nesting(r#"{"a": "[[[\"{", "b": [[1], {"c": []}]}"#), 4);
+        let deep = nested(MAX_NESTING + 1);
+        assert!(serde_json::from_str::<serde_json::Value>(&deep).is_err());
+        assert!(
+            JsonText::parse(deep).is_err(),
+            "deeper than serde_json decodes: refused, not read as null later"
+        );
         assert_eq!(
             Value::from("[1").coerce(FieldType::Json),
             None,
@@ -559,6 +598,17 @@ mod tests {
             serde_json::to_string(&v).unwrap(),
             r#"{"result":{"vm":{"state":"Running"}}}"#
         );
+        // Read back from an answer's bytes and from a tree, as a client does.
+        #[derive(Deserialize)]
+        struct Back {
+            result: JsonText,
+        }
+        let text = serde_json::to_string(&v).unwrap();
+        let back: Back = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.result, v.result);
+        let tree: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let back: Back = serde_json::from_value(tree).unwrap();
+        assert_eq!(back.result, v.result);
         // A map serde_json cannot write (its keys are not text) becomes `null`, not a panic.
         let odd: std::collections::BTreeMap<(i32, i32), i32> = [((1, 2), 3)].into();
         assert_eq!(JsonText::of(&odd).as_str(), "null");

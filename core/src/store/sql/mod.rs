@@ -101,7 +101,7 @@ where
             },
             FieldType::Json => match row.try_get::<Option<String>, _>(c)? {
                 Some(s) => Some(Value::Json(
-                    JsonText::parse(s).ok_or_else(|| corrupt(format!("{} is not JSON", f.name)))?,
+                    JsonText::parse(s).map_err(|e| corrupt(format!("{}: {e}", f.name)))?,
                 )),
                 None => None,
             },
