@@ -345,7 +345,7 @@ impl Journal {
             .set("state", ChainState::RollingBack.as_str())
             .set("cursor", cursor)
             .set("error", error.to_string())
-            .set("rollback_errors", Value::Json(JsonText::of(errors)))
+            .set("rollback_errors", Value::json(errors))
             .set("context", Value::Json(ctx));
         if let Err(e) = self.write("rollback", u).await {
             tracing::error!(chain = %id, error = %e, "cannot journal rollback progress");

@@ -185,7 +185,7 @@ impl Jobs {
             Ok(v) => u
                 .set("state", JobState::Succeeded.as_str())
                 .set("progress", 100i64)
-                .set("result", crate::store::Value::Json((&v).into())),
+                .set("result", crate::store::Value::json(&v)),
             Err(e) => u
                 .set("state", JobState::Failed.as_str())
                 .set("error_code", e.code.as_str())

@@ -174,8 +174,6 @@ fn millis(h: &HeaderMap, name: &str) -> Option<i64> {
     header(h, name).and_then(|d| d.parse().ok())
 }
 
-/// `Expired` when `deadline` has passed: the command `what` (arrived, would have started) that
-/// long after it, and is not run.
 /// Whether a request with `deadline` is expired at `now` (ms): the one rule for refusing it
 /// ([`past`]) and for forgetting its finished task ([`Tasks::finish`]), so a copy of a request
 /// whose task was forgotten is always refused.
@@ -183,6 +181,8 @@ fn expired(deadline: i64, now: i64) -> bool {
     now > deadline
 }
 
+/// `Expired` when `deadline` has passed: the command `what` (arrived, would have started) that
+/// long after it, and is not run.
 fn past(deadline: Option<i64>, what: &str) -> Option<AgentError> {
     let deadline = deadline?;
     let now = crate::deadline::now_ms();

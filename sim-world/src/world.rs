@@ -539,7 +539,6 @@ fn need(v: &Value) -> Result<Uuid, Error> {
     uuid(&v["uuid"]).ok_or_else(|| Error::internal(format!("no uuid in {v}")))
 }
 
-/// Zones, clusters, networks, storage, images and offerings through the API.
 /// How often [`sweep_task_lists`] runs.
 const TASK_LIST_SWEEP: Duration = Duration::from_secs(5);
 
@@ -556,6 +555,7 @@ pub async fn sweep_task_lists() {
     }
 }
 
+/// Zones, clusters, networks, storage, images and offerings through the API.
 async fn build_tree(c: &StratusClient, spec: &WorldSpec) -> Result<Datacenter, Error> {
     let bs = need(
         &c.create(

@@ -221,7 +221,7 @@ async fn orphan(
         state,
         next,
         cursor,
-        context: (&serde_json::json!({"done": ["a", "b"]})).into(),
+        context: JsonText::of(&serde_json::json!({"done": ["a", "b"]})),
         error: None,
         rollback_errors: Json(Vec::new()),
     };

@@ -563,7 +563,8 @@ mod tests {
         assert!(rec.check().is_err(), "name may not be null");
         rec.set("name", "n").unwrap();
         rec.set("size", Value::Text("big".into())).unwrap();
-        rec.set("tags", Value::json(serde_json::json!([]))).unwrap();
+        rec.set("tags", Value::json(&serde_json::json!([])))
+            .unwrap();
         assert!(matches!(rec.check(), Err(StoreError::TypeMismatch { .. })));
         assert!(rec.set("nope", 1i64).is_err());
     }
