@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use stratus_kvm_agent::http::{HttpClient, HttpError};
+use stratus_kvm_agent::http::{HttpClient, HttpError, AGENT_IDLE_TIMEOUT};
 use stratus_kvm_agent::protocol::{
     AgentError, AgentErrorCode, Command, CommandKind, TaskResult, H_CALLBACK, H_DEADLINE, H_TASK,
     H_TOKEN, H_WAIT_UNTIL,
@@ -158,13 +158,11 @@ pub fn map_agent_error(kind: CommandKind, e: AgentError) -> Error {
 impl AgentClient {
     pub fn new(ids: Arc<Ids>, callback_base: String) -> Self {
         AgentClient {
-            // Idle connections to agents close after the default `IDLE_TIMEOUT` (1 s), as every
-            // client's do. This client had 100 ms, chosen when the simulation ran hyper over
-            // madsim's TCP, whose connect bound an ephemeral port by scanning the node's
-            // sockets. On the value wire, which binds no port per connection, the 30,000-host
-            // run took 182.4 and 190.7 s at 1 s against 194.2 s at 100 ms, peak 2,902 against
-            // 2,928 MiB (runs alone, 2026-11-30): no worse on either count.
-            http: HttpClient::new(2),
+            // A host's connection outlives the ping interval (`AGENT_IDLE_TIMEOUT`), so pings
+            // and commands reuse it. This client had 100 ms, chosen when the simulation ran
+            // hyper over madsim's TCP, whose connect bound an ephemeral port by scanning the
+            // node's sockets, then the default 1 s, with which nearly every ping connected.
+            http: HttpClient::with_idle_timeout(2, AGENT_IDLE_TIMEOUT),
             ids,
             callback_base,
             pending: Arc::default(),

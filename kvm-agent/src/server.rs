@@ -9,7 +9,7 @@
 //! - [`Faults`] lets the simulation delay or fail commands and drop or duplicate callbacks; the
 //!   real agent uses [`NoFaults`].
 
-use crate::http::{HttpClient, HttpError};
+use crate::http::{HttpClient, HttpError, TakeHeaders, AGENT_IDLE_TIMEOUT};
 use crate::hypervisor::Hypervisor;
 use crate::protocol::*;
 use axum::body::Bytes;
@@ -202,7 +202,7 @@ impl<H: Hypervisor> Agent<H> {
                 hv,
                 config,
                 faults,
-                client: HttpClient::new(2),
+                client: HttpClient::with_idle_timeout(2, AGENT_IDLE_TIMEOUT),
                 binding: Mutex::new(None),
                 tasks: Mutex::new(Tasks::default()),
             }),
@@ -352,7 +352,7 @@ impl<H: Hypervisor> Agent<H> {
             C::PATH,
             post(
                 move |Extension(inner): Extension<Arc<Inner<H>>>,
-                      headers: HeaderMap,
+                      TakeHeaders(headers): TakeHeaders,
                       body: Bytes| {
                     let f = f.clone();
                     async move {
@@ -405,7 +405,7 @@ impl<H: Hypervisor> Agent<H> {
     {
         r.route(
             C::PATH,
-            post(move |Extension(inner): Extension<Arc<Inner<H>>>, headers: HeaderMap, body: Bytes| {
+            post(move |Extension(inner): Extension<Arc<Inner<H>>>, TakeHeaders(headers): TakeHeaders, body: Bytes| {
                 let f = f.clone();
                 async move {
                     if let Err(resp) =

@@ -115,7 +115,7 @@ async fn create_volume_task(
     c: &HttpClient,
     volume: Uuid,
     task: Uuid,
-    extra: (&str, &str),
+    extra: (&'static str, &str),
 ) -> stratus_kvm_agent::http::HttpResponse {
     c.post(
         "10.1.0.1:7070".parse().unwrap(),

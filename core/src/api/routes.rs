@@ -21,7 +21,6 @@ use crate::services::Cloud;
 use crate::store::{Cond, Query, Resource, Row};
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -29,6 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
+use stratus_kvm_agent::http::TakeHeaders;
 use stratus_kvm_agent::protocol::{Report, ReportEvent, TaskResult, H_TOKEN};
 use uuid::Uuid;
 
@@ -709,7 +709,7 @@ async fn config_set(State(c): Api, Path(name): Path<String>, body: Bytes) -> Res
 async fn callback(
     State(c): Api,
     Path(task): Path<String>,
-    headers: HeaderMap,
+    TakeHeaders(headers): TakeHeaders,
     body: Bytes,
 ) -> Response {
     let token = headers
@@ -736,7 +736,7 @@ async fn callback(
     }
 }
 
-async fn report(State(c): Api, headers: HeaderMap, body: Bytes) -> Response {
+async fn report(State(c): Api, TakeHeaders(headers): TakeHeaders, body: Bytes) -> Response {
     let token = headers
         .get(H_TOKEN)
         .and_then(|v| v.to_str().ok())

@@ -306,6 +306,10 @@ fn coerce(v: Value, kind: &KindMeta, field: &str, ty: FieldType) -> Result<Value
             kind.name, field
         )));
     }
+    if v.matches_type(ty) && !matches!(v, Value::Float(_)) {
+        // Nothing to convert, nothing to refuse (a float is refused when it is not finite).
+        return Ok(v);
+    }
     let shown = v.to_string();
     v.coerce(ty).ok_or_else(|| {
         StoreError::InvalidQuery(format!(
