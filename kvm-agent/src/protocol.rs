@@ -34,6 +34,16 @@ pub const H_DEADLINE: &str = "x-stratus-deadline";
 /// already started runs to its end. Clocks must agree as for [`H_DEADLINE`].
 pub const H_WAIT_UNTIL: &str = "x-stratus-wait-until";
 
+// The HTTP client takes header names as they are (`HeaderName::from_static`, which panics on a
+// name that is not a valid lowercase one); here each is checked when the crate compiles.
+const _: [hyper::header::HeaderName; 5] = [
+    hyper::header::HeaderName::from_static(H_TOKEN),
+    hyper::header::HeaderName::from_static(H_TASK),
+    hyper::header::HeaderName::from_static(H_CALLBACK),
+    hyper::header::HeaderName::from_static(H_DEADLINE),
+    hyper::header::HeaderName::from_static(H_WAIT_UNTIL),
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentErrorCode {

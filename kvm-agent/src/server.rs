@@ -9,7 +9,7 @@
 //! - [`Faults`] lets the simulation delay or fail commands and drop or duplicate callbacks; the
 //!   real agent uses [`NoFaults`].
 
-use crate::http::{HttpClient, HttpError, TakeHeaders, AGENT_IDLE_TIMEOUT};
+use crate::http::{header, HttpClient, HttpError, TakeHeaders, AGENT_IDLE_TIMEOUT};
 use crate::hypervisor::Hypervisor;
 use crate::protocol::*;
 use axum::body::Bytes;
@@ -163,10 +163,6 @@ fn json<T: Serialize>(status: u16, body: &T) -> Response {
 
 fn error(e: AgentError) -> Response {
     json(e.code.http_status(), &e)
-}
-
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// A header holding a time in milliseconds since the Unix epoch.

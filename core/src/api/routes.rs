@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-use stratus_kvm_agent::http::TakeHeaders;
+use stratus_kvm_agent::http::{header, TakeHeaders};
 use stratus_kvm_agent::protocol::{Report, ReportEvent, TaskResult, H_TOKEN};
 use uuid::Uuid;
 
@@ -712,10 +712,7 @@ async fn callback(
     TakeHeaders(headers): TakeHeaders,
     body: Bytes,
 ) -> Response {
-    let token = headers
-        .get(H_TOKEN)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let token = header(&headers, H_TOKEN).unwrap_or("");
     let result: TaskResult = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(&Error::invalid(format!("bad task result: {e}"))),
@@ -737,10 +734,7 @@ async fn callback(
 }
 
 async fn report(State(c): Api, TakeHeaders(headers): TakeHeaders, body: Bytes) -> Response {
-    let token = headers
-        .get(H_TOKEN)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let token = header(&headers, H_TOKEN).unwrap_or("");
     let r: Report = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(&Error::invalid(format!("bad report: {e}"))),

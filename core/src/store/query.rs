@@ -299,25 +299,21 @@ pub fn hop(
     })
 }
 
-fn coerce(v: Value, kind: &KindMeta, field: &str, ty: FieldType) -> Result<Value, StoreError> {
+fn coerce(v: &Value, kind: &KindMeta, field: &str, ty: FieldType) -> Result<Value, StoreError> {
     if v.is_null() {
         return Err(StoreError::InvalidQuery(format!(
             "{}.{}: compare with null using is-null / not-null",
             kind.name, field
         )));
     }
-    if v.matches_type(ty) && !matches!(v, Value::Float(_)) {
-        // Nothing to convert, nothing to refuse (a float is refused when it is not finite).
-        return Ok(v);
-    }
-    let shown = v.to_string();
-    v.coerce(ty).ok_or_else(|| {
+    // The value's text is made only for the refusal.
+    v.clone().coerce(ty).ok_or_else(|| {
         StoreError::InvalidQuery(format!(
             "{}.{} is {}; {:?} is not a valid {}",
             kind.name,
             field,
             ty.as_str(),
-            shown,
+            v.to_string(),
             ty.as_str()
         ))
     })
@@ -354,7 +350,7 @@ pub fn resolve_cond(
             why
         )))
     };
-    let one = |v: &Value| coerce(v.clone(), kind, last, ty);
+    let one = |v: &Value| coerce(v, kind, last, ty);
     let op = match &c.op {
         Op::IsNull | Op::NotNull => c.op.clone(),
         _ if ty == FieldType::Json => return refuse("is not supported on json fields"),

@@ -56,6 +56,11 @@ async fn route<X: Clone + Send + Sync + 'static>(
     }
 }
 
+/// The text of header `name`, when it is there and is text.
+pub fn header<'a>(h: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
 /// Handler argument: the request's headers, moved out of it. axum's own `HeaderMap` argument
 /// copies them (an allocation for the map and one for every header value made at run time);
 /// the handlers here only read them. An argument after this one sees no headers, so it goes
@@ -103,13 +108,16 @@ impl HttpResponse {
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long the connections between the management node and an agent stay open unused, in
-/// both directions (commands and pings one way, callbacks and reports the other). It is longer
-/// than the default ping interval (60 s), so each host keeps one connection each way and its
-/// pings, commands and callbacks do not connect anew every time. At [`IDLE_TIMEOUT`] nearly
-/// every ping and callback connected: in `datacenter-30k` keeping them took the run from
-/// 147.9 to 141.1 s wall and `churn` from 28.1/26.9 to 26.3/25.8 s, for 430 MiB more at the
-/// peak (60,000 open connections; release binaries, 2026-11-30). A deployment needs a file
-/// limit above twice its hosts on the management node.
+/// both directions (commands and pings one way, callbacks and reports the other; an agent's
+/// connections to another agent for a migration too). The reaper runs once per idle timeout
+/// and closes what had been unused a whole period, so a connection goes between 90 and 180 s
+/// after its last use. That is longer than the default ping interval (60 s): each host keeps
+/// one connection each way, and its pings, commands and callbacks do not connect anew every
+/// time (with `host.ping.interval` above 90 s, pings connect again). At [`IDLE_TIMEOUT`] nearly
+/// every ping and callback connected: keeping them took `datacenter-30k` from 164.9 and 165.9 s
+/// to 148.4 and 151.6 s wall (release binaries run alternately), for 430 MiB more at the peak
+/// (60,000 open connections). A deployment needs a file limit above twice its hosts on the
+/// management node.
 pub const AGENT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 struct Idle<C = wire::Conn> {
