@@ -5,8 +5,8 @@
 //! Call [`run_all`] with a store built on [`schema`]. Cases panic (assert) on a mismatch.
 
 use super::{
-    Batch, Cond, Db, Expect, FieldType, Json, Millis, Op, Query, Resource, Row, Schema, Store,
-    StoreError, Update, Value,
+    Batch, Cond, Db, Expect, FieldType, Json, JsonText, Millis, Op, Query, Resource, Row, Schema,
+    Store, StoreError, Update, Value,
 };
 use crate::error::ErrorCode;
 use crate::ids::Ids;
@@ -37,7 +37,7 @@ crate::resource! {
         label: Option<String>,
         tag: Option<Uuid>,
         seen: Option<Millis>,
-        doc: Option<serde_json::Value>,
+        doc: Option<JsonText>,
         list: Json<Vec<String>>,
         rack_uuid: Option<Uuid> [index],
         counter: i64,
@@ -144,7 +144,9 @@ pub async fn round_trip_every_field_type(store: &Arc<dyn Store>, ids: &Ids) {
     full.label = Some("héllo 'quoted' \"double\" \\ % _ 💡".into());
     full.tag = Some(c.ids.uuid());
     full.seen = Some(Millis(1_700_000_000_123));
-    full.doc = Some(serde_json::json!({"a": [1, 2.5, "x", null, {"b": true}], "n": -3}));
+    full.doc = Some(JsonText::of(
+        &serde_json::json!({"a": [1, 2.5, "x", null, {"b": true}], "n": -3}),
+    ));
     full.list = Json(vec!["one".into(), "two".into()]);
     full.counter = i64::MAX;
     let empty = c.widget("empty", 0);
@@ -178,7 +180,7 @@ pub async fn every_query_operator(store: &Arc<dyn Store>, ids: &Ids) {
     rows[5].tag = Some(tag);
     rows[6].seen = Some(Millis(5_000));
     rows[7].seen = Some(Millis(9_000));
-    rows[7].doc = Some(serde_json::json!([1]));
+    rows[7].doc = Some(JsonText::of(&serde_json::json!([1])));
     c.insert_all(&rows).await;
     let n = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let cases: Vec<(Query, Vec<String>)> = vec![

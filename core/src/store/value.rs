@@ -348,9 +348,6 @@ scalar_field!(u16, Int, Int, |x| i64::from(*x), |y| u16::try_from(*y).ok());
 scalar_field!(f64, Float, Float, |x| *x, |y| Some(*y));
 scalar_field!(String, Text, Text, |x| x.clone(), |y| Some(y.clone()));
 scalar_field!(Uuid, Uuid, Uuid, |x| *x, |y| Some(*y));
-scalar_field!(serde_json::Value, Json, Json, |x| JsonText::of(x), |y| y
-    .decode()
-    .ok());
 scalar_field!(JsonText, Json, Json, |x| x.clone(), |y| Some(y.clone()));
 
 /// A point in time, in milliseconds since the Unix epoch.

@@ -290,11 +290,6 @@ impl HttpClient {
         }
     }
 
-    /// Drop the idle connections to `addr` (after it restarted, say).
-    pub fn forget(&self, addr: SocketAddr) {
-        self.pool.lock().conns.remove(&addr);
-    }
-
     /// Idle connections kept (all addresses). One its server closed counts until the reaper
     /// reaches it; it is never handed out.
     pub fn idle_connections(&self) -> usize {
