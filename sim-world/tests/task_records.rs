@@ -42,7 +42,8 @@ fn left_behind(sweep: bool) -> isize {
                 tokio::spawn(async {}).await.unwrap();
             }
             // Past two sweeps.
-            tokio::time::sleep(Duration::from_secs(11)).await;
+            let sweep = stratus_sim_world::world::TASK_LIST_SWEEP;
+            tokio::time::sleep(2 * sweep + Duration::from_secs(1)).await;
             LIVE.load(Ordering::Relaxed) - before
         })
         .await

@@ -329,18 +329,24 @@ impl Allocator {
                     && spec.l2_networks.iter().all(|l2| ci.l2s.contains(l2))
             })
         };
-        let fit = |h: &HostCap| -> Option<(HostCap, Option<Uuid>)> {
+        let fit = |h: &HostCap| -> Option<Option<Uuid>> {
             if spec.avoid_hosts.contains(&h.uuid) || !cluster_ok(&h.cluster) {
                 return None;
             }
-            h.fits(spec, lim).map(|ps| (h.clone(), ps))
+            h.fits(spec, lim)
         };
         if let Some(host) = spec.host {
-            return cache.hosts.get(&host).and_then(fit).into_iter().collect();
+            return cache
+                .hosts
+                .get(&host)
+                .and_then(|h| fit(h).map(|ps| (h.clone(), ps)))
+                .into_iter()
+                .collect();
         }
         // The pool is the hosts of the eligible clusters, in cluster order; it is not copied
         // out (30,000 hosts made every allocation copy half a megabyte): a host is found by its
-        // position in it.
+        // position in it. Its hosts are in eligible clusters, so only the hosts themselves are
+        // checked below.
         let eligible: Vec<&ClusterInfo> = cache
             .clusters
             .iter()
@@ -357,14 +363,19 @@ impl Allocator {
             }
             unreachable!("a position inside the pool")
         };
-        let mut found: Vec<(HostCap, Option<Uuid>)> = Vec::new();
+        let fits = |u: &Uuid| -> Option<(&HostCap, Option<Uuid>)> {
+            let h = cache.hosts.get(u)?;
+            if spec.avoid_hosts.contains(u) {
+                return None;
+            }
+            h.fits(spec, lim).map(|ps| (h, ps))
+        };
+        let mut found: Vec<(&HostCap, Option<Uuid>)> = Vec::with_capacity(want * 4);
         // A random sample first; the whole pool (in random order) only if that finds too little.
         c.engine.ids.with_rng(|rng| {
             let amount = (want * 4).min(pool_len);
             for i in rand::seq::index::sample(rng, pool_len, amount) {
-                if let Some(x) = cache.hosts.get(&at(i)).and_then(fit) {
-                    found.push(x);
-                }
+                found.extend(fits(&at(i)));
             }
             if found.len() < want {
                 let mut all: Vec<Uuid> = eligible
@@ -379,14 +390,17 @@ impl Allocator {
                     if found.iter().any(|(h, _)| h.uuid == *u) {
                         continue;
                     }
-                    if let Some(x) = cache.hosts.get(u).and_then(fit) {
-                        found.push(x);
-                    }
+                    found.extend(fits(u));
                 }
             }
         });
+        // Best first; only the `want` best are copied out.
         found.sort_by_key(|(h, _)| (std::cmp::Reverse(h.memory_free(lim)), h.uuid));
         found
+            .into_iter()
+            .take(want)
+            .map(|(h, ps)| (h.clone(), ps))
+            .collect()
     }
 
     /// Reserve `spec` on `host` for `vm`. Ok(false): the host refused (full, disabled, gone).
