@@ -7,7 +7,7 @@
 //! - [`hypervisor`]: the backend trait (the simulated backend lives in `stratus-sim-world`; the
 //!   QEMU/QMP backend is still to come);
 //! - [`http`]: HTTP/1.1 server loop and keep-alive client that run in both builds;
-//! - [`deadline`]: the timeout every part of Stratus uses (one timer entry, under madsim too).
+//! - [`deadline`]: the timeout every part of Stratus uses (timer entries shared under madsim).
 
 pub mod deadline;
 pub mod http;

@@ -312,7 +312,8 @@ impl Allocator {
         }
     }
 
-    /// Hosts that could take `spec`, best first (at most `want`).
+    /// Hosts that could take `spec`, best first: at least `want` when there are so many, at
+    /// most four times `want` (a random sample of the pool, or of all of it if that is short).
     fn candidates(
         &self,
         c: &Cloud,
@@ -394,13 +395,9 @@ impl Allocator {
                 }
             }
         });
-        // Best first; only the `want` best are copied out.
+        // Best first; copied out once sorted.
         found.sort_by_key(|(h, _)| (std::cmp::Reverse(h.memory_free(lim)), h.uuid));
-        found
-            .into_iter()
-            .take(want)
-            .map(|(h, ps)| (h.clone(), ps))
-            .collect()
+        found.into_iter().map(|(h, ps)| (h.clone(), ps)).collect()
     }
 
     /// Reserve `spec` on `host` for `vm`. Ok(false): the host refused (full, disabled, gone).

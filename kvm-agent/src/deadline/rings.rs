@@ -3,7 +3,7 @@
 //!
 //! madsim's timer cannot cancel an entry: one set for a timeout that ends early stays in its
 //! heap until its time. A timeout therefore never sets one for its whole duration (the bus waits
-//! 30 minutes, the scenarios' job waits an hour): it waits for rings at most [`HOP`] ahead,
+//! 30 minutes, the scenarios' job waits an hour): it waits for rings 4 to 5 s ahead ([`HOP`]),
 //! which fall on whole seconds and are shared by every timeout waiting at that moment, and joins
 //! the next one when a ring comes before its deadline. Only the last wait, for the deadline
 //! itself (to the millisecond), has a ring of its own. A ring holds the wakers of the tasks that
@@ -26,10 +26,10 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// How far ahead a timeout waits at most before looking at its deadline again.
+/// How far ahead a shared ring is set (rounded down to [`SHARED_GRAIN_MS`]).
 const HOP: Duration = Duration::from_secs(5);
 
-/// Shared rings fall on multiples of this (after [`HOP`]).
+/// Shared rings fall on multiples of this since the runtime's first timeout.
 const SHARED_GRAIN_MS: u64 = 1_000;
 
 /// One entry in madsim's timer, with the tasks waiting for it.
@@ -121,11 +121,11 @@ thread_local! {
 }
 
 fn ceil_ms(d: Duration) -> u64 {
-    d.as_nanos().div_ceil(1_000_000) as u64
+    u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
-/// The ring a timeout ending at `deadline` waits for now: the shared one at most [`HOP`]
-/// ahead, or its own at the deadline when that comes first. Set in madsim's timer when new.
+/// The ring a timeout ending at `deadline` waits for now: the shared one 4 to 5 s ahead, or
+/// its own at the deadline when that comes first. Set in madsim's timer when new.
 fn ring_for(now: Instant, deadline: Instant) -> Arc<Ring> {
     let runtime = NetSim::current();
     RINGS.with(|cell| {
@@ -149,8 +149,9 @@ fn ring_for(now: Instant, deadline: Instant) -> Arc<Ring> {
             }
             e.remove();
         }
-        let shared =
-            ceil_ms((now + HOP).duration_since(r.base)).div_ceil(SHARED_GRAIN_MS) * SHARED_GRAIN_MS;
+        // Whole seconds since `base`, 4 to 5 s ahead (after now: HOP is longer than a grain).
+        let ahead = (now + HOP).duration_since(r.base).as_millis() as u64;
+        let shared = ahead / SHARED_GRAIN_MS * SHARED_GRAIN_MS;
         let own = ceil_ms(deadline.duration_since(r.base));
         let at = own.min(shared);
         let base = r.base;
@@ -289,7 +290,7 @@ mod tests {
         let never = || std::future::pending::<()>();
         let rt = madsim::runtime::Runtime::with_seed_and_config(1, Default::default());
         rt.block_on(async {
-            // Leave the shared ring of 7 s pending when this runtime ends at 1.5 s.
+            // Leave the shared ring of 6.5 s pending when this runtime ends at 1.5 s.
             tokio::time::sleep(Duration::from_millis(1500)).await;
             let mut t = Box::pin(timeout(Duration::from_secs(60), never()));
             let w = futures::task::noop_waker();
@@ -299,7 +300,7 @@ mod tests {
         let rt = madsim::runtime::Runtime::with_seed_and_config(2, Default::default());
         rt.block_on(async {
             // The same moment in a new runtime: a ring of the last one would never ring (madsim
-            // would find no event left and panic); this one's rings at 7 s and at 9.5 s do.
+            // would find no event left and panic); this one's rings at 6.5 s and at 9.5 s do.
             tokio::time::sleep(Duration::from_millis(1500)).await;
             assert_eq!(timeout(Duration::from_secs(8), never()).await, Err(Elapsed));
         });
