@@ -322,14 +322,13 @@ impl Allocator {
         want: usize,
     ) -> Vec<(HostCap, Option<Uuid>)> {
         let cache = self.lock();
-        let cluster_ok = |cl: &Uuid| {
-            cache.clusters.get(cl).is_some_and(|ci| {
-                ci.enabled
-                    && spec.zone.is_none_or(|z| z == ci.zone)
-                    && spec.cluster.is_none_or(|x| x == *cl)
-                    && spec.l2_networks.iter().all(|l2| ci.l2s.contains(l2))
-            })
+        let takes = |cl: &Uuid, ci: &ClusterInfo| {
+            ci.enabled
+                && spec.zone.is_none_or(|z| z == ci.zone)
+                && spec.cluster.is_none_or(|x| x == *cl)
+                && spec.l2_networks.iter().all(|l2| ci.l2s.contains(l2))
         };
+        let cluster_ok = |cl: &Uuid| cache.clusters.get(cl).is_some_and(|ci| takes(cl, ci));
         let fit = |h: &HostCap| -> Option<Option<Uuid>> {
             if spec.avoid_hosts.contains(&h.uuid) || !cluster_ok(&h.cluster) {
                 return None;
@@ -351,7 +350,7 @@ impl Allocator {
         let eligible: Vec<&ClusterInfo> = cache
             .clusters
             .iter()
-            .filter(|(cl, _)| cluster_ok(cl))
+            .filter(|(cl, ci)| takes(cl, ci))
             .map(|(_, ci)| ci)
             .collect();
         let pool_len: usize = eligible.iter().map(|ci| ci.hosts.len()).sum();
