@@ -2,9 +2,9 @@
 //! madsim it shares timer entries and lets go of the task when it ends ([`rings`]).
 //!
 //! madsim's timer cannot cancel an entry, and its `Sleep` adds a new entry, holding a clone of
-//! the task's waker, every time it is polled while pending. Under madsim's `tokio::time::timeout` the
-//! sleep is polled at every wake-up of the guarded future, and each entry kept the task's
-//! allocation alive until the deadline: with the 30-minute bus timeout, every job task of a
+//! the task's waker, every time it is polled while pending. Under madsim's
+//! `tokio::time::timeout` the sleep is polled at every wake-up of the guarded future, and each
+//! entry kept the task's allocation alive until the deadline: with the 30-minute bus timeout, every job task of a
 //! scale run stayed in memory to the end (heaptrack of the 3,000-host probe). Every timeout of
 //! Stratus goes through this function (both builds).
 

@@ -1,9 +1,9 @@
 //! The host allocator: which host can take a VM, and the atomic reservation of its CPU and memory.
 //!
 //! Choosing uses a per-node cache of host capacity (refreshed from the store every
-//! `allocator.cache.refresh`, on host events, and whenever it finds nothing); the store stays the
-//! authority: a reservation is one batch — the [`Reservation`] row plus guarded increments of the
-//! host's counters, bounded by `cores × allocator.cpu.overcommit` and
+//! `allocator.cache.refresh`, on host events, and whenever it finds nothing); the
+//! store stays the authority: a reservation is one batch — the [`Reservation`] row plus guarded
+//! increments of the host's counters, bounded by `cores × allocator.cpu.overcommit` and
 //! `memory × allocator.memory.overcommit − allocator.host.reserved_memory_mb` — so concurrent
 //! allocations can never overcommit a host, whatever the cache believed. A refused reservation
 //! refreshes that host's entry and tries the next candidate.
@@ -328,18 +328,20 @@ impl Allocator {
                 && spec.cluster.is_none_or(|x| x == *cl)
                 && spec.l2_networks.iter().all(|l2| ci.l2s.contains(l2))
         };
-        let cluster_ok = |cl: &Uuid| cache.clusters.get(cl).is_some_and(|ci| takes(cl, ci));
-        let fit = |h: &HostCap| -> Option<Option<Uuid>> {
-            if spec.avoid_hosts.contains(&h.uuid) || !cluster_ok(&h.cluster) {
+        let fits = |u: &Uuid| -> Option<(&HostCap, Option<Uuid>)> {
+            let h = cache.hosts.get(u)?;
+            if spec.avoid_hosts.contains(u) {
                 return None;
             }
-            h.fits(spec, lim)
+            h.fits(spec, lim).map(|ps| (h, ps))
         };
         if let Some(host) = spec.host {
-            return cache
-                .hosts
-                .get(&host)
-                .and_then(|h| fit(h).map(|ps| (h.clone(), ps)))
+            // A designated host: its cluster must take the VM too.
+            return fits(&host)
+                .filter(|(h, _)| {
+                    (cache.clusters.get(&h.cluster)).is_some_and(|ci| takes(&h.cluster, ci))
+                })
+                .map(|(h, ps)| (h.clone(), ps))
                 .into_iter()
                 .collect();
         }
@@ -362,13 +364,6 @@ impl Allocator {
                 }
             }
             unreachable!("a position inside the pool")
-        };
-        let fits = |u: &Uuid| -> Option<(&HostCap, Option<Uuid>)> {
-            let h = cache.hosts.get(u)?;
-            if spec.avoid_hosts.contains(u) {
-                return None;
-            }
-            h.fits(spec, lim).map(|ps| (h, ps))
         };
         let mut found: Vec<(&HostCap, Option<Uuid>)> = Vec::with_capacity(want * 4);
         // A random sample first; the whole pool (in random order) only if that finds too little.
