@@ -224,6 +224,20 @@ fn host_operations_cascades_and_state_sync() {
                     .await
                     .unwrap();
             }
+            // A designated host takes the VM; not while its cluster is disabled.
+            let h1 = w.hosts[1].uuid.unwrap();
+            let mut body = w.vm_request("on-h1", "small");
+            body["host_uuid"] = json!(h1);
+            let v = c.create("vms", body.clone()).await.unwrap();
+            assert_eq!(v["host_uuid"], h1.to_string());
+            let cl = w.hosts[1].cluster;
+            c.action("clusters", cl, "disable", json!({}))
+                .await
+                .unwrap();
+            body["name"] = json!("on-h1-disabled");
+            let e = c.create("vms", body).await.unwrap_err();
+            assert_eq!(e.code, ErrorCode::CapacityExhausted, "{e}");
+            c.action("clusters", cl, "enable", json!({})).await.unwrap();
             // A VM that crashes on its host is reported; stopping it works.
             let v1 = c.one("vms", vms[1]).await.unwrap();
             let hi = w

@@ -1,7 +1,7 @@
 //! The host allocator: which host can take a VM, and the atomic reservation of its CPU and memory.
 //!
 //! Choosing uses a per-node cache of host capacity (refreshed from the store every
-//! `allocator.cache.refresh`, on host events, and whenever it finds nothing); the
+//! `allocator.cache.refresh`, on host and cluster events, and whenever it finds nothing); the
 //! store stays the authority: a reservation is one batch — the [`Reservation`] row plus guarded
 //! increments of the host's counters, bounded by `cores × allocator.cpu.overcommit` and
 //! `memory × allocator.memory.overcommit − allocator.host.reserved_memory_mb` — so concurrent
@@ -597,6 +597,15 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
                     tracing::debug!(error = %e, "allocator cache refresh failed");
                 }
             }
+        }
+    });
+    // A cluster enabled or disabled: everything is reloaded at the next allocation.
+    let mut events = cloud.bus().subscribe("/cluster/**")?;
+    let weak = Arc::downgrade(cloud);
+    tokio::spawn(async move {
+        while events.recv().await.is_some() {
+            let Some(c) = weak.upgrade() else { break };
+            c.allocator.lock().loaded = None;
         }
     });
     Ok(())

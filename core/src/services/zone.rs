@@ -141,6 +141,9 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
             u = u.set("state", s.as_str());
         }
         c.db().commit(Batch::new().update(u)).await?;
+        // The allocator's cache holds clusters' states (on every node).
+        c.bus()
+            .publish("/cluster/updated", || serde_json::json!({"uuid": m.uuid}));
         c.get::<Cluster>(m.uuid).await
     })?;
     Ok(())
