@@ -777,7 +777,9 @@ pub async fn recover_orphans(
         };
         if let Some(job) = rec.job {
             let result = match &outcome {
-                RecoveryOutcome::Finished => Ok(serde_json::json!({"recovered": true})),
+                RecoveryOutcome::Finished => {
+                    Ok(JsonText::of(&serde_json::json!({"recovered": true})))
+                }
                 RecoveryOutcome::RolledBack { error, .. } => Err(error.clone()),
                 RecoveryOutcome::Unrecoverable(m) => Err(Error::internal(m.clone())),
             };

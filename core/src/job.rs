@@ -5,7 +5,7 @@ use crate::config::ConfigDef;
 use crate::error::{Error, ErrorCode};
 use crate::hashring::NodeId;
 use crate::ids::Ids;
-use crate::store::{Batch, Db, Expect, Millis, Query, Row, Update, Value};
+use crate::store::{Batch, Db, Expect, JsonText, Millis, Query, Resource, Row, Update, Value};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -31,7 +31,7 @@ crate::resource! {
         /// 0..=100.
         progress: i64 [column],
         progress_note: Option<String>,
-        result: Option<crate::store::JsonText>,
+        result: Option<JsonText>,
         error_code: Option<String>,
         error_message: Option<String>,
         node: Uuid,
@@ -170,11 +170,7 @@ impl Jobs {
     }
 
     /// Record the outcome and wake local waiters. Finishing twice keeps the first outcome.
-    pub async fn finish(
-        &self,
-        id: Uuid,
-        outcome: Result<serde_json::Value, Error>,
-    ) -> Result<(), Error> {
+    pub async fn finish(&self, id: Uuid, outcome: Result<JsonText, Error>) -> Result<(), Error> {
         let u = Update::of::<Job>(id)
             .when_eq("state", JobState::Running.as_str())
             .set(
@@ -185,7 +181,7 @@ impl Jobs {
             Ok(v) => u
                 .set("state", JobState::Succeeded.as_str())
                 .set("progress", 100i64)
-                .set("result", crate::store::Value::json(&v)),
+                .set("result", Value::Json(v)),
             Err(e) => u
                 .set("state", JobState::Failed.as_str())
                 .set("error_code", e.code.as_str())
@@ -274,7 +270,7 @@ impl Jobs {
     ) -> Result<Uuid, Error>
     where
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<serde_json::Value, Error>> + Send + 'static,
+        Fut: Future<Output = Result<JsonText, Error>> + Send + 'static,
     {
         let id = self.create(operation, resource).await?;
         let jobs = self.clone();
@@ -304,14 +300,21 @@ impl Jobs {
                 .entry(id)
                 .or_default()
                 .push(tx);
-            let job = self.get(id).await?;
-            if job.is_finished() {
-                return Ok(job);
+            // Its state and boot only: the whole job is read once it has finished.
+            let (state, boot) = self
+                .db
+                .peek::<Job, _>(id, |r| {
+                    Ok((r.decode::<JobState>("state")?, r.decode::<Uuid>("boot")?))
+                })
+                .await?
+                .ok_or_else(|| Error::not_found(Job::META.name, id))?;
+            if state != JobState::Running {
+                return self.get(id).await;
             }
             // A job of this boot wakes its waiters when it finishes (finish() runs here); one
             // run elsewhere is re-read every second.
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let step = if job.boot == self.boot {
+            let step = if boot == self.boot {
                 left
             } else {
                 Duration::from_secs(1).min(left)
@@ -371,7 +374,7 @@ mod tests {
         let id = j
             .submit("vm.create", Some(Uuid::from_u128(5)), |h| async move {
                 h.progress(40, "allocated host").await;
-                Ok(serde_json::json!({"vm": "ok"}))
+                Ok(JsonText::of(&serde_json::json!({"vm": "ok"})))
             })
             .await
             .unwrap();
@@ -398,7 +401,7 @@ mod tests {
         let done = j.wait(id, Duration::from_secs(5)).await.unwrap();
         assert_eq!(done.state, JobState::Failed);
         assert_eq!(done.error().unwrap().code, ErrorCode::CapacityExhausted);
-        j.finish(id, Ok(serde_json::Value::Null)).await.unwrap();
+        j.finish(id, Ok(JsonText::of(&()))).await.unwrap();
         assert_eq!(j.get(id).await.unwrap().state, JobState::Failed);
     }
 
@@ -407,7 +410,7 @@ mod tests {
         let j = jobs();
         let running = j.create("vm.stop", None).await.unwrap();
         let recent = j.create("vm.start", None).await.unwrap();
-        j.finish(recent, Ok(serde_json::Value::Null)).await.unwrap();
+        j.finish(recent, Ok(JsonText::of(&()))).await.unwrap();
         let mut old = Vec::new();
         for _ in 0..3 {
             let id = j.create("vm.reboot", None).await.unwrap();
@@ -441,7 +444,7 @@ mod tests {
         let woken = j
             .submit("vm.start", None, |_| async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                Ok(serde_json::Value::Null)
+                Ok(JsonText::of(&()))
             })
             .await
             .unwrap();

@@ -6,6 +6,7 @@ use crate::spec::{Phase, Scenario};
 use crate::stats::Recorder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::de::IgnoredAny;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -87,7 +88,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn record(&self, kind: &str, started: Instant, r: &Result<Value, Error>) {
+    fn record<T>(&self, kind: &str, started: Instant, r: &Result<T, Error>) {
         let now = Instant::now();
         let code = r.as_ref().err().map(|e| e.code.as_str());
         lock(&self.rec).record(kind, now - self.t0, now - started, code);
@@ -103,7 +104,7 @@ impl Shared {
 
     /// Record an operation of the workers; when the API is down (a manager killed), wait a
     /// second before the next one, as a real client backs off instead of spinning on errors.
-    async fn recorded(&self, kind: &str, started: Instant, r: &Result<Value, Error>) {
+    async fn recorded<T>(&self, kind: &str, started: Instant, r: &Result<T, Error>) {
         self.record(kind, started, r);
         if r.as_ref()
             .is_err_and(|e| e.code == stratus_core::error::ErrorCode::NodeUnavailable)
@@ -133,10 +134,10 @@ impl Shared {
         let mut body = self.w.vm_request(&format!("vm-{n}"), &name);
         body["l3_network_uuids"] = json!([self.w.dc.zones[zone].l3]);
         let t = Instant::now();
-        let r = self.w.client.create("vms", body).await;
+        let r = self.w.client.create_as::<Created>("vms", body).await;
         self.recorded("create_vm", t, &r).await;
-        if let Some(u) = r.ok().as_ref().and_then(uuid_of) {
-            lock(&self.pool).push((u, Power::Running, zone));
+        if let Ok(Created { uuid }) = r {
+            lock(&self.pool).push((uuid, Power::Running, zone));
         }
     }
 
@@ -171,7 +172,11 @@ impl Shared {
 
     async fn action(&self, kind: &str, vm: Uuid, action: &str, body: Value) -> bool {
         let t = Instant::now();
-        let r = self.w.client.action("vms", vm, action, body).await;
+        let r = self
+            .w
+            .client
+            .action_as::<IgnoredAny>("vms", vm, action, body)
+            .await;
         self.recorded(kind, t, &r).await;
         r.is_ok()
     }
@@ -224,18 +229,18 @@ impl Shared {
                 let r = self
                     .w
                     .client
-                    .create(
+                    .create_as::<Created>(
                         "volumes",
                         json!({"name": "data", "disk_offering_uuid": self.w.dc.disk_offering, "vm_uuid": vm}),
                     )
                     .await;
                 self.recorded("create_volume", t, &r).await;
-                if let Some(vol) = r.ok().as_ref().and_then(uuid_of) {
+                if let Ok(Created { uuid: vol }) = r {
                     let t = Instant::now();
                     let r = self
                         .w
                         .client
-                        .action("volumes", vol, "detach", json!({}))
+                        .action_as::<IgnoredAny>("volumes", vol, "detach", json!({}))
                         .await;
                     self.recorded("detach_volume", t, &r).await;
                     let t = Instant::now();
@@ -249,8 +254,10 @@ impl Shared {
     }
 }
 
-fn uuid_of(v: &Value) -> Option<Uuid> {
-    v["uuid"].as_str().and_then(|s| Uuid::parse_str(s).ok())
+/// What the driver reads of a created resource (the rest of the answer is skipped, not built).
+#[derive(serde::Deserialize)]
+struct Created {
+    uuid: Uuid,
 }
 
 /// Exponential waiting time for `per_hour` events per hour.

@@ -18,7 +18,7 @@ use crate::services::vm::{
 };
 use crate::services::zone::{CreateCluster, CreateZone, UpdateCluster, UpdateZone};
 use crate::services::Cloud;
-use crate::store::{Cond, Query, Resource, Row};
+use crate::store::{Cond, JsonText, Query, RecordJson, Resource, Row};
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
@@ -161,16 +161,16 @@ fn job_view(j: Row<Job>) -> JobView {
 
 /// Render a reply for the API (rows without their secret fields).
 pub trait ApiView {
-    fn view(&self) -> serde_json::Value;
+    fn view(&self) -> JsonText;
 }
 impl<T: Resource> ApiView for Row<T> {
-    fn view(&self) -> serde_json::Value {
-        self.to_record().to_json()
+    fn view(&self) -> JsonText {
+        self.api_text()
     }
 }
 macro_rules! plain_view {
     ($($t:ty),*) => { $( impl ApiView for $t {
-        fn view(&self) -> serde_json::Value { serde_json::to_value(self).unwrap_or(serde_json::Value::Null) }
+        fn view(&self) -> JsonText { JsonText::of(self) }
     } )* };
 }
 plain_view!(
@@ -277,11 +277,19 @@ async fn list(State(c): Api, Path(res): Path<String>, RawQuery(raw): RawQuery) -
         Ok(r) => r,
         Err(e) => return error(&e.into()),
     };
-    let mut body =
-        serde_json::json!({"items": rows.iter().map(|r| r.to_json()).collect::<Vec<_>>()});
+    #[derive(Serialize)]
+    struct Items<'a> {
+        items: Vec<RecordJson<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        total: Option<u64>,
+    }
+    let mut body = Items {
+        items: rows.iter().map(|r| r.api_json()).collect(),
+        total: None,
+    };
     if param(&pairs, "count") == Some("true") {
         match db.count(&q).await {
-            Ok(n) => body["total"] = n.into(),
+            Ok(n) => body.total = Some(n),
             Err(e) => return error(&e.into()),
         }
     }
@@ -302,7 +310,7 @@ async fn get_one(State(c): Api, Path((res, id)): Path<(String, String)>) -> Resp
         };
     }
     match c.db().store().get(kind, uuid).await {
-        Ok(Some(r)) => json(200, &r.to_json()),
+        Ok(Some(r)) => json(200, &r.api_json()),
         Ok(None) => error(&Error::not_found(kind, uuid)),
         Err(e) => error(&e.into()),
     }

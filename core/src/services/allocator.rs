@@ -19,7 +19,7 @@ use crate::config::ConfigDef;
 use crate::error::{Error, ErrorCode};
 use crate::extension::{AllocationSpec, HostCandidate};
 use crate::model::*;
-use crate::store::{Batch, Expect, Query, Row, Update};
+use crate::store::{Batch, Expect, Query, Record, Row, StoreError, Update};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -154,18 +154,21 @@ pub struct Allocator {
 }
 
 impl HostCap {
-    fn from_rows(h: &Row<Host>, disks: Vec<(Uuid, i64)>) -> HostCap {
-        HostCap {
+    /// A host's entry from its row, without its disks (only these fields are read: a reload
+    /// reads every host of the datacenter).
+    fn read(h: &Record) -> Result<HostCap, StoreError> {
+        Ok(HostCap {
             uuid: h.uuid,
-            cluster: h.cluster_uuid,
-            zone: h.zone_uuid,
-            usable: h.state == HostState::Enabled && h.status == HostStatus::Connected,
-            cores: h.cpu_cores,
-            memory_mb: h.memory_mb,
-            cpu_used: h.cpu_used,
-            memory_used: h.memory_used_mb,
-            disks,
-        }
+            cluster: h.decode("cluster_uuid")?,
+            zone: h.decode("zone_uuid")?,
+            usable: h.decode::<HostState>("state")? == HostState::Enabled
+                && h.decode::<HostStatus>("status")? == HostStatus::Connected,
+            cores: h.decode("cpu_cores")?,
+            memory_mb: h.decode("memory_mb")?,
+            cpu_used: h.decode("cpu_used")?,
+            memory_used: h.decode("memory_used_mb")?,
+            disks: Vec::new(),
+        })
     }
 
     fn fits(&self, spec: &AllocationSpec, lim: &Limits) -> Option<Option<Uuid>> {
@@ -201,7 +204,7 @@ impl Allocator {
     /// Reload everything from the store.
     async fn reload(&self, c: &Cloud) -> Result<(), Error> {
         let db = c.db();
-        let hosts = db.select::<Host>(&Query::of::<Host>()).await?;
+        let hosts = db.project(&Query::of::<Host>(), HostCap::read).await?;
         let storage = db
             .select::<LocalStorage>(&Query::of::<LocalStorage>())
             .await?;
@@ -241,18 +244,18 @@ impl Allocator {
                 ci.l2s.insert(l.l2_uuid);
             }
         }
-        for h in &hosts {
-            let ps_ok = attached.get(&h.cluster_uuid);
-            let d = disks
+        for mut h in hosts {
+            let ps_ok = attached.get(&h.cluster);
+            h.disks = disks
                 .remove(&h.uuid)
                 .unwrap_or_default()
                 .into_iter()
                 .filter(|(ps, _)| ps_ok.is_some_and(|s| s.contains(ps)))
                 .collect();
-            if let Some(ci) = cache.clusters.get_mut(&h.cluster_uuid) {
+            if let Some(ci) = cache.clusters.get_mut(&h.cluster) {
                 ci.hosts.push(h.uuid);
             }
-            cache.hosts.insert(h.uuid, HostCap::from_rows(h, d));
+            cache.hosts.insert(h.uuid, h);
         }
         *self.lock() = cache;
         Ok(())
@@ -260,18 +263,18 @@ impl Allocator {
 
     /// Reload one host's entry from the store (after a refused reservation or a host event).
     pub async fn refresh_host(&self, c: &Cloud, host: Uuid) -> Result<(), Error> {
-        let Some(h) = c.db().get::<Host>(host).await? else {
+        let Some(mut cap) = c.db().peek::<Host, _>(host, HostCap::read).await? else {
             self.lock().hosts.remove(&host);
             return Ok(());
         };
         let attached: BTreeSet<Uuid> = c
             .db()
-            .select::<PsCluster>(&Query::of::<PsCluster>().eq("cluster_uuid", h.cluster_uuid))
+            .select::<PsCluster>(&Query::of::<PsCluster>().eq("cluster_uuid", cap.cluster))
             .await?
             .iter()
             .map(|l| l.ps_uuid)
             .collect();
-        let disks = c
+        cap.disks = c
             .db()
             .select::<LocalStorage>(&Query::of::<LocalStorage>().eq("host_uuid", host))
             .await?
@@ -279,11 +282,10 @@ impl Allocator {
             .filter(|s| attached.contains(&s.ps_uuid))
             .map(|s| (s.ps_uuid, s.total_mb - s.used_mb))
             .collect();
-        let cap = HostCap::from_rows(&h, disks);
         let mut cache = self.lock();
         let known = cache
             .clusters
-            .get(&h.cluster_uuid)
+            .get(&cap.cluster)
             .is_some_and(|ci| ci.hosts.contains(&host));
         if !known {
             // A host the cache has never seen (or a new cluster): reload all next time.

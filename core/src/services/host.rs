@@ -284,13 +284,23 @@ async fn ping_loop(weak: std::sync::Weak<Cloud>, host: Uuid) {
 
 /// One ping (or reconnect attempt). Ok(false): the host is gone; stop tracking it.
 async fn ping_once(c: &Arc<Cloud>, host: Uuid) -> Result<bool, Error> {
-    let Some(h) = c.db().get::<Host>(host).await? else {
+    // The fields a ping needs, not the whole row (every host's, every interval).
+    let read = |r: &crate::store::Record| {
+        Ok((
+            r.decode::<HostStatus>("status")?,
+            r.decode::<String>("address")?,
+            r.decode::<String>("token")?,
+            r.decode::<i64>("ping_failures")?,
+        ))
+    };
+    let Some((status, address, token, ping_failures)) = c.db().peek::<Host, _>(host, read).await?
+    else {
         return Ok(false);
     };
     if !c.bus().owns(&host) {
         return Ok(false);
     }
-    if h.status != HostStatus::Connected {
+    if status != HostStatus::Connected {
         let r = c
             .engine
             .queues
@@ -301,7 +311,7 @@ async fn ping_once(c: &Arc<Cloud>, host: Uuid) -> Result<bool, Error> {
         }
         return Ok(true);
     }
-    let target = HostTarget::new(h.uuid, &h.address, &h.token)?;
+    let target = HostTarget::new(host, &address, &token)?;
     let timeout: Duration = c.engine.config.get(&PING_TIMEOUT.key());
     let reply = c
         .agents
@@ -348,7 +358,7 @@ async fn ping_once(c: &Arc<Cloud>, host: Uuid) -> Result<bool, Error> {
         }
         Err(e) => {
             let max: i64 = c.engine.config.get(&PING_FAILURES.key());
-            let failures = h.ping_failures + 1;
+            let failures = ping_failures + 1;
             c.db()
                 .commit(
                     Batch::new().update(

@@ -75,10 +75,26 @@ impl Cloud {
             .ok_or_else(|| Error::not_found(T::META.name, uuid))
     }
 
-    /// How to reach a host's agent.
+    /// A `not_found` error naming the kind unless row `uuid` of `T` exists (the row is not
+    /// read).
+    pub async fn must_exist<T: Resource>(&self, uuid: Uuid) -> Result<(), Error> {
+        self.db()
+            .peek::<T, _>(uuid, |_| Ok(()))
+            .await?
+            .ok_or_else(|| Error::not_found(T::META.name, uuid))
+    }
+
+    /// How to reach a host's agent (its address and token only are read: every command to an
+    /// agent asks).
     pub async fn host_target(&self, host: Uuid) -> Result<HostTarget, Error> {
-        let h = self.get::<Host>(host).await?;
-        HostTarget::new(h.uuid, &h.address, &h.token)
+        let (address, token) = self
+            .db()
+            .peek::<Host, _>(host, |r| {
+                Ok((r.decode::<String>("address")?, r.decode::<String>("token")?))
+            })
+            .await?
+            .ok_or_else(|| Error::not_found(Host::META.name, host))?;
+        HostTarget::new(host, &address, &token)
     }
 
     /// Where agents send reports.

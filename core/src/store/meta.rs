@@ -5,7 +5,7 @@
 //! build their indexes from the metadata, the query resolver checks conditions against it, and
 //! the API lists and filters by it.
 
-use super::value::{FieldType, Value};
+use super::value::{decode_field, FieldType, FieldValue, JsonText, Value};
 use super::StoreError;
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
@@ -211,6 +211,15 @@ impl Record {
         self.kind.field_index(field).map(|i| &self.values[i])
     }
 
+    /// Declared field `field` as a `V` (what [`super::Db::project`] readers take).
+    pub fn decode<V: FieldValue>(&self, field: &str) -> Result<V, StoreError> {
+        let v = self.get(field).ok_or_else(|| StoreError::UnknownField {
+            kind: self.kind.name.to_string(),
+            field: field.to_string(),
+        })?;
+        decode_field(self.kind.name, field, v)
+    }
+
     /// Value of a field reference as an owned value (built-ins included).
     pub fn value_of(&self, f: FieldRef) -> Value {
         match f {
@@ -258,19 +267,61 @@ impl Record {
         Ok(())
     }
 
-    /// The record as a JSON object (secret fields left out: this is what the API shows).
+    /// The record as the API shows it (secret fields left out), to serialize.
+    pub fn api_json(&self) -> RecordJson<'_> {
+        RecordJson {
+            kind: self.kind,
+            uuid: self.uuid,
+            version: self.version,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+            values: &self.values,
+            secrets: false,
+        }
+    }
+
+    /// [`Record::api_json`] as a tree.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut map = serde_json::Map::new();
-        map.insert("uuid".into(), self.uuid.to_string().into());
-        for (m, v) in self.kind.fields.iter().zip(&self.values) {
-            if !m.secret {
-                map.insert(m.name.into(), v.to_json());
+        serde_json::to_value(self.api_json()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A record as a JSON object, written as it is serialized: `uuid`, the fields, `version`,
+/// `created_ms` and `updated_ms`, keys sorted as serde_json's own maps sort them. The API's
+/// answers and job results were built as `serde_json::Value` trees first (a string and a map
+/// node per field), then written.
+pub struct RecordJson<'a> {
+    kind: &'static KindMeta,
+    uuid: Uuid,
+    version: u64,
+    created_ms: i64,
+    updated_ms: i64,
+    /// The field values (a record's own, or a row's converted ones).
+    values: &'a [Value],
+    secrets: bool,
+}
+
+impl serde::Serialize for RecordJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        use std::borrow::Cow;
+        let r = self;
+        let mut entries: Vec<(&str, Cow<'_, Value>)> = Vec::with_capacity(self.values.len() + 4);
+        entries.push(("uuid", Cow::Owned(Value::Uuid(r.uuid))));
+        for (m, v) in r.kind.fields.iter().zip(self.values) {
+            if self.secrets || !m.secret {
+                entries.push((m.name, Cow::Borrowed(v)));
             }
         }
-        map.insert("version".into(), self.version.into());
-        map.insert("created_ms".into(), self.created_ms.into());
-        map.insert("updated_ms".into(), self.updated_ms.into());
-        serde_json::Value::Object(map)
+        entries.push(("version", Cow::Owned(Value::Int(r.version as i64))));
+        entries.push(("created_ms", Cow::Owned(Value::Int(r.created_ms))));
+        entries.push(("updated_ms", Cow::Owned(Value::Int(r.updated_ms))));
+        entries.sort_unstable_by_key(|e| e.0);
+        let mut map = s.serialize_map(Some(entries.len()))?;
+        for (k, v) in &entries {
+            map.serialize_entry(k, v.as_ref())?;
+        }
+        map.end()
     }
 }
 
@@ -374,19 +425,32 @@ impl<T> DerefMut for Row<T> {
     }
 }
 
+impl<T: Resource> Row<T> {
+    /// The row as the API shows it (secret fields left out, as [`Record::api_json`]), as text.
+    pub fn api_text(&self) -> JsonText {
+        let values = self.data.to_values();
+        JsonText::of(&self.json_of(&values, false))
+    }
+
+    fn json_of<'a>(&self, values: &'a [Value], secrets: bool) -> RecordJson<'a> {
+        RecordJson {
+            kind: T::META,
+            uuid: self.uuid,
+            version: self.version,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+            values,
+            secrets,
+        }
+    }
+}
+
 /// A row serializes as its full record (secret fields included: rows cross the bus between
-/// management nodes; the API shows [`Record::to_json`], which leaves secrets out).
+/// management nodes; the API shows [`Record::api_json`], which leaves secrets out).
 impl<T: Resource> serde::Serialize for Row<T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = serde_json::Map::new();
-        map.insert("uuid".into(), self.uuid.to_string().into());
-        for (m, v) in T::META.fields.iter().zip(self.data.to_values()) {
-            map.insert(m.name.into(), v.to_json());
-        }
-        map.insert("version".into(), self.version.into());
-        map.insert("created_ms".into(), self.created_ms.into());
-        map.insert("updated_ms".into(), self.updated_ms.into());
-        serde_json::Value::Object(map).serialize(s)
+        let values = self.data.to_values();
+        self.json_of(&values, true).serialize(s)
     }
 }
 
@@ -555,6 +619,74 @@ mod tests {
         let back: Row<Probe> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, row);
         assert!(Schema::new().with(Probe::META).validate().is_ok());
+    }
+
+    crate::resource! {
+        /// A kind with a secret and a float, for the API form.
+        pub struct Shown: "shown" {
+            zeta: String,
+            token: String [secret],
+            ratio: f64,
+            extra: Json<serde_json::Value>,
+            alpha: Option<Uuid>,
+        }
+    }
+
+    #[test]
+    fn the_api_form_sorts_keys_leaves_secrets_out_and_writes_json_as_it_is() {
+        let row = Row {
+            uuid: Uuid::from_u128(9),
+            version: 3,
+            created_ms: 10,
+            updated_ms: 20,
+            data: Shown {
+                zeta: "z \"q\"".into(),
+                token: "hidden".into(),
+                ratio: f64::NAN,
+                extra: Json(serde_json::json!({"b": [1, 2], "a": null})),
+                alpha: None,
+            },
+        };
+        let rec = row.to_record();
+        let text = serde_json::to_string(&rec.api_json()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"alpha":null,"created_ms":10,"extra":{"a":null,"b":[1,2]},"ratio":null,"updated_ms":20,"uuid":"00000000-0000-0000-0000-000000000009","version":3,"zeta":"z \"q\""}"#
+        );
+        assert_eq!(row.api_text().as_str(), text);
+        assert_eq!(
+            rec.to_json(),
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()
+        );
+        // Rows crossing the bus keep their secrets.
+        let full = serde_json::to_value(&row).unwrap();
+        assert_eq!(full["token"], "hidden");
+        assert_eq!(full["ratio"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn decode_reads_one_field_or_says_which_is_wrong() {
+        let row = Row::new(
+            Uuid::from_u128(4),
+            Probe {
+                name: "p".into(),
+                size: 7,
+                owner_uuid: Some(Uuid::from_u128(5)),
+                tags: Json(Vec::new()),
+            },
+        );
+        let rec = row.to_record();
+        assert_eq!(rec.decode::<i64>("size").unwrap(), 7);
+        assert_eq!(
+            rec.decode::<Option<Uuid>>("owner_uuid").unwrap(),
+            Some(Uuid::from_u128(5))
+        );
+        assert!(matches!(
+            rec.decode::<i64>("nope"),
+            Err(StoreError::UnknownField { .. })
+        ));
+        let e = rec.decode::<i64>("name").unwrap_err();
+        assert!(e.to_string().contains("probe.name"), "{e}");
     }
 
     #[test]

@@ -22,8 +22,8 @@ pub use batch::{
 };
 pub use mem::MemStore;
 pub use meta::{
-    check_value, FieldMeta, FieldRef, KindMeta, Record, Relation, Resource, Row, Schema,
-    BUILTIN_FIELDS,
+    check_value, FieldMeta, FieldRef, KindMeta, Record, RecordJson, Relation, Resource, Row,
+    Schema, BUILTIN_FIELDS,
 };
 pub use query::{
     hop, like_escape, like_match, op_holds, resolve, resolve_cond, Cond, Hop, Op, Query,
@@ -198,9 +198,36 @@ impl Db {
     /// The uuids of the rows matching `q`, in its order, without building typed rows (the
     /// memory store lends its own; the SQL stores still read whole records).
     pub async fn uuids(&self, q: &Query) -> Result<Vec<Uuid>, StoreError> {
+        self.project(q, |r| Ok(r.uuid)).await
+    }
+
+    /// What `read` takes of each row matching `q`, in its order, without building typed rows:
+    /// a reader of a few fields ([`Record::decode`]) does not copy the others. `read` may run
+    /// under the in-memory store's lock, so it must not call the store.
+    pub async fn project<R: Send>(
+        &self,
+        q: &Query,
+        mut read: impl FnMut(&Record) -> Result<R, StoreError> + Send,
+    ) -> Result<Vec<R>, StoreError> {
         let mut out = Vec::new();
-        self.inner.query_with(q, &mut |r| out.push(r.uuid)).await?;
-        Ok(out)
+        self.inner.query_with(q, &mut |r| out.push(read(r))).await?;
+        out.into_iter().collect()
+    }
+
+    /// What `read` takes of row `uuid` of `T`, if there is one ([`Db::project`] for one row).
+    pub async fn peek<T: Resource, R: Send>(
+        &self,
+        uuid: Uuid,
+        read: impl FnOnce(&Record) -> Result<R, StoreError> + Send,
+    ) -> Result<Option<R>, StoreError> {
+        let mut read = Some(read);
+        let mut out = None;
+        self.inner
+            .get_with(T::META.name, uuid, &mut |r| {
+                out = read.take().map(|f| f(r));
+            })
+            .await?;
+        out.transpose()
     }
 
     pub async fn count(&self, q: &Query) -> Result<u64, StoreError> {

@@ -198,20 +198,10 @@ impl Value {
         }
     }
 
-    /// The JSON form used by the SQL backends and the API.
+    /// The JSON form used by the SQL backends and the API, as a tree (its `Serialize` writes
+    /// the same form straight to text).
     pub fn to_json(&self) -> serde_json::Value {
-        use serde_json::Value as J;
-        match self {
-            Value::Null => J::Null,
-            Value::Bool(b) => J::Bool(*b),
-            Value::Int(i) | Value::Time(i) => J::from(*i),
-            Value::Float(f) => serde_json::Number::from_f64(*f)
-                .map(J::Number)
-                .unwrap_or(J::Null),
-            Value::Text(s) => J::String(s.clone()),
-            Value::Uuid(u) => J::String(u.to_string()),
-            Value::Json(j) => j.to_value(),
-        }
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 
     /// Parse the JSON form back, checking it against the field type.
@@ -268,6 +258,25 @@ impl Value {
         match self {
             Value::Text(s) => Some(s),
             _ => None,
+        }
+    }
+}
+
+/// The JSON form: numbers, text, a uuid as its hyphenated text, JSON as it is, and `null` for
+/// null and for floats JSON cannot hold (infinities, NaN).
+impl Serialize for Value {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Value::Null => s.serialize_unit(),
+            Value::Bool(b) => s.serialize_bool(*b),
+            Value::Int(i) | Value::Time(i) => s.serialize_i64(*i),
+            Value::Float(f) if f.is_finite() => s.serialize_f64(*f),
+            Value::Float(_) => s.serialize_unit(),
+            Value::Text(t) => s.serialize_str(t),
+            Value::Uuid(u) => {
+                s.serialize_str(u.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
+            }
+            Value::Json(j) => j.serialize(s),
         }
     }
 }

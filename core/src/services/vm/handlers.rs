@@ -66,7 +66,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
             cloud.handle(move |c: Arc<Cloud>, $m: $msg| {
                 let ch = chains.clone();
                 async move {
-                    let _ = c.get::<Vm>($m.uuid).await?;
+                    c.must_exist::<Vm>($m.uuid).await?;
                     let q = vm_queue($m.uuid);
                     let ctx = PowerCtx::new($m.uuid, $force);
                     c.engine
@@ -88,7 +88,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
     cloud.handle(move |c: Arc<Cloud>, m: ExpungeVm| {
         let ch = chains.clone();
         async move {
-            let _ = c.get::<Vm>(m.uuid).await?;
+            c.must_exist::<Vm>(m.uuid).await?;
             let q = vm_queue(m.uuid);
             c.engine
                 .queues

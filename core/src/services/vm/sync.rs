@@ -71,28 +71,54 @@ impl Message for VmStateReport {
     }
 }
 
-/// Whether the database's view of `vm` disagrees with `seen` on host `host`.
-fn looks_wrong(vm: &Vm, host: Uuid, seen: Option<PowerState>) -> bool {
-    if vm.state.is_transitional() {
+/// Whether the database's view of a VM (its state, on `vm_host`) disagrees with `seen` on host
+/// `host`.
+fn looks_wrong(
+    state: VmState,
+    vm_host: Option<Uuid>,
+    host: Uuid,
+    seen: Option<PowerState>,
+) -> bool {
+    if state.is_transitional() {
         return false;
     }
-    let here = vm.host_uuid == Some(host);
+    let here = vm_host == Some(host);
     match (here, seen) {
-        (true, Some(PowerState::Running)) => vm.state != VmState::Running,
-        (true, Some(PowerState::Paused)) => vm.state != VmState::Paused,
-        (true, Some(PowerState::Crashed)) => vm.state != VmState::Crashed,
+        (true, Some(PowerState::Running)) => state != VmState::Running,
+        (true, Some(PowerState::Paused)) => state != VmState::Paused,
+        (true, Some(PowerState::Crashed)) => state != VmState::Crashed,
         (true, Some(PowerState::Stopped)) | (true, None) => true,
         (false, Some(PowerState::Running) | Some(PowerState::Paused)) => true,
         (false, _) => false,
     }
 }
 
+/// What a host's state sync reads of a VM the database places on the host.
+struct OnHost {
+    uuid: Uuid,
+    state: VmState,
+    host_uuid: Option<Uuid>,
+}
+
+/// What it reads of a volume the database places on the host.
+struct Placed {
+    state: VolumeState,
+    vm_uuid: Option<Uuid>,
+}
+
 async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error> {
     let mut sum = SyncSummary::default();
     let mut orphans = Orphans::default();
+    // Only the fields looked at (every ping of every host reads these rows).
     let on_host = c
         .db()
-        .select::<Vm>(&Query::of::<Vm>().eq("host_uuid", m.host))
+        .project(&Query::of::<Vm>().eq("host_uuid", m.host), |r| {
+            Ok(OnHost {
+                uuid: r.uuid,
+                state: r.decode("state")?,
+                host_uuid: r.decode("host_uuid")?,
+            })
+        })
         .await?;
     if !m.full {
         // Every VM on the host, whatever its state now: one in the middle of an operation is
@@ -112,7 +138,7 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
     let seen: BTreeMap<Uuid, PowerState> = m.vms.iter().map(|s| (s.uuid, s.state)).collect();
     for vm in &on_host {
         let s = seen.get(&vm.uuid).copied();
-        if looks_wrong(vm, m.host, s) {
+        if looks_wrong(vm.state, vm.host_uuid, m.host, s) {
             spawn_report(
                 c,
                 VmStateReport {
@@ -138,7 +164,9 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
             }
             Some(vm) => {
                 let destroyed_but_defined = vm.state == VmState::Destroyed;
-                if looks_wrong(&vm, m.host, Some(*state)) || destroyed_but_defined {
+                if looks_wrong(vm.state, vm.host_uuid, m.host, Some(*state))
+                    || destroyed_but_defined
+                {
                     spawn_report(
                         c,
                         VmStateReport {
@@ -155,12 +183,19 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
     }
     // The volumes the database places here, in one indexed read (a read per reported volume
     // was ten reads a ping at 100,000 hosts); a reported volume not among them is read alone.
-    let placed: BTreeMap<Uuid, Row<Volume>> = c
+    let placed: BTreeMap<Uuid, Placed> = c
         .db()
-        .select::<Volume>(&Query::of::<Volume>().eq("host_uuid", m.host))
+        .project(&Query::of::<Volume>().eq("host_uuid", m.host), |r| {
+            Ok((
+                r.uuid,
+                Placed {
+                    state: r.decode("state")?,
+                    vm_uuid: r.decode("vm_uuid")?,
+                },
+            ))
+        })
         .await?
         .into_iter()
-        .map(|v| (v.uuid, v))
         .collect();
     for v in &m.volumes {
         if placed.contains_key(v) {
@@ -198,9 +233,9 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
     // Root volumes of destroyed VMs the database places here but the host no longer has: an
     // expunge whose delete ran on the host while its answer was lost (a partition) went back
     // to Destroyed. Finish the deletion (found by the partition-storm scenario).
-    let ready = placed.values().filter(|v| v.state == VolumeState::Ready);
-    for v in ready {
-        if m.volumes.contains(&v.uuid) {
+    let ready = placed.iter().filter(|(_, v)| v.state == VolumeState::Ready);
+    for (&uuid, v) in ready {
+        if m.volumes.contains(&uuid) {
             continue;
         }
         match v.vm_uuid {
@@ -210,12 +245,12 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
                     .await?
                     .is_some_and(|x| x.state == VmState::Destroyed)
                 {
-                    deleted_on_host(c, m.host, vm, v.uuid);
+                    deleted_on_host(c, m.host, vm, uuid);
                     sum.orphan_volumes += 1;
                 }
             }
             None => {
-                lost_copy(c, m.host, v.uuid);
+                lost_copy(c, m.host, uuid);
                 sum.orphan_volumes += 1;
             }
         }
@@ -771,7 +806,7 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
     let seen = agent(c, &target, &VmStatusCmd { vm: vm.uuid })
         .await?
         .map(|s| s.state);
-    if !looks_wrong(&vm, r.host, seen) && vm.state != VmState::Destroyed {
+    if !looks_wrong(vm.state, vm.host_uuid, r.host, seen) && vm.state != VmState::Destroyed {
         return Ok("unchanged".into());
     }
     let here = vm.host_uuid == Some(r.host);
