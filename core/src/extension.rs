@@ -114,6 +114,22 @@ pub struct Extensions {
     pub audit: Vec<Arc<dyn AuditSink>>,
 }
 
+/// The plugins by name (the hooks' own fields are theirs).
+impl std::fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Extensions")
+            .field(
+                "vm_hooks",
+                &self.vm_hooks.iter().map(|h| h.name()).collect::<Vec<_>>(),
+            )
+            .field("host_hooks", &self.host_hooks.len())
+            .field("allocator_filters", &self.allocator_filters.len())
+            .field("cascade", &self.cascade.len())
+            .field("audit", &self.audit.len())
+            .finish()
+    }
+}
+
 impl Extensions {
     pub fn builder() -> ExtensionsBuilder {
         ExtensionsBuilder::default()

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_core::client::StratusClient;
 use stratus_core::error::Error;
+use stratus_core::extension::Extensions;
 use stratus_core::flow::FaultPoints;
 use stratus_core::model::{self, VmState, VolumeState};
 use stratus_core::node::{ManagementNode, NodeConfig};
@@ -49,6 +50,8 @@ pub struct WorldSpec {
     pub add_concurrency: usize,
     /// Hosts that run (agent up) but are not added; [`World::add_host`] adds one.
     pub spare_hosts: usize,
+    /// The management node's plugins (none by default).
+    pub extensions: Arc<Extensions>,
 }
 
 impl WorldSpec {
@@ -115,6 +118,7 @@ impl Default for WorldSpec {
             ],
             add_concurrency: 64,
             spare_hosts: 0,
+            extensions: Extensions::builder().build(),
         }
     }
 }
@@ -231,18 +235,24 @@ fn start_host_node(
         .build()
 }
 
-fn start_mgmt_node(h: &Handle, store: Arc<MemStore>, faults: Arc<FaultPoints>) -> NodeHandle {
+fn start_mgmt_node(
+    h: &Handle,
+    store: Arc<MemStore>,
+    faults: Arc<FaultPoints>,
+    extensions: Arc<Extensions>,
+) -> NodeHandle {
     h.create_node()
         .name("mgmt")
         .ip(MGMT_IP.into())
         .init(move || {
-            let (store, faults) = (store.clone(), faults.clone());
+            let (store, faults, extensions) = (store.clone(), faults.clone(), extensions.clone());
             async move {
                 let mut cfg = NodeConfig::new(
                     Uuid::from_u128(0x5157_7a75),
                     SocketAddr::new(MGMT_IP.into(), API_PORT),
                 );
                 cfg.faults = Some(faults);
+                cfg.extensions = extensions;
                 match ManagementNode::start(store, cfg).await {
                     Ok(_node) => std::future::pending::<()>().await,
                     Err(e) => panic!("management node failed to start: {e}"),
@@ -282,7 +292,8 @@ impl World {
         let store = Arc::new(MemStore::new(std::mem::take(&mut schema)));
         let flow_faults = Arc::new(FaultPoints::default());
         let faults = Arc::new(SimFaults::new(spec.seed ^ 0x5eed));
-        let mgmt = start_mgmt_node(&h, store.clone(), flow_faults.clone()).id();
+        let extensions = spec.extensions.clone();
+        let mgmt = start_mgmt_node(&h, store.clone(), flow_faults.clone(), extensions).id();
         let mut client = StratusClient::new(SocketAddr::new(MGMT_IP.into(), API_PORT));
         client.wait = Duration::from_secs(3600);
         // Wait for the API.

@@ -136,3 +136,56 @@ fn every_vm_operation_works_and_keeps_the_invariants() {
         },
     );
 }
+
+/// Records what VM hooks are told after each operation.
+struct Seen(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+#[async_trait::async_trait]
+impl stratus_core::extension::VmHook for Seen {
+    fn name(&self) -> &'static str {
+        "seen"
+    }
+    async fn after(
+        &self,
+        op: stratus_core::extension::VmOp,
+        vm: &stratus_core::extension::VmInfo,
+        outcome: Result<(), &stratus_core::error::Error>,
+    ) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("{op} {} {}", vm.state, outcome.is_ok()));
+    }
+}
+
+#[test]
+fn vm_hooks_are_told_each_operation_with_the_vm_as_it_ended() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let spec = WorldSpec {
+        seed: 12,
+        extensions: stratus_core::extension::Extensions::builder()
+            .vm_hook(Seen(seen.clone()))
+            .build(),
+        ..Default::default()
+    };
+    World::run(spec, move |w| async move {
+        let c = &w.client;
+        let id = uuid(&w.create_vm("hooked", "small").await.expect("create"));
+        for action in ["stop", "start", "reboot", "migrate", "destroy"] {
+            c.action("vms", id, action, json!({}))
+                .await
+                .unwrap_or_else(|e| panic!("{action}: {e}"));
+        }
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "create Running true",
+                "stop Stopped true",
+                "start Running true",
+                "reboot Running true",
+                "migrate Running true",
+                "destroy Destroyed true",
+            ]
+        );
+    });
+}

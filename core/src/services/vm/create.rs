@@ -4,7 +4,7 @@
 //! the VM row disappears last.
 
 use super::chain::{l2s_of, release_reservations, step, vm_spec, Step};
-use super::{agent, info, CreateVm, BUG_LEAK_IP};
+use super::{after, agent, info, CreateVm, BUG_LEAK_IP};
 use crate::error::{Error, ErrorCode};
 use crate::extension::{AllocationSpec, VmOp};
 use crate::flow::FlowChain;
@@ -394,11 +394,7 @@ async fn mark_running(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
         "/vm/state/change",
         || serde_json::json!({"uuid": x.vm, "old": "Starting", "new": "Running"}),
     );
-    let vm = c.get::<Vm>(x.vm).await?;
-    c.engine
-        .ext
-        .vm_after(VmOp::Create, &info(&vm), Ok(()))
-        .await;
+    after(&c, VmOp::Create, x.vm).await?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 
 use super::chain::{changed_meanwhile, release_reservations, step, Step};
 use super::power::{release_host, restore_prev, run_again, PowerCtx};
-use super::{agent, info, set_state};
+use super::{after, agent, info, set_state};
 use crate::error::Error;
 use crate::extension::VmOp;
 use crate::flow::{FlowChain, OnInterrupt};
@@ -141,11 +141,7 @@ async fn detach_data_volumes(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Erro
 
 async fn destroyed(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
     set_state(&c, x.vm, Some(VmState::Destroying), VmState::Destroyed).await?;
-    let vm = c.get::<Vm>(x.vm).await?;
-    c.engine
-        .ext
-        .vm_after(VmOp::Destroy, &info(&vm), Ok(()))
-        .await;
+    after(&c, VmOp::Destroy, x.vm).await?;
     Ok(())
 }
 
@@ -174,11 +170,7 @@ async fn allocate_ips(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
 
 async fn recovered(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
     set_state(&c, x.vm, Some(VmState::Destroyed), VmState::Stopped).await?;
-    let vm = c.get::<Vm>(x.vm).await?;
-    c.engine
-        .ext
-        .vm_after(VmOp::Recover, &info(&vm), Ok(()))
-        .await;
+    after(&c, VmOp::Recover, x.vm).await?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! happened is migrated back.
 
 use super::chain::{changed_meanwhile, l2s_of, l3s_of, probe, release_reservations, step, Step};
-use super::{agent, info, set_state};
+use super::{after, agent, info, set_state};
 use crate::error::Error;
 use crate::extension::{AllocationSpec, VmOp};
 use crate::flow::FlowChain;
@@ -182,10 +182,6 @@ async fn switch_host(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
         super::sync::Moving::All,
     )
     .await?;
-    let vm = c.get::<Vm>(x.vm).await?;
-    c.engine
-        .ext
-        .vm_after(VmOp::Migrate, &info(&vm), Ok(()))
-        .await;
+    after(&c, VmOp::Migrate, x.vm).await?;
     Ok(())
 }

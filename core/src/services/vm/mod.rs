@@ -25,7 +25,7 @@ use crate::bus::{Bus, Message};
 use crate::cascade::CascadeParticipant;
 use crate::config::ConfigDef;
 use crate::error::{Error, ErrorCode};
-use crate::extension::VmInfo;
+use crate::extension::{VmInfo, VmOp};
 use crate::model::*;
 use crate::store::{Batch, Db, Query, Row, Update};
 use async_trait::async_trait;
@@ -143,6 +143,17 @@ impl Message for ExpungeVm {
 
 pub(crate) fn vm_queue(vm: Uuid) -> String {
     format!("vm-{vm}")
+}
+
+/// Tell the VM hooks that `op` ended well on `vm`. The VM is read for them only when a plugin
+/// listens: the read ended every operation, and a cloud without VM plugins had no use for it.
+pub(crate) async fn after(c: &Cloud, op: VmOp, vm: Uuid) -> Result<(), Error> {
+    if c.engine.ext.vm_hooks.is_empty() {
+        return Ok(());
+    }
+    let vm = c.get::<Vm>(vm).await?;
+    c.engine.ext.vm_after(op, &info(&vm), Ok(())).await;
+    Ok(())
 }
 
 pub(crate) fn info(vm: &Row<Vm>) -> VmInfo {

@@ -3,7 +3,7 @@
 //! retried rather than rolled back, and after a crash recovery finishes a stop.
 
 use super::chain::{changed_meanwhile, l2s_of, l3s_of, release_reservations, step, vm_spec, Step};
-use super::{agent, info, set_state, STOP_GRACE};
+use super::{after, agent, info, set_state, STOP_GRACE};
 use crate::error::Error;
 use crate::extension::{AllocationSpec, VmOp};
 use crate::flow::{FlowChain, OnInterrupt};
@@ -185,8 +185,7 @@ async fn force_off(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
 
 async fn started(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
     set_state(&c, x.vm, Some(VmState::Starting), VmState::Running).await?;
-    let vm = c.get::<Vm>(x.vm).await?;
-    c.engine.ext.vm_after(VmOp::Start, &info(&vm), Ok(())).await;
+    after(&c, VmOp::Start, x.vm).await?;
     Ok(())
 }
 
@@ -256,8 +255,7 @@ pub(super) async fn release_host(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), 
 
 async fn stopped(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
     set_state(&c, x.vm, Some(VmState::Stopping), VmState::Stopped).await?;
-    let vm = c.get::<Vm>(x.vm).await?;
-    c.engine.ext.vm_after(VmOp::Stop, &info(&vm), Ok(())).await;
+    after(&c, VmOp::Stop, x.vm).await?;
     Ok(())
 }
 
@@ -287,10 +285,6 @@ async fn reboot(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
 
 async fn rebooted(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
     set_state(&c, x.vm, Some(VmState::Rebooting), VmState::Running).await?;
-    let vm = c.get::<Vm>(x.vm).await?;
-    c.engine
-        .ext
-        .vm_after(VmOp::Reboot, &info(&vm), Ok(()))
-        .await;
+    after(&c, VmOp::Reboot, x.vm).await?;
     Ok(())
 }
