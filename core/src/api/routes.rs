@@ -747,8 +747,12 @@ async fn report(State(c): Api, TakeHeaders(headers): TakeHeaders, body: Bytes) -
         Ok(r) => r,
         Err(e) => return error(&Error::invalid(format!("bad report: {e}"))),
     };
-    match c.db().get::<Host>(r.host_uuid).await {
-        Ok(Some(h)) if h.token == token => {}
+    let known = c
+        .db()
+        .peek::<Host, _>(r.host_uuid, |h| h.decode::<String>("token"))
+        .await;
+    match known {
+        Ok(Some(t)) if t == token => {}
         Ok(_) => {
             return error(&Error::new(
                 ErrorCode::Unauthorized,

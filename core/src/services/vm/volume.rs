@@ -573,7 +573,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
                 }
             };
             if let Some(vm) = m.vm_uuid {
-                let _ = c.get::<Vm>(vm).await?;
+                c.must_exist::<Vm>(vm).await?;
             }
             let uuid = m.uuid.unwrap_or_else(|| c.engine.ids.uuid());
             let row = Row::new(
