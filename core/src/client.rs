@@ -106,7 +106,12 @@ impl StratusClient {
             }
         }
         // Not a job's view: read it whole for its error.
-        let mut v = Self::body(status, tree(body))?;
+        Self::outcome_of(status, tree(body))
+    }
+
+    /// [`StratusClient::job_outcome`] of an answer already read as a tree.
+    fn outcome_of<T: DeserializeOwned>(status: u16, v: Value) -> Result<T, Error> {
+        let mut v = Self::body(status, v)?;
         if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
             return Err(serde_json::from_value(e.clone())
                 .unwrap_or_else(|_| Error::internal(e.to_string())));
@@ -257,17 +262,9 @@ impl StratusClient {
     async fn wait_job_as<T: DeserializeOwned>(&self, job: Uuid) -> Result<T, Error> {
         let deadline = tokio::time::Instant::now() + self.wait;
         loop {
-            let (s, answer) = self
-                .call_raw(
-                    "GET",
-                    &format!("/v1/jobs/{job}"),
-                    None,
-                    Duration::from_secs(60),
-                )
-                .await?;
-            let v = Self::body(s, tree(&answer))?;
+            let v = self.get(&format!("/v1/jobs/{job}")).await?;
             match v["state"].as_str() {
-                Some("Succeeded") | Some("Failed") => return Self::job_outcome(200, &answer),
+                Some("Succeeded") | Some("Failed") => return Self::outcome_of(200, v),
                 _ if tokio::time::Instant::now() >= deadline => {
                     return Err(Error::timeout(format!("job {job} did not finish in time")))
                 }

@@ -288,12 +288,12 @@ async fn ping_once(c: &Arc<Cloud>, host: Uuid) -> Result<bool, Error> {
     let read = |r: &crate::store::Record| {
         Ok((
             r.decode::<HostStatus>("status")?,
-            r.decode::<String>("address")?,
-            r.decode::<String>("token")?,
             r.decode::<i64>("ping_failures")?,
+            super::agent_access(r)?,
         ))
     };
-    let Some((status, address, token, ping_failures)) = c.db().peek::<Host, _>(host, read).await?
+    let Some((status, ping_failures, (address, token))) =
+        c.db().peek::<Host, _>(host, read).await?
     else {
         return Ok(false);
     };

@@ -18,7 +18,7 @@ use crate::config::ConfigDef;
 use crate::engine::Engine;
 use crate::error::{Error, ErrorCode};
 use crate::model::Host;
-use crate::store::{Db, Resource, Row, StoreError};
+use crate::store::{Db, Record, Resource, Row, StoreError};
 use std::future::Future;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -89,9 +89,7 @@ impl Cloud {
     pub async fn host_target(&self, host: Uuid) -> Result<HostTarget, Error> {
         let (address, token) = self
             .db()
-            .peek::<Host, _>(host, |r| {
-                Ok((r.decode::<String>("address")?, r.decode::<String>("token")?))
-            })
+            .peek::<Host, _>(host, agent_access)
             .await?
             .ok_or_else(|| Error::not_found(Host::META.name, host))?;
         HostTarget::new(host, &address, &token)
@@ -101,6 +99,11 @@ impl Cloud {
     pub fn report_url(&self) -> String {
         format!("{}/agent/report", self.api_url)
     }
+}
+
+/// The address and token of a host's agent, from the host's row (for [`HostTarget::new`]).
+pub(crate) fn agent_access(host: &Record) -> Result<(String, String), StoreError> {
+    Ok((host.decode("address")?, host.decode("token")?))
 }
 
 /// All global config entries of the services.

@@ -270,12 +270,7 @@ impl Record {
     /// The record as the API shows it (secret fields left out), to serialize.
     pub fn api_json(&self) -> RecordJson<'_> {
         RecordJson {
-            kind: self.kind,
-            uuid: self.uuid,
-            version: self.version,
-            created_ms: self.created_ms,
-            updated_ms: self.updated_ms,
-            values: &self.values,
+            record: self,
             secrets: false,
         }
     }
@@ -286,13 +281,7 @@ impl Record {
 /// answers and job results were built as `serde_json::Value` trees first (a string and a map
 /// node per field), then written.
 pub struct RecordJson<'a> {
-    kind: &'static KindMeta,
-    uuid: Uuid,
-    version: u64,
-    created_ms: i64,
-    updated_ms: i64,
-    /// The field values (a record's own, or a row's converted ones).
-    values: &'a [Value],
+    record: &'a Record,
     secrets: bool,
 }
 
@@ -300,10 +289,10 @@ impl serde::Serialize for RecordJson<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         use std::borrow::Cow;
-        let r = self;
-        let mut entries: Vec<(&str, Cow<'_, Value>)> = Vec::with_capacity(self.values.len() + 4);
+        let r = self.record;
+        let mut entries: Vec<(&str, Cow<'_, Value>)> = Vec::with_capacity(r.values.len() + 4);
         entries.push(("uuid", Cow::Owned(Value::Uuid(r.uuid))));
-        for (m, v) in r.kind.fields.iter().zip(self.values) {
+        for (m, v) in r.kind.fields.iter().zip(&r.values) {
             if self.secrets || !m.secret {
                 entries.push((m.name, Cow::Borrowed(v)));
             }
@@ -423,20 +412,7 @@ impl<T> DerefMut for Row<T> {
 impl<T: Resource> Row<T> {
     /// The row as the API shows it (secret fields left out, as [`Record::api_json`]), as text.
     pub fn api_text(&self) -> JsonText {
-        let values = self.data.to_values();
-        JsonText::of(&self.json_of(&values, false))
-    }
-
-    fn json_of<'a>(&self, values: &'a [Value], secrets: bool) -> RecordJson<'a> {
-        RecordJson {
-            kind: T::META,
-            uuid: self.uuid,
-            version: self.version,
-            created_ms: self.created_ms,
-            updated_ms: self.updated_ms,
-            values,
-            secrets,
-        }
+        JsonText::of(&self.to_record().api_json())
     }
 }
 
@@ -444,8 +420,12 @@ impl<T: Resource> Row<T> {
 /// management nodes; the API shows [`Record::api_json`], which leaves secrets out).
 impl<T: Resource> serde::Serialize for Row<T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let values = self.data.to_values();
-        self.json_of(&values, true).serialize(s)
+        let record = self.to_record();
+        RecordJson {
+            record: &record,
+            secrets: true,
+        }
+        .serialize(s)
     }
 }
 

@@ -97,7 +97,6 @@ fn looks_wrong(
 struct OnHost {
     uuid: Uuid,
     state: VmState,
-    host_uuid: Option<Uuid>,
 }
 
 /// What it reads of a volume the database places on the host.
@@ -116,7 +115,6 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
             Ok(OnHost {
                 uuid: r.uuid,
                 state: r.decode("state")?,
-                host_uuid: r.decode("host_uuid")?,
             })
         })
         .await?;
@@ -138,7 +136,8 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
     let seen: BTreeMap<Uuid, PowerState> = m.vms.iter().map(|s| (s.uuid, s.state)).collect();
     for vm in &on_host {
         let s = seen.get(&vm.uuid).copied();
-        if looks_wrong(vm.state, vm.host_uuid, m.host, s) {
+        // Placed here by the query.
+        if looks_wrong(vm.state, Some(m.host), m.host, s) {
             spawn_report(
                 c,
                 VmStateReport {
