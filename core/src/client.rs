@@ -48,19 +48,8 @@ impl StratusClient {
         self.addr
     }
 
+    /// One request: the answer's status and its body as it came.
     async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-        timeout: Duration,
-    ) -> Result<(u16, Value), Error> {
-        let (status, body) = self.call_raw(method, path, body, timeout).await?;
-        Ok((status, tree(&body)))
-    }
-
-    /// [`StratusClient::call`] with the answer's body left as it came.
-    async fn call_raw(
         &self,
         method: &str,
         path: &str,
@@ -126,10 +115,10 @@ impl StratusClient {
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, Error> {
-        let (s, v) = self
+        let (s, answer) = self
             .call("GET", path, None, Duration::from_secs(60))
             .await?;
-        Self::body(s, v)
+        Self::body(s, tree(&answer))
     }
 
     /// Items of `resource` matching `conds` (`field=value` forms).
@@ -165,7 +154,7 @@ impl StratusClient {
     ) -> Result<T, Error> {
         let sep = if path.contains('?') { '&' } else { '?' };
         let path = format!("{path}{sep}wait={}", self.wait.as_secs());
-        let (s, answer) = self.call_raw(method, &path, body, self.timeout()).await?;
+        let (s, answer) = self.call(method, &path, body, self.timeout()).await?;
         if s == 202 {
             // Still running after the wait: keep waiting for the job.
             let v = tree(&answer);
@@ -240,9 +229,10 @@ impl StratusClient {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Submitted, Error> {
-        let (s, v) = self
+        let (s, answer) = self
             .call(method, path, body, Duration::from_secs(60))
             .await?;
+        let v = tree(&answer);
         if s != 202 {
             return Self::body(s, v)
                 .and_then(|v| Err(Error::internal(format!("expected 202, got {s}: {v}"))));
@@ -274,7 +264,7 @@ impl StratusClient {
     }
 
     pub async fn set_config(&self, name: &str, value: &str) -> Result<Value, Error> {
-        let (s, v) = self
+        let (s, answer) = self
             .call(
                 "PUT",
                 &format!("/v1/config/{name}"),
@@ -282,7 +272,7 @@ impl StratusClient {
                 Duration::from_secs(60),
             )
             .await?;
-        Self::body(s, v)
+        Self::body(s, tree(&answer))
     }
 }
 
