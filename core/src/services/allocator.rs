@@ -656,3 +656,42 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cap(n: u128, usable: bool) -> HostCap {
+        HostCap {
+            uuid: Uuid::from_u128(n),
+            cluster: Uuid::from_u128(100),
+            zone: Uuid::from_u128(200),
+            usable,
+            cores: 8,
+            memory_mb: 16_384,
+            cpu_used: 0,
+            memory_used: 0,
+            disks: SmallVec::new(),
+        }
+    }
+
+    #[test]
+    fn a_host_keeps_its_slot_and_a_forgotten_one_is_never_usable_again() {
+        let mut c = Cache::default();
+        assert_eq!(c.put(cap(1, true)), 0);
+        assert_eq!(c.put(cap(2, true)), 1);
+        // Refreshed: same slot, new figures.
+        let mut busier = cap(1, true);
+        busier.cpu_used = 5;
+        assert_eq!(c.put(busier), 0);
+        assert_eq!(c.host_mut(&Uuid::from_u128(1)).map(|h| h.cpu_used), Some(5));
+        // Gone: its slot stays (clusters list it) but can take nothing.
+        c.forget(&Uuid::from_u128(1));
+        assert!(c.host_mut(&Uuid::from_u128(1)).is_none());
+        assert!(!c.hosts[0].usable);
+        assert!(c.hosts[1].usable, "the other host is untouched");
+        // Back again (a new row with that uuid): a new slot.
+        assert_eq!(c.put(cap(1, true)), 2);
+        assert!(!c.hosts[0].usable);
+    }
+}
