@@ -168,12 +168,6 @@ impl Extensions {
 
     /// Apply every allocator filter; returns the survivors, or the name of the filter that left
     /// none.
-    /// Whether a plugin filters allocation candidates (when none does, the allocator does not
-    /// describe its candidates for [`Extensions::filter_hosts`]).
-    pub fn filters_hosts(&self) -> bool {
-        !self.allocator_filters.is_empty()
-    }
-
     pub fn filter_hosts(
         &self,
         spec: &AllocationSpec,

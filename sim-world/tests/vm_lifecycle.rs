@@ -189,3 +189,68 @@ fn vm_hooks_are_told_each_operation_with_the_vm_as_it_ended() {
         );
     });
 }
+
+/// An allocator plugin: keeps only the candidate host with the smallest uuid, or, once told to
+/// refuse, none. Remembers the hosts it kept.
+struct Narrow {
+    kept: std::sync::Arc<std::sync::Mutex<Vec<Uuid>>>,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl stratus_core::extension::AllocatorFilter for Narrow {
+    fn name(&self) -> &'static str {
+        "narrow"
+    }
+    fn filter(
+        &self,
+        _spec: &stratus_core::extension::AllocationSpec,
+        candidates: Vec<stratus_core::extension::HostCandidate>,
+    ) -> Vec<stratus_core::extension::HostCandidate> {
+        if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let first = candidates.into_iter().min_by_key(|h| h.host);
+        self.kept
+            .lock()
+            .unwrap()
+            .extend(first.iter().map(|h| h.host));
+        first.into_iter().collect()
+    }
+}
+
+#[test]
+fn allocator_plugins_choose_among_the_candidates_and_name_themselves_when_none_is_left() {
+    let kept = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let refuse = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spec = WorldSpec {
+        seed: 13,
+        extensions: stratus_core::extension::Extensions::builder()
+            .allocator_filter(Narrow {
+                kept: kept.clone(),
+                refuse: refuse.clone(),
+            })
+            .build(),
+        ..Default::default()
+    };
+    World::run(spec, move |w| async move {
+        // The least loaded host would take the second VM elsewhere; the plugin keeps one host.
+        let a = w.create_vm("narrow-a", "small").await.expect("create a");
+        let b = w.create_vm("narrow-b", "small").await.expect("create b");
+        let host = |v: &Value| Uuid::parse_str(v["host_uuid"].as_str().expect("host")).unwrap();
+        assert_eq!(host(&a), host(&b));
+        let kept = kept.lock().unwrap().clone();
+        assert!(
+            !kept.is_empty() && kept.iter().all(|&h| h == host(&a)),
+            "{kept:?}"
+        );
+        refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = w.create_vm("narrow-c", "small").await.unwrap_err();
+        assert_eq!(
+            e.code,
+            stratus_core::error::ErrorCode::CapacityExhausted,
+            "{e}"
+        );
+        assert!(e.message.contains("narrow"), "{e}");
+        assert_clean(&w, "after the refused create").await;
+    });
+}

@@ -520,7 +520,9 @@ impl Allocator {
         let mut reloaded = stale;
         loop {
             let mut cands = self.candidates(c, spec, &lim, 8);
-            if !cands.is_empty() && c.engine.ext.filters_hosts() {
+            // Described for the plugins only when one filters (as `vm::after` reads a VM only
+            // when a plugin listens).
+            if !cands.is_empty() && !c.engine.ext.allocator_filters.is_empty() {
                 let hc: Vec<HostCandidate> = cands
                     .iter()
                     .map(|(h, _)| HostCandidate {
