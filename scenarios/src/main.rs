@@ -21,6 +21,10 @@ fn main() {
     std::process::exit(sim::main());
 }
 
+// The allocator's tuning (mimalloc only).
+#[cfg(all(madsim, not(feature = "system-alloc")))]
+mod heap;
+
 #[cfg(madsim)]
 mod sim {
     use std::path::PathBuf;
@@ -31,36 +35,9 @@ mod sim {
 
     const USAGE: &str = "usage: stratus-scenario FILE [--seed S] [--reports DIR] [--quiet]";
 
-    /// mimalloc returns freed memory to the OS after a delay measured on the clock, and madsim
-    /// makes that clock the simulated one, which runs several times faster than wall time:
-    /// pages were returned and faulted in again (10 % of the time, perf). Keep them.
-    ///
-    /// Every 10,000 allocations that miss its fast path mimalloc also walks every page of the
-    /// heap to collect free ones; with a heap of several GiB that walk was 5 % of the time of
-    /// the 30,000-host run (perf). Walk every 1,000,000 instead (its maximum): the same peak
-    /// memory, 7 % less wall time.
-    ///
-    /// The workspace builds mimalloc 2 (libmimalloc-sys's `v2` feature), not its default 3: on a
-    /// 30,000-host run of 30,000 creates and 2 minutes of churn, run in turns, 95.0 and 91.4 s
-    /// wall against 100.0 and 97.8 s, and 50 MiB less peak memory.
-    fn tune_allocator() {
-        /// `mi_option_purge_delay` and `mi_option_generic_collect` in mimalloc 2.3's `mi_option_e`
-        /// (libmimalloc-sys 0.1.49 does not name them; in mimalloc 3 the second is 34; check the
-        /// enum when the crate is upgraded).
-        #[cfg(not(feature = "system-alloc"))]
-        const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-        #[cfg(not(feature = "system-alloc"))]
-        const MI_OPTION_GENERIC_COLLECT: libmimalloc_sys::mi_option_t = 36;
-        // SAFETY: sets process-wide allocator options; no allocation is in flight.
-        #[cfg(not(feature = "system-alloc"))]
-        unsafe {
-            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
-            libmimalloc_sys::mi_option_set(MI_OPTION_GENERIC_COLLECT, 1_000_000);
-        };
-    }
-
     pub fn main() -> i32 {
-        tune_allocator();
+        #[cfg(not(feature = "system-alloc"))]
+        super::heap::tune();
         // Logs of the management stack, off unless RUST_LOG asks (e.g. stratus_core=debug). No
         // subscriber at all without it: madsim gives every task its node's span, and a
         // subscriber that records spans costs time on every poll.
