@@ -119,8 +119,9 @@ impl Arena {
         }
     }
 
-    /// Populate up to [`AHEAD`] segments past those in use.
-    fn populate_ahead(&mut self) {
+    /// Populate up to [`AHEAD`] segments past those in use. False when the kernel cannot
+    /// (`MADV_POPULATE_WRITE` came with Linux 5.14; older kernels refuse it as invalid).
+    fn populate_ahead(&mut self) -> bool {
         let target = (self.used + AHEAD).min(self.segments);
         while self.populated < target {
             let seg = self.segment(self.populated) as usize;
@@ -128,16 +129,20 @@ impl Arena {
                 // SAFETY: populating changes no byte of the memory (a page not yet there comes
                 // in zeroed, as a first write would find it) and the range is inside the
                 // arena's mapping. A range mimalloc has not made writable fails, harmlessly.
-                unsafe {
+                let r = unsafe {
                     libc::madvise(
                         (seg + off) as *mut libc::c_void,
                         CHUNK,
                         libc::MADV_POPULATE_WRITE,
-                    );
+                    )
+                };
+                if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                    return false;
                 }
             }
             self.populated += 1;
         }
+        true
     }
 }
 
@@ -151,7 +156,8 @@ fn resident(addr: usize) -> bool {
     r == 0 && v[0] & 1 == 1
 }
 
-/// The thread: look at mimalloc's arenas every [`POLL`], forever (the process ends it).
+/// The thread: look at mimalloc's arenas every [`POLL`] until the process ends (it stops at
+/// once on a kernel that cannot populate).
 fn prefault() {
     let mut arenas: Vec<Arena> = Vec::new();
     loop {
@@ -178,7 +184,9 @@ fn prefault() {
         // mimalloc takes segments from the first arena with room and adds an arena when none
         // has, so the last arena is where the heap grows.
         if let Some(a) = arenas.last_mut() {
-            a.populate_ahead();
+            if !a.populate_ahead() {
+                return;
+            }
         }
         std::thread::sleep(POLL);
     }
@@ -221,7 +229,7 @@ mod tests {
         unsafe { byte(seg(1) + HEAD + 100).write(0xAB) };
         a.observe();
         assert_eq!(a.used, 1);
-        a.populate_ahead();
+        assert!(a.populate_ahead(), "this kernel populates");
         assert_eq!(a.populated, 1 + AHEAD);
         for i in 1..1 + AHEAD {
             assert!(resident(seg(i) + HEAD), "segment {i}'s body populated");
@@ -240,7 +248,7 @@ mod tests {
         unsafe { byte(seg(3)).write(1) };
         a.observe();
         assert_eq!(a.used, 4);
-        a.populate_ahead();
+        assert!(a.populate_ahead());
         assert_eq!(a.populated, 6);
         assert!(resident(seg(5) + HEAD));
         assert!(
