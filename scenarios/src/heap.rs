@@ -2,7 +2,7 @@
 //! faults the heap's memory in ahead of the simulation, on the machine's other core.
 //!
 //! The simulation is one thread, and the first touch of each page of its heap is the kernel's
-//! work on that thread: on this machine 1.8–2.3 s per GiB of transparent huge pages
+//! work on that thread: on this machine 1.8–2.6 s per GiB of transparent huge pages
 //! (`ci/memlat`), 4.5 s of system time in a 30,000-host run that peaks at 2.2 GiB. Pages are
 //! handed out by mimalloc in 32 MiB segments from its arenas, in address order; the
 //! [`prefault`] thread watches which segments it has begun to use and populates the next few
@@ -15,10 +15,8 @@ use std::time::Duration;
 /// Set mimalloc's options and start the [`prefault`] thread. Call first thing in `main`, before
 /// the simulation starts (madsim refuses system threads inside it).
 pub fn tune() {
-    {
-        set_options();
-        start_prefault();
-    }
+    set_options();
+    start_prefault();
 }
 
 /// mimalloc returns freed memory to the OS after a delay measured on the clock, and madsim
@@ -48,18 +46,17 @@ fn set_options() {
 
 /// mimalloc 2's segment: the unit its arenas hand out, aligned to its size.
 const SEGMENT: usize = 32 << 20;
-/// The head of each segment is left for mimalloc to touch: that its first page is resident
-/// (`mincore`) is how the thread sees a segment in use. One huge page.
-const HEAD: usize = 2 << 20;
-/// Segments populated past the last one in use (96 MiB). At 2.3 s per GiB the thread
-/// populates 430 MiB a second. `datacenter-30k`'s heap (without the thread; `VmRSS` every
+/// A transparent huge page. The first of each segment is left for mimalloc to touch (that its
+/// first page is resident, `mincore`, is how the thread sees a segment in use), and the thread
+/// populates one per call, so a call holds the address-space lock only briefly.
+const HUGE_PAGE: usize = 2 << 20;
+/// Segments populated past the last one in use (96 MiB). At 2.6 s per GiB the thread
+/// populates 390 MiB a second. `datacenter-30k`'s heap (without the thread; `VmRSS` every
 /// 0.5 s) held 1,432 MiB 0.7 s after the start, its hosts made, which the thread cannot
 /// outrun, then grew by about 23 MiB a second, which it can. Peak memory reads higher by more
 /// than this: a populated segment is resident whole, where mimalloc leaves parts of segments
 /// untouched (320 MiB of that run's 2,530 MiB).
 const AHEAD: usize = 3;
-/// Populated per call: one huge page, so the call holds the address-space lock only briefly.
-const CHUNK: usize = 2 << 20;
 /// How often the thread looks.
 const POLL: Duration = Duration::from_millis(1);
 
@@ -98,13 +95,14 @@ struct Arena {
 }
 
 impl Arena {
-    fn segment(&self, i: usize) -> *mut libc::c_void {
-        (self.start + i * SEGMENT) as *mut libc::c_void
+    /// The address of segment `i`.
+    fn segment(&self, i: usize) -> usize {
+        self.start + i * SEGMENT
     }
 
     /// Whether mimalloc has touched segment `i`.
     fn in_use(&self, i: usize) -> bool {
-        resident(self.segment(i) as usize)
+        resident(self.segment(i))
     }
 
     /// Note the segments mimalloc has begun to use.
@@ -124,15 +122,15 @@ impl Arena {
     fn populate_ahead(&mut self) -> bool {
         let target = (self.used + AHEAD).min(self.segments);
         while self.populated < target {
-            let seg = self.segment(self.populated) as usize;
-            for off in (HEAD..SEGMENT).step_by(CHUNK) {
+            let seg = self.segment(self.populated);
+            for off in (HUGE_PAGE..SEGMENT).step_by(HUGE_PAGE) {
                 // SAFETY: populating changes no byte of the memory (a page not yet there comes
                 // in zeroed, as a first write would find it) and the range is inside the
                 // arena's mapping. A range mimalloc has not made writable fails, harmlessly.
                 let r = unsafe {
                     libc::madvise(
                         (seg + off) as *mut libc::c_void,
-                        CHUNK,
+                        HUGE_PAGE,
                         libc::MADV_POPULATE_WRITE,
                     )
                 };
@@ -226,22 +224,25 @@ mod tests {
         // SAFETY (the writes and reads below): inside the mapping.
         unsafe { byte(seg(0)).write(1) };
         // A byte written before its page is populated keeps its value.
-        unsafe { byte(seg(1) + HEAD + 100).write(0xAB) };
+        unsafe { byte(seg(1) + HUGE_PAGE + 100).write(0xAB) };
         a.observe();
         assert_eq!(a.used, 1);
         assert!(a.populate_ahead(), "this kernel populates");
         assert_eq!(a.populated, 1 + AHEAD);
         for i in 1..1 + AHEAD {
-            assert!(resident(seg(i) + HEAD), "segment {i}'s body populated");
+            assert!(resident(seg(i) + HUGE_PAGE), "segment {i}'s body populated");
             assert!(
                 resident(seg(i) + SEGMENT - 4096),
                 "segment {i}'s end populated"
             );
             assert!(!resident(seg(i)), "segment {i}'s head left to its user");
         }
-        assert!(!resident(seg(1 + AHEAD) + HEAD), "no further than AHEAD");
-        assert_eq!(unsafe { byte(seg(1) + HEAD + 100).read() }, 0xAB);
-        assert_eq!(unsafe { byte(seg(2) + HEAD + 100).read() }, 0);
+        assert!(
+            !resident(seg(1 + AHEAD) + HUGE_PAGE),
+            "no further than AHEAD"
+        );
+        assert_eq!(unsafe { byte(seg(1) + HUGE_PAGE + 100).read() }, 0xAB);
+        assert_eq!(unsafe { byte(seg(2) + HUGE_PAGE + 100).read() }, 0);
 
         // A segment in use past a gap (a large object's first) is seen too, and the
         // populating stops at the arena's end.
@@ -250,9 +251,9 @@ mod tests {
         assert_eq!(a.used, 4);
         assert!(a.populate_ahead());
         assert_eq!(a.populated, 6);
-        assert!(resident(seg(5) + HEAD));
+        assert!(resident(seg(5) + HUGE_PAGE));
         assert!(
-            !resident(seg(6) + HEAD),
+            !resident(seg(6) + HUGE_PAGE),
             "the mapping past the arena untouched"
         );
 
