@@ -114,17 +114,21 @@ pub struct Extensions {
     pub audit: Vec<Arc<dyn AuditSink>>,
 }
 
-/// The plugins by name (the hooks' own fields are theirs).
+/// Each plugin by what names it (hooks and filters by name, cascade participants by the kind
+/// they delete); audit sinks have no name and are counted.
 impl std::fmt::Debug for Extensions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn names<T: ?Sized>(v: &[Arc<T>], name: impl Fn(&T) -> &'static str) -> Vec<&'static str> {
+            v.iter().map(|p| name(p)).collect()
+        }
         f.debug_struct("Extensions")
+            .field("vm_hooks", &names(&self.vm_hooks, |h| h.name()))
+            .field("host_hooks", &names(&self.host_hooks, |h| h.name()))
             .field(
-                "vm_hooks",
-                &self.vm_hooks.iter().map(|h| h.name()).collect::<Vec<_>>(),
+                "allocator_filters",
+                &names(&self.allocator_filters, |a| a.name()),
             )
-            .field("host_hooks", &self.host_hooks.len())
-            .field("allocator_filters", &self.allocator_filters.len())
-            .field("cascade", &self.cascade.len())
+            .field("cascade", &names(&self.cascade, |c| c.kind()))
             .field("audit", &self.audit.len())
             .finish()
     }
@@ -291,6 +295,24 @@ mod tests {
             disk_free_mb: 1,
             vms: 0,
         }
+    }
+
+    #[test]
+    fn debug_names_the_plugins() {
+        let ext = Extensions::builder()
+            .vm_hook(Quota {
+                seen: Arc::default(),
+            })
+            .allocator_filter(EvenHostsOnly)
+            .build();
+        let text = format!("{ext:?}");
+        assert!(text.contains(r#"vm_hooks: ["quota"]"#), "{text}");
+        assert!(
+            text.contains(r#"allocator_filters: ["even-hosts"]"#),
+            "{text}"
+        );
+        assert!(text.contains("host_hooks: []"), "{text}");
+        assert!(text.contains("audit: 0"), "{text}");
     }
 
     #[tokio::test]
