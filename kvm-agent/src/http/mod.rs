@@ -90,6 +90,39 @@ pub enum HttpError {
     BadUrl(String),
 }
 
+/// Why a connection's round trip failed.
+#[derive(Debug)]
+pub(super) enum TripError {
+    /// The connection was found closed before the request was written, which is given back: no
+    /// server saw it.
+    NotSent(Box<Request<Bytes>>, String),
+    /// The request left (or may have), and the connection failed before any answer came back.
+    NoAnswer(String),
+    /// An answer began and broke off.
+    Broken(String),
+}
+
+impl std::fmt::Display for TripError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TripError::NotSent(_, e) | TripError::NoAnswer(e) | TripError::Broken(e) => {
+                f.write_str(e)
+            }
+        }
+    }
+}
+
+/// Whether sending a request twice does what sending it once does: an idempotent method (RFC
+/// 9110, 9.2.2), or a key that makes a repeat harmless — `idempotency-key`, or the agent
+/// protocol's task id (an agent runs a task once however often it comes, and hands a finished
+/// one's result back again).
+fn replayable(method: &str, headers: &[(&'static str, &str)]) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "TRACE"
+    ) || (headers.iter()).any(|(k, _)| *k == "idempotency-key" || *k == crate::protocol::H_TASK)
+}
+
 /// A response: status and body.
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
@@ -311,19 +344,38 @@ impl HttpClient {
                 .await
                 .map_err(|e| HttpError::Connect(addr, e))
         };
-        let mut conn = match self.take_idle(addr) {
-            Some(c) => c,
-            None => connect(addr).await?,
+        let (mut conn, mut kept) = match self.take_idle(addr) {
+            Some(c) => (c, true),
+            None => (connect(addr).await?, false),
         };
         if !conn.ready().await {
             conn = connect(addr).await?;
+            kept = false;
         }
-        let req = build_request(addr, method, path, headers, body)
-            .map_err(|e| HttpError::Request(addr, e.to_string()))?;
-        let (status, body) = conn
-            .round_trip(req)
-            .await
-            .map_err(|e| HttpError::Request(addr, e))?;
+        // A kept connection can turn out closed by its server (an agent restarted) only as the
+        // request goes. Then the request goes once more on a new connection when that is safe,
+        // as Go's HTTP client does: when it never left, or when it left but a repeat is harmless
+        // and nothing came back. A copy of the body is kept for that (a reference count).
+        let spare = (kept && replayable(method, headers)).then(|| body.clone());
+        let build = |body| {
+            build_request(addr, method, path, headers, body)
+                .map_err(|e| HttpError::Request(addr, e.to_string()))
+        };
+        let failed = |e: TripError| HttpError::Request(addr, e.to_string());
+        let (status, body) = match conn.round_trip(build(body)?).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                let why = e.to_string();
+                let req = match e {
+                    TripError::NotSent(req, _) if kept => *req,
+                    TripError::NoAnswer(_) if spare.is_some() => build(spare.unwrap_or_default())?,
+                    e => return Err(failed(e)),
+                };
+                tracing::debug!(%addr, error = %why, "kept connection closed; sending again on a new one");
+                conn = connect(addr).await?;
+                conn.round_trip(req).await.map_err(failed)?
+            }
+        };
         self.put_idle(addr, conn);
         Ok(HttpResponse { status, body })
     }

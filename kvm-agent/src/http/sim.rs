@@ -6,6 +6,7 @@
 //! the handler of a request whose client went away (hyper does so when it reads the end of the
 //! stream while a request is in flight).
 
+use super::TripError;
 use axum::Router;
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -145,15 +146,29 @@ impl Conn {
     }
 
     /// Send `req` and wait for the answer: status and body.
-    pub(super) async fn round_trip(&mut self, req: Request<Bytes>) -> Result<(u16, Bytes), String> {
+    pub(super) async fn round_trip(
+        &mut self,
+        req: Request<Bytes>,
+    ) -> Result<(u16, Bytes), TripError> {
+        // Nothing runs between this check and the send, so the send cannot find it closed.
+        if self.tx.is_closed() {
+            return Err(TripError::NotSent(
+                Box::new(req),
+                "connection closed".into(),
+            ));
+        }
         self.tx
             .send(Box::new(req))
             .await
-            .map_err(|e| e.to_string())?;
-        let msg = self.rx.recv().await.map_err(|e| e.to_string())?;
+            .map_err(|e| TripError::NoAnswer(e.to_string()))?;
+        let msg = self
+            .rx
+            .recv()
+            .await
+            .map_err(|e| TripError::NoAnswer(e.to_string()))?;
         let answer = msg
             .downcast::<Answer>()
-            .map_err(|_| "not an answer on an http connection".to_string())?;
+            .map_err(|_| TripError::Broken("not an answer on an http connection".into()))?;
         Ok((answer.status, answer.body))
     }
 }

@@ -1,5 +1,6 @@
 //! The std build's wire: HTTP/1.1 by hyper at the connection level over `tokio::net` streams.
 
+use super::TripError;
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -85,18 +86,32 @@ impl Conn {
     }
 
     /// Send `req` and read the whole answer: status and body.
-    pub(super) async fn round_trip(&mut self, req: Request<Bytes>) -> Result<(u16, Bytes), String> {
-        let resp = self
-            .0
-            .send_request(req.map(Full::new))
-            .await
-            .map_err(|e| e.to_string())?;
+    pub(super) async fn round_trip(
+        &mut self,
+        req: Request<Bytes>,
+    ) -> Result<(u16, Bytes), TripError> {
+        let resp = match self.0.try_send_request(req.map(Full::new)).await {
+            Ok(resp) => resp,
+            Err(mut e) => {
+                // hyper gives the request back when the connection closed before writing it;
+                // its body is still there unless writing had begun.
+                let unsent = e.take_message().and_then(|r| {
+                    let (parts, body) = r.into_parts();
+                    body.into_inner().map(|b| Request::from_parts(parts, b))
+                });
+                let msg = e.into_error().to_string();
+                return Err(match unsent {
+                    Some(req) => TripError::NotSent(Box::new(req), msg),
+                    None => TripError::NoAnswer(msg),
+                });
+            }
+        };
         let status = resp.status().as_u16();
         let body = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| TripError::Broken(e.to_string()))?
             .to_bytes();
         Ok((status, body))
     }

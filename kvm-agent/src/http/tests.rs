@@ -195,3 +195,137 @@ async fn a_request_past_its_timeout_fails_and_its_handler_is_dropped() {
         .unwrap();
     assert_eq!(&r.body[..], b"server-a  after");
 }
+
+/// Reads one HTTP/1.1 request (head and `content-length` body) off a raw connection.
+#[cfg(not(madsim))]
+fn read_request(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    String::from_utf8(body).unwrap()
+}
+
+#[cfg(not(madsim))]
+fn answer(s: &mut std::net::TcpStream, body: &str) {
+    use std::io::Write;
+    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+}
+
+/// Sends `b` on a kept connection that its server closed after answering `a`, before the
+/// client's connection task could see it close (the one runtime thread is blocked meanwhile);
+/// the server answers on a second connection, if one comes. Returns the answer to `b`, and the
+/// server's listener once it is done.
+#[cfg(not(madsim))]
+async fn send_on_closed_kept_connection(
+    headers: &[(&'static str, &str)],
+) -> (Result<HttpResponse, HttpError>, std::net::TcpListener) {
+    use std::sync::mpsc::channel;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (close_tx, close_rx) = channel::<()>();
+    let (closed_tx, closed_rx) = channel::<()>();
+    let (sent_tx, sent_rx) = channel::<bool>();
+    let server = std::thread::spawn(move || {
+        let (mut first, _) = listener.accept().unwrap();
+        let got = read_request(&mut first);
+        answer(&mut first, &format!("first connection: {got}"));
+        close_rx.recv().unwrap();
+        drop(first);
+        closed_tx.send(()).unwrap();
+        // The client says whether a second connection should come; then the listener is
+        // handed back to look for others.
+        if sent_rx.recv().unwrap() {
+            let (mut second, _) = listener.accept().unwrap();
+            let got = read_request(&mut second);
+            answer(&mut second, &format!("second connection: {got}"));
+        }
+        listener
+    });
+    let c = HttpClient::default();
+    let r = c
+        .post(addr, "/x", headers, "a", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(&r.body[..], b"first connection: a");
+    assert_eq!(c.idle_connections(), 1);
+    close_tx.send(()).unwrap();
+    closed_rx.recv().unwrap();
+    let replayable = !headers.is_empty();
+    sent_tx.send(replayable).unwrap();
+    let r = c
+        .post(addr, "/x", headers, "b", Duration::from_secs(10))
+        .await;
+    (r, server.join().unwrap())
+}
+
+/// A command (it carries a task id: a repeat is harmless) that finds its kept connection closed
+/// goes again on a new one.
+#[cfg(not(madsim))]
+#[tokio::test]
+async fn a_command_that_finds_its_kept_connection_closed_goes_again_on_a_new_one() {
+    let (r, _) = send_on_closed_kept_connection(&[(crate::protocol::H_TASK, "t1")]).await;
+    assert_eq!(&r.unwrap().body[..], b"second connection: b");
+}
+
+/// A POST without a key that makes a repeat harmless, written on a connection that then turned
+/// out closed, fails and is not sent again: the client cannot tell whether its server read it.
+#[cfg(not(madsim))]
+#[tokio::test]
+async fn a_post_without_a_key_is_not_sent_again() {
+    let (r, listener) = send_on_closed_kept_connection(&[]).await;
+    assert!(matches!(r, Err(HttpError::Request(..))), "{r:?}");
+    listener.set_nonblocking(true).unwrap();
+    assert_eq!(
+        listener.accept().map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "the client connected again"
+    );
+}
+
+/// A request that left on a kept connection whose server then closed it without an answer
+/// fails, and is not sent again (its server may have acted on it).
+#[cfg(not(madsim))]
+#[tokio::test]
+async fn a_request_that_left_is_not_sent_again() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        read_request(&mut conn);
+        answer(&mut conn, "ok");
+        read_request(&mut conn);
+        drop(conn);
+        listener
+    });
+    let c = HttpClient::default();
+    let r = c
+        .post(addr, "/x", &[], "a", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(&r.body[..], b"ok");
+    let e = c
+        .post(addr, "/x", &[], "b", Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, HttpError::Request(a, _) if a == addr), "{e:?}");
+    let listener = server.join().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    assert_eq!(
+        listener.accept().map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "the client connected again"
+    );
+}
