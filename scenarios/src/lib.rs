@@ -6,7 +6,9 @@
 //! - [`run`] (simulation build): the runner — builds the world, runs the phases with faults,
 //!   settles, checks invariants and latency objectives;
 //! - [`stats`], [`report`], [`svg`]: latency histograms, `summary.json`, `report.md` and SVG
-//!   plots under `reports/<scenario>/<seed>/`.
+//!   plots under `reports/<scenario>/<seed>/`;
+//! - [`wall`] (simulation build): the machine's clock, which the simulation hides, for the
+//!   report's wall times.
 
 pub mod report;
 #[cfg(madsim)]
@@ -14,3 +16,5 @@ pub mod run;
 pub mod spec;
 pub mod stats;
 pub mod svg;
+#[cfg(madsim)]
+pub mod wall;

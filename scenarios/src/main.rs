@@ -127,6 +127,7 @@ mod sim {
             speed_up: sim_s / wall_s.max(1e-9),
             peak_memory_mb: report::peak_memory_mb(),
             trace_hash: format!("{:016x}", out.trace_hash),
+            build_wall_s: out.build_wall_s,
             phases: out.phases.clone(),
         };
         let dir = match report::write(&reports, &summary, &out.recorder) {

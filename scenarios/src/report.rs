@@ -14,6 +14,18 @@ pub struct Check {
     pub detail: String,
 }
 
+/// What one workload phase took.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PhaseFigures {
+    pub name: String,
+    /// Simulated seconds.
+    pub sim_s: f64,
+    /// Seconds on the machine's clock.
+    pub wall_s: f64,
+    /// Operations it ran.
+    pub operations: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
     pub scenario: String,
@@ -34,8 +46,12 @@ pub struct Summary {
     pub speed_up: f64,
     pub peak_memory_mb: f64,
     pub trace_hash: String,
-    /// Phases: name, simulated seconds it took, operations it ran.
-    pub phases: Vec<(String, f64, u64)>,
+    /// Wall seconds spent building the datacenter (hosts added and connected) before the
+    /// first phase.
+    pub build_wall_s: f64,
+    /// The workload phases in order. What is left of the wall time after the build and the
+    /// phases went to settling and checking.
+    pub phases: Vec<PhaseFigures>,
 }
 
 /// Peak resident memory of this process (VmHWM), in MiB; 0 where /proc is missing.
@@ -82,10 +98,23 @@ pub fn markdown(s: &Summary) -> String {
             c.detail.replace('|', "\\|").replace('\n', "<br>")
         ));
     }
-    m.push_str("\n## Phases\n\n| phase | simulated s | operations |\n|---|---|---|\n");
-    for (p, t, n) in &s.phases {
-        m.push_str(&format!("| {p} | {t:.1} | {n} |\n"));
+    m.push_str("\n## Phases\n\n| phase | simulated s | wall s | operations |\n|---|---|---|---|\n");
+    m.push_str(&format!(
+        "| building the datacenter | | {:.1} | |\n",
+        s.build_wall_s
+    ));
+    let mut rest = s.wall_time_s - s.build_wall_s;
+    for p in &s.phases {
+        m.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {} |\n",
+            p.name, p.sim_s, p.wall_s, p.operations
+        ));
+        rest -= p.wall_s;
     }
+    m.push_str(&format!(
+        "| settling and checks | | {:.1} | |\n",
+        rest.max(0.0)
+    ));
     m.push_str(
         "\n## Operations (latency in simulated seconds, successful operations)\n\n\
          | operation | ok | failed | p50 | p90 | p99 | p99.9 | max | errors |\n\
@@ -169,4 +198,53 @@ pub fn write(base: &Path, s: &Summary, rec: &Recorder) -> std::io::Result<PathBu
         ),
     )?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_phase_table_splits_the_wall_time() {
+        let phase = |name: &str, sim_s, wall_s, operations| PhaseFigures {
+            name: name.into(),
+            sim_s,
+            wall_s,
+            operations,
+        };
+        let s = Summary {
+            scenario: "t".into(),
+            seed: 1,
+            hosts: 2,
+            vms_at_end: 3,
+            operations: BTreeMap::new(),
+            ops_ok: 4,
+            ops_failed: 0,
+            throughput_per_sim_s: 1.0,
+            faults: BTreeMap::new(),
+            checks: Vec::new(),
+            passed: true,
+            sim_time_s: 900.0,
+            wall_time_s: 100.0,
+            speed_up: 9.0,
+            peak_memory_mb: 1.0,
+            trace_hash: "0".into(),
+            build_wall_s: 4.5,
+            phases: vec![
+                phase("create_vms", 270.0, 26.5, 100),
+                phase("churn", 600.0, 66.0, 400),
+            ],
+        };
+        let m = markdown(&s);
+        for row in [
+            "| building the datacenter | | 4.5 | |",
+            "| create_vms | 270.0 | 26.5 | 100 |",
+            "| churn | 600.0 | 66.0 | 400 |",
+            "| settling and checks | | 3.0 | |",
+        ] {
+            assert!(m.contains(row), "{row} missing from\n{m}");
+        }
+        let back: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
 }

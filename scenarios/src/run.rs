@@ -1,9 +1,10 @@
 //! Runs a scenario in the simulated datacenter (simulation build only): builds the world,
 //! runs the phases with the fault profile active, settles, checks, and returns the figures.
 
-use crate::report::Check;
+use crate::report::{Check, PhaseFigures};
 use crate::spec::{Phase, Scenario};
 use crate::stats::Recorder;
+use crate::wall;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::de::IgnoredAny;
@@ -29,7 +30,9 @@ pub struct RunOutput {
     pub hosts: usize,
     pub vms_at_end: u64,
     pub trace_hash: u64,
-    pub phases: Vec<(String, f64, u64)>,
+    /// Wall seconds from the start of [`run`] to the first phase.
+    pub build_wall_s: f64,
+    pub phases: Vec<PhaseFigures>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -76,6 +79,8 @@ struct Shared {
     rec: Mutex<Recorder>,
     trace: Trace,
     t0: Instant,
+    /// When the run started on the machine's clock ([`wall::now_s`]).
+    started: f64,
     /// Idle VMs a worker may take: (uuid, power state, home zone index).
     pool: Mutex<Vec<(Uuid, Power, usize)>>,
     done: AtomicU64,
@@ -387,8 +392,9 @@ async fn progress(s: Arc<Shared>, stop: Arc<AtomicBool>, quiet: bool) {
             continue;
         }
         eprintln!(
-            "  [{:>8.1} s sim] {:<18} {:>8} operations ({} failed)",
+            "  [{:>8.1} s sim {:>7.1} s wall] {:<18} {:>8} operations ({} failed)",
             (Instant::now() - s.t0).as_secs_f64(),
+            wall::now_s() - s.started,
             lock(&s.phase).clone(),
             s.done.load(Ordering::Relaxed),
             s.failed.load(Ordering::Relaxed)
@@ -481,21 +487,25 @@ pub fn run(sc: &Scenario, quiet: bool) -> RunOutput {
     let slot = Arc::new(Mutex::new(None));
     let out = slot.clone();
     let sc2 = sc.clone();
+    let started = wall::now_s();
     World::run(world_spec(sc), move |w| async move {
-        let o = body(w, sc2, quiet).await;
+        let o = body(w, sc2, quiet, started).await;
         *lock(&out) = Some(o);
     });
     let o = lock(&slot).take();
     o.expect("the scenario body finished")
 }
 
-async fn body(w: World, sc: Scenario, quiet: bool) -> RunOutput {
+async fn body(w: World, sc: Scenario, quiet: bool, started: f64) -> RunOutput {
     let t0 = Instant::now();
+    let built = wall::now_s();
     let hosts = w.hosts.len();
     if !quiet {
         eprintln!(
-            "  [{:>8.1} s sim] datacenter built: {} hosts connected",
-            0.0, hosts
+            "  [{:>8.1} s sim {:>7.1} s wall] datacenter built: {} hosts connected",
+            0.0,
+            built - started,
+            hosts
         );
     }
     let f = &sc.faults;
@@ -512,6 +522,7 @@ async fn body(w: World, sc: Scenario, quiet: bool) -> RunOutput {
         rec: Mutex::new(Recorder::default()),
         trace: Trace::new(),
         t0,
+        started,
         pool: Mutex::new(Vec::new()),
         done: AtomicU64::new(0),
         failed: AtomicU64::new(0),
@@ -526,19 +537,31 @@ async fn body(w: World, sc: Scenario, quiet: bool) -> RunOutput {
     let faults_task = tokio::spawn(fault_driver(s.clone(), sc.clone()));
     let mut phases = Vec::new();
     for (i, p) in sc.phases.iter().enumerate() {
-        let (t, n) = (Instant::now(), s.done.load(Ordering::Relaxed));
+        let (t, w0, n) = (
+            Instant::now(),
+            wall::now_s(),
+            s.done.load(Ordering::Relaxed),
+        );
         run_phase(&s, &sc, i, p).await;
         let took = (Instant::now() - t).as_secs_f64();
+        let wall_s = wall::now_s() - w0;
         let ran = s.done.load(Ordering::Relaxed) - n;
         if !quiet {
             eprintln!(
-                "  [{:>8.1} s sim] phase {} ({}) done: {ran} operations in {took:.1} s simulated",
+                "  [{:>8.1} s sim {:>7.1} s wall] phase {} ({}) done: {ran} operations in \
+                 {took:.1} s simulated, {wall_s:.1} s wall",
                 (Instant::now() - t0).as_secs_f64(),
+                wall::now_s() - started,
                 i + 1,
                 p.name()
             );
         }
-        phases.push((p.name().to_string(), took, ran));
+        phases.push(PhaseFigures {
+            name: p.name().to_string(),
+            sim_s: took,
+            wall_s,
+            operations: ran,
+        });
     }
     // Faults off, everything healed, then settle and check.
     *lock(&s.phase) = "settle".into();
@@ -643,6 +666,7 @@ async fn body(w: World, sc: Scenario, quiet: bool) -> RunOutput {
         hosts,
         vms_at_end,
         trace_hash: s.trace.hash(),
+        build_wall_s: built - started,
         phases,
     }
 }
