@@ -28,10 +28,10 @@ mod heap;
 #[cfg(madsim)]
 mod sim {
     use std::path::PathBuf;
-    use std::time::Instant;
     use stratus_scenario::report::{self, Summary};
     use stratus_scenario::run::run;
     use stratus_scenario::spec::Scenario;
+    use stratus_scenario::wall;
 
     const USAGE: &str = "usage: stratus-scenario FILE [--seed S] [--reports DIR] [--quiet]";
 
@@ -104,9 +104,9 @@ mod sim {
             d.hosts_per_cluster,
             sc.phases.len()
         );
-        let wall = Instant::now();
+        let started = wall::now_s();
         let out = run(&sc, quiet);
-        let wall_s = wall.elapsed().as_secs_f64();
+        let wall_s = wall::now_s() - started;
         let (ok, failed) = out.recorder.total();
         let sim_s = out.sim_time.as_secs_f64();
         let passed = out.checks.iter().all(|c| c.ok);

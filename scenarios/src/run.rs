@@ -20,8 +20,8 @@ use stratus_sim_world::{FaultRates, HostProfile, Trace, World, WorldSpec};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-/// What a run produced (wall time and memory are measured by the caller, outside the
-/// simulation's clock).
+/// What a run produced. Its wall times are read from the machine's clock ([`wall::now_s`]),
+/// as the caller reads the run's total; the caller measures peak memory.
 pub struct RunOutput {
     pub recorder: Recorder,
     pub checks: Vec<Check>,
