@@ -95,14 +95,20 @@ crate::text_enum! {
 
 crate::resource! {
     /// The journal of one chain in progress. Deleted when the chain ends.
+    ///
+    /// No field is indexed: the table holds only the chains in flight (about as many as the
+    /// operations running), and its readers — recovery, which asks for boots *not* live, and
+    /// the API's list — read all of it. Every chain inserts and deletes its row, so an index
+    /// is work at every operation for no reader: the four it had were 7.7 set operations per
+    /// operation of `churn` in the memory store (counted), and index writes in SQL.
     pub struct ChainRecord: "flow_chain" {
-        chain: String [index, column],
-        resource_uuid: Uuid [index, column],
+        chain: String [column],
+        resource_uuid: Uuid [column],
         queue: String,
         job: Option<Uuid>,
         node: Uuid,
-        boot: Uuid [index],
-        state: ChainState [index, column],
+        boot: Uuid,
+        state: ChainState [column],
         /// Flows `[0, next)` ran to completion; flow `next` may be in flight.
         next: i64 [column],
         /// While rolling back: the next flow to roll back (-1 when none is left).

@@ -25,7 +25,9 @@ crate::text_enum! {
 crate::resource! {
     /// A job: one accepted mutating operation.
     pub struct Job: "job" {
-        operation: String [index, column],
+        /// Not indexed: a handful of values shared by every job, read by no query of the
+        /// stack (the API's list filters on it by reading the table).
+        operation: String [column],
         resource_uuid: Option<Uuid> [index, column],
         state: JobState [index, column],
         /// 0..=100.
@@ -35,8 +37,10 @@ crate::resource! {
         error_code: Option<String>,
         error_message: Option<String>,
         node: Uuid,
-        /// Boot id of the node that ran it; a job whose boot is gone was interrupted.
-        boot: Uuid [index],
+        /// Boot id of the node that ran it; a job whose boot is gone was interrupted. Not
+        /// indexed: the one query on it asks for boots *not* live, among the `Running` jobs
+        /// (found by `state`).
+        boot: Uuid,
         finished_ms: Option<Millis>,
     }
 }
