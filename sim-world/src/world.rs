@@ -466,11 +466,11 @@ impl World {
     }
 
     pub fn partition_host(&self, i: usize) {
-        madsim::net::NetSim::current().clog_node(self.hosts[i].node);
+        stratus_kvm_agent::http::clog_node(self.hosts[i].node);
     }
 
     pub fn heal_host(&self, i: usize) {
-        madsim::net::NetSim::current().unclog_node(self.hosts[i].node);
+        stratus_kvm_agent::http::unclog_node(self.hosts[i].node);
     }
 
     /// A running VM crashes on its host (the agent reports it).

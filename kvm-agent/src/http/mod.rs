@@ -2,12 +2,12 @@
 //! and a small keep-alive client pool. What carries the requests is the one part that differs
 //! (`axum::serve` and `reqwest` do not run under madsim):
 //! - std build ([`tcp`]): HTTP/1.1 by hyper at the connection level over `tokio::net` streams;
-//! - simulation ([`sim`]): the `http::Request` and the answer themselves, as values, over the
-//!   reliable ordered channels madsim's simulated TCP is made of — the same connect (refused at
-//!   once over a clogged link), the same per-message latency, the same delay while a link is
-//!   clogged — without encoding them to bytes and parsing them back. In the 30,000-host run hyper
-//!   was a quarter of the samples (perf), and the bytes it parses under simulation are the ones it
-//!   wrote itself; the std build's tests run the real HTTP/1.1 path.
+//! - simulation ([`sim`]): the `http::Request` and the answer themselves, as values, over a
+//!   connection madsim opens (refused at once over a clogged link), with madsim's per-message
+//!   latency and its delay while a node is cut off ([`clog_node`]) — without encoding them to
+//!   bytes and parsing them back. In the 30,000-host run hyper was a quarter of the samples
+//!   (perf), and the bytes it parses under simulation are the ones it wrote itself; the std
+//!   build's tests run the real HTTP/1.1 path.
 
 use axum::Router;
 use bytes::Bytes;
@@ -22,6 +22,8 @@ use tower::ServiceExt;
 mod sim;
 #[cfg(madsim)]
 use sim as wire;
+#[cfg(madsim)]
+pub use sim::{clog_node, unclog_node};
 #[cfg(not(madsim))]
 mod tcp;
 #[cfg(not(madsim))]
@@ -98,7 +100,8 @@ pub(super) enum TripError {
     NotSent(Box<Request<Bytes>>, String),
     /// The request left (or may have), and the connection failed before any answer came back.
     NoAnswer(String),
-    /// An answer began and broke off.
+    /// An answer began and broke off (HTTP/1.1 only: under simulation an answer is one value).
+    #[cfg_attr(madsim, allow(dead_code))]
     Broken(String),
 }
 

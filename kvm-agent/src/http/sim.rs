@@ -1,16 +1,21 @@
-//! The simulation's wire: a request and its answer travel as values over madsim's reliable,
-//! ordered channels — what its simulated `TcpStream` is built on, so connecting, latency and
-//! clogged links behave as they do for TCP — instead of as HTTP/1.1 bytes.
+//! The simulation's wire: a request and its answer travel as values — not as HTTP/1.1 bytes —
+//! over a connection opened with madsim (its connect is refused at once over a clogged link),
+//! then carried by [`link`]s that keep madsim's per-message latency and its delay while a node is
+//! cut off.
 //!
 //! Like an HTTP/1.1 connection, a connection carries one request at a time, and the server drops
 //! the handler of a request whose client went away (hyper does so when it reads the end of the
 //! stream while a request is in flight).
+
+mod link;
+pub use link::{clog_node, unclog_node};
 
 use super::TripError;
 use axum::Router;
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use hyper::Request;
+use link::{link, Rx, Tx};
 use madsim::net::{Endpoint, Receiver, Sender};
 use madsim::task::NodeId;
 use std::collections::HashMap;
@@ -22,6 +27,18 @@ use std::time::Duration;
 struct Answer {
     status: u16,
     body: Bytes,
+}
+
+/// The first message of a connection, from its client: where it is.
+struct Hello {
+    node: NodeId,
+}
+
+/// The server's answer to [`Hello`]: the connection's two links, made once both ends' nodes are
+/// known (a message on a link waits while either is cut off).
+struct Welcome {
+    requests: Tx<Request<Bytes>>,
+    answers: Rx<Answer>,
 }
 
 /// Bind `addr` and serve `app` in a background task; returns the bound address.
@@ -67,11 +84,24 @@ async fn serve_connection<X: Clone + Send + Sync + 'static>(
     app: Router,
     ext: X,
 ) {
-    while let Ok(msg) = rx.recv().await {
-        let Ok(req) = msg.downcast::<Request<Bytes>>() else {
-            tracing::warn!("not a request on an http connection");
-            return;
-        };
+    let Ok(hello) = rx.recv().await else { return };
+    let Ok(hello) = hello.downcast::<Hello>() else {
+        tracing::warn!("not a hello on an http connection");
+        return;
+    };
+    let here = madsim::plugin::node();
+    let (requests, mut incoming) = link(hello.node, here);
+    let (answers, outgoing) = link(here, hello.node);
+    let welcome = Welcome {
+        requests,
+        answers: outgoing,
+    };
+    if tx.send(Box::new(welcome)).await.is_err() {
+        return;
+    }
+    // The rest goes over the links.
+    drop((tx, rx));
+    while let Some(req) = incoming.recv().await {
         let req = req.map(axum::body::Body::from);
         // The route's future is boxed: a connection spends most of its life waiting for its
         // next request, and inline the future made every waiting connection's task about
@@ -81,7 +111,7 @@ async fn serve_connection<X: Clone + Send + Sync + 'static>(
         let resp = tokio::select! {
             biased;
             resp = Box::pin(super::route(app.clone(), ext.clone(), req)) => resp,
-            _ = tx.closed() => return,
+            _ = answers.closed() => return,
         };
         let status = resp.status().as_u16();
         let body = match axum::body::to_bytes(resp.into_body(), usize::MAX).await {
@@ -91,7 +121,7 @@ async fn serve_connection<X: Clone + Send + Sync + 'static>(
                 return;
             }
         };
-        if tx.send(Box::new(Answer { status, body })).await.is_err() {
+        if answers.send(Answer { status, body }).is_err() {
             return;
         }
     }
@@ -120,8 +150,18 @@ impl Connector {
                 self.lock().entry(node).or_insert(ep).clone()
             }
         };
-        let (tx, rx) = ep.connect1(addr).await.map_err(|e| e.to_string())?;
-        Ok(Conn { tx, rx })
+        let (tx, mut rx) = ep.connect1(addr).await.map_err(|e| e.to_string())?;
+        tx.send(Box::new(Hello { node }))
+            .await
+            .map_err(|e| e.to_string())?;
+        let welcome = rx.recv().await.map_err(|e| e.to_string())?;
+        let welcome = welcome
+            .downcast::<Welcome>()
+            .map_err(|_| "not a welcome on an http connection".to_string())?;
+        Ok(Conn {
+            tx: welcome.requests,
+            rx: welcome.answers,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Endpoint>> {
@@ -131,8 +171,8 @@ impl Connector {
 
 /// One client connection.
 pub(super) struct Conn {
-    tx: Sender,
-    rx: Receiver,
+    tx: Tx<Request<Bytes>>,
+    rx: Rx<Answer>,
 }
 
 impl Conn {
@@ -150,25 +190,18 @@ impl Conn {
         &mut self,
         req: Request<Bytes>,
     ) -> Result<(u16, Bytes), TripError> {
-        // Nothing runs between this check and the send, so the send cannot find it closed.
-        if self.tx.is_closed() {
+        // A link refuses a message only when its receiver is gone: the request never left.
+        if let Err(req) = self.tx.send(req) {
             return Err(TripError::NotSent(
                 Box::new(req),
                 "connection closed".into(),
             ));
         }
-        self.tx
-            .send(Box::new(req))
-            .await
-            .map_err(|e| TripError::NoAnswer(e.to_string()))?;
-        let msg = self
+        let answer = self
             .rx
             .recv()
             .await
-            .map_err(|e| TripError::NoAnswer(e.to_string()))?;
-        let answer = msg
-            .downcast::<Answer>()
-            .map_err(|_| TripError::Broken("not an answer on an http connection".into()))?;
+            .ok_or_else(|| TripError::NoAnswer("connection closed".into()))?;
         Ok((answer.status, answer.body))
     }
 }

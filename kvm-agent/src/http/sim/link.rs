@@ -1,0 +1,349 @@
+//! One direction of a simulated connection once it is open: messages in order, each after a
+//! latency drawn as madsim's network draws it, and held back with madsim's backoff while either
+//! end's node is cut off — without asking madsim's network about every message. madsim's
+//! channels look up both nodes, the destination's address and its sockets in maps of every node
+//! for each message (`Network::try_send`); with 30,000 hosts those lookups missed the caches and
+//! were 4 % of the run's samples (perf, 2026-12-01).
+//!
+//! A partition must therefore be made through [`clog_node`] (which clogs the node in madsim too,
+//! for new connections) so that open connections see it.
+
+use madsim::net::NetSim;
+use madsim::rand::Rng;
+use madsim::task::NodeId;
+use madsim::time::Instant;
+use std::cell::RefCell;
+use std::collections::{HashSet, VecDeque};
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+/// madsim's default per-message latency (`net::Config::send_latency`; nothing here changes it).
+const LATENCY_MS: std::ops::Range<u64> = 1..10;
+/// madsim's backoff while a link is clogged: from 1 ms, doubling, at most 10 s.
+const FIRST_BACKOFF: Duration = Duration::from_millis(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The nodes cut off, for the simulation running on this thread (madsim runs one per thread;
+/// the entry of a runtime that has ended is ignored).
+#[derive(Default)]
+struct Clogged {
+    net: Weak<NetSim>,
+    nodes: HashSet<NodeId>,
+}
+
+thread_local! {
+    static CLOGGED: RefCell<Clogged> = RefCell::default();
+}
+
+/// Cut `node` off the network: madsim refuses new connections to and from it, and messages on
+/// open connections wait until [`unclog_node`].
+pub fn clog_node(node: NodeId) {
+    let net = NetSim::current();
+    net.clog_node(node);
+    CLOGGED.with(|c| {
+        let mut c = c.borrow_mut();
+        if !c.net.upgrade().is_some_and(|n| Arc::ptr_eq(&n, &net)) {
+            *c = Clogged {
+                net: Arc::downgrade(&net),
+                nodes: HashSet::new(),
+            };
+        }
+        c.nodes.insert(node);
+    });
+}
+
+/// Undo [`clog_node`].
+pub fn unclog_node(node: NodeId) {
+    let net = NetSim::current();
+    net.unclog_node(node);
+    CLOGGED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.net.upgrade().is_some_and(|n| Arc::ptr_eq(&n, &net)) {
+            c.nodes.remove(&node);
+        }
+    });
+}
+
+fn clogged(a: NodeId, b: NodeId) -> bool {
+    CLOGGED.with(|c| {
+        let c = c.borrow();
+        // Nothing is cut off nearly all the time: no lookup of the runtime then.
+        !c.nodes.is_empty()
+            && (c.nodes.contains(&a) || c.nodes.contains(&b))
+            && c.net
+                .upgrade()
+                .is_some_and(|n| Arc::ptr_eq(&n, &NetSim::current()))
+    })
+}
+
+/// When a message sent now between `a` and `b` arrives, or `None` while the link is clogged.
+fn arrival(a: NodeId, b: NodeId) -> Option<Instant> {
+    if clogged(a, b) {
+        return None;
+    }
+    let ms = madsim::rand::thread_rng().gen_range(LATENCY_MS);
+    Some(Instant::now() + Duration::from_millis(ms))
+}
+
+struct State<T> {
+    /// Messages not yet received, each with its arrival (`None`: sent while clogged).
+    queue: VecDeque<(Option<Instant>, T)>,
+    /// The last arrival handed out: a message never overtakes the one before it.
+    last: Option<Instant>,
+    receiver: Option<Waker>,
+    /// A sender waiting in [`Tx::closed`].
+    sender: Option<Waker>,
+    tx_gone: bool,
+    rx_gone: bool,
+}
+
+struct Shared<T> {
+    from: NodeId,
+    to: NodeId,
+    state: Mutex<State<T>>,
+}
+
+impl<T> Shared<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The sending end.
+pub(super) struct Tx<T>(Arc<Shared<T>>);
+/// The receiving end.
+pub(super) struct Rx<T>(Arc<Shared<T>>);
+
+/// A link from node `from` to node `to`.
+pub(super) fn link<T>(from: NodeId, to: NodeId) -> (Tx<T>, Rx<T>) {
+    let shared = Arc::new(Shared {
+        from,
+        to,
+        state: Mutex::new(State {
+            queue: VecDeque::new(),
+            last: None,
+            receiver: None,
+            sender: None,
+            tx_gone: false,
+            rx_gone: false,
+        }),
+    });
+    (Tx(shared.clone()), Rx(shared))
+}
+
+impl<T> Tx<T> {
+    /// Send `msg`; gives it back when the receiver is gone.
+    pub(super) fn send(&self, msg: T) -> Result<(), T> {
+        let at = arrival(self.0.from, self.0.to);
+        let mut s = self.0.lock();
+        if s.rx_gone {
+            return Err(msg);
+        }
+        let at = at.map(|t| s.last.map_or(t, |l| l.max(t)));
+        if at.is_some() {
+            s.last = at;
+        }
+        s.queue.push_back((at, msg));
+        if let Some(w) = s.receiver.take() {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.0.lock().rx_gone
+    }
+
+    /// Resolves when the receiver is gone.
+    pub(super) async fn closed(&self) {
+        poll_fn(|cx| {
+            let mut s = self.0.lock();
+            if s.rx_gone {
+                Poll::Ready(())
+            } else {
+                s.sender = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+impl<T> Drop for Tx<T> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.tx_gone = true;
+        if let Some(w) = s.receiver.take() {
+            w.wake();
+        }
+    }
+}
+
+enum Next<T> {
+    Message(T),
+    Closed,
+    Until(Instant),
+    Clogged,
+    Empty,
+}
+
+impl<T> Rx<T> {
+    /// The next message once it has arrived; `None` when the sender is gone and nothing is left.
+    pub(super) async fn recv(&mut self) -> Option<T> {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match self.next() {
+                Next::Message(m) => return Some(m),
+                Next::Closed => return None,
+                Next::Until(t) => madsim::time::sleep_until(t).await,
+                Next::Clogged => {
+                    madsim::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    if let Some(t) = arrival(self.0.from, self.0.to) {
+                        let mut s = self.0.lock();
+                        let t = s.last.map_or(t, |l| l.max(t));
+                        s.last = Some(t);
+                        if let Some(front) = s.queue.front_mut() {
+                            front.0 = Some(t);
+                        }
+                    }
+                }
+                Next::Empty => {
+                    poll_fn(|cx| {
+                        let mut s = self.0.lock();
+                        if s.queue.is_empty() && !s.tx_gone {
+                            s.receiver = Some(cx.waker().clone());
+                            Poll::Pending
+                        } else {
+                            Poll::Ready(())
+                        }
+                    })
+                    .await
+                }
+            }
+        }
+    }
+
+    fn next(&self) -> Next<T> {
+        let mut s = self.0.lock();
+        match s.queue.front() {
+            Some((Some(t), _)) if *t <= Instant::now() => match s.queue.pop_front() {
+                Some((_, m)) => Next::Message(m),
+                None => Next::Empty,
+            },
+            Some((Some(t), _)) => Next::Until(*t),
+            Some((None, _)) => Next::Clogged,
+            None if s.tx_gone => Next::Closed,
+            None => Next::Empty,
+        }
+    }
+}
+
+impl<T> Drop for Rx<T> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.rx_gone = true;
+        s.queue.clear();
+        if let Some(w) = s.sender.take() {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use madsim::runtime::{Handle, Runtime};
+
+    fn other_node() -> NodeId {
+        Handle::current().create_node().build().id()
+    }
+
+    #[madsim::test]
+    async fn messages_arrive_in_order_each_after_a_latency() {
+        let here = madsim::plugin::node();
+        let (tx, mut rx) = link::<u32>(here, other_node());
+        let t0 = Instant::now();
+        for i in 0..20 {
+            tx.send(i).unwrap();
+        }
+        let mut last = t0;
+        for i in 0..20 {
+            assert_eq!(rx.recv().await, Some(i));
+            let now = Instant::now();
+            assert!(now >= last, "message {i} overtook the one before it");
+            assert!(now - t0 >= Duration::from_millis(LATENCY_MS.start));
+            assert!(now - t0 < Duration::from_millis(LATENCY_MS.end));
+            last = now;
+        }
+    }
+
+    #[madsim::test]
+    async fn messages_wait_while_a_node_is_cut_off_and_arrive_after() {
+        let here = madsim::plugin::node();
+        let there = other_node();
+        let (tx, mut rx) = link::<&str>(here, there);
+        clog_node(there);
+        let t0 = Instant::now();
+        tx.send("held").unwrap();
+        madsim::task::spawn(async move {
+            madsim::time::sleep(Duration::from_secs(5)).await;
+            unclog_node(there);
+        });
+        assert_eq!(rx.recv().await, Some("held"));
+        let waited = Instant::now() - t0;
+        assert!(waited >= Duration::from_secs(5), "arrived after {waited:?}");
+        // The backoff doubles from 1 ms: the first look after 5 s is at 8.191 s.
+        assert!(waited < Duration::from_secs(9), "arrived after {waited:?}");
+        // Healed: the next one takes a latency only.
+        let t1 = Instant::now();
+        tx.send("free").unwrap();
+        assert_eq!(rx.recv().await, Some("free"));
+        assert!(Instant::now() - t1 < Duration::from_millis(LATENCY_MS.end));
+    }
+
+    #[madsim::test]
+    async fn a_gone_receiver_closes_the_link_for_its_sender() {
+        let here = madsim::plugin::node();
+        let (tx, rx) = link::<u32>(here, other_node());
+        assert!(!tx.is_closed());
+        tx.send(1).unwrap();
+        drop(rx);
+        assert!(tx.is_closed());
+        assert_eq!(tx.send(2), Err(2));
+        // Resolves at once: a hang here fails the test by madsim's deadlock detection.
+        tx.closed().await;
+    }
+
+    #[madsim::test]
+    async fn a_gone_sender_ends_the_link_after_what_it_sent() {
+        let here = madsim::plugin::node();
+        let (tx, mut rx) = link::<u32>(here, other_node());
+        tx.send(7).unwrap();
+        drop(tx);
+        assert_eq!(rx.recv().await, Some(7));
+        assert_eq!(rx.recv().await, None);
+    }
+
+    /// A runtime that ends with a node cut off does not leave it cut off for the next one on
+    /// the same thread (which numbers its nodes alike).
+    #[test]
+    fn a_cut_off_node_of_an_ended_runtime_is_not_cut_off_in_the_next() {
+        let first = Runtime::new().block_on(async {
+            let n = other_node();
+            clog_node(n);
+            assert!(clogged(n, n));
+            n
+        });
+        Runtime::new().block_on(async move {
+            let n = other_node();
+            assert_eq!(n, first);
+            assert!(!clogged(n, n));
+            let (tx, mut rx) = link::<u32>(madsim::plugin::node(), n);
+            tx.send(1).unwrap();
+            assert_eq!(rx.recv().await, Some(1));
+        });
+    }
+}
