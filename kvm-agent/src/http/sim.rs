@@ -1,7 +1,8 @@
 //! The simulation's wire: a request and its answer travel as values — not as HTTP/1.1 bytes —
 //! over a connection opened with madsim (its connect is refused at once over a clogged link),
 //! then carried by [`link`]s that keep madsim's per-message latency and its delay while a node is
-//! cut off.
+//! cut off. The links are handed over in a round trip ([`Hello`], [`Welcome`]) before the first
+//! request, as TCP's handshake comes before its first byte.
 //!
 //! Like an HTTP/1.1 connection, a connection carries one request at a time, and the server drops
 //! the handler of a request whose client went away (hyper does so when it reads the end of the

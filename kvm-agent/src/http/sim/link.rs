@@ -6,7 +6,8 @@
 //! were 4 % of the run's samples (perf, 2026-12-01).
 //!
 //! A partition must therefore be made through [`clog_node`] (which clogs the node in madsim too,
-//! for new connections) so that open connections see it.
+//! for new connections) so that open connections see it; madsim's `clog_link`,
+//! `clog_node_in`/`clog_node_out` and its latency and loss settings reach new connections only.
 
 use madsim::net::NetSim;
 use madsim::rand::Rng;
@@ -19,14 +20,16 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-/// madsim's default per-message latency (`net::Config::send_latency`; nothing here changes it).
-const LATENCY_MS: std::ops::Range<u64> = 1..10;
+/// madsim's default per-message latency (`net::Config::send_latency`, drawn the same way).
+/// Links do not follow `NetSim::update_config` (nothing here changes it).
+const LATENCY: std::ops::Range<Duration> = Duration::from_millis(1)..Duration::from_millis(10);
 /// madsim's backoff while a link is clogged: from 1 ms, doubling, at most 10 s.
 const FIRST_BACKOFF: Duration = Duration::from_millis(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// The nodes cut off, for the simulation running on this thread (madsim runs one per thread;
-/// the entry of a runtime that has ended is ignored).
+/// the entry of a runtime that has ended is ignored). Two runtimes alive at once on one thread
+/// and both cutting nodes off would share it: nothing does that.
 #[derive(Default)]
 struct Clogged {
     net: Weak<NetSim>,
@@ -83,15 +86,13 @@ fn arrival(a: NodeId, b: NodeId) -> Option<Instant> {
     if clogged(a, b) {
         return None;
     }
-    let ms = madsim::rand::thread_rng().gen_range(LATENCY_MS);
-    Some(Instant::now() + Duration::from_millis(ms))
+    Some(Instant::now() + madsim::rand::thread_rng().gen_range(LATENCY))
 }
 
 struct State<T> {
-    /// Messages not yet received, each with its arrival (`None`: sent while clogged).
+    /// Messages not yet received, each with its arrival (`None`: sent while clogged). Only
+    /// the first is ever taken, once it has arrived: none overtakes the one before it.
     queue: VecDeque<(Option<Instant>, T)>,
-    /// The last arrival handed out: a message never overtakes the one before it.
-    last: Option<Instant>,
     receiver: Option<Waker>,
     /// A sender waiting in [`Tx::closed`].
     sender: Option<Waker>,
@@ -123,7 +124,6 @@ pub(super) fn link<T>(from: NodeId, to: NodeId) -> (Tx<T>, Rx<T>) {
         to,
         state: Mutex::new(State {
             queue: VecDeque::new(),
-            last: None,
             receiver: None,
             sender: None,
             tx_gone: false,
@@ -137,16 +137,15 @@ impl<T> Tx<T> {
     /// Send `msg`; gives it back when the receiver is gone.
     pub(super) fn send(&self, msg: T) -> Result<(), T> {
         let at = arrival(self.0.from, self.0.to);
-        let mut s = self.0.lock();
-        if s.rx_gone {
-            return Err(msg);
-        }
-        let at = at.map(|t| s.last.map_or(t, |l| l.max(t)));
-        if at.is_some() {
-            s.last = at;
-        }
-        s.queue.push_back((at, msg));
-        if let Some(w) = s.receiver.take() {
+        let waiting = {
+            let mut s = self.0.lock();
+            if s.rx_gone {
+                return Err(msg);
+            }
+            s.queue.push_back((at, msg));
+            s.receiver.take()
+        };
+        if let Some(w) = waiting {
             w.wake();
         }
         Ok(())
@@ -173,9 +172,12 @@ impl<T> Tx<T> {
 
 impl<T> Drop for Tx<T> {
     fn drop(&mut self) {
-        let mut s = self.0.lock();
-        s.tx_gone = true;
-        if let Some(w) = s.receiver.take() {
+        let waiting = {
+            let mut s = self.0.lock();
+            s.tx_gone = true;
+            s.receiver.take()
+        };
+        if let Some(w) = waiting {
             w.wake();
         }
     }
@@ -202,10 +204,7 @@ impl<T> Rx<T> {
                     madsim::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     if let Some(t) = arrival(self.0.from, self.0.to) {
-                        let mut s = self.0.lock();
-                        let t = s.last.map_or(t, |l| l.max(t));
-                        s.last = Some(t);
-                        if let Some(front) = s.queue.front_mut() {
+                        if let Some(front) = self.0.lock().queue.front_mut() {
                             front.0 = Some(t);
                         }
                     }
@@ -243,10 +242,14 @@ impl<T> Rx<T> {
 
 impl<T> Drop for Rx<T> {
     fn drop(&mut self) {
-        let mut s = self.0.lock();
-        s.rx_gone = true;
-        s.queue.clear();
-        if let Some(w) = s.sender.take() {
+        // What was not received is dropped, and the sender woken, after the lock is let go.
+        let (unread, waiting) = {
+            let mut s = self.0.lock();
+            s.rx_gone = true;
+            (std::mem::take(&mut s.queue), s.sender.take())
+        };
+        drop(unread);
+        if let Some(w) = waiting {
             w.wake();
         }
     }
@@ -261,6 +264,11 @@ mod tests {
         Handle::current().create_node().build().id()
     }
 
+    /// Whether `d` is one latency: madsim's clock also moves 50–100 ns at each poll.
+    fn one_latency(d: Duration) -> bool {
+        d >= LATENCY.start && d < LATENCY.end + Duration::from_millis(1)
+    }
+
     #[madsim::test]
     async fn messages_arrive_in_order_each_after_a_latency() {
         let here = madsim::plugin::node();
@@ -269,28 +277,24 @@ mod tests {
         for i in 0..20 {
             tx.send(i).unwrap();
         }
-        let mut last = t0;
         for i in 0..20 {
             assert_eq!(rx.recv().await, Some(i));
-            let now = Instant::now();
-            assert!(now >= last, "message {i} overtook the one before it");
-            assert!(now - t0 >= Duration::from_millis(LATENCY_MS.start));
-            assert!(now - t0 < Duration::from_millis(LATENCY_MS.end));
-            last = now;
+            let took = Instant::now() - t0;
+            assert!(one_latency(took), "message {i} after {took:?}");
         }
     }
 
-    #[madsim::test]
-    async fn messages_wait_while_a_node_is_cut_off_and_arrive_after() {
-        let here = madsim::plugin::node();
-        let there = other_node();
-        let (tx, mut rx) = link::<&str>(here, there);
-        clog_node(there);
+    /// A message sent while node `cut` of the link is cut off arrives only after it heals.
+    async fn held_while(cut: impl Fn(NodeId, NodeId) -> NodeId) {
+        let (from, to) = (other_node(), other_node());
+        let (tx, mut rx) = link::<&str>(from, to);
+        let cut = cut(from, to);
+        clog_node(cut);
         let t0 = Instant::now();
         tx.send("held").unwrap();
         madsim::task::spawn(async move {
             madsim::time::sleep(Duration::from_secs(5)).await;
-            unclog_node(there);
+            unclog_node(cut);
         });
         assert_eq!(rx.recv().await, Some("held"));
         let waited = Instant::now() - t0;
@@ -301,7 +305,76 @@ mod tests {
         let t1 = Instant::now();
         tx.send("free").unwrap();
         assert_eq!(rx.recv().await, Some("free"));
-        assert!(Instant::now() - t1 < Duration::from_millis(LATENCY_MS.end));
+        assert!(one_latency(Instant::now() - t1));
+    }
+
+    #[madsim::test]
+    async fn messages_wait_while_the_receiving_node_is_cut_off_and_arrive_after() {
+        held_while(|_, to| to).await;
+    }
+
+    #[madsim::test]
+    async fn messages_wait_while_the_sending_node_is_cut_off_and_arrive_after() {
+        held_while(|from, _| from).await;
+    }
+
+    #[madsim::test]
+    async fn a_message_on_its_way_when_a_node_is_cut_off_still_arrives() {
+        let (from, to) = (other_node(), other_node());
+        let (tx, mut rx) = link::<u32>(from, to);
+        let t0 = Instant::now();
+        tx.send(1).unwrap();
+        clog_node(to);
+        assert_eq!(rx.recv().await, Some(1));
+        assert!(one_latency(Instant::now() - t0));
+    }
+
+    #[madsim::test]
+    async fn a_waiting_receiver_is_woken_by_a_send_and_by_its_sender_leaving() {
+        let here = madsim::plugin::node();
+        let (tx, mut rx) = link::<u32>(here, other_node());
+        let t0 = Instant::now();
+        madsim::task::spawn(async move {
+            madsim::time::sleep(Duration::from_secs(1)).await;
+            tx.send(5).unwrap();
+            madsim::time::sleep(Duration::from_secs(1)).await;
+            drop(tx);
+        });
+        assert_eq!(rx.recv().await, Some(5));
+        assert!(Instant::now() - t0 >= Duration::from_secs(1));
+        assert_eq!(rx.recv().await, None);
+        assert!(Instant::now() - t0 >= Duration::from_secs(2));
+    }
+
+    #[madsim::test]
+    async fn a_waiting_sender_learns_when_its_receiver_leaves() {
+        let here = madsim::plugin::node();
+        let (tx, rx) = link::<u32>(here, other_node());
+        let t0 = Instant::now();
+        madsim::task::spawn(async move {
+            madsim::time::sleep(Duration::from_secs(1)).await;
+            drop(rx);
+        });
+        tx.closed().await;
+        assert!(Instant::now() - t0 >= Duration::from_secs(1));
+        assert!(tx.is_closed());
+    }
+
+    /// A node that dies drops its tasks, and with them their ends of the links: the peer sees
+    /// the link closed, as it sees a madsim connection closed.
+    #[madsim::test]
+    async fn a_killed_node_closes_the_links_its_tasks_held() {
+        let node = Handle::current().create_node().build();
+        let (tx, mut rx) = link::<u32>(madsim::plugin::node(), node.id());
+        node.spawn(async move { while rx.recv().await.is_some() {} });
+        tx.send(1).unwrap();
+        madsim::time::sleep(Duration::from_secs(1)).await;
+        assert!(!tx.is_closed());
+        Handle::current().kill(node.id());
+        madsim::time::timeout(Duration::from_secs(10), tx.closed())
+            .await
+            .expect("the killed node's end of the link was dropped");
+        assert_eq!(tx.send(2), Err(2));
     }
 
     #[madsim::test]
