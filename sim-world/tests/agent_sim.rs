@@ -1,6 +1,7 @@
 //! The real agent server on the simulated hypervisor, over simulated HTTP: connect, ping, long
-//! commands with callbacks, tokens, duplicate task ids, migration between two hosts, and where
-//! reports go after pings with and without a report URL.
+//! commands with callbacks, tokens, duplicate task ids, migration between two hosts, where
+//! reports go after pings with and without a report URL, and a kept connection to a host that
+//! restarted.
 #![cfg(madsim)]
 
 use axum::routing::post;
@@ -625,5 +626,45 @@ fn a_migration_receive_does_not_outlive_its_sender() {
         })
         .await
         .unwrap();
+    });
+}
+
+/// A host that restarts drops its end of every connection: the management side's kept
+/// connection to it is seen closed and not used again, and the next ping connects anew and is
+/// answered by the restarted agent (on a connection left open it would wait out its timeout).
+#[test]
+fn a_kept_connection_to_a_restarted_host_is_not_used_again() {
+    let rt = Runtime::with_seed_and_config(11, madsim::Config::default());
+    rt.block_on(async {
+        let state = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
+        let hv = SimHypervisor::new(state, LatencyProfile::zero(), 7);
+        host_node("10.1.0.1", "tok-a", hv);
+        mgmt_node()
+            .spawn(async move {
+                serve_mgmt(Router::new()).await;
+                let c = HttpClient::with_idle_timeout(2, Duration::from_secs(600));
+                let ping = PingCmd {
+                    host_uuid: Uuid::from_u128(1),
+                    report_url: String::new(),
+                };
+                assert_eq!(call(&c, "10.1.0.1", "tok-a", &ping, None).await.0, 200);
+                assert_eq!(c.idle_connections(), 1);
+                // As `World` does: the host dies (its tasks, the listener's among them, are
+                // dropped), then comes back.
+                Handle::current().kill("10.1.0.1");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Handle::current().restart("10.1.0.1");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let t0 = tokio::time::Instant::now();
+                assert_eq!(call(&c, "10.1.0.1", "tok-a", &ping, None).await.0, 200);
+                assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+                assert_eq!(
+                    c.idle_connections(),
+                    1,
+                    "the closed one is gone, the new one kept"
+                );
+            })
+            .await
+            .unwrap();
     });
 }
