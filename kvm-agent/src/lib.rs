@@ -13,6 +13,8 @@ pub mod deadline;
 pub mod http;
 pub mod hypervisor;
 pub mod protocol;
+#[cfg(madsim)]
+mod runtime_local;
 pub mod server;
 
 pub use hypervisor::Hypervisor;

@@ -46,6 +46,14 @@ fn host_node_with(ip: &str, token: &'static str, hv: SimHypervisor, faults: Arc<
         .build();
 }
 
+/// [`host_node`] on a hypervisor whose commands take no time; returns it.
+fn instant_host(ip: &str, token: &'static str) -> SimHypervisor {
+    let state = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
+    let hv = SimHypervisor::new(state, LatencyProfile::zero(), 7);
+    host_node(ip, token, hv.clone());
+    hv
+}
+
 /// The management node (10.0.0.1), on which a test runs its side.
 fn mgmt_node() -> madsim::runtime::NodeHandle {
     Handle::current()
@@ -421,9 +429,7 @@ fn agent_protocol_over_simulated_http() {
 fn a_ping_without_a_report_url_leaves_the_reports_where_they_went() {
     let rt = Runtime::with_seed_and_config(5, madsim::Config::default());
     rt.block_on(async {
-        let state = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
-        let hv = SimHypervisor::new(state, LatencyProfile::zero(), 7);
-        host_node("10.1.0.3", "tok", hv.clone());
+        let hv = instant_host("10.1.0.3", "tok");
         let mgmt = mgmt_node();
         mgmt.spawn(async move {
             let results: Arc<Mutex<Vec<TaskResult>>> = Arc::default();
@@ -636,9 +642,7 @@ fn a_migration_receive_does_not_outlive_its_sender() {
 fn a_kept_connection_to_a_restarted_host_is_not_used_again() {
     let rt = Runtime::with_seed_and_config(11, madsim::Config::default());
     rt.block_on(async {
-        let state = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
-        let hv = SimHypervisor::new(state, LatencyProfile::zero(), 7);
-        host_node("10.1.0.1", "tok-a", hv);
+        instant_host("10.1.0.1", "tok-a");
         mgmt_node()
             .spawn(async move {
                 serve_mgmt(Router::new()).await;

@@ -15,13 +15,13 @@
 //! it was 5 % of that run's samples (perf).
 
 use super::Elapsed;
-use madsim::net::NetSim;
+use crate::runtime_local::RuntimeLocal;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -106,18 +106,15 @@ impl Wake for Ring {
     }
 }
 
-/// The rings of one runtime that have not rung, by milliseconds since `base`.
+/// The rings of one runtime that have not rung, by milliseconds since `base` (a ring set in a
+/// runtime that has ended never rings: each runtime has its own).
 struct Rings {
-    /// The runtime they belong to: a thread runs one runtime at a time, but tests run several
-    /// one after another, and a ring set in a runtime that has ended never rings. The `Weak`
-    /// keeps the address from being reused while held.
-    runtime: Weak<NetSim>,
     base: Instant,
     pending: BTreeMap<u64, Arc<Ring>>,
 }
 
 thread_local! {
-    static RINGS: RefCell<Option<Rings>> = const { RefCell::new(None) };
+    static RINGS: RefCell<Option<RuntimeLocal<Rings>>> = const { RefCell::new(None) };
 }
 
 fn ceil_ms(d: Duration) -> u64 {
@@ -127,20 +124,12 @@ fn ceil_ms(d: Duration) -> u64 {
 /// The ring a timeout ending at `deadline` waits for now: the shared one 4 to 5 s ahead, or
 /// its own at the deadline when that comes first. Set in madsim's timer when new.
 fn ring_for(now: Instant, deadline: Instant) -> Arc<Ring> {
-    let runtime = NetSim::current();
     RINGS.with(|cell| {
         let mut cell = cell.borrow_mut();
-        let same = cell
-            .as_ref()
-            .is_some_and(|r| std::ptr::eq(r.runtime.as_ptr(), Arc::as_ptr(&runtime)));
-        if !same {
-            *cell = Some(Rings {
-                runtime: Arc::downgrade(&runtime),
-                base: now,
-                pending: BTreeMap::new(),
-            });
-        }
-        let r = cell.as_mut().expect("set above");
+        let r = RuntimeLocal::current(&mut cell, || Rings {
+            base: now,
+            pending: BTreeMap::new(),
+        });
         // A ring whose time has come rang (or is ringing): nobody joins it again.
         let now_ms = now.duration_since(r.base).as_millis() as u64;
         while let Some(e) = r.pending.first_entry() {
@@ -227,7 +216,7 @@ mod tests {
     use super::*;
 
     fn pending_rings() -> usize {
-        RINGS.with(|c| c.borrow().as_ref().map_or(0, |r| r.pending.len()))
+        RINGS.with(|c| c.borrow().as_ref().map_or(0, |r| r.value.pending.len()))
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@
 //! for new connections) so that open connections see it; madsim's `clog_link`,
 //! `clog_node_in`/`clog_node_out` and its latency and loss settings reach new connections only.
 
+use crate::runtime_local::RuntimeLocal;
 use madsim::net::NetSim;
 use madsim::rand::Rng;
 use madsim::task::NodeId;
@@ -16,7 +17,7 @@ use madsim::time::Instant;
 use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::future::poll_fn;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -27,57 +28,30 @@ const LATENCY: std::ops::Range<Duration> = Duration::from_millis(1)..Duration::f
 const FIRST_BACKOFF: Duration = Duration::from_millis(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// The nodes cut off, for the simulation running on this thread (madsim runs one per thread;
-/// the entry of a runtime that has ended is ignored). Two runtimes alive at once on one thread
-/// and both cutting nodes off would share it: nothing does that.
-#[derive(Default)]
-struct Clogged {
-    net: Weak<NetSim>,
-    nodes: HashSet<NodeId>,
-}
-
 thread_local! {
-    static CLOGGED: RefCell<Clogged> = RefCell::default();
+    /// The nodes cut off, for the runtime running on this thread.
+    static CLOGGED: RefCell<Option<RuntimeLocal<HashSet<NodeId>>>> = const { RefCell::new(None) };
 }
 
 /// Cut `node` off the network: madsim refuses new connections to and from it, and messages on
 /// open connections wait until [`unclog_node`].
 pub fn clog_node(node: NodeId) {
-    let net = NetSim::current();
-    net.clog_node(node);
-    CLOGGED.with(|c| {
-        let mut c = c.borrow_mut();
-        if !c.net.upgrade().is_some_and(|n| Arc::ptr_eq(&n, &net)) {
-            *c = Clogged {
-                net: Arc::downgrade(&net),
-                nodes: HashSet::new(),
-            };
-        }
-        c.nodes.insert(node);
-    });
+    NetSim::current().clog_node(node);
+    CLOGGED.with(|c| RuntimeLocal::current(&mut c.borrow_mut(), HashSet::new).insert(node));
 }
 
 /// Undo [`clog_node`].
 pub fn unclog_node(node: NodeId) {
-    let net = NetSim::current();
-    net.unclog_node(node);
-    CLOGGED.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.net.upgrade().is_some_and(|n| Arc::ptr_eq(&n, &net)) {
-            c.nodes.remove(&node);
-        }
-    });
+    NetSim::current().unclog_node(node);
+    CLOGGED.with(|c| RuntimeLocal::current(&mut c.borrow_mut(), HashSet::new).remove(&node));
 }
 
 fn clogged(a: NodeId, b: NodeId) -> bool {
     CLOGGED.with(|c| {
-        let c = c.borrow();
         // Nothing is cut off nearly all the time: no lookup of the runtime then.
-        !c.nodes.is_empty()
-            && (c.nodes.contains(&a) || c.nodes.contains(&b))
-            && c.net
-                .upgrade()
-                .is_some_and(|n| Arc::ptr_eq(&n, &NetSim::current()))
+        c.borrow()
+            .as_ref()
+            .is_some_and(|r| (r.value.contains(&a) || r.value.contains(&b)) && r.is_current())
     })
 }
 
@@ -228,12 +202,9 @@ impl<T> Rx<T> {
     fn next(&self) -> Next<T> {
         let mut s = self.0.lock();
         match s.queue.front() {
-            Some((Some(t), _)) if *t <= Instant::now() => match s.queue.pop_front() {
-                Some((_, m)) => Next::Message(m),
-                None => Next::Empty,
-            },
-            Some((Some(t), _)) => Next::Until(*t),
+            Some((Some(t), _)) if *t > Instant::now() => Next::Until(*t),
             Some((None, _)) => Next::Clogged,
+            Some(_) => Next::Message(s.queue.pop_front().expect("a front").1),
             None if s.tx_gone => Next::Closed,
             None => Next::Empty,
         }
