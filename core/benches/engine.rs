@@ -18,12 +18,12 @@ mod benches {
     use stratus_core::bus::{Bus, Message};
     use stratus_core::ids::Ids;
     use stratus_core::queue::Queues;
-    use stratus_core::store::conformance::{schema, CsWidget};
-    use stratus_core::store::sql::SqlStore;
-    use stratus_core::store::{Batch, Json, MemStore, Resource, Row, Schema, Store};
+    use stratus_store::conformance::{schema, CsWidget};
+    use stratus_store::sql::SqlStore;
+    use stratus_store::{Batch, Json, MemStore, Resource, Row, Schema, Store};
     use uuid::Uuid;
 
-    stratus_core::resource! {
+    stratus_store::resource! {
         /// A lean row (think: a NIC or a volume): 4 fields, 1 index.
         pub struct BenchRow: "bench_row" {
             owner_uuid: Uuid [index],

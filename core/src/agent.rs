@@ -16,11 +16,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use stratus_kvm_agent::http::{HttpClient, HttpError, AGENT_IDLE_TIMEOUT};
-use stratus_kvm_agent::protocol::{
-    AgentError, AgentErrorCode, Command, CommandKind, TaskResult, H_CALLBACK, H_DEADLINE, H_TASK,
-    H_TOKEN, H_WAIT_UNTIL,
+use stratus_agent_protocol::{
+    AgentError, AgentErrorCode, Command, CommandKind, TaskResult, AGENT_IDLE_TIMEOUT, H_CALLBACK,
+    H_DEADLINE, H_TASK, H_TOKEN, H_WAIT_UNTIL,
 };
+use stratus_rt::http::{HttpClient, HttpError};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -162,7 +162,7 @@ impl AgentClient {
             // and commands reuse it. This client had 100 ms, chosen when the simulation ran
             // hyper over madsim's TCP, whose connect bound an ephemeral port by scanning the
             // node's sockets, then the default 1 s, with which nearly every ping connected.
-            http: HttpClient::with_idle_timeout(2, AGENT_IDLE_TIMEOUT),
+            http: HttpClient::with_idle_timeout(2, AGENT_IDLE_TIMEOUT).with_replay_key(H_TASK),
             ids,
             callback_base,
             pending: Arc::default(),
@@ -269,7 +269,7 @@ impl AgentClient {
             return decode_reply::<C>(r.status, &r.body);
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let result = match stratus_kvm_agent::deadline::timeout(left, rx).await {
+        let result = match stratus_rt::deadline::timeout(left, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => return Err(Error::internal("callback waiter dropped")),
             Err(_) => {
@@ -308,7 +308,7 @@ impl AgentClient {
 /// A deadline header's value ([`H_DEADLINE`], [`H_WAIT_UNTIL`]) for `after` from now: after it
 /// the caller has given up (and rolled back), so the agent must not start the command.
 fn deadline_after(after: Duration) -> String {
-    (crate::clock::now_ms() + after.as_millis() as i64).to_string()
+    (stratus_rt::clock::now_ms() + after.as_millis() as i64).to_string()
 }
 
 /// Removes a task from the waiting table when the caller stops waiting (any way it stops).

@@ -11,10 +11,10 @@
 //! 3. cleanup — deepest first, after everything is gone.
 
 use crate::error::{Error, ErrorCode};
-use crate::store::{Db, Query};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use stratus_store::{Db, Query};
 use uuid::Uuid;
 
 #[async_trait]

@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
-use stratus_kvm_agent::http::{HttpClient, HttpError};
+use stratus_rt::http::{HttpClient, HttpError};
 use uuid::Uuid;
 
 /// Talks to one management node's API.

@@ -11,11 +11,11 @@
 
 use crate::error::Error;
 use crate::ids::name_uuid;
-use crate::store::{Batch, Db, Query, Row};
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use stratus_store::{Batch, Db, Query, Row};
 
 /// The type and allowed range of an entry.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -300,7 +300,7 @@ impl<T> Clone for ConfigKey<T> {
 }
 impl<T> Copy for ConfigKey<T> {}
 
-crate::resource! {
+stratus_store::resource! {
     /// A persisted config value (only entries changed from their default are stored).
     pub struct ConfigEntry: "global_config" {
         name: String [unique, column],
@@ -493,8 +493,8 @@ impl GlobalConfig {
 mod tests {
     use super::*;
     use crate::error::ErrorCode;
-    use crate::store::{MemStore, Resource, Schema};
     use std::sync::atomic::{AtomicI64, Ordering};
+    use stratus_store::{MemStore, Resource, Schema};
 
     static INTERVAL: ConfigDef =
         ConfigDef::duration("host.ping.interval", "ping period", "60s", 1_000, 3_600_000);

@@ -12,9 +12,9 @@ use crate::hashring::NodeId;
 use crate::ids::Ids;
 use crate::job::{Job, Jobs};
 use crate::queue::Queues;
-use crate::store::{Db, KindMeta, Resource, Store};
 use std::sync::Arc;
 use std::time::Duration;
+use stratus_store::{Db, KindMeta, Resource, Store};
 use uuid::Uuid;
 
 /// The store kinds the engine itself needs (services add theirs).

@@ -1,11 +1,12 @@
 //! The one error type that crosses the bus and reaches the API.
 //!
-//! Library modules have their own `thiserror` enums (`StoreError`, `ConfigError`, ...); each maps
-//! into [`Error`] with a stable [`ErrorCode`]. The code is what clients match on; the message is
+//! Library crates and modules have their own `thiserror` types (`StoreError`, ...); each maps
+//! into [`Error`] with a stable [`ErrorCode`] here. The code is what clients match on; the message is
 //! for people.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use stratus_store::{ErrorClass, StoreError, UnknownVariant};
 
 /// Stable error codes. The string form (`as_str`) is part of the API and never changes meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -150,6 +151,32 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<ErrorClass> for ErrorCode {
+    fn from(class: ErrorClass) -> Self {
+        match class {
+            ErrorClass::InvalidArgument => ErrorCode::InvalidArgument,
+            ErrorClass::NotFound => ErrorCode::NotFound,
+            ErrorClass::AlreadyExists => ErrorCode::AlreadyExists,
+            ErrorClass::Conflict => ErrorCode::Conflict,
+            ErrorClass::ConditionFailed => ErrorCode::ConditionFailed,
+            ErrorClass::Backend => ErrorCode::StoreFailure,
+            ErrorClass::Corrupt => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::new(e.class().into(), e.to_string())
+    }
+}
+
+impl From<UnknownVariant> for Error {
+    fn from(e: UnknownVariant) -> Self {
+        Error::invalid(e.0)
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use uuid::Uuid;
 
-crate::text_enum! {
+stratus_store::text_enum! {
     /// VM operations with before/after hooks.
     pub enum VmOp {
         Create = "create",

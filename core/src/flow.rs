@@ -28,7 +28,6 @@ use crate::hashring::NodeId;
 use crate::ids::Ids;
 use crate::job::Jobs;
 use crate::queue::Queues;
-use crate::store::{Batch, Db, Expect, Json, JsonText, Query, Row, Update, Value};
 use async_trait::async_trait;
 use futures::FutureExt;
 use serde::de::DeserializeOwned;
@@ -37,6 +36,7 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use stratus_store::{Batch, Db, Expect, Json, JsonText, Query, Row, Update, Value};
 use uuid::Uuid;
 
 /// One step of a chain.
@@ -86,14 +86,14 @@ pub enum OnInterrupt {
     Finish,
 }
 
-crate::text_enum! {
+stratus_store::text_enum! {
     pub enum ChainState {
         Running = "Running",
         RollingBack = "RollingBack",
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// The journal of one chain in progress. Deleted when the chain ends.
     ///
     /// No field is indexed: the table holds only the chains in flight (about as many as the

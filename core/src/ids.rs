@@ -34,7 +34,7 @@ impl Ids {
     /// millisecond, then 62 bits from the seeded generator. Ordered keys keep database indexes
     /// append-mostly.
     pub fn uuid(&self) -> Uuid {
-        let now = crate::clock::now_ms().max(0) as u64;
+        let now = stratus_rt::clock::now_ms().max(0) as u64;
         let (ms, seq) = {
             let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
             *last = if now > last.0 {

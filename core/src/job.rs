@@ -5,15 +5,16 @@ use crate::config::ConfigDef;
 use crate::error::{Error, ErrorCode};
 use crate::hashring::NodeId;
 use crate::ids::Ids;
-use crate::store::{Batch, Db, Expect, JsonText, Millis, Query, Resource, Row, Update, Value};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use stratus_store::ErrorClass;
+use stratus_store::{Batch, Db, Expect, JsonText, Millis, Query, Resource, Row, Update, Value};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-crate::text_enum! {
+stratus_store::text_enum! {
     /// Life of a job.
     pub enum JobState {
         Running = "Running",
@@ -22,7 +23,7 @@ crate::text_enum! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// A job: one accepted mutating operation.
     pub struct Job: "job" {
         /// Not indexed: a handful of values shared by every job, read by no query of the
@@ -45,7 +46,7 @@ crate::resource! {
     }
 }
 
-impl Row<Job> {
+impl Job {
     pub fn is_finished(&self) -> bool {
         self.state != JobState::Running
     }
@@ -179,7 +180,7 @@ impl Jobs {
             .when_eq("state", JobState::Running.as_str())
             .set(
                 "finished_ms",
-                crate::store::Value::Time(crate::clock::now_ms()),
+                stratus_store::Value::Time(stratus_rt::clock::now_ms()),
             );
         let u = match outcome {
             Ok(v) => u
@@ -195,7 +196,7 @@ impl Jobs {
         self.wake(id);
         match res {
             Ok(_) => Ok(()),
-            Err(e) if e.code() == ErrorCode::ConditionFailed => Ok(()),
+            Err(e) if e.class() == ErrorClass::ConditionFailed => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
@@ -203,7 +204,7 @@ impl Jobs {
     /// Delete the jobs that finished more than `keep` ago; returns how many went. Every node
     /// may run this at once: deletes of rows already gone are no-ops.
     pub async fn purge_finished(&self, keep: Duration) -> Result<usize, Error> {
-        let cutoff = crate::clock::now_ms().saturating_sub(keep.as_millis() as i64);
+        let cutoff = stratus_rt::clock::now_ms().saturating_sub(keep.as_millis() as i64);
         self.purge_finished_before(cutoff, PURGE_PAGE, PURGE_BATCH)
             .await
     }
@@ -329,7 +330,7 @@ impl Jobs {
                     timeout.as_millis()
                 )));
             }
-            let _ = stratus_kvm_agent::deadline::timeout(step, rx).await;
+            let _ = stratus_rt::deadline::timeout(step, rx).await;
         }
     }
 
@@ -358,11 +359,11 @@ impl Jobs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MemStore, Schema};
+    use stratus_store::{MemStore, Schema};
 
     fn jobs() -> Jobs {
         let db = Db::new(Arc::new(MemStore::new(
-            Schema::new().with(<Job as crate::store::Resource>::META),
+            Schema::new().with(<Job as stratus_store::Resource>::META),
         )));
         Jobs::new(
             db,
@@ -419,7 +420,7 @@ mod tests {
         for _ in 0..3 {
             let id = j.create("vm.reboot", None).await.unwrap();
             j.finish(id, Err(Error::timeout("x"))).await.unwrap();
-            let two_hours_ago = crate::clock::now_ms() - 2 * 3_600_000;
+            let two_hours_ago = stratus_rt::clock::now_ms() - 2 * 3_600_000;
             j.db.commit(
                 Batch::new()
                     .update(Update::of::<Job>(id).set("finished_ms", Value::Time(two_hours_ago))),
@@ -429,7 +430,7 @@ mod tests {
             old.push(id);
         }
         let hour = Duration::from_secs(3600);
-        let cutoff = crate::clock::now_ms() - hour.as_millis() as i64;
+        let cutoff = stratus_rt::clock::now_ms() - hour.as_millis() as i64;
         // Pages of two, commits of one: every page and every commit goes, not only the first.
         assert_eq!(j.purge_finished_before(cutoff, 2, 1).await.unwrap(), 3);
         for id in old {

@@ -12,14 +12,15 @@
 //! - [`cascade`]: parent/child deletion (check → delete | force-delete → cleanup).
 //! - [`config`]: typed, validated global configuration with update hooks.
 //! - [`job`]: every mutating operation as a job with progress and result.
-//! - [`store`]: resources, queries and atomic batches over three backends.
+//!
+//! It stands on `stratus-store` (resources, queries, atomic batches), `stratus-rt` (clock,
+//! deadlines, HTTP) and `stratus-agent-protocol` (what it says to host agents).
 
 pub mod agent;
 pub mod api;
 pub mod bus;
 pub mod cascade;
 pub mod client;
-pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -32,6 +33,5 @@ pub mod model;
 pub mod node;
 pub mod queue;
 pub mod services;
-pub mod store;
 
 pub use error::{Error, ErrorCode, Result};

@@ -7,9 +7,9 @@ use crate::extension::Extensions;
 use crate::flow::{FaultPoints, RecoveryReport};
 use crate::services::host::TrackOwnedHosts;
 use crate::services::{self, Cloud};
-use crate::store::Store;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use stratus_store::Store;
 use uuid::Uuid;
 
 pub struct NodeConfig {
@@ -78,10 +78,9 @@ impl ManagementNode {
                 }
             }
         });
-        let addr =
-            stratus_kvm_agent::http::spawn_server(cfg.listen, crate::api::router(cloud.clone()))
-                .await
-                .map_err(|e| Error::internal(format!("cannot listen on {}: {e}", cfg.listen)))?;
+        let addr = stratus_rt::http::spawn_server(cfg.listen, crate::api::router(cloud.clone()))
+            .await
+            .map_err(|e| Error::internal(format!("cannot listen on {}: {e}", cfg.listen)))?;
         let recovery = cloud.engine.recover(&[]).await?;
         cloud.bus().send(TrackOwnedHosts).await?;
         tracing::info!(node = %cloud.engine.node, %addr, ?recovery, "management node started");

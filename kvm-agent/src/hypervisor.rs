@@ -4,11 +4,11 @@
 //! Every method must be idempotent where the protocol says so: starting a running VM, destroying
 //! an absent VM, deleting an absent volume all succeed.
 
-use crate::protocol::{
-    AgentError, CreateVolumeCmd, DiskSpec, HostFacts, ReportEvent, VmSpec, VmStatus, VolumeStatus,
-};
 use async_trait::async_trait;
 use std::time::Duration;
+use stratus_agent_protocol::{
+    AgentError, CreateVolumeCmd, DiskSpec, HostFacts, ReportEvent, VmSpec, VmStatus, VolumeStatus,
+};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 

@@ -1,20 +1,14 @@
 //! # stratus-kvm-agent
 //!
 //! The host agent of Stratus:
-//! - [`protocol`]: what the management plane and an agent say to each other (commands, task
-//!   results, reports, error codes), shared by both sides;
 //! - [`server`]: the agent HTTP server, written once and generic over a [`Hypervisor`];
 //! - [`hypervisor`]: the backend trait (the simulated backend lives in `stratus-sim-world`; the
-//!   QEMU/QMP backend is still to come);
-//! - [`http`]: HTTP/1.1 server loop and keep-alive client that run in both builds;
-//! - [`deadline`]: the timeout every part of Stratus uses (timer entries shared under madsim).
+//!   QEMU/QMP backend is still to come).
+//!
+//! What the agent and the management plane say to each other is `stratus-agent-protocol`; the
+//! clock, timeouts and HTTP wire it runs on are `stratus-rt`.
 
-pub mod deadline;
-pub mod http;
 pub mod hypervisor;
-pub mod protocol;
-#[cfg(madsim)]
-mod runtime_local;
 pub mod server;
 
 pub use hypervisor::Hypervisor;

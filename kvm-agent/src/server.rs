@@ -9,9 +9,7 @@
 //! - [`Faults`] lets the simulation delay or fail commands and drop or duplicate callbacks; the
 //!   real agent uses [`NoFaults`].
 
-use crate::http::{header, HttpClient, HttpError, TakeHeaders, AGENT_IDLE_TIMEOUT};
 use crate::hypervisor::Hypervisor;
-use crate::protocol::*;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -24,6 +22,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use stratus_agent_protocol::*;
+use stratus_rt::http::{header, HttpClient, HttpError, TakeHeaders};
 use uuid::Uuid;
 
 /// What to do to a command before the backend sees it.
@@ -181,7 +181,7 @@ fn expired(deadline: i64, now: i64) -> bool {
 /// long after it, and is not run.
 fn past(deadline: Option<i64>, what: &str) -> Option<AgentError> {
     let deadline = deadline?;
-    let now = crate::deadline::now_ms();
+    let now = stratus_rt::clock::now_ms();
     let late = now - deadline;
     expired(deadline, now).then(|| {
         AgentError::new(
@@ -212,7 +212,7 @@ impl<H: Hypervisor> Agent<H> {
     /// Serve on `addr` and forward the hypervisor's events as reports. Returns the bound address.
     pub async fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
         let bound =
-            crate::http::spawn_server_with(addr, Self::router(), self.inner.clone()).await?;
+            stratus_rt::http::spawn_server_with(addr, Self::router(), self.inner.clone()).await?;
         if let Some(mut events) = self.inner.hv.take_events() {
             let inner = self.inner.clone();
             tokio::spawn(async move {
@@ -227,7 +227,7 @@ impl<H: Hypervisor> Agent<H> {
 
     /// The HTTP routes of the protocol, built once per hypervisor type and shared by every agent
     /// of the process (the simulation runs tens of thousands): each request finds its agent in
-    /// an `Arc<Inner<H>>` extension that [`crate::http::spawn_server_with`] adds.
+    /// an `Arc<Inner<H>>` extension that [`stratus_rt::http::spawn_server_with`] adds.
     fn router() -> Router {
         static ROUTERS: OnceLock<Mutex<HashMap<TypeId, Router>>> = OnceLock::new();
         let mut routers = ROUTERS
@@ -498,7 +498,7 @@ impl<H: Hypervisor> Agent<H> {
 
 impl<H: Hypervisor> Inner<H> {
     fn finish(&self, task: Uuid, result: TaskResult, deadline: Option<i64>) {
-        let now = crate::deadline::now_ms();
+        let now = stratus_rt::clock::now_ms();
         let keep = self.config.remembered_tasks;
         let mut t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         t.finish(task, result, deadline, now, keep);
@@ -586,7 +586,7 @@ impl<H: Hypervisor> Inner<H> {
         })?;
         let body = serde_json::to_vec(&ReceiveVmCmd { spec })
             .map_err(|e| AgentError::failed(e.to_string()))?;
-        let now = crate::deadline::now_ms();
+        let now = stratus_rt::clock::now_ms();
         let own = now + RECEIVE_TIMEOUT.as_millis() as i64;
         let (deadline, sender_waits) = match wait_until {
             Some(t) if t < own => (t, false),

@@ -47,7 +47,7 @@ impl Case {
 mod tests {
     use super::*;
     use crate::ops::{Offering, VmAction};
-    use stratus_kvm_agent::protocol::CommandKind;
+    use stratus_agent_protocol::CommandKind;
 
     #[test]
     fn round_trip_and_bad_files() {

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use stratus_kvm_agent::protocol::CommandKind;
+use stratus_agent_protocol::CommandKind;
 
 /// An instance offering: two that fit and one that fits nowhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,9 +23,9 @@ use std::time::Duration;
 use stratus_core::error::{Error, ErrorCode};
 use stratus_core::flow::ROLLBACK_FAILED_NOTE;
 use stratus_core::model::{Host, HostStatus, Vm, Volume, VolumeType};
-use stratus_core::store::{Query, Row};
 use stratus_sim_world::invariants::{census, check, check_books, Census};
 use stratus_sim_world::{HostProfile, Trace, World, WorldSpec};
+use stratus_store::{Query, Row};
 use uuid::Uuid;
 
 /// Simulated time one `Settle` (and the final settle) may take.

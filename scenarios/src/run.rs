@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_core::error::Error;
-use stratus_core::store::Query;
 use stratus_sim_world::invariants::check;
 use stratus_sim_world::{FaultRates, HostProfile, Trace, World, WorldSpec};
+use stratus_store::Query;
 use tokio::time::Instant;
 use uuid::Uuid;
 

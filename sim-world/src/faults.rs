@@ -6,7 +6,7 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
-use stratus_kvm_agent::protocol::CommandKind;
+use stratus_agent_protocol::CommandKind;
 use stratus_kvm_agent::{CallbackFate, CommandFault, Faults};
 
 /// Random fault rates (per command), for scenarios.

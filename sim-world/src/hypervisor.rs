@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use stratus_kvm_agent::protocol::{
+use stratus_agent_protocol::{
     AgentError, AgentErrorCode, CommandKind, CreateVolumeCmd, DiskSpec, HostFacts, PowerState,
     ReportEvent, VmSpec, VmStatus, VolumeStatus,
 };

@@ -13,10 +13,10 @@
 
 use crate::world::World;
 use std::collections::{BTreeMap, BTreeSet};
+use stratus_agent_protocol::PowerState;
 use stratus_core::model::*;
 use stratus_core::services::allocator::{CPU_OVERCOMMIT, MEMORY_OVERCOMMIT, RESERVED_MEMORY};
-use stratus_core::store::{Db, Query, Resource, Row};
-use stratus_kvm_agent::protocol::PowerState;
+use stratus_store::{Db, Query, Resource, Row};
 use uuid::Uuid;
 
 async fn all<T: Resource>(db: &Db) -> Vec<Row<T>> {

@@ -21,8 +21,8 @@ use stratus_core::extension::Extensions;
 use stratus_core::flow::FaultPoints;
 use stratus_core::model::{self, VmState, VolumeState};
 use stratus_core::node::{ManagementNode, NodeConfig};
-use stratus_core::store::{Db, MemStore, Query};
 use stratus_kvm_agent::{Agent, AgentConfig};
+use stratus_store::{Db, MemStore, Query};
 use uuid::Uuid;
 
 pub const MGMT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -223,7 +223,7 @@ fn start_host_node(
                 agent
                     .serve(SocketAddr::new(
                         ip.into(),
-                        stratus_kvm_agent::protocol::AGENT_PORT,
+                        stratus_agent_protocol::AGENT_PORT,
                     ))
                     .await
                     .expect("agent listens");
@@ -466,11 +466,11 @@ impl World {
     }
 
     pub fn partition_host(&self, i: usize) {
-        stratus_kvm_agent::http::clog_node(self.hosts[i].node);
+        stratus_rt::http::clog_node(self.hosts[i].node);
     }
 
     pub fn heal_host(&self, i: usize) {
-        stratus_kvm_agent::http::unclog_node(self.hosts[i].node);
+        stratus_rt::http::unclog_node(self.hosts[i].node);
     }
 
     /// A running VM crashes on its host (the agent reports it).

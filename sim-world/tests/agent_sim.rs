@@ -10,9 +10,9 @@ use madsim::runtime::{Handle, Runtime};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use stratus_kvm_agent::http::{spawn_server, HttpClient};
-use stratus_kvm_agent::protocol::*;
+use stratus_agent_protocol::*;
 use stratus_kvm_agent::{Agent, AgentConfig, Faults, NoFaults};
+use stratus_rt::http::{spawn_server, HttpClient};
 use stratus_sim_world::{HostProfile, LatencyProfile, SimFaults, SimHostState, SimHypervisor};
 use uuid::Uuid;
 
@@ -125,7 +125,7 @@ async fn create_volume_task(
     volume: Uuid,
     task: Uuid,
     extra: (&'static str, &str),
-) -> stratus_kvm_agent::http::HttpResponse {
+) -> stratus_rt::http::HttpResponse {
     c.post(
         "10.1.0.1:7070".parse().unwrap(),
         CreateVolumeCmd::PATH,
@@ -157,7 +157,7 @@ async fn migrate_task(
     task: Uuid,
     wait_ms: i64,
 ) {
-    let until = (stratus_kvm_agent::deadline::now_ms() + wait_ms).to_string();
+    let until = (stratus_rt::clock::now_ms() + wait_ms).to_string();
     let dest_address = if dest.0.contains(':') {
         dest.0.to_string()
     } else {
@@ -267,7 +267,7 @@ fn agent_protocol_over_simulated_http() {
             // A command that arrives after its deadline (a partition held it back while its
             // sender gave up) is refused and not run.
             let late_vol = Uuid::from_u128(12);
-            let past = (stratus_kvm_agent::deadline::now_ms() - 1).to_string();
+            let past = (stratus_rt::clock::now_ms() - 1).to_string();
             let r =
                 create_volume_task(&c, late_vol, Uuid::from_u128(99), (H_DEADLINE, &past)).await;
             assert_eq!(r.status, 408);
@@ -392,7 +392,7 @@ fn agent_protocol_over_simulated_http() {
             };
             assert_eq!(call(&c, "10.1.0.1", "tok-a", &ping, None).await.0, 200);
             assert!(c.idle_connections() > 0);
-            tokio::time::sleep(stratus_kvm_agent::http::IDLE_TIMEOUT * 3).await;
+            tokio::time::sleep(stratus_rt::http::IDLE_TIMEOUT * 3).await;
             assert_eq!(c.idle_connections(), 0);
             let (status, _) = call(
                 &c,
@@ -608,7 +608,7 @@ fn a_migration_receive_does_not_outlive_its_sender() {
             // A sender that waits 10 minutes: the source waits for the receive only its own
             // 60 s, so that is the deadline the destination gets (here, a stand-in that notes
             // it), not the sender's.
-            let sent = stratus_kvm_agent::deadline::now_ms();
+            let sent = stratus_rt::clock::now_ms();
             let stand_in = ("10.0.0.1:8080", "tok-m");
             migrate_task(
                 &c,

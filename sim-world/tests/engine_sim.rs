@@ -15,18 +15,18 @@ use stratus_core::error::{Error, ErrorCode};
 use stratus_core::extension::Extensions;
 use stratus_core::flow::{ChainTarget, Flow, FlowChain};
 use stratus_core::job::JobState;
-use stratus_core::store::{Batch, Db, Expect, MemStore, Query, Resource, Row, Schema, Update};
 use stratus_sim_world::Trace;
+use stratus_store::{Batch, Db, Expect, MemStore, Query, Resource, Row, Schema, Update};
 use uuid::Uuid;
 
-stratus_core::resource! {
+stratus_store::resource! {
     /// A shared counter (think: a host's free capacity).
     pub struct Pool: "sim_pool" {
         free: i64,
     }
 }
 
-stratus_core::resource! {
+stratus_store::resource! {
     /// One unit taken from the pool by one flow of one chain: makes the flow idempotent.
     pub struct Hold: "sim_hold" {
         resource_uuid: Uuid [index],
@@ -104,7 +104,7 @@ impl Flow<Ctx> for TakeUnit {
             .await;
         match r {
             Ok(_) => Ok(()),
-            Err(e) if e.code() == ErrorCode::NotFound => Ok(()),
+            Err(e) if e.class() == stratus_store::ErrorClass::NotFound => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

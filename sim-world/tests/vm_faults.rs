@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 use std::time::Duration;
-use stratus_kvm_agent::protocol::CommandKind;
+use stratus_agent_protocol::CommandKind;
 use stratus_sim_world::invariants::{census, check};
 use stratus_sim_world::{World, WorldSpec};
 use uuid::Uuid;
@@ -163,7 +163,7 @@ fn the_management_node_killed_mid_create_finishes_the_rollback_after_restart() {
             .unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
         let chains =
-            w.db.count(&stratus_core::store::Query::new("flow_chain"))
+            w.db.count(&stratus_store::Query::new("flow_chain"))
                 .await
                 .unwrap();
         assert_eq!(chains, 1, "the create chain is in flight");

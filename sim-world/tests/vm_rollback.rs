@@ -8,9 +8,9 @@
 use serde_json::{json, Value};
 use std::future::Future;
 use std::time::Duration;
+use stratus_agent_protocol::CommandKind;
 use stratus_core::error::Error;
 use stratus_core::flow::FaultWhen;
-use stratus_kvm_agent::protocol::CommandKind;
 use stratus_sim_world::invariants::{census, check};
 use stratus_sim_world::{World, WorldSpec};
 use uuid::Uuid;

@@ -254,7 +254,7 @@ fn host_operations_cascades_and_state_sync() {
             w.hosts[hi].state().vms.insert(
                 orphan,
                 stratus_sim_world::hypervisor::SimVm {
-                    spec: stratus_kvm_agent::protocol::VmSpec {
+                    spec: stratus_agent_protocol::VmSpec {
                         uuid: orphan,
                         name: "ghost".into(),
                         cpu: 1,
@@ -262,7 +262,7 @@ fn host_operations_cascades_and_state_sync() {
                         disks: vec![],
                         nics: vec![],
                     },
-                    state: stratus_kvm_agent::protocol::PowerState::Running,
+                    state: stratus_agent_protocol::PowerState::Running,
                 },
             );
             tokio::time::sleep(Duration::from_secs(25)).await;

@@ -18,7 +18,6 @@ use crate::services::vm::{
 };
 use crate::services::zone::{CreateCluster, CreateZone, UpdateCluster, UpdateZone};
 use crate::services::Cloud;
-use crate::store::{Cond, JsonText, Query, RecordJson, Resource, Row};
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
@@ -28,8 +27,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-use stratus_kvm_agent::http::{header, TakeHeaders};
-use stratus_kvm_agent::protocol::{Report, ReportEvent, TaskResult, H_TOKEN};
+use stratus_agent_protocol::{Report, ReportEvent, TaskResult, H_TOKEN};
+use stratus_rt::http::{header, TakeHeaders};
+use stratus_store::{Cond, JsonText, Query, RecordJson, Resource, Row};
 use uuid::Uuid;
 
 /// URL path segment → kind.
@@ -140,7 +140,7 @@ pub struct JobView {
     pub state: String,
     pub progress: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub result: Option<crate::store::JsonText>,
+    pub result: Option<stratus_store::JsonText>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<Error>,
 }

@@ -313,7 +313,7 @@ impl Bus {
         rx: oneshot::Receiver<Result<T, Error>>,
         timeout: Duration,
     ) -> Result<T, Error> {
-        match stratus_kvm_agent::deadline::timeout(timeout, rx).await {
+        match stratus_rt::deadline::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Error::internal(format!(
                 "handler for {name} was dropped without replying"
@@ -416,7 +416,7 @@ impl Bus {
             path: path.to_string(),
             data: data(),
             node: self.inner.node,
-            at_ms: crate::clock::now_ms(),
+            at_ms: stratus_rt::clock::now_ms(),
         });
         self.deliver_event(event.clone());
         if let Some((t, others)) = peers {

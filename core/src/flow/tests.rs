@@ -1,7 +1,7 @@
 use super::*;
 use crate::job::{Job, JobState};
-use crate::store::{MemStore, Resource, Schema};
 use std::sync::Mutex;
+use stratus_store::{MemStore, Resource, Schema};
 
 type Log = Arc<Mutex<Vec<String>>>;
 
@@ -388,7 +388,7 @@ struct JournalWatch {
 }
 
 #[async_trait]
-impl crate::store::Store for JournalWatch {
+impl stratus_store::Store for JournalWatch {
     fn backend(&self) -> &'static str {
         "journal-watch"
     }
@@ -399,20 +399,20 @@ impl crate::store::Store for JournalWatch {
         &self,
         kind: &str,
         uuid: Uuid,
-    ) -> Result<Option<crate::store::Record>, crate::store::StoreError> {
+    ) -> Result<Option<stratus_store::Record>, stratus_store::StoreError> {
         self.mem.get(kind, uuid).await
     }
     async fn query(
         &self,
-        q: &crate::store::Query,
-    ) -> Result<Vec<crate::store::Record>, crate::store::StoreError> {
+        q: &stratus_store::Query,
+    ) -> Result<Vec<stratus_store::Record>, stratus_store::StoreError> {
         self.mem.query(q).await
     }
-    async fn count(&self, q: &crate::store::Query) -> Result<u64, crate::store::StoreError> {
+    async fn count(&self, q: &stratus_store::Query) -> Result<u64, stratus_store::StoreError> {
         self.mem.count(q).await
     }
-    async fn commit(&self, batch: Batch) -> Result<Vec<u64>, crate::store::StoreError> {
-        use crate::store::Write;
+    async fn commit(&self, batch: Batch) -> Result<Vec<u64>, stratus_store::StoreError> {
+        use stratus_store::Write;
         let journal = |w: &Write| match w {
             Write::Insert(r) | Write::Upsert(r) => r.kind.name == ChainRecord::META.name,
             Write::Update(u) => u.kind == ChainRecord::META.name,
@@ -424,7 +424,7 @@ impl crate::store::Store for JournalWatch {
         }
         let removal = |w: &Write| matches!(w, Write::Delete { .. }) && journal(w);
         if self.refuse_removal && batch.writes.iter().any(removal) {
-            return Err(crate::store::StoreError::InvalidWrite(
+            return Err(stratus_store::StoreError::InvalidWrite(
                 "journal removal refused by the test".into(),
             ));
         }

@@ -4,7 +4,7 @@ use super::EnableState;
 use crate::error::{Error, ErrorCode};
 use uuid::Uuid;
 
-crate::resource! {
+stratus_store::resource! {
     /// CPU and memory of a VM.
     pub struct InstanceOffering: "instance_offering" {
         name: String [index, column],
@@ -17,7 +17,7 @@ crate::resource! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// Size of a data volume.
     pub struct DiskOffering: "disk_offering" {
         name: String [index, column],
@@ -29,7 +29,7 @@ crate::resource! {
     }
 }
 
-crate::text_enum! {
+stratus_store::text_enum! {
     /// A VM's state (after ZStack's).
     pub enum VmState {
         Created = "Created",
@@ -51,7 +51,7 @@ crate::text_enum! {
     }
 }
 
-crate::text_enum! {
+stratus_store::text_enum! {
     /// Operations on a VM, for the state machine and error messages.
     pub enum VmAction {
         Start = "start",
@@ -150,7 +150,7 @@ impl VmState {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// A virtual machine.
     pub struct Vm: "vm" {
         name: String [index, column],

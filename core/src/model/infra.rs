@@ -1,10 +1,10 @@
 //! Zones, clusters, hosts and the capacity reservations VMs hold on hosts.
 
 use super::EnableState;
-use crate::store::Millis;
+use stratus_store::Millis;
 use uuid::Uuid;
 
-crate::resource! {
+stratus_store::resource! {
     /// A zone: the top of the resource tree (think: a datacenter or an availability zone).
     pub struct Zone: "zone" {
         name: String [index, column],
@@ -20,7 +20,7 @@ crate::resource! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// A cluster of hosts of one hypervisor type; L2 networks and primary storage attach to it.
     pub struct Cluster: "cluster" {
         name: String [index, column],
@@ -36,7 +36,7 @@ crate::resource! {
     }
 }
 
-crate::text_enum! {
+stratus_store::text_enum! {
     /// What the operator wants of a host.
     pub enum HostState {
         Enabled = "Enabled",
@@ -47,7 +47,7 @@ crate::text_enum! {
     }
 }
 
-crate::text_enum! {
+stratus_store::text_enum! {
     /// Whether the management plane can talk to the host's agent.
     pub enum HostStatus {
         Connecting = "Connecting",
@@ -56,7 +56,7 @@ crate::text_enum! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// A hypervisor host. Capacity totals come from the agent at connect; `cpu_used` and
     /// `memory_used_mb` are the sums of the reservations held on it.
     pub struct Host: "host" {
@@ -88,7 +88,7 @@ crate::resource! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// CPU and memory a VM holds on a host. The host's `cpu_used` / `memory_used_mb` change in
     /// the same batch as these rows, so the sum of a host's reservations always equals its
     /// counters. The uuid is derived from (vm, host): reserving twice is refused, releasing twice

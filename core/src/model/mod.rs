@@ -11,9 +11,9 @@ pub use infra::*;
 pub use network::*;
 pub use storage::*;
 
-use crate::store::{KindMeta, Resource, Schema};
+use stratus_store::{KindMeta, Resource, Schema};
 
-crate::text_enum! {
+stratus_store::text_enum! {
     /// Administrative state of resources that can be switched off.
     pub enum EnableState {
         Enabled = "Enabled",

@@ -1,10 +1,10 @@
 //! L2 and L3 networks, IP ranges, allocated addresses and VM NICs.
 
 use super::EnableState;
-use crate::store::Json;
+use stratus_store::Json;
 use uuid::Uuid;
 
-crate::text_enum! {
+stratus_store::text_enum! {
     pub enum L2Type {
         /// A plain bridge on a physical interface.
         NoVlan = "NoVlan",
@@ -13,7 +13,7 @@ crate::text_enum! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// A layer-2 network. Hosts of the clusters it is attached to can carry its VMs.
     pub struct L2Network: "l2_network" {
         name: String [index, column],
@@ -30,7 +30,7 @@ crate::resource! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// An L2 network attached to a cluster.
     pub struct L2Cluster: "l2_cluster" {
         l2_uuid: Uuid [index, column],
@@ -38,7 +38,7 @@ crate::resource! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// A layer-3 network over an L2: ranges of IPv4 addresses handed to NICs.
     pub struct L3Network: "l3_network" {
         name: String [index, column],
@@ -55,7 +55,7 @@ crate::resource! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// A range of IPv4 addresses of an L3 network, inside one CIDR with its gateway.
     pub struct IpRange: "ip_range" {
         l3_uuid: Uuid [index, column],
@@ -79,7 +79,7 @@ crate::resource! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// An address handed to a NIC. The uuid is derived from (L3, address), so one address can be
     /// handed out only once per L3.
     pub struct UsedIp: "used_ip" {
@@ -100,7 +100,7 @@ pub fn used_ip_uuid(l3: Uuid, ip: &str) -> Uuid {
     crate::ids::name_uuid(&l3.to_string(), &format!("ip/{ip}"))
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// A VM's network interface on an L3 network.
     pub struct VmNic: "vm_nic" {
         vm_uuid: Uuid [index, column],

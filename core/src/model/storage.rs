@@ -1,17 +1,17 @@
 //! Primary storage (local storage on each host), backup storage, images and volumes.
 
 use super::EnableState;
-use crate::store::Json;
+use stratus_store::Json;
 use uuid::Uuid;
 
-crate::text_enum! {
+stratus_store::text_enum! {
     pub enum PrimaryStorageType {
         /// Each host's own disk; volumes live on one host.
         LocalStorage = "LocalStorage",
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// Primary storage: where volumes live. Local storage's capacity is per host
     /// ([`LocalStorage`] rows).
     pub struct PrimaryStorage: "primary_storage" {
@@ -30,7 +30,7 @@ crate::resource! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// Primary storage attached to a cluster.
     pub struct PsCluster: "ps_cluster" {
         ps_uuid: Uuid [index, column],
@@ -38,7 +38,7 @@ crate::resource! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// One host's share of a local primary storage. `used_mb` is the sum of the sizes of the
     /// volumes on that host, changed in the same batch as the volume rows.
     pub struct LocalStorage: "local_storage" {
@@ -60,30 +60,30 @@ pub fn local_storage_uuid(ps: Uuid, host: Uuid) -> Uuid {
 
 /// Give `mb` back to `host`'s share of primary storage `ps`: refused if it would go below zero,
 /// nothing if the share is gone.
-pub fn local_storage_give_back(ps: Uuid, host: Uuid, mb: i64) -> crate::store::Update {
-    crate::store::Update::of::<LocalStorage>(local_storage_uuid(ps, host))
-        .expect(crate::store::Expect::Maybe)
+pub fn local_storage_give_back(ps: Uuid, host: Uuid, mb: i64) -> stratus_store::Update {
+    stratus_store::Update::of::<LocalStorage>(local_storage_uuid(ps, host))
+        .expect(stratus_store::Expect::Maybe)
         .add("used_mb", -mb)
         .min("used_mb", 0)
 }
 
 /// Take `mb` of `host`'s share of primary storage `ps`: refused if it would pass the share's
 /// total (or the share does not exist).
-pub fn local_storage_take(ps: Uuid, host: Uuid, mb: i64) -> crate::store::Update {
-    crate::store::Update::of::<LocalStorage>(local_storage_uuid(ps, host))
+pub fn local_storage_take(ps: Uuid, host: Uuid, mb: i64) -> stratus_store::Update {
+    stratus_store::Update::of::<LocalStorage>(local_storage_uuid(ps, host))
         .add("used_mb", mb)
         .max_field("used_mb", "total_mb")
 }
 
 /// Count `mb` more on `host`'s share of primary storage `ps`, with no room check: for data that
 /// is already there (moved by a migration); nothing if the share is gone.
-pub fn local_storage_count(ps: Uuid, host: Uuid, mb: i64) -> crate::store::Update {
-    crate::store::Update::of::<LocalStorage>(local_storage_uuid(ps, host))
-        .expect(crate::store::Expect::Maybe)
+pub fn local_storage_count(ps: Uuid, host: Uuid, mb: i64) -> stratus_store::Update {
+    stratus_store::Update::of::<LocalStorage>(local_storage_uuid(ps, host))
+        .expect(stratus_store::Expect::Maybe)
         .add("used_mb", mb)
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// Backup storage: where images are kept.
     pub struct BackupStorage: "backup_storage" {
         name: String [index, column],
@@ -97,7 +97,7 @@ crate::resource! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// Backup storage attached to a zone.
     pub struct BsZone: "bs_zone" {
         bs_uuid: Uuid [index, column],
@@ -105,7 +105,7 @@ crate::resource! {
     }
 }
 
-crate::text_enum! {
+stratus_store::text_enum! {
     pub enum ImageFormat {
         Qcow2 = "qcow2",
         /// A kernel and an initrd.
@@ -113,7 +113,7 @@ crate::text_enum! {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// A VM image on backup storage.
     pub struct Image: "image" {
         name: String [index, column],
@@ -129,14 +129,14 @@ crate::resource! {
     }
 }
 
-crate::text_enum! {
+stratus_store::text_enum! {
     pub enum VolumeType {
         Root = "Root",
         Data = "Data",
     }
 }
 
-crate::text_enum! {
+stratus_store::text_enum! {
     pub enum VolumeState {
         /// Exists only in the database (a data volume not yet placed on a host).
         NotInstantiated = "NotInstantiated",
@@ -152,7 +152,7 @@ impl VolumeState {
     }
 }
 
-crate::resource! {
+stratus_store::resource! {
     /// A root or data volume. On local storage it lives on one host (`host_uuid`); its size
     /// counts in that host's [`LocalStorage::used_mb`] from the moment the row exists with a
     /// host.

@@ -19,13 +19,14 @@ use crate::config::ConfigDef;
 use crate::error::{Error, ErrorCode};
 use crate::extension::{AllocationSpec, HostCandidate};
 use crate::model::*;
-use crate::store::{Batch, Expect, Query, Record, Row, StoreError, Update};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use stratus_store::ErrorClass;
+use stratus_store::{Batch, Expect, Query, Record, Row, StoreError, Update};
 use uuid::Uuid;
 
 pub static CPU_OVERCOMMIT: ConfigDef = ConfigDef::float(
@@ -486,8 +487,13 @@ impl Allocator {
                 Ok(true)
             }
             // Reserved already (a replayed step): the reservation stands.
-            Err(e) if e.code() == ErrorCode::AlreadyExists => Ok(true),
-            Err(e) if matches!(e.code(), ErrorCode::ConditionFailed | ErrorCode::NotFound) => {
+            Err(e) if e.class() == ErrorClass::AlreadyExists => Ok(true),
+            Err(e)
+                if matches!(
+                    e.class(),
+                    ErrorClass::ConditionFailed | ErrorClass::NotFound
+                ) =>
+            {
                 self.refresh_host(c, cap.uuid).await?;
                 Ok(false)
             }
@@ -616,7 +622,7 @@ impl Allocator {
                 }
                 Ok(())
             }
-            Err(e) if matches!(e.code(), ErrorCode::NotFound | ErrorCode::Conflict) => Ok(()),
+            Err(e) if matches!(e.class(), ErrorClass::NotFound | ErrorClass::Conflict) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

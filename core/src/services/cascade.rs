@@ -5,12 +5,12 @@ use super::Cloud;
 use crate::bus::Message;
 use crate::cascade::{children_by_field, CascadeParticipant, DeleteMode};
 use crate::error::Error;
-use crate::store::{Batch, Db, Expect};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use stratus_store::{Batch, Db, Expect};
 use uuid::Uuid;
 
 /// Delete a resource and everything below it. Without `force`, any resource in the tree that is

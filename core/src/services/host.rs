@@ -12,14 +12,15 @@ use crate::config::ConfigDef;
 use crate::error::{Error, ErrorCode};
 use crate::extension::HostInfo;
 use crate::model::*;
-use crate::store::{Batch, Db, Expect, Millis, Query, Row, Update, Value};
 use async_trait::async_trait;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use stratus_kvm_agent::protocol::{CommandKind, ConnectCmd, HostFacts, PingCmd};
+use stratus_agent_protocol::{CommandKind, ConnectCmd, HostFacts, PingCmd};
+use stratus_store::ErrorClass;
+use stratus_store::{Batch, Db, Expect, Millis, Query, Row, Update, Value};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -81,7 +82,7 @@ impl Message for ReconnectHost {
     }
 }
 
-crate::text_enum! {
+stratus_store::text_enum! {
     pub enum HostAction {
         Enable = "enable",
         Disable = "disable",
@@ -208,7 +209,7 @@ async fn connect(c: &Arc<Cloud>, host: Uuid) -> Result<Row<Host>, Error> {
                     .set("memory_mb", facts.memory_mb as i64)
                     .set("disk_mb", facts.disk_mb as i64)
                     .set("ping_failures", 0i64)
-                    .set("last_seen_ms", Value::Time(crate::clock::now_ms())),
+                    .set("last_seen_ms", Value::Time(stratus_rt::clock::now_ms())),
             ),
         )
         .await?;
@@ -285,7 +286,7 @@ async fn ping_loop(weak: std::sync::Weak<Cloud>, host: Uuid) {
 /// One ping (or reconnect attempt). Ok(false): the host is gone; stop tracking it.
 async fn ping_once(c: &Arc<Cloud>, host: Uuid) -> Result<bool, Error> {
     // The fields a ping needs, not the whole row (every host's, every interval).
-    let read = |r: &crate::store::Record| {
+    let read = |r: &stratus_store::Record| {
         Ok((
             r.decode::<HostStatus>("status")?,
             r.decode::<i64>("ping_failures")?,
@@ -332,7 +333,7 @@ async fn ping_once(c: &Arc<Cloud>, host: Uuid) -> Result<bool, Error> {
                         Update::of::<Host>(host)
                             .expect(Expect::Maybe)
                             .set("ping_failures", 0i64)
-                            .set("last_seen_ms", Value::Time(crate::clock::now_ms())),
+                            .set("last_seen_ms", Value::Time(stratus_rt::clock::now_ms())),
                     ),
                 )
                 .await?;
@@ -460,7 +461,7 @@ async fn add_host(c: &Arc<Cloud>, m: AddHost) -> Result<Row<Host>, Error> {
     );
     match c.db().insert(row).await {
         Ok(_) => {}
-        Err(e) if e.code() == ErrorCode::AlreadyExists => {
+        Err(e) if e.class() == ErrorClass::AlreadyExists => {
             let other = c
                 .db()
                 .select::<Host>(&Query::of::<Host>().eq("address", address.as_str()))

@@ -18,9 +18,9 @@ use crate::config::ConfigDef;
 use crate::engine::Engine;
 use crate::error::{Error, ErrorCode};
 use crate::model::Host;
-use crate::store::{Db, Record, Resource, Row, StoreError};
 use std::future::Future;
 use std::sync::Arc;
+use stratus_store::{Db, Record, Resource, Row, StoreError};
 use uuid::Uuid;
 
 /// Everything the services share on one management node.

@@ -13,12 +13,13 @@ use crate::cascade::CascadeParticipant;
 use crate::error::{Error, ErrorCode};
 use crate::ids::name_uuid;
 use crate::model::*;
-use crate::store::{Batch, Db, Expect, Json, Query, Row, Update, Value};
 use async_trait::async_trait;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use stratus_store::ErrorClass;
+use stratus_store::{Batch, Db, Expect, Json, Query, Row, Update, Value};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -261,7 +262,7 @@ async fn take(db: &Db, l3: Uuid, r: &Row<IpRange>, nic: Uuid, ip: i64) -> Result
         );
     match db.commit(b).await {
         Ok(_) => Ok(true),
-        Err(e) if e.code() == ErrorCode::AlreadyExists => Ok(false),
+        Err(e) if e.class() == ErrorClass::AlreadyExists => Ok(false),
         Err(e) => Err(e.into()),
     }
 }
@@ -409,7 +410,7 @@ pub async fn release(db: &Db, l3: Uuid, nic: Uuid) -> Result<u32, Error> {
             );
         match db.commit(b).await {
             Ok(_) => n += 1,
-            Err(e) if e.code() == ErrorCode::NotFound => {}
+            Err(e) if e.class() == ErrorClass::NotFound => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -533,7 +534,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
         );
         match c.db().insert(link).await {
             Ok(_) => Ok(()),
-            Err(e) if e.code() == ErrorCode::AlreadyExists => Err(Error::new(
+            Err(e) if e.class() == ErrorClass::AlreadyExists => Err(Error::new(
                 ErrorCode::AlreadyExists,
                 format!(
                     "L2 network {} is already attached to cluster {}",

@@ -7,9 +7,9 @@ use crate::bus::Message;
 use crate::cascade::CascadeParticipant;
 use crate::error::{Error, ErrorCode};
 use crate::model::{DiskOffering, EnableState, InstanceOffering, Vm, VmState, Volume};
-use crate::store::{Batch, Db, Query, Resource, Row, Update};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use stratus_store::{Batch, Db, Query, Resource, Row, Update};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

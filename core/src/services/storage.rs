@@ -7,9 +7,10 @@ use crate::cascade::CascadeParticipant;
 use crate::error::{Error, ErrorCode};
 use crate::ids::name_uuid;
 use crate::model::*;
-use crate::store::{Batch, Db, Query, Row, Update};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use stratus_store::ErrorClass;
+use stratus_store::{Batch, Db, Query, Row, Update};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -208,7 +209,7 @@ async fn ensure_local_storage(c: &Cloud, ps: Uuid, host: &Row<Host>) -> Result<(
             match c.db().commit(b).await {
                 Ok(_) => Ok(()),
                 // Created concurrently: fine.
-                Err(e) if e.code() == ErrorCode::AlreadyExists => Ok(()),
+                Err(e) if e.class() == ErrorClass::AlreadyExists => Ok(()),
                 Err(e) => Err(e.into()),
             }
         }
@@ -256,7 +257,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
         );
         match c.db().insert(link).await {
             Ok(_) => {}
-            Err(e) if e.code() == ErrorCode::AlreadyExists => {
+            Err(e) if e.class() == ErrorClass::AlreadyExists => {
                 return Err(Error::new(
                     ErrorCode::AlreadyExists,
                     format!(
@@ -319,7 +320,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
         );
         match c.db().insert(link).await {
             Ok(_) => Ok(()),
-            Err(e) if e.code() == ErrorCode::AlreadyExists => Err(Error::new(
+            Err(e) if e.class() == ErrorClass::AlreadyExists => Err(Error::new(
                 ErrorCode::AlreadyExists,
                 format!(
                     "backup storage {} is already attached to zone {}",

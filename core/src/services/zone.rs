@@ -6,9 +6,9 @@ use crate::bus::Message;
 use crate::cascade::CascadeParticipant;
 use crate::error::Error;
 use crate::model::{Cluster, EnableState, Zone};
-use crate::store::{Batch, Db, Row, Update};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use stratus_store::{Batch, Db, Row, Update};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -6,11 +6,11 @@ use crate::error::{Error, ErrorCode};
 use crate::flow::{ChainTarget, Context, Flow, FlowChain};
 use crate::model::*;
 use crate::services::Cloud;
-use crate::store::Query;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use std::sync::{Arc, Weak};
-use stratus_kvm_agent::protocol::{DiskSpec, NicSpec, PowerState, VmSpec, VmStatusCmd};
+use stratus_agent_protocol::{DiskSpec, NicSpec, PowerState, VmSpec, VmStatusCmd};
+use stratus_store::Query;
 use uuid::Uuid;
 
 /// A step function: the cloud and the chain's context.

@@ -12,13 +12,14 @@ use crate::model::*;
 use crate::services::allocator::{AllocateHost, Allocation};
 use crate::services::network::{AllocateIp, ReleaseIps};
 use crate::services::{check_name, Cloud};
-use crate::store::{Batch, Expect, Json, Query, Row, Update, Value};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Weak};
-use stratus_kvm_agent::protocol::{
+use stratus_agent_protocol::{
     CreateVolumeCmd, DeleteVolumeCmd, DestroyVmCmd, ImageRef, StartVmCmd,
 };
+use stratus_store::ErrorClass;
+use stratus_store::{Batch, Expect, Json, Query, Row, Update, Value};
 use uuid::Uuid;
 
 /// A NIC to create, with its identity chosen before the chain starts.
@@ -129,7 +130,7 @@ async fn vm_record(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
     );
     match c.db().insert(row).await {
         Ok(_) => Ok(()),
-        Err(e) if e.code() == ErrorCode::AlreadyExists => Ok(()),
+        Err(e) if e.class() == ErrorClass::AlreadyExists => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -256,8 +257,8 @@ async fn allocate_volumes(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error>
             c.allocator.disk_changed(host, ps, total);
             Ok(())
         }
-        Err(e) if e.code() == ErrorCode::AlreadyExists => Ok(()),
-        Err(e) if e.code() == ErrorCode::ConditionFailed => Err(Error::new(
+        Err(e) if e.class() == ErrorClass::AlreadyExists => Ok(()),
+        Err(e) if e.class() == ErrorClass::ConditionFailed => Err(Error::new(
             ErrorCode::CapacityExhausted,
             format!("local storage of host {host} has no room for {total} MiB"),
         )),
@@ -290,7 +291,7 @@ async fn create_nics(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
     }
     match c.db().commit(b).await {
         Ok(_) => Ok(()),
-        Err(e) if e.code() == ErrorCode::AlreadyExists => Ok(()),
+        Err(e) if e.class() == ErrorClass::AlreadyExists => Ok(()),
         Err(e) => Err(e.into()),
     }
 }

@@ -11,9 +11,9 @@ use crate::flow::{FlowChain, OnInterrupt};
 use crate::model::*;
 use crate::services::network::{AllocateIp, ReleaseIps};
 use crate::services::Cloud;
-use crate::store::{Batch, Expect, Query};
 use std::sync::{Arc, Weak};
-use stratus_kvm_agent::protocol::DestroyVmCmd;
+use stratus_agent_protocol::DestroyVmCmd;
+use stratus_store::{Batch, Expect, Query};
 
 fn s(w: &Weak<Cloud>, name: &'static str, run: super::chain::StepFn<PowerCtx>) -> Step<PowerCtx> {
     step(w, name, run)

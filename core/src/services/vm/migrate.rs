@@ -11,10 +11,10 @@ use crate::flow::FlowChain;
 use crate::model::*;
 use crate::services::allocator::{AllocateHost, Allocation};
 use crate::services::Cloud;
-use crate::store::Query;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Weak};
-use stratus_kvm_agent::protocol::{DeleteVolumeCmd, DestroyVmCmd, MigrateVmCmd, PowerState};
+use stratus_agent_protocol::{DeleteVolumeCmd, DestroyVmCmd, MigrateVmCmd, PowerState};
+use stratus_store::Query;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

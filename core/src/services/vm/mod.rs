@@ -27,13 +27,14 @@ use crate::config::ConfigDef;
 use crate::error::{Error, ErrorCode};
 use crate::extension::{VmInfo, VmOp};
 use crate::model::*;
-use crate::store::{Batch, Db, Query, Row, Update};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use stratus_kvm_agent::protocol::Command;
+use stratus_agent_protocol::Command;
+use stratus_store::ErrorClass;
+use stratus_store::{Batch, Db, Query, Row, Update};
 use uuid::Uuid;
 
 pub static STOP_GRACE: ConfigDef = ConfigDef::duration(
@@ -187,7 +188,14 @@ pub(crate) async fn set_state(
             );
             Ok(true)
         }
-        Err(e) if matches!(e.code(), ErrorCode::ConditionFailed | ErrorCode::NotFound) => Ok(false),
+        Err(e)
+            if matches!(
+                e.class(),
+                ErrorClass::ConditionFailed | ErrorClass::NotFound
+            ) =>
+        {
+            Ok(false)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -318,7 +326,7 @@ impl CascadeParticipant for NicParticipant {
         if let Some(n) = self.db.get::<VmNic>(uuid).await? {
             super::network::release(&self.db, n.l3_uuid, uuid).await?;
             self.db
-                .commit(Batch::new().delete::<VmNic>(uuid, crate::store::Expect::Maybe))
+                .commit(Batch::new().delete::<VmNic>(uuid, stratus_store::Expect::Maybe))
                 .await?;
         }
         Ok(())

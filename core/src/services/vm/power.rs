@@ -10,11 +10,11 @@ use crate::flow::{FlowChain, OnInterrupt};
 use crate::model::*;
 use crate::services::allocator::{AllocateHost, Allocation};
 use crate::services::Cloud;
-use crate::store::{Batch, Expect, Update, Value};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use stratus_kvm_agent::protocol::{RebootVmCmd, StartVmCmd, StopVmCmd};
+use stratus_agent_protocol::{RebootVmCmd, StartVmCmd, StopVmCmd};
+use stratus_store::{Batch, Expect, Update, Value};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -17,18 +17,19 @@
 use super::chain::{probe, release_reservations};
 use super::{agent, set_state, vm_queue, ORPHAN_POLICY};
 use crate::bus::Message;
-use crate::error::{Error, ErrorCode};
+use crate::error::Error;
 use crate::extension::AllocationSpec;
 use crate::model::*;
 use crate::services::allocator::AllocateHost;
 use crate::services::Cloud;
-use crate::store::{Batch, Query, Row, Update, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use stratus_kvm_agent::protocol::{
+use stratus_agent_protocol::{
     DeleteVolumeCmd, DestroyVmCmd, DetachVolumeCmd, PingCmd, PowerState, VmStatus, VmStatusCmd,
 };
+use stratus_store::ErrorClass;
+use stratus_store::{Batch, Query, Row, Update, Value};
 use uuid::Uuid;
 
 /// What a host reported (or that it disconnected: `full == false`, nothing known).
@@ -408,7 +409,7 @@ fn unplaced_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid) {
 /// queue.
 async fn adopt_only_copy(
     c: &Arc<Cloud>,
-    vol: &crate::store::Row<Volume>,
+    vol: &stratus_store::Row<Volume>,
     home: Uuid,
     host: Uuid,
 ) -> Result<(), Error> {
@@ -446,7 +447,7 @@ async fn adopt_only_copy(
             Ok(())
         }
         // Moved meanwhile: the next report decides again.
-        Err(e) if e.code() == ErrorCode::ConditionFailed => Ok(()),
+        Err(e) if e.class() == ErrorClass::ConditionFailed => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -675,7 +676,7 @@ pub(crate) async fn relocate(
         Ok(_) => {}
         // Already relocated (a replayed step).
         Err(e)
-            if e.code() == ErrorCode::ConditionFailed
+            if e.class() == ErrorClass::ConditionFailed
                 && c.get::<Vm>(vm).await?.host_uuid == Some(to) => {}
         Err(e) => return Err(e.into()),
     }
@@ -692,7 +693,7 @@ pub(crate) async fn relocate(
         // a host after it timed out, onto a host disabled meanwhile).
         tracing::warn!(%vm, host = %to, "relocated VM cannot hold capacity on its new host; stopping it");
         let target = c.host_target(to).await?;
-        let stop = stratus_kvm_agent::protocol::StopVmCmd {
+        let stop = stratus_agent_protocol::StopVmCmd {
             vm,
             graceful_timeout_ms: 0,
             force: true,
@@ -881,7 +882,7 @@ async fn reconcile(c: &Arc<Cloud>, r: VmStateReport) -> Result<String, Error> {
                     agent(
                         c,
                         &target,
-                        &stratus_kvm_agent::protocol::StopVmCmd {
+                        &stratus_agent_protocol::StopVmCmd {
                             vm: vm.uuid,
                             graceful_timeout_ms: 0,
                             force: true,

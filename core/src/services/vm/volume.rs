@@ -8,13 +8,14 @@ use crate::error::{Error, ErrorCode};
 use crate::flow::{ChainTarget, Flow, FlowChain};
 use crate::model::*;
 use crate::services::{check_name, Cloud};
-use crate::store::{Batch, Db, Expect, Json, Query, Row, Update, Value};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Weak};
-use stratus_kvm_agent::protocol::{
+use stratus_agent_protocol::{
     AttachVolumeCmd, CreateVolumeCmd, DeleteVolumeCmd, DetachVolumeCmd, DiskSpec,
 };
+use stratus_store::ErrorClass;
+use stratus_store::{Batch, Db, Expect, Json, Query, Row, Update, Value};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,7 +101,7 @@ pub(crate) async fn forget_volume_row(c: &Cloud, volume: Uuid) -> Result<(), Err
             }
             Ok(())
         }
-        Err(e) if matches!(e.code(), ErrorCode::NotFound | ErrorCode::Conflict) => Ok(()),
+        Err(e) if matches!(e.class(), ErrorClass::NotFound | ErrorClass::Conflict) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -269,8 +270,8 @@ impl Flow<AttachCtx> for AttachStep {
                             .set("ps_uuid", share.ps_uuid)
                             .set("state", VolumeState::Creating.as_str()),
                     );
-                c.db().commit(b).await.map_err(|e| match e.code() {
-                    ErrorCode::ConditionFailed => Error::new(
+                c.db().commit(b).await.map_err(|e| match e.class() {
+                    ErrorClass::ConditionFailed => Error::new(
                         ErrorCode::CapacityExhausted,
                         format!("host {host} has no local storage room"),
                     ),
@@ -314,7 +315,10 @@ impl Flow<AttachCtx> for AttachStep {
                     .commit(
                         Batch::new().update(
                             Update::of::<Volume>(x.volume)
-                                .when(crate::store::Cond::new("vm_uuid", crate::store::Op::IsNull))
+                                .when(stratus_store::Cond::new(
+                                    "vm_uuid",
+                                    stratus_store::Op::IsNull,
+                                ))
                                 .set("vm_uuid", x.vm)
                                 .set("device_index", x.device),
                         ),

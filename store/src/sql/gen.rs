@@ -2,10 +2,10 @@
 //! resolved queries, and the write statements. Values always travel as bound parameters; only
 //! identifiers checked by [`check_ident`] are written into SQL text.
 
-use crate::store::meta::{FieldRef, KindMeta, Record, Schema};
-use crate::store::query::{Hop, Op, ResolvedCond, ResolvedQuery};
-use crate::store::value::{FieldType, Value};
-use crate::store::StoreError;
+use crate::meta::{FieldRef, KindMeta, Record, Schema};
+use crate::query::{Hop, Op, ResolvedCond, ResolvedQuery};
+use crate::value::{FieldType, Value};
+use crate::StoreError;
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -422,7 +422,7 @@ pub fn delete(d: Dialect, kind: &KindMeta, uuid: &str) -> Sql {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::like_match;
+    use crate::like_match;
 
     #[test]
     fn glob_translation_keeps_like_semantics() {

@@ -115,15 +115,17 @@ impl std::fmt::Display for TripError {
     }
 }
 
+/// The header that makes any request safe to send twice: its server acts on one key once.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
 /// Whether sending a request twice does what sending it once does: an idempotent method (RFC
-/// 9110, 9.2.2), or a key that makes a repeat harmless — `idempotency-key`, or the agent
-/// protocol's task id (an agent runs a task once however often it comes, and hands a finished
-/// one's result back again).
-fn replayable(method: &str, headers: &[(&'static str, &str)]) -> bool {
+/// 9110, 9.2.2), or a key that makes a repeat harmless — [`IDEMPOTENCY_KEY`], or the client's
+/// own replay key (see [`HttpClient::with_replay_key`]).
+fn replayable(method: &str, headers: &[(&'static str, &str)], replay_key: Option<&str>) -> bool {
     matches!(
         method,
         "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "TRACE"
-    ) || (headers.iter()).any(|(k, _)| *k == "idempotency-key" || *k == crate::protocol::H_TASK)
+    ) || (headers.iter()).any(|(k, _)| *k == IDEMPOTENCY_KEY || Some(*k) == replay_key)
 }
 
 /// A response: status and body.
@@ -142,19 +144,6 @@ impl HttpResponse {
 /// Idle keep-alive connections are closed after this long unused (as `reqwest` does after its
 /// pool idle timeout), unless the client was made with [`HttpClient::with_idle_timeout`].
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// How long the connections between the management node and an agent stay open unused, in
-/// both directions (commands and pings one way, callbacks and reports the other; an agent's
-/// connections to another agent for a migration too). The reaper runs once per idle timeout
-/// and closes what had been unused a whole period, so a connection goes between 90 and 180 s
-/// after its last use. That is longer than the default ping interval (60 s): each host keeps
-/// one connection each way, and its pings, commands and callbacks do not connect anew every
-/// time (with `host.ping.interval` above 90 s, pings connect again). At [`IDLE_TIMEOUT`] nearly
-/// every ping and callback connected: keeping them took `datacenter-30k` from 164.9 and 165.9 s
-/// to 148.4 and 151.6 s wall (release binaries run alternately), for 430 MiB more at the peak
-/// (60,000 open connections). A deployment needs a file limit above twice its hosts on the
-/// management node.
-pub const AGENT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 struct Idle<C = wire::Conn> {
     /// Per address, the idle connections with the time each was put back (oldest first: a
@@ -258,6 +247,8 @@ fn build_request(
 #[derive(Clone)]
 pub struct HttpClient {
     pool: Arc<Pool>,
+    /// A header besides [`IDEMPOTENCY_KEY`] under which a repeat is harmless.
+    replay_key: Option<&'static str>,
 }
 
 impl Default for HttpClient {
@@ -295,7 +286,17 @@ impl HttpClient {
                 max_idle_per_host,
                 idle_timeout,
             }),
+            replay_key: None,
         }
+    }
+
+    /// This client also sends a request carrying `header` once more when its kept connection
+    /// turns out closed: a protocol whose server runs one value of that header once however
+    /// often it comes, and hands a finished one's result back again (the agent protocol's task
+    /// id).
+    pub fn with_replay_key(mut self, header: &'static str) -> Self {
+        self.replay_key = Some(header);
+        self
     }
 
     fn take_idle(&self, addr: SocketAddr) -> Option<wire::Conn> {
@@ -359,7 +360,7 @@ impl HttpClient {
         // request goes. Then the request goes once more on a new connection when that is safe,
         // as Go's HTTP client does: when it never left, or when it left but a repeat is harmless
         // and nothing came back. A copy of the body is kept for that (a reference count).
-        let spare = (kept && replayable(method, headers)).then(|| body.clone());
+        let spare = (kept && replayable(method, headers, self.replay_key)).then(|| body.clone());
         let build = |body| {
             build_request(addr, method, path, headers, body)
                 .map_err(|e| HttpError::Request(addr, e.to_string()))

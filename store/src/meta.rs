@@ -481,7 +481,7 @@ macro_rules! __field_flag {
 /// Declare a resource kind: the struct, its metadata and its conversions, in one place.
 ///
 /// ```ignore
-/// stratus_core::resource! {
+/// stratus_store::resource! {
 ///     /// A zone: the top of the resource tree.
 ///     pub struct Zone: "zone" {
 ///         name: String [index, column],
@@ -509,14 +509,14 @@ macro_rules! resource {
             $( $(#[$fmeta])* pub $fname : $fty ),*
         }
 
-        impl $crate::store::Resource for $name {
-            const META: &'static $crate::store::KindMeta = &$crate::store::KindMeta {
+        impl $crate::Resource for $name {
+            const META: &'static $crate::KindMeta = &$crate::KindMeta {
                 name: $kind,
                 fields: &[ $(
-                    $crate::store::FieldMeta {
+                    $crate::FieldMeta {
                         name: stringify!($fname),
-                        ty: <$fty as $crate::store::FieldValue>::TYPE,
-                        nullable: <$fty as $crate::store::FieldValue>::NULLABLE,
+                        ty: <$fty as $crate::FieldValue>::TYPE,
+                        nullable: <$fty as $crate::FieldValue>::NULLABLE,
                         indexed: false $( $( || $crate::__field_flag!(index, $opt) || $crate::__field_flag!(unique, $opt) )* )?,
                         unique: false $( $( || $crate::__field_flag!(unique, $opt) )* )?,
                         column: false $( $( || $crate::__field_flag!(column, $opt) )* )?,
@@ -524,7 +524,7 @@ macro_rules! resource {
                     }
                 ),* ],
                 relations: &[ $( $(
-                    $crate::store::Relation {
+                    $crate::Relation {
                         name: stringify!($rname),
                         target: $rtarget,
                         local: stringify!($rlocal),
@@ -533,15 +533,15 @@ macro_rules! resource {
                 ),* )? ],
             };
 
-            fn to_values(&self) -> ::std::vec::Vec<$crate::store::Value> {
-                ::std::vec![ $( $crate::store::FieldValue::to_value(&self.$fname) ),* ]
+            fn to_values(&self) -> ::std::vec::Vec<$crate::Value> {
+                ::std::vec![ $( $crate::FieldValue::to_value(&self.$fname) ),* ]
             }
 
             #[allow(unused_assignments, unused_mut, unused_variables)]
-            fn from_values(values: &[$crate::store::Value]) -> ::std::result::Result<Self, $crate::store::StoreError> {
+            fn from_values(values: &[$crate::Value]) -> ::std::result::Result<Self, $crate::StoreError> {
                 let mut i = 0usize;
                 $(
-                    let $fname: $fty = $crate::store::decode_field($kind, stringify!($fname), values.get(i).unwrap_or(&$crate::store::Value::Null))?;
+                    let $fname: $fty = $crate::decode_field($kind, stringify!($fname), values.get(i).unwrap_or(&$crate::Value::Null))?;
                     i += 1;
                 )*
                 Ok($name { $( $fname ),* })
@@ -553,7 +553,7 @@ macro_rules! resource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Json;
+    use crate::Json;
 
     crate::resource! {
         /// A kind used only by these tests.

@@ -8,10 +8,12 @@ use super::{
     Batch, Cond, Db, Expect, FieldType, Json, JsonText, Millis, Op, Query, Resource, Row, Schema,
     Store, StoreError, Update, Value,
 };
-use crate::error::ErrorCode;
-use crate::ids::Ids;
+use crate::ErrorClass;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 crate::resource! {
@@ -131,8 +133,47 @@ impl Case {
     }
 }
 
-fn code(e: StoreError) -> ErrorCode {
-    e.code()
+fn code(e: StoreError) -> ErrorClass {
+    e.class()
+}
+
+/// The suite's identifiers: row UUIDs that increase within a process, as the stack's
+/// time-ordered ones do, with 64 random bits that keep runs against one shared database apart.
+pub struct Ids {
+    rng: Mutex<ChaCha8Rng>,
+}
+
+/// The increasing half of every UUID the suite makes.
+static SEQ: AtomicU64 = AtomicU64::new(1);
+
+impl Ids {
+    /// Seeded from the simulation seed under madsim, from the OS otherwise.
+    pub fn new() -> Self {
+        Ids::from_seed(madsim::rand::random::<u64>())
+    }
+
+    pub fn from_seed(seed: u64) -> Self {
+        Ids {
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
+        }
+    }
+
+    pub fn uuid(&self) -> Uuid {
+        Uuid::from_u64_pair(SEQ.fetch_add(1, Ordering::Relaxed), self.next_u64())
+    }
+
+    pub fn next_u64(&self) -> u64 {
+        self.rng
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_u64()
+    }
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        Ids::new()
+    }
 }
 
 /// Every field type survives a round trip, nulls included; versions and timestamps are set.
@@ -431,7 +472,7 @@ pub async fn version_conflicts_are_clear(store: &Arc<dyn Store>, ids: &Ids) {
         c.db.commit(Batch::new().delete::<CsWidget>(w.uuid, Expect::Version(7)))
             .await
             .unwrap_err();
-    assert_eq!(code(err), ErrorCode::Conflict);
+    assert_eq!(code(err), ErrorClass::Conflict);
     let got = c.db.must_get::<CsWidget>(w.uuid).await.unwrap();
     assert_eq!((got.size, got.version), (2, 2));
     assert!(got.updated_ms >= got.created_ms);
@@ -440,7 +481,7 @@ pub async fn version_conflicts_are_clear(store: &Arc<dyn Store>, ids: &Ids) {
     stale.size = 10;
     c.db.commit(Batch::new().replace(&got)).await.unwrap();
     let err = c.db.commit(Batch::new().replace(&stale)).await.unwrap_err();
-    assert_eq!(code(err), ErrorCode::Conflict);
+    assert_eq!(code(err), ErrorClass::Conflict);
 }
 
 /// A batch that fails on any of its writes leaves the store exactly as it was.
@@ -450,20 +491,20 @@ pub async fn failed_batch_leaves_nothing(store: &Arc<dyn Store>, ids: &Ids) {
     let b = c.widget("b", 2);
     c.insert_all(&[a.clone(), b.clone()]).await;
     let before = c.db.select::<CsWidget>(&c.q()).await.unwrap();
-    let failing_writes: Vec<(Batch, ErrorCode)> = vec![
+    let failing_writes: Vec<(Batch, ErrorClass)> = vec![
         (
             Batch::new()
                 .insert(&c.widget("new1", 5))
                 .update(Update::of::<CsWidget>(a.uuid).set("size", 50i64))
                 .update(Update::of::<CsWidget>(b.uuid).version(9).set("size", 60i64)),
-            ErrorCode::Conflict,
+            ErrorClass::Conflict,
         ),
         (
             Batch::new()
                 .update(Update::of::<CsWidget>(a.uuid).add("counter", 5))
                 .insert(&c.widget("new2", 5))
                 .insert(&Row::new(a.uuid, a.data.clone())),
-            ErrorCode::AlreadyExists,
+            ErrorClass::AlreadyExists,
         ),
         (
             Batch::new()
@@ -473,25 +514,25 @@ pub async fn failed_batch_leaves_nothing(store: &Arc<dyn Store>, ids: &Ids) {
                         .add("counter", -1)
                         .min("counter", 0),
                 ),
-            ErrorCode::ConditionFailed,
+            ErrorClass::ConditionFailed,
         ),
         (
             Batch::new()
                 .insert(&c.widget("new3", 5))
                 .insert(&c.widget("a", 7)),
-            ErrorCode::AlreadyExists,
+            ErrorClass::AlreadyExists,
         ),
         (
             Batch::new()
                 .update(Update::of::<CsWidget>(a.uuid).set("label", "x"))
                 .delete::<CsWidget>(c.ids.uuid(), Expect::Exists),
-            ErrorCode::NotFound,
+            ErrorClass::NotFound,
         ),
         (
             Batch::new()
                 .update(Update::of::<CsWidget>(a.uuid).set("label", "x"))
                 .update(Update::of::<CsWidget>(b.uuid).set("size", "big")),
-            ErrorCode::InvalidArgument,
+            ErrorClass::InvalidArgument,
         ),
     ];
     for (i, (batch, want)) in failing_writes.into_iter().enumerate() {
@@ -519,7 +560,7 @@ pub async fn writes_and_guards(store: &Arc<dyn Store>, ids: &Ids) {
     c.insert_all(std::slice::from_ref(&w)).await;
     // Insert of an existing uuid.
     let err = c.db.commit(Batch::new().insert(&w)).await.unwrap_err();
-    assert_eq!(code(err), ErrorCode::AlreadyExists);
+    assert_eq!(code(err), ErrorClass::AlreadyExists);
     // Unique field.
     let err =
         c.db.commit(Batch::new().insert(&c.widget("g", 9)))
@@ -578,12 +619,12 @@ pub async fn writes_and_guards(store: &Arc<dyn Store>, ids: &Ids) {
     c.db.commit(Batch::new().update(add(10))).await.unwrap();
     assert_eq!(
         code(c.db.commit(Batch::new().update(add(1))).await.unwrap_err()),
-        ErrorCode::ConditionFailed
+        ErrorClass::ConditionFailed
     );
     c.db.commit(Batch::new().update(add(-10))).await.unwrap();
     assert_eq!(
         code(c.db.commit(Batch::new().update(add(-1))).await.unwrap_err()),
-        ErrorCode::ConditionFailed
+        ErrorClass::ConditionFailed
     );
     let guarded = |size: i64| {
         Update::of::<CsWidget>(w.uuid)
@@ -596,7 +637,7 @@ pub async fn writes_and_guards(store: &Arc<dyn Store>, ids: &Ids) {
                 .await
                 .unwrap_err()
         ),
-        ErrorCode::ConditionFailed
+        ErrorClass::ConditionFailed
     );
     c.db.commit(Batch::new().update(guarded(1))).await.unwrap();
     let got = c.db.must_get::<CsWidget>(w.uuid).await.unwrap();
@@ -612,7 +653,7 @@ pub async fn writes_and_guards(store: &Arc<dyn Store>, ids: &Ids) {
         c.db.commit(Batch::new().update(Update::of::<CsWidget>(ghost).set("size", 1i64)))
             .await
             .unwrap_err();
-    assert_eq!(code(err), ErrorCode::NotFound);
+    assert_eq!(code(err), ErrorClass::NotFound);
     let v =
         c.db.commit(
             Batch::new()
@@ -671,7 +712,7 @@ pub async fn bad_requests_are_refused(store: &Arc<dyn Store>, ids: &Ids) {
         let err = c.db.query(&q).await.unwrap_err();
         assert_eq!(
             code(err),
-            ErrorCode::InvalidArgument,
+            ErrorClass::InvalidArgument,
             "{q} on {}",
             store.backend()
         );
@@ -693,17 +734,17 @@ pub async fn bad_requests_are_refused(store: &Arc<dyn Store>, ids: &Ids) {
         c.db.commit(Batch::new().update(Update::of::<CsWidget>(c.ids.uuid()).add("label", 1)))
             .await
             .unwrap_err();
-    assert_eq!(code(err), ErrorCode::InvalidArgument);
+    assert_eq!(code(err), ErrorClass::InvalidArgument);
     let err = c
         .db
         .commit(Batch::new().update(Update::of::<CsWidget>(c.ids.uuid()).set("uuid", c.ids.uuid())))
         .await
         .unwrap_err();
-    assert_eq!(code(err), ErrorCode::InvalidArgument);
+    assert_eq!(code(err), ErrorClass::InvalidArgument);
     let mut nan = c.widget("nan", 1);
     nan.weight = f64::NAN;
     let err = c.db.commit(Batch::new().insert(&nan)).await.unwrap_err();
-    assert_eq!(code(err), ErrorCode::InvalidArgument);
+    assert_eq!(code(err), ErrorClass::InvalidArgument);
 }
 
 /// 50 tasks race guarded decrements of one counter: it never goes below zero and no decrement
@@ -735,7 +776,7 @@ pub async fn concurrent_decrements_never_overdraw(store: &Arc<dyn Store>, ids: &
                 Ok(_) => ok += 1,
                 Err(e) => assert_eq!(
                     code(e),
-                    ErrorCode::ConditionFailed,
+                    ErrorClass::ConditionFailed,
                     "on {}",
                     store.backend()
                 ),

@@ -1,7 +1,7 @@
 //! The conformance suite on the in-memory backend (runs in both builds).
 
 use std::sync::Arc;
-use stratus_core::store::{conformance, MemStore, Store};
+use stratus_store::{conformance, MemStore, Store};
 
 #[tokio::test]
 async fn mem_store_passes_the_conformance_suite() {

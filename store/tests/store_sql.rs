@@ -5,8 +5,8 @@
 #![cfg(not(madsim))]
 
 use std::sync::Arc;
-use stratus_core::store::sql::SqlStore;
-use stratus_core::store::{conformance, Store};
+use stratus_store::sql::SqlStore;
+use stratus_store::{conformance, Store};
 
 fn temp_db(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("stratus-test-{}", std::process::id()));

@@ -17,6 +17,18 @@ use uuid::Uuid;
 
 /// The port agents listen on.
 pub const AGENT_PORT: u16 = 7070;
+
+/// How long the connections between the management node and an agent stay open unused, in
+/// both directions (commands and pings one way, callbacks and reports the other; an agent's
+/// connections to another agent for a migration too). The client's reaper runs once per idle
+/// timeout and closes what had been unused a whole period, so a connection goes between 90 and
+/// 180 s after its last use. That is longer than the default ping interval (60 s): each host
+/// keeps one connection each way, and its pings, commands and callbacks do not connect anew
+/// every time (with `host.ping.interval` above 90 s, pings connect again). Keeping them trades
+/// memory (two open connections per host) for the connects; a deployment needs a file limit
+/// above twice its hosts on the management node.
+pub const AGENT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
 pub const H_TOKEN: &str = "x-stratus-token";
 pub const H_TASK: &str = "x-stratus-task";
 pub const H_CALLBACK: &str = "x-stratus-callback";

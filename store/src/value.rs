@@ -415,6 +415,11 @@ pub fn decode_field<T: FieldValue>(kind: &str, field: &str, v: &Value) -> Result
     })
 }
 
+/// A text that names no variant of a [`text_enum!`] enum; the message lists the valid ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UnknownVariant(pub String);
+
 /// Declare an enum stored as a text field (resource states and the like). Generates
 /// `as_str`, `Display`, `FromStr`, serde (as the same strings) and `FieldValue`.
 #[macro_export]
@@ -439,11 +444,11 @@ macro_rules! text_enum {
             }
         }
         impl ::std::str::FromStr for $name {
-            type Err = $crate::Error;
+            type Err = $crate::UnknownVariant;
             fn from_str(s: &str) -> ::std::result::Result<Self, Self::Err> {
                 match s {
                     $( $text => Ok($name::$variant), )+
-                    _ => Err($crate::Error::invalid(format!(
+                    _ => Err($crate::UnknownVariant(format!(
                         "{:?} is not a valid {}; expected one of: {}",
                         s, stringify!($name), [$($text),+].join(", ")
                     ))),
@@ -458,17 +463,17 @@ macro_rules! text_enum {
         impl<'de> ::serde::Deserialize<'de> for $name {
             fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> ::std::result::Result<Self, D::Error> {
                 let s = <::std::string::String as ::serde::Deserialize>::deserialize(d)?;
-                s.parse().map_err(|e: $crate::Error| <D::Error as ::serde::de::Error>::custom(e.message))
+                s.parse().map_err(|e: $crate::UnknownVariant| <D::Error as ::serde::de::Error>::custom(e.0))
             }
         }
-        impl $crate::store::FieldValue for $name {
-            const TYPE: $crate::store::FieldType = $crate::store::FieldType::Text;
-            fn to_value(&self) -> $crate::store::Value {
-                $crate::store::Value::Text(self.as_str().to_string())
+        impl $crate::FieldValue for $name {
+            const TYPE: $crate::FieldType = $crate::FieldType::Text;
+            fn to_value(&self) -> $crate::Value {
+                $crate::Value::Text(self.as_str().to_string())
             }
-            fn from_value(v: &$crate::store::Value) -> Option<Self> {
+            fn from_value(v: &$crate::Value) -> Option<Self> {
                 match v {
-                    $crate::store::Value::Text(s) => s.parse().ok(),
+                    $crate::Value::Text(s) => s.parse().ok(),
                     _ => None,
                 }
             }

@@ -16,7 +16,6 @@ use super::meta::{KindMeta, Record, Schema};
 use super::query::resolve;
 use super::value::{FieldType, JsonText, Value};
 use super::{Batch, Query, Store, StoreError};
-use crate::clock::now_ms;
 use async_trait::async_trait;
 use gen::{Dialect, Param, Sql};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -28,6 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
+use stratus_rt::clock::now_ms;
 use uuid::Uuid;
 
 /// Rows per multi-row INSERT statement.

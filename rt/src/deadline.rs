@@ -12,16 +12,6 @@
 use std::future::Future;
 #[cfg(not(madsim))]
 use std::time::Duration;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Milliseconds since the Unix epoch: the one place Stratus reads the wall clock (simulated and
-/// seeded under madsim, which intercepts `clock_gettime`).
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// The deadline passed before the future finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

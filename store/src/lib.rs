@@ -9,6 +9,7 @@
 //! same atomic commit. [`conformance`] holds the one suite every backend must pass.
 
 mod batch;
+#[cfg(feature = "testing")]
 pub mod conformance;
 mod mem;
 mod meta;
@@ -29,9 +30,10 @@ pub use query::{
     hop, like_escape, like_match, op_holds, resolve, resolve_cond, Cond, Hop, Op, Query,
     ResolvedCond, ResolvedQuery, ResolvedSort, Sort,
 };
-pub use value::{decode_field, FieldType, FieldValue, Json, JsonText, Millis, Value};
+pub use value::{
+    decode_field, FieldType, FieldValue, Json, JsonText, Millis, UnknownVariant, Value,
+};
 
-use crate::error::{Error, ErrorCode};
 use async_trait::async_trait;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -82,29 +84,42 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// What kind of failure a [`StoreError`] is, for callers that branch on it. The management
+/// plane maps each class to the stable error code its API answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The query or write itself is wrong (unknown kind or field, type mismatch, bad value).
+    InvalidArgument,
+    NotFound,
+    /// The uuid, or a unique field's value, is taken.
+    AlreadyExists,
+    /// An expected version did not match: somebody else changed the row first.
+    Conflict,
+    /// A guard of the batch was false (a bound, an expected value).
+    ConditionFailed,
+    /// The backend failed (connection, I/O).
+    Backend,
+    /// Stored data does not decode: a bug or a damaged database.
+    Corrupt,
+}
+
 impl StoreError {
-    pub fn code(&self) -> ErrorCode {
+    pub fn class(&self) -> ErrorClass {
         match self {
             StoreError::UnknownKind(_)
             | StoreError::UnknownField { .. }
             | StoreError::TypeMismatch { .. }
             | StoreError::InvalidQuery(_)
-            | StoreError::InvalidWrite(_) => ErrorCode::InvalidArgument,
-            StoreError::NotFound { .. } => ErrorCode::NotFound,
+            | StoreError::InvalidWrite(_) => ErrorClass::InvalidArgument,
+            StoreError::NotFound { .. } => ErrorClass::NotFound,
             StoreError::AlreadyExists { .. } | StoreError::Duplicate { .. } => {
-                ErrorCode::AlreadyExists
+                ErrorClass::AlreadyExists
             }
-            StoreError::Conflict { .. } => ErrorCode::Conflict,
-            StoreError::ConditionFailed { .. } => ErrorCode::ConditionFailed,
-            StoreError::Backend(_) => ErrorCode::StoreFailure,
-            StoreError::Corrupt(_) => ErrorCode::Internal,
+            StoreError::Conflict { .. } => ErrorClass::Conflict,
+            StoreError::ConditionFailed { .. } => ErrorClass::ConditionFailed,
+            StoreError::Backend(_) => ErrorClass::Backend,
+            StoreError::Corrupt(_) => ErrorClass::Corrupt,
         }
-    }
-}
-
-impl From<StoreError> for Error {
-    fn from(e: StoreError) -> Self {
-        Error::new(e.code(), e.to_string())
     }
 }
 

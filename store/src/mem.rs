@@ -12,12 +12,12 @@ use super::meta::{FieldRef, KindMeta, Record, Schema};
 use super::query::{op_holds, resolve, Hop, ResolvedCond, ResolvedQuery};
 use super::value::{FieldType, Value};
 use super::{Batch, Query, ReadRecord, Store, StoreError};
-use crate::clock::now_ms;
 use async_trait::async_trait;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
+use stratus_rt::clock::now_ms;
 use uuid::Uuid;
 
 /// An index key: a non-null value of one field (so always one type).
