@@ -198,7 +198,7 @@ pub struct VmStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeStatus {
     pub uuid: Uuid,
-    pub size_mb: u64,
+    pub size_mib: u64,
 }
 
 /// A disk as the hypervisor sees it.
@@ -206,7 +206,7 @@ pub struct VolumeStatus {
 pub struct DiskSpec {
     pub volume: Uuid,
     pub device: u32,
-    pub size_mb: u64,
+    pub size_mib: u64,
 }
 
 /// A network interface.
@@ -228,7 +228,7 @@ pub struct VmSpec {
     pub uuid: Uuid,
     pub name: String,
     pub cpu: u32,
-    pub memory_mb: u64,
+    pub memory_mib: u64,
     pub disks: Vec<DiskSpec>,
     pub nics: Vec<NicSpec>,
 }
@@ -239,8 +239,8 @@ pub struct HostFacts {
     pub host_uuid: Option<Uuid>,
     pub hypervisor: String,
     pub cpu_cores: u32,
-    pub memory_mb: u64,
-    pub disk_mb: u64,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
     pub vms: Vec<VmStatus>,
     pub volumes: Vec<VolumeStatus>,
 }
@@ -374,7 +374,7 @@ impl Command for ReceiveVmCmd {
 pub struct ImageRef {
     pub uuid: Uuid,
     pub url: String,
-    pub size_mb: u64,
+    pub size_mib: u64,
     pub checksum: Option<String>,
 }
 
@@ -382,7 +382,7 @@ pub struct ImageRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateVolumeCmd {
     pub volume: Uuid,
-    pub size_mb: u64,
+    pub size_mib: u64,
     pub image: Option<ImageRef>,
 }
 impl Command for CreateVolumeCmd {

@@ -106,7 +106,9 @@ mod benches {
                             tokio::spawn(async move {
                                 for i in 0..per {
                                     let s = &sigs[((w * per + i) % sigs.len() as u64) as usize];
-                                    q.run(s, 1, async {}).await;
+                                    q.run(s, 1, async { Ok::<(), stratus_core::Error>(()) })
+                                        .await
+                                        .unwrap();
                                 }
                             })
                         })

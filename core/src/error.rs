@@ -140,6 +140,16 @@ impl Error {
     pub fn internal(message: impl Into<String>) -> Self {
         Error::new(ErrorCode::Internal, message)
     }
+    /// A broken invariant: a bug, never an expected state. Tests (debug builds) panic here, so
+    /// the bug is loud where it is found; a release build logs it and hands back an `internal`
+    /// error naming the invariant, which the caller returns: the operation fails instead of
+    /// going on over unsound state.
+    #[track_caller]
+    pub fn invariant(what: impl fmt::Display) -> Self {
+        let message = format!("invariant broken: {what}");
+        broken_invariant(&message);
+        Error::internal(message)
+    }
     pub fn timeout(message: impl Into<String>) -> Self {
         Error::new(ErrorCode::Timeout, message)
     }
@@ -151,6 +161,17 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A broken invariant where no operation can be failed (a drop, a counter's bookkeeping):
+/// panics in debug builds (unless the thread is already unwinding, which would abort), logs
+/// in release. Code that can return an error uses [`Error::invariant`].
+#[track_caller]
+pub fn broken_invariant(what: impl fmt::Display) {
+    if cfg!(debug_assertions) && !std::thread::panicking() {
+        panic!("{what}");
+    }
+    tracing::error!("{what}");
+}
 
 impl From<ErrorClass> for ErrorCode {
     fn from(class: ErrorClass) -> Self {

@@ -69,9 +69,9 @@ pub trait HostHook: Send + Sync + 'static {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AllocationSpec {
     pub cpu: i64,
-    pub memory_mb: i64,
+    pub memory_mib: i64,
     /// Local disk needed for the VM's volumes.
-    pub disk_mb: i64,
+    pub disk_mib: i64,
     pub l2_networks: Vec<Uuid>,
     pub zone: Option<Uuid>,
     pub cluster: Option<Uuid>,
@@ -86,8 +86,8 @@ pub struct HostCandidate {
     pub cluster: Uuid,
     pub zone: Uuid,
     pub cpu_free: i64,
-    pub memory_free_mb: i64,
-    pub disk_free_mb: i64,
+    pub memory_free_mib: i64,
+    pub disk_free_mib: i64,
     pub vms: i64,
 }
 
@@ -291,8 +291,8 @@ mod tests {
             cluster: Uuid::nil(),
             zone: Uuid::nil(),
             cpu_free: 1,
-            memory_free_mb: 1,
-            disk_free_mb: 1,
+            memory_free_mib: 1,
+            disk_free_mib: 1,
             vms: 0,
         }
     }

@@ -173,19 +173,31 @@ pub enum FaultWhen {
 #[derive(Default)]
 pub struct FaultPoints {
     armed: std::sync::atomic::AtomicBool,
-    points: std::sync::Mutex<Vec<(String, String, FaultWhen, u32)>>,
+    points: std::sync::Mutex<Vec<ArmedFault>>,
     fired: std::sync::atomic::AtomicU64,
+}
+
+/// One armed fault: flow `flow` of chain `chain` fails `times_left` more times, at `when`.
+struct ArmedFault {
+    chain: String,
+    flow: String,
+    when: FaultWhen,
+    times_left: u32,
 }
 
 impl FaultPoints {
     /// Fail flow `flow` of chain `chain` the next `times` times it runs.
     pub fn arm(&self, chain: &str, flow: &str, when: FaultWhen, times: u32) {
-        self.points.lock().unwrap_or_else(|e| e.into_inner()).push((
-            chain.to_string(),
-            flow.to_string(),
+        let fault = ArmedFault {
+            chain: chain.to_string(),
+            flow: flow.to_string(),
             when,
-            times,
-        ));
+            times_left: times,
+        };
+        self.points
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(fault);
         self.armed.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -208,14 +220,14 @@ impl FaultPoints {
             return false;
         }
         let mut points = self.points.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(i) = points
-            .iter()
-            .position(|(c, f, w, n)| c == chain && f == flow && *w == when && *n > 0)
+        let Some(armed) = points
+            .iter_mut()
+            .find(|p| p.chain == chain && p.flow == flow && p.when == when && p.times_left > 0)
         else {
             return false;
         };
-        points[i].3 -= 1;
-        points.retain(|p| p.3 > 0);
+        armed.times_left -= 1;
+        points.retain(|p| p.times_left > 0);
         self.fired
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         true
@@ -347,7 +359,7 @@ impl Journal {
         ctx: JsonText,
     ) {
         let u = Update::of::<ChainRecord>(id)
-            .expect(Expect::Maybe)
+            .if_exists()
             .set("state", ChainState::RollingBack.as_str())
             .set("cursor", cursor)
             .set("error", error.to_string())
@@ -623,6 +635,26 @@ impl<C: Context> FlowChain<C> {
                 return RecoveryOutcome::Unrecoverable(format!("context does not decode: {e}"))
             }
         };
+        // The journal's positions: `next`, the flow about to run (`len` once all ran);
+        // `cursor`, the flow to undo next (-1 once all are undone). Anything else is a broken
+        // journal, left in place for a person to look at.
+        let len = self.flows.len() as i64;
+        let outside = match rec.state {
+            ChainState::RollingBack if !(-1..len).contains(&rec.cursor) => {
+                Some(format!("cursor {}", rec.cursor))
+            }
+            ChainState::Running if !(0..=len).contains(&rec.next) => {
+                Some(format!("next {}", rec.next))
+            }
+            _ => None,
+        };
+        if let Some(position) = outside {
+            let e = Error::invariant(format!(
+                "journal {} of chain {}: {position} outside its {len} flows",
+                rec.uuid, self.name
+            ));
+            return RecoveryOutcome::Unrecoverable(e.message);
+        }
         if let Err(e) = journal.take_over(rec.uuid).await {
             return RecoveryOutcome::Unrecoverable(format!("cannot take over the journal: {e}"));
         }
@@ -630,7 +662,6 @@ impl<C: Context> FlowChain<C> {
             ErrorCode::NodeUnavailable,
             "interrupted: the management node running it stopped",
         );
-        let len = self.flows.len() as i64;
         let failure = match rec.state {
             ChainState::RollingBack => {
                 let error = rec
@@ -643,16 +674,8 @@ impl<C: Context> FlowChain<C> {
                     .iter()
                     .map(|m| ("earlier", Error::internal(m.clone())))
                     .collect();
-                self.roll_back(
-                    journal,
-                    rec.uuid,
-                    rec.cursor.min(len - 1),
-                    error,
-                    None,
-                    prior,
-                    ctx,
-                )
-                .await
+                self.roll_back(journal, rec.uuid, rec.cursor, error, None, prior, ctx)
+                    .await
             }
             ChainState::Running if rec.next >= len => {
                 journal.end(rec.uuid).await;
@@ -696,6 +719,12 @@ pub enum RecoveryOutcome {
         rollback_errors: usize,
     },
     Unrecoverable(String),
+}
+
+impl crate::queue::QueuedOutput for RecoveryOutcome {
+    fn queue_failed(e: Error) -> Self {
+        RecoveryOutcome::Unrecoverable(e.message)
+    }
 }
 
 /// A chain that recovery can resume by name.

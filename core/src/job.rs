@@ -164,7 +164,7 @@ impl Jobs {
             .commit(
                 Batch::new().update(
                     Update::of::<Job>(id)
-                        .expect(Expect::Maybe)
+                        .if_exists()
                         .when_eq("state", JobState::Running.as_str())
                         .set("progress", i64::from(percent.min(100)))
                         .set("progress_note", note),

@@ -6,6 +6,7 @@
 //! waiter in FIFO order. The bookkeeping mutex is held only for a few instructions, never across
 //! an await, and an idle signature takes no memory.
 
+use crate::error::{broken_invariant, Error};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,6 +48,18 @@ pub struct QueueStats {
     pub waiting: usize,
     /// Tasks finished since start.
     pub completed: u64,
+}
+
+/// What a queued task's output is when the queue itself fails (a broken invariant): the task
+/// does not run, and its caller sees the failure as it sees the task's own errors.
+pub trait QueuedOutput {
+    fn queue_failed(e: Error) -> Self;
+}
+
+impl<T, E: From<Error>> QueuedOutput for Result<T, E> {
+    fn queue_failed(e: Error) -> Self {
+        Err(e.into())
+    }
 }
 
 /// A held slot. Dropping it releases the slot to the next waiter.
@@ -93,8 +106,13 @@ impl Queues {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wait for a slot in queue `sig` (at most `parallelism` holders at once).
-    pub async fn acquire(&self, sig: &str, parallelism: usize) -> Slot {
+    /// Wait for a slot in queue `sig` (at most `parallelism` holders at once). A signature has
+    /// one parallelism while it has holders or waiters; asking with another, or with 0, is a
+    /// bug, and so is finding more holders than the parallelism.
+    pub async fn acquire(&self, sig: &str, parallelism: usize) -> Result<Slot, Error> {
+        if parallelism == 0 {
+            return Err(Error::invariant(format!("queue {sig}: parallelism 0")));
+        }
         let rx = {
             let mut g = self.lock();
             let inner = &mut *g;
@@ -106,7 +124,18 @@ impl Queues {
                     parallelism,
                     waiters: VecDeque::new(),
                 });
-            q.parallelism = parallelism.max(1);
+            if q.parallelism != parallelism {
+                let held = q.parallelism;
+                return Err(Error::invariant(format!(
+                    "queue {sig}: asked with parallelism {parallelism} while it runs with {held}"
+                )));
+            }
+            if q.running > q.parallelism {
+                let running = q.running;
+                return Err(Error::invariant(format!(
+                    "queue {sig}: {running} running above its parallelism {parallelism}"
+                )));
+            }
             if q.running < q.parallelism && q.waiters.is_empty() {
                 q.running += 1;
                 inner.running += 1;
@@ -125,24 +154,34 @@ impl Queues {
                 rx: Some(rx),
             };
             let granted = w.rx.as_mut().expect("receiver present").await;
-            // The sender is only dropped after a send or by `forget`, which never happens while
-            // the waiter is queued; treat a closed channel as granted-and-lost defensively.
+            // The sender is only dropped after a send or by `forget_waiter`, which drops only
+            // closed ones (this waiter's is open while it waits).
             w.rx = None;
             if granted.is_err() {
-                tracing::error!(queue = sig, "queue hand-off channel closed unexpectedly");
+                return Err(Error::invariant(format!(
+                    "queue {sig}: a waiter's hand-off closed without a slot"
+                )));
             }
         }
-        Slot {
+        Ok(Slot {
             queues: self.clone(),
             sig: Some(sig.to_string()),
-        }
+        })
     }
 
     /// Run `task` in queue `sig`; the slot is held until the task's future completes (or is
-    /// dropped, or panics).
-    pub async fn run<T>(&self, sig: &str, parallelism: usize, task: impl Future<Output = T>) -> T {
-        let _slot = self.acquire(sig, parallelism).await;
-        task.await
+    /// dropped, or panics). When the queue finds a broken invariant, the task does not run and
+    /// its output is that failure ([`QueuedOutput`]).
+    pub async fn run<T: QueuedOutput>(
+        &self,
+        sig: &str,
+        parallelism: usize,
+        task: impl Future<Output = T>,
+    ) -> T {
+        match self.acquire(sig, parallelism).await {
+            Ok(_slot) => task.await,
+            Err(e) => T::queue_failed(e),
+        }
     }
 
     /// Pass the slot of `sig` to the next live waiter, or free it.
@@ -151,7 +190,7 @@ impl Queues {
         let inner = &mut *g;
         inner.completed += 1;
         let Some(q) = inner.queues.get_mut(sig) else {
-            tracing::error!(queue = sig, "release of an unknown queue");
+            broken_invariant(format!("queue {sig}: a slot released from no queue"));
             return;
         };
         while let Some(w) = q.waiters.pop_front() {
@@ -159,6 +198,10 @@ impl Queues {
             if w.send(()).is_ok() {
                 return; // the slot moved to the waiter; running count unchanged
             }
+        }
+        if q.running == 0 || inner.running == 0 {
+            broken_invariant(format!("queue {sig}: a slot released with none running"));
+            return;
         }
         q.running -= 1;
         inner.running -= 1;
@@ -215,7 +258,7 @@ mod tests {
         let q = Queues::new();
         let log = Arc::new(Mutex::new(Vec::new()));
         let active = Arc::new(AtomicUsize::new(0));
-        let first = q.acquire("vm-1", 1).await;
+        let first = q.acquire("vm-1", 1).await.unwrap();
         let mut tasks = Vec::new();
         for i in 0..5 {
             let (q2, log, active) = (q.clone(), log.clone(), active.clone());
@@ -225,6 +268,7 @@ mod tests {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     log.lock().unwrap().push(i);
                     active.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<(), Error>(())
                 })
                 .await
             }));
@@ -235,7 +279,7 @@ mod tests {
         }
         drop(first);
         for t in tasks {
-            t.await.unwrap();
+            t.await.unwrap().unwrap();
         }
         assert_eq!(*log.lock().unwrap(), vec![0, 1, 2, 3, 4]);
         assert_eq!(q.stats().active_queues, 0, "idle queues are freed");
@@ -258,6 +302,7 @@ mod tests {
                     peak.fetch_max(n, Ordering::SeqCst);
                     let _ = rx.recv().await;
                     now.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<(), Error>(())
                 })
                 .await
             }));
@@ -277,7 +322,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         for t in tasks {
-            t.await.unwrap();
+            t.await.unwrap().unwrap();
         }
         assert_eq!(peak.load(Ordering::SeqCst), 3);
         assert_eq!(q.depth("host-1"), QueueDepth::default());
@@ -286,23 +331,27 @@ mod tests {
     #[tokio::test]
     async fn failing_and_panicking_tasks_release_their_slot() {
         let q = Queues::new();
-        let r: Result<(), &str> = q.run("vm-2", 1, async { Err("failed") }).await;
+        let r: Result<(), Error> = q
+            .run("vm-2", 1, async { Err(Error::internal("failed")) })
+            .await;
         assert!(r.is_err());
         let p = std::panic::AssertUnwindSafe(q.run("vm-2", 1, async {
             panic!("task panicked");
+            #[allow(unreachable_code)]
+            Ok::<(), Error>(())
         }))
         .catch_unwind()
         .await;
         assert!(p.is_err());
         // The queue is free again.
-        assert_eq!(q.run("vm-2", 1, async { 7 }).await, 7);
+        assert_eq!(q.run("vm-2", 1, async { Ok::<_, Error>(7) }).await, Ok(7));
         assert_eq!(q.stats().active_queues, 0);
     }
 
     #[tokio::test]
     async fn a_cancelled_waiter_does_not_leak_the_slot() {
         let q = Queues::new();
-        let holder = q.acquire("vm-3", 1).await;
+        let holder = q.acquire("vm-3", 1).await.unwrap();
         // A waiter that gives up.
         let waiter = q.acquire("vm-3", 1);
         let gave_up = tokio::time::timeout(Duration::from_millis(10), waiter).await;
@@ -317,13 +366,41 @@ mod tests {
         drop(holder);
         assert_eq!(q.stats().active_queues, 0);
         // Cancelled right after the hand-off: the slot is passed on, not lost.
-        let holder = q.acquire("vm-3", 1).await;
+        let holder = q.acquire("vm-3", 1).await.unwrap();
         let q2 = q.clone();
         let mut waiter = Box::pin(async move { q2.acquire("vm-3", 1).await });
         assert!(futures::poll!(waiter.as_mut()).is_pending());
         drop(holder); // hands the slot to the waiter...
         drop(waiter); // ...which is dropped before it looked
         assert_eq!(q.stats().active_queues, 0);
-        assert_eq!(q.run("vm-3", 1, async { 1 }).await, 1);
+        assert_eq!(q.run("vm-3", 1, async { Ok::<_, Error>(1) }).await, Ok(1));
+    }
+
+    /// One signature, one parallelism: asking with another while the queue has a holder is a
+    /// bug (a panic in tests; in release an internal error, and the task does not run).
+    #[tokio::test]
+    #[cfg_attr(
+        debug_assertions,
+        should_panic(
+            expected = "invariant broken: queue vm-5: asked with parallelism 2 while it runs with 1"
+        )
+    )]
+    async fn a_second_parallelism_for_a_held_queue_is_a_broken_invariant() {
+        let q = Queues::new();
+        let _holder = q.acquire("vm-5", 1).await.unwrap();
+        let r: Result<(), Error> = q.run("vm-5", 2, async { unreachable!() }).await;
+        assert_eq!(r.unwrap_err().code, crate::ErrorCode::Internal);
+    }
+
+    #[tokio::test]
+    #[cfg_attr(
+        debug_assertions,
+        should_panic(expected = "invariant broken: queue vm-6: parallelism 0")
+    )]
+    async fn parallelism_zero_is_a_broken_invariant() {
+        let q = Queues::new();
+        let e = q.acquire("vm-6", 0).await.err().expect("refused");
+        assert_eq!(e.code, crate::ErrorCode::Internal);
+        assert_eq!(q.stats().active_queues, 0, "no queue left behind");
     }
 }

@@ -72,15 +72,15 @@ pub fn world_spec(case: &Case) -> WorldSpec {
         spare_hosts: SPARE_HOSTS,
         host: HostProfile {
             cpu_cores: 8,
-            memory_mb: 16_384,
-            disk_mb: 200_000,
+            memory_mib: 16_384,
+            disk_mib: 200_000,
         },
         ips_per_zone: IPS as u32,
         ..Default::default()
     };
     if case.planted_bug {
-        spec.config
-            .push(("debug.bug.leak_ip_on_create_rollback".into(), "true".into()));
+        let bug = stratus_core::services::vm::BUG_LEAK_IP.name;
+        spec.config.push((bug.into(), "true".into()));
     }
     spec
 }
@@ -139,6 +139,9 @@ struct Runner {
     /// A host or management-node fault happened since the last quiet settle: expectations
     /// are off until the next one.
     tainted: bool,
+    /// A read of the database failed where the runner could not report it (it is the next
+    /// check's violation).
+    read_error: Option<String>,
     /// A slow command was armed in this case: one may still finish on its host after the
     /// management side gave up on it (what it leaves is state sync's to clean up), so every
     /// settle from then on waits past the slowness and a ping cycle.
@@ -181,6 +184,7 @@ impl Runner {
             ranges: 0,
             expect: Expect::default(),
             tainted: false,
+            read_error: None,
             slow_armed: false,
             orphans: false,
             mgmt_up: true,
@@ -196,7 +200,10 @@ impl Runner {
     async fn run(&mut self, case: &Case) -> Outcome {
         self.t0 = tokio::time::Instant::now();
         for (i, op) in case.ops.iter().enumerate() {
-            let before = census(&self.w).await;
+            let before = match census(&self.w).await {
+                Ok(c) => c,
+                Err(message) => return self.violated(i, message),
+            };
             let late_before = self.late_fired();
             let res = self.apply(op).await;
             if self.late_fired() > late_before {
@@ -237,14 +244,16 @@ impl Runner {
             if op.is_fault() {
                 *self.out.faults.entry(op.kind()).or_default() += 1;
             }
-            let after = census(&self.w).await;
+            let after = match census(&self.w).await {
+                Ok(c) => c,
+                Err(message) => return self.violated(i, message),
+            };
             self.trace.record(
                 self.t0.elapsed().as_nanos(),
                 &format!("{i} {} {code} {after:?}", op.kind()),
             );
             if let Err(message) = self.verify(op, &res, &before, &after).await {
-                self.out.violation = Some(Violation { step: i, message });
-                return self.finish();
+                return self.violated(i, message);
             }
         }
         if let Err(message) = self.final_check().await {
@@ -253,6 +262,12 @@ impl Runner {
                 message,
             });
         }
+        self.finish()
+    }
+
+    /// The case fails at step `step`.
+    fn violated(&mut self, step: usize, message: String) -> Outcome {
+        self.out.violation = Some(Violation { step, message });
         self.finish()
     }
 
@@ -588,15 +603,14 @@ impl Runner {
 
     /// Hosts the database no longer has (a cascade took them) are spare again.
     async fn forget_hosts(&mut self) {
-        let known: BTreeSet<Uuid> = self
-            .w
-            .db
-            .select::<Host>(&Query::of::<Host>())
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .map(|h| h.uuid)
-            .collect();
+        let known: BTreeSet<Uuid> = match self.w.db.select::<Host>(&Query::of::<Host>()).await {
+            Ok(hosts) => hosts.into_iter().map(|h| h.uuid).collect(),
+            Err(e) => {
+                // Not "no hosts": the next check fails on it instead.
+                self.read_error = Some(format!("cannot read the hosts: {e}"));
+                return;
+            }
+        };
         for h in &mut self.w.hosts {
             if h.uuid.is_some_and(|u| !known.contains(&u)) {
                 h.uuid = None;
@@ -628,6 +642,9 @@ impl Runner {
         before: &Census,
         after: &Census,
     ) -> Result<(), String> {
+        if let Some(e) = self.read_error.take() {
+            return Err(e);
+        }
         let books = check_books(&self.w).await;
         if !books.is_empty() {
             return Err(books.join("\n"));
@@ -637,7 +654,7 @@ impl Runner {
             (Op::Settle, Res::Ok) if self.calm() => {
                 self.agreed().await?;
                 if self.tainted {
-                    self.resync().await;
+                    self.resync().await?;
                     self.tainted = false;
                 }
             }
@@ -679,7 +696,7 @@ impl Runner {
             }
         }
         if wide {
-            self.resync().await;
+            self.resync().await?;
         }
         if let (Op::Host { host, action }, Res::Ok) = (op, res) {
             self.check_host_state(*host, *action).await?;
@@ -701,7 +718,7 @@ impl Runner {
             ));
         }
         if action == HostAction::Maintenance {
-            let vms = self.db_vms().await;
+            let vms = self.db_vms().await?;
             if let Some(v) = vms
                 .iter()
                 .find(|v| v.host_uuid == Some(id) && v.state.holds_capacity())
@@ -715,46 +732,36 @@ impl Runner {
         Ok(())
     }
 
-    async fn db_vms(&self) -> Vec<Row<Vm>> {
-        self.w
-            .db
-            .select::<Vm>(&Query::of::<Vm>())
-            .await
-            .unwrap_or_default()
+    async fn db_vms(&self) -> Result<Vec<Row<Vm>>, String> {
+        (self.w.db.select::<Vm>(&Query::of::<Vm>()).await)
+            .map_err(|e| format!("cannot read the VMs: {e}"))
     }
 
-    async fn db_data_volumes(&self) -> Vec<Row<Volume>> {
-        self.w
-            .db
-            .select::<Volume>(&Query::of::<Volume>())
-            .await
-            .unwrap_or_default()
+    async fn db_data_volumes(&self) -> Result<Vec<Row<Volume>>, String> {
+        let all = (self.w.db.select::<Volume>(&Query::of::<Volume>()).await)
+            .map_err(|e| format!("cannot read the volumes: {e}"))?;
+        Ok(all
             .into_iter()
             .filter(|v| v.kind == VolumeType::Data)
-            .collect()
+            .collect())
     }
 
     /// Expectations := what the database holds.
-    async fn resync(&mut self) {
-        self.expect.vms = self
-            .db_vms()
-            .await
+    async fn resync(&mut self) -> Result<(), String> {
+        self.expect.vms = (self.db_vms().await?)
             .into_iter()
             .map(|v| (v.uuid, v.state.as_str().to_string()))
             .collect();
-        self.expect.volumes = self
-            .db_data_volumes()
-            .await
+        self.expect.volumes = (self.db_data_volumes().await?)
             .into_iter()
             .map(|v| (v.uuid, v.vm_uuid))
             .collect();
+        Ok(())
     }
 
     /// The database holds exactly the expected VMs and data volumes, in the expected states.
     async fn compare(&self) -> Result<(), String> {
-        let db: BTreeMap<Uuid, String> = self
-            .db_vms()
-            .await
+        let db: BTreeMap<Uuid, String> = (self.db_vms().await?)
             .into_iter()
             .map(|v| (v.uuid, v.state.as_str().to_string()))
             .collect();
@@ -764,9 +771,7 @@ impl Runner {
                 self.expect.vms
             ));
         }
-        let vols: BTreeMap<Uuid, Option<Uuid>> = self
-            .db_data_volumes()
-            .await
+        let vols: BTreeMap<Uuid, Option<Uuid>> = (self.db_data_volumes().await?)
             .into_iter()
             .map(|v| (v.uuid, v.vm_uuid))
             .collect();
@@ -798,13 +803,16 @@ impl Runner {
             .map_err(|b| format!("final settle: not quiescent: {b}"))?;
         // Hosts reconnect on their own (ping failures → reconnect).
         let start = tokio::time::Instant::now();
+        let registered = self.w.hosts.iter().filter(|h| h.uuid.is_some()).count();
         loop {
-            let hosts = self
-                .w
-                .db
-                .select::<Host>(&Query::of::<Host>())
-                .await
-                .unwrap_or_default();
+            let hosts = (self.w.db.select::<Host>(&Query::of::<Host>()).await)
+                .map_err(|e| format!("final check: cannot read the hosts: {e}"))?;
+            if hosts.is_empty() && registered > 0 {
+                // "Every host connected" holds of no hosts; the model registered some.
+                return Err(format!(
+                    "final check: no hosts in the database, {registered} registered"
+                ));
+            }
             let stuck: Vec<String> = hosts
                 .iter()
                 .filter(|h| h.status != HostStatus::Connected)

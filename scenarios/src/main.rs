@@ -125,7 +125,7 @@ mod sim {
             sim_time_s: sim_s,
             wall_time_s: wall_s,
             speed_up: sim_s / wall_s.max(1e-9),
-            peak_memory_mb: report::peak_memory_mb(),
+            peak_memory_mib: report::peak_memory_mib(),
             trace_hash: format!("{:016x}", out.trace_hash),
             build_wall_s: out.build_wall_s,
             phases: out.phases.clone(),
@@ -145,7 +145,7 @@ mod sim {
             sim_s,
             wall_s,
             summary.speed_up,
-            summary.peak_memory_mb,
+            summary.peak_memory_mib,
             summary.trace_hash
         );
         for (k, o) in &summary.operations {

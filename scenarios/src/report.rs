@@ -44,7 +44,7 @@ pub struct Summary {
     pub wall_time_s: f64,
     /// Simulated seconds per wall second.
     pub speed_up: f64,
-    pub peak_memory_mb: f64,
+    pub peak_memory_mib: f64,
     pub trace_hash: String,
     /// Wall seconds spent building the datacenter (hosts added and connected) before the
     /// first phase.
@@ -55,7 +55,7 @@ pub struct Summary {
 }
 
 /// Peak resident memory of this process (VmHWM), in MiB; 0 where /proc is missing.
-pub fn peak_memory_mb() -> f64 {
+pub fn peak_memory_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -83,7 +83,7 @@ pub fn markdown(s: &Summary) -> String {
         s.sim_time_s,
         s.wall_time_s,
         s.speed_up,
-        s.peak_memory_mb,
+        s.peak_memory_mib,
         s.ops_ok,
         s.ops_failed,
         s.throughput_per_sim_s,
@@ -227,7 +227,7 @@ mod tests {
             sim_time_s: 900.0,
             wall_time_s: 100.0,
             speed_up: 9.0,
-            peak_memory_mb: 1.0,
+            peak_memory_mib: 1.0,
             trace_hash: "0".into(),
             build_wall_s: 4.5,
             phases: vec![

@@ -48,15 +48,15 @@ pub fn world_spec(sc: &Scenario) -> WorldSpec {
         hosts_per_cluster: d.hosts_per_cluster,
         host: HostProfile {
             cpu_cores: d.host.cpu_cores,
-            memory_mb: d.host.memory_mb,
-            disk_mb: d.host.disk_mb,
+            memory_mib: d.host.memory_mib,
+            disk_mib: d.host.disk_mib,
         },
         ips_per_zone: d.ips_per_zone,
-        image_mb: d.image_mb,
+        image_mib: d.image_mib,
         offerings: d
             .offerings
             .iter()
-            .map(|o| (o.name.clone(), o.cpu, o.memory_mb))
+            .map(|o| (o.name.clone(), o.cpu, o.memory_mib))
             .collect(),
         add_concurrency: d.add_concurrency,
         ..WorldSpec::default()

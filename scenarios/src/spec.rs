@@ -38,7 +38,7 @@ pub struct DatacenterSpec {
     #[serde(default = "default_ips")]
     pub ips_per_zone: u32,
     #[serde(default = "default_image")]
-    pub image_mb: i64,
+    pub image_mib: i64,
     pub offerings: Vec<OfferingSpec>,
     /// Hosts added at once while building.
     #[serde(default = "default_add_concurrency")]
@@ -49,8 +49,8 @@ pub struct DatacenterSpec {
 #[serde(deny_unknown_fields)]
 pub struct HostSpec {
     pub cpu_cores: u32,
-    pub memory_mb: u64,
-    pub disk_mb: u64,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -58,7 +58,7 @@ pub struct HostSpec {
 pub struct OfferingSpec {
     pub name: String,
     pub cpu: i64,
-    pub memory_mb: i64,
+    pub memory_mib: i64,
 }
 
 /// One workload phase.
@@ -280,10 +280,10 @@ impl Scenario {
         if d.zones > 100 {
             return bad("datacenter.zones", "at most 100 zones");
         }
-        if d.host.cpu_cores == 0 || d.host.memory_mb == 0 || d.host.disk_mb == 0 {
+        if d.host.cpu_cores == 0 || d.host.memory_mib == 0 || d.host.disk_mib == 0 {
             return bad(
                 "datacenter.host",
-                "cpu_cores, memory_mb and disk_mb must be positive",
+                "cpu_cores, memory_mib and disk_mib must be positive",
             );
         }
         if d.offerings.is_empty() {
@@ -384,8 +384,8 @@ name = "t"
 seed = 1
 [datacenter]
 hosts_per_cluster = 2
-host = { cpu_cores = 8, memory_mb = 16384, disk_mb = 100000 }
-offerings = [{ name = "small", cpu = 1, memory_mb = 1024 }]
+host = { cpu_cores = 8, memory_mib = 16384, disk_mib = 100000 }
+offerings = [{ name = "small", cpu = 1, memory_mib = 1024 }]
 [[phase]]
 kind = "create_vms"
 count = 4

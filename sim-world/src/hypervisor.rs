@@ -22,8 +22,8 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HostProfile {
     pub cpu_cores: u32,
-    pub memory_mb: u64,
-    pub disk_mb: u64,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -60,7 +60,7 @@ impl SimHostState {
         self.vms
             .values()
             .filter(|v| v.state == PowerState::Running || v.state == PowerState::Paused)
-            .map(|v| v.spec.memory_mb)
+            .map(|v| v.spec.memory_mib)
             .sum()
     }
 
@@ -206,8 +206,8 @@ impl Hypervisor for SimHypervisor {
             host_uuid: None,
             hypervisor: "sim-kvm".into(),
             cpu_cores: s.profile.cpu_cores,
-            memory_mb: s.profile.memory_mb,
-            disk_mb: s.profile.disk_mb,
+            memory_mib: s.profile.memory_mib,
+            disk_mib: s.profile.disk_mib,
             vms: s
                 .vms
                 .iter()
@@ -221,7 +221,7 @@ impl Hypervisor for SimHypervisor {
                 .iter()
                 .map(|(u, sz)| VolumeStatus {
                     uuid: *u,
-                    size_mb: *sz,
+                    size_mib: *sz,
                 })
                 .collect(),
         })
@@ -244,7 +244,7 @@ impl Hypervisor for SimHypervisor {
             .iter()
             .map(|(u, sz)| VolumeStatus {
                 uuid: *u,
-                size_mb: *sz,
+                size_mib: *sz,
             })
             .collect()
     }
@@ -271,7 +271,7 @@ impl Hypervisor for SimHypervisor {
         if running == Some(PowerState::Running) {
             return Ok(());
         }
-        if s.memory_in_use() + spec.memory_mb > s.profile.memory_mb {
+        if s.memory_in_use() + spec.memory_mib > s.profile.memory_mib {
             return Err(no_capacity("not enough free memory for the VM"));
         }
         s.vms.insert(
@@ -329,7 +329,7 @@ impl Hypervisor for SimHypervisor {
         let mut spec = v.spec.clone();
         // Disks travel with their current sizes.
         for d in &mut spec.disks {
-            d.size_mb = s.volumes.get(&d.volume).copied().unwrap_or(d.size_mb);
+            d.size_mib = s.volumes.get(&d.volume).copied().unwrap_or(d.size_mib);
         }
         Ok(spec)
     }
@@ -347,18 +347,18 @@ impl Hypervisor for SimHypervisor {
             .disks
             .iter()
             .filter(|d| !s.volumes.contains_key(&d.volume))
-            .map(|d| d.size_mb)
+            .map(|d| d.size_mib)
             .sum();
-        if s.disk_in_use() + new_disk > s.profile.disk_mb {
+        if s.disk_in_use() + new_disk > s.profile.disk_mib {
             return Err(no_capacity(
                 "not enough local storage for the migrating disks",
             ));
         }
-        if s.memory_in_use() + spec.memory_mb > s.profile.memory_mb {
+        if s.memory_in_use() + spec.memory_mib > s.profile.memory_mib {
             return Err(no_capacity("not enough free memory for the migrating VM"));
         }
         for d in &spec.disks {
-            s.volumes.insert(d.volume, d.size_mb);
+            s.volumes.insert(d.volume, d.size_mib);
         }
         s.vms.insert(
             spec.uuid,
@@ -387,19 +387,19 @@ impl Hypervisor for SimHypervisor {
         if let Some(size) = s.volumes.get(&cmd.volume) {
             return Ok(VolumeStatus {
                 uuid: cmd.volume,
-                size_mb: *size,
+                size_mib: *size,
             });
         }
-        if s.disk_in_use() + cmd.size_mb > s.profile.disk_mb {
+        if s.disk_in_use() + cmd.size_mib > s.profile.disk_mib {
             return Err(no_capacity("not enough local storage"));
         }
         if let Some(img) = &cmd.image {
             s.images.insert(img.uuid);
         }
-        s.volumes.insert(cmd.volume, cmd.size_mb);
+        s.volumes.insert(cmd.volume, cmd.size_mib);
         Ok(VolumeStatus {
             uuid: cmd.volume,
-            size_mb: cmd.size_mb,
+            size_mib: cmd.size_mib,
         })
     }
 

@@ -19,8 +19,11 @@ use stratus_core::services::allocator::{CPU_OVERCOMMIT, MEMORY_OVERCOMMIT, RESER
 use stratus_store::{Db, Query, Resource, Row};
 use uuid::Uuid;
 
-async fn all<T: Resource>(db: &Db) -> Vec<Row<T>> {
-    db.select::<T>(&Query::of::<T>()).await.unwrap_or_default()
+/// Every row of kind `T`. The oracle fails closed: a table it cannot read is a violation, never
+/// an empty table whose books trivially balance.
+async fn all<T: Resource>(db: &Db) -> Result<Vec<Row<T>>, String> {
+    (db.select::<T>(&Query::of::<T>()).await)
+        .map_err(|e| format!("the oracle cannot read {}: {e}", T::META.name))
 }
 
 /// Limits from the configuration the tests use (the defaults unless a test changed them).
@@ -28,16 +31,19 @@ async fn all<T: Resource>(db: &Db) -> Vec<Row<T>> {
 pub struct Limits {
     pub cpu_ratio: f64,
     pub mem_ratio: f64,
-    pub reserved_mb: i64,
+    pub reserved_mib: i64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        let f = |d: &stratus_core::config::ConfigDef| d.default.parse::<f64>().unwrap_or(1.0);
+        let f = |d: &stratus_core::config::ConfigDef| {
+            (d.default.parse::<f64>()).expect("a ratio's default is a number")
+        };
         Limits {
             cpu_ratio: f(&CPU_OVERCOMMIT),
             mem_ratio: f(&MEMORY_OVERCOMMIT),
-            reserved_mb: RESERVED_MEMORY.default.parse().unwrap_or(0),
+            reserved_mib: (RESERVED_MEMORY.default.parse())
+                .expect("the reserved memory's default is a number"),
         }
     }
 }
@@ -60,14 +66,22 @@ pub async fn check_with(world: &World, lim: Limits) -> Vec<String> {
 async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String> {
     let db = &world.db;
     let mut bad = Vec::new();
-    let hosts = all::<Host>(db).await;
-    let vms = all::<Vm>(db).await;
-    let reservations = all::<Reservation>(db).await;
-    let nics = all::<VmNic>(db).await;
-    let used_ips = all::<UsedIp>(db).await;
-    let ranges = all::<IpRange>(db).await;
-    let volumes = all::<Volume>(db).await;
-    let shares = all::<LocalStorage>(db).await;
+    let tables = async {
+        Ok::<_, String>((
+            all::<Host>(db).await?,
+            all::<Vm>(db).await?,
+            all::<Reservation>(db).await?,
+            all::<VmNic>(db).await?,
+            all::<UsedIp>(db).await?,
+            all::<IpRange>(db).await?,
+            all::<Volume>(db).await?,
+            all::<LocalStorage>(db).await?,
+        ))
+    };
+    let (hosts, vms, reservations, nics, used_ips, ranges, volumes, shares) = match tables.await {
+        Ok(t) => t,
+        Err(e) => return vec![e],
+    };
     let vm_by: BTreeMap<Uuid, &Row<Vm>> = vms.iter().map(|v| (v.uuid, v)).collect();
     // Sums and counts grouped once: the scale runs check 30,000 hosts and 100,000 VMs.
     let mut host_sums: BTreeMap<Uuid, (i64, i64)> = BTreeMap::new();
@@ -76,26 +90,26 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
     for r in &reservations {
         let e = host_sums.entry(r.host_uuid).or_default();
         e.0 += r.cpu;
-        e.1 += r.memory_mb;
+        e.1 += r.memory_mib;
         *vm_reservations.entry(r.vm_uuid).or_default() += 1;
-        *disk_held.entry((r.host_uuid, r.ps_uuid)).or_default() += r.disk_mb;
+        *disk_held.entry((r.host_uuid, r.ps_uuid)).or_default() += r.disk_mib;
     }
 
     // 1. capacity
     for h in &hosts {
         let (cpu, mem) = host_sums.get(&h.uuid).copied().unwrap_or_default();
-        if cpu != h.cpu_used || mem != h.memory_used_mb {
+        if cpu != h.cpu_used || mem != h.memory_used_mib {
             bad.push(format!(
                 "host {}: counters cpu {} / mem {} but reservations sum to {cpu} / {mem}",
-                h.uuid, h.cpu_used, h.memory_used_mb
+                h.uuid, h.cpu_used, h.memory_used_mib
             ));
         }
         let cpu_limit = (h.cpu_cores as f64 * lim.cpu_ratio).floor() as i64;
-        let mem_limit = (h.memory_mb as f64 * lim.mem_ratio).floor() as i64 - lim.reserved_mb;
-        if h.cpu_used > cpu_limit || h.memory_used_mb > mem_limit.max(0) {
+        let mem_limit = (h.memory_mib as f64 * lim.mem_ratio).floor() as i64 - lim.reserved_mib;
+        if h.cpu_used > cpu_limit || h.memory_used_mib > mem_limit.max(0) {
             bad.push(format!(
                 "host {} over capacity: cpu {}/{cpu_limit}, memory {}/{mem_limit}",
-                h.uuid, h.cpu_used, h.memory_used_mb
+                h.uuid, h.cpu_used, h.memory_used_mib
             ));
         }
     }
@@ -190,7 +204,7 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
     let mut vol_sums: BTreeMap<(Uuid, Uuid), i64> = BTreeMap::new();
     for v in &volumes {
         if let (Some(h), Some(ps)) = (v.host_uuid, v.ps_uuid) {
-            *vol_sums.entry((h, ps)).or_default() += v.size_mb;
+            *vol_sums.entry((h, ps)).or_default() += v.size_mib;
         }
     }
     let host_set: BTreeSet<Uuid> = hosts.iter().map(|h| h.uuid).collect();
@@ -209,16 +223,16 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
             .get(&(s.host_uuid, Some(s.ps_uuid)))
             .copied()
             .unwrap_or(0);
-        if s.used_mb != vols + held {
+        if s.used_mib != vols + held {
             bad.push(format!(
                 "local storage of host {}: used {} but volumes {vols} + held {held}",
-                s.host_uuid, s.used_mb
+                s.host_uuid, s.used_mib
             ));
         }
-        if s.used_mb > s.total_mb {
+        if s.used_mib > s.total_mib {
             bad.push(format!(
                 "local storage of host {} over its size: {}/{}",
-                s.host_uuid, s.used_mb, s.total_mb
+                s.host_uuid, s.used_mib, s.total_mib
             ));
         }
     }
@@ -354,22 +368,26 @@ pub struct Census {
     pub host_volumes: usize,
 }
 
-pub async fn census(world: &World) -> Census {
+/// What exists now; an error when the database cannot be read (never a census of nothing).
+pub async fn census(world: &World) -> Result<Census, String> {
     let db = &world.db;
-    let count =
-        |k: &'static str| async move { db.count(&Query::new(k)).await.unwrap_or(0) as usize };
-    let hosts = all::<Host>(db).await;
-    let shares = all::<LocalStorage>(db).await;
-    Census {
-        vms: count("vm").await,
-        nics: count("vm_nic").await,
-        used_ips: count("used_ip").await,
-        volumes: count("volume").await,
-        reservations: count("reservation").await,
+    let count = |k: &'static str| async move {
+        (db.count(&Query::new(k)).await)
+            .map(|n| n as usize)
+            .map_err(|e| format!("the census cannot count {k}: {e}"))
+    };
+    let hosts = all::<Host>(db).await?;
+    let shares = all::<LocalStorage>(db).await?;
+    Ok(Census {
+        vms: count("vm").await?,
+        nics: count("vm_nic").await?,
+        used_ips: count("used_ip").await?,
+        volumes: count("volume").await?,
+        reservations: count("reservation").await?,
         cpu_used: hosts.iter().map(|h| h.cpu_used).sum(),
-        memory_used: hosts.iter().map(|h| h.memory_used_mb).sum(),
-        disk_used: shares.iter().map(|s| s.used_mb).sum(),
+        memory_used: hosts.iter().map(|h| h.memory_used_mib).sum(),
+        disk_used: shares.iter().map(|s| s.used_mib).sum(),
         host_vms: world.hosts.iter().map(|h| h.state().vms.len()).sum(),
         host_volumes: world.hosts.iter().map(|h| h.state().volumes.len()).sum(),
-    }
+    })
 }

@@ -40,10 +40,10 @@ pub struct WorldSpec {
     pub latency: LatencyProfile,
     /// Addresses in each zone's L3 range.
     pub ips_per_zone: u32,
-    pub image_mb: i64,
+    pub image_mib: i64,
     /// Instance offerings: (name, cpu, memory MiB).
     pub offerings: Vec<(String, i64, i64)>,
-    pub disk_offering_mb: i64,
+    pub disk_offering_mib: i64,
     /// Global config set before hosts are added (name, value).
     pub config: Vec<(String, String)>,
     /// Hosts added at once while building.
@@ -90,18 +90,18 @@ impl Default for WorldSpec {
             hosts_per_cluster: 4,
             host: HostProfile {
                 cpu_cores: 16,
-                memory_mb: 65_536,
-                disk_mb: 2_000_000,
+                memory_mib: 65_536,
+                disk_mib: 2_000_000,
             },
             latency: LatencyProfile::default(),
             ips_per_zone: 1000,
-            image_mb: 10_240,
+            image_mib: 10_240,
             offerings: vec![
                 ("small".into(), 1, 1024),
                 ("medium".into(), 2, 4096),
                 ("huge".into(), 512, 1 << 24),
             ],
-            disk_offering_mb: 20_480,
+            disk_offering_mib: 20_480,
             config: vec![
                 ("host.ping.interval".into(), "10s".into()),
                 ("host.ping.timeout".into(), "5s".into()),
@@ -573,14 +573,14 @@ async fn build_tree(c: &StratusClient, spec: &WorldSpec) -> Result<Datacenter, E
     let bs = need(
         &c.create(
             "backup-storages",
-            json!({"name": "bs", "url": "sftp://bs/images", "total_mb": 10_000_000}),
+            json!({"name": "bs", "url": "sftp://bs/images", "total_mib": 10_000_000}),
         )
         .await?,
     )?;
     let image = need(
         &c.create(
             "images",
-            json!({"bs_uuid": bs, "name": "linux", "url": "http://images/linux.qcow2", "format": "qcow2", "size_mb": spec.image_mb}),
+            json!({"bs_uuid": bs, "name": "linux", "url": "http://images/linux.qcow2", "format": "qcow2", "size_mib": spec.image_mib}),
         )
         .await?,
     )?;
@@ -589,7 +589,7 @@ async fn build_tree(c: &StratusClient, spec: &WorldSpec) -> Result<Datacenter, E
         let o = c
             .create(
                 "instance-offerings",
-                json!({"name": name, "cpu": cpu, "memory_mb": mem}),
+                json!({"name": name, "cpu": cpu, "memory_mib": mem}),
             )
             .await?;
         offerings.push((name.clone(), need(&o)?));
@@ -597,7 +597,7 @@ async fn build_tree(c: &StratusClient, spec: &WorldSpec) -> Result<Datacenter, E
     let disk_offering = need(
         &c.create(
             "disk-offerings",
-            json!({"name": "data", "size_mb": spec.disk_offering_mb}),
+            json!({"name": "data", "size_mib": spec.disk_offering_mib}),
         )
         .await?,
     )?;

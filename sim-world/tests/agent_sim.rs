@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 const PROFILE: HostProfile = HostProfile {
     cpu_cores: 16,
-    memory_mb: 65536,
-    disk_mb: 1_000_000,
+    memory_mib: 65536,
+    disk_mib: 1_000_000,
 };
 
 /// A host node at `ip` running the real agent on `hv` (the test may keep a clone of `hv` to
@@ -137,7 +137,7 @@ async fn create_volume_task(
         ],
         serde_json::to_vec(&CreateVolumeCmd {
             volume,
-            size_mb: 10_240,
+            size_mib: 10_240,
             image: None,
         })
         .unwrap(),
@@ -201,11 +201,11 @@ fn spec(vm: Uuid, vol: Uuid) -> VmSpec {
         uuid: vm,
         name: "web".into(),
         cpu: 2,
-        memory_mb: 2048,
+        memory_mib: 2048,
         disks: vec![DiskSpec {
             volume: vol,
             device: 0,
-            size_mb: 10_240,
+            size_mib: 10_240,
         }],
         nics: vec![],
     }
@@ -309,7 +309,7 @@ fn agent_protocol_over_simulated_http() {
                 "tok-a",
                 &CreateVolumeCmd {
                     volume: vol,
-                    size_mb: 10_240,
+                    size_mib: 10_240,
                     image: None,
                 },
                 Some(t1),
@@ -469,7 +469,7 @@ fn a_ping_without_a_report_url_leaves_the_reports_where_they_went() {
                 let t = Uuid::from_u128(200 + 2 * n);
                 let create = CreateVolumeCmd {
                     volume: vol,
-                    size_mb: 10_240,
+                    size_mib: 10_240,
                     image: None,
                 };
                 call(&c, "10.1.0.3", "tok", &create, Some(t)).await;
@@ -556,7 +556,7 @@ fn a_migration_receive_does_not_outlive_its_sender() {
             let (vm, vol) = (Uuid::from_u128(40), Uuid::from_u128(41));
             let create = CreateVolumeCmd {
                 volume: vol,
-                size_mb: 10_240,
+                size_mib: 10_240,
                 image: None,
             };
             let t = Uuid::from_u128(400);

@@ -84,7 +84,7 @@ impl Flow<Ctx> for TakeUnit {
             .commit(
                 Batch::new()
                     .insert(&hold)
-                    .update(Update::of::<Pool>(POOL).add("free", -1).min("free", 0)),
+                    .update(Update::of::<Pool>(POOL).add("free", -1).at_least("free", 0)),
             )
             .await?;
         Ok(())
@@ -184,11 +184,10 @@ fn a_node_killed_mid_chain_rolls_the_chain_back_once_per_flow_after_restart() {
                             let e = engine.clone();
                             let out = e
                                 .queues
-                                .run(
-                                    &target.queue.clone(),
-                                    1,
-                                    chain.run(&e.journal, target, Ctx { resource: RESOURCE }),
-                                )
+                                .run(&target.queue.clone(), 1, async {
+                                    let ctx = Ctx { resource: RESOURCE };
+                                    (chain.run(&e.journal, target, ctx).await).map_err(|f| f.error)
+                                })
                                 .await;
                             log.lock()
                                 .unwrap()
@@ -354,14 +353,12 @@ async fn workload() -> (u64, u64) {
                     job: None,
                 };
                 let ctx = WorkCtx { n: m.n, steps: 0 };
-                match e
-                    .queues
-                    .run(&queue, 2, chain.run(&e.journal, target, ctx))
-                    .await
-                {
-                    Ok(c) => Ok(c.steps),
-                    Err(f) => Err(f.error),
-                }
+                let work = async {
+                    (chain.run(&e.journal, target, ctx).await)
+                        .map(|c| c.steps)
+                        .map_err(|f| f.error)
+                };
+                e.queues.run(&queue, 2, work).await
             }
         })
         .unwrap();

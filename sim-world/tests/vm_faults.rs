@@ -126,7 +126,7 @@ fn a_duplicated_callback_changes_nothing() {
             w.faults.fired().get("callback_duplicated:vm_start"),
             Some(&1)
         );
-        let cen = census(&w).await;
+        let cen = census(&w).await.unwrap();
         assert_eq!(
             (cen.vms, cen.host_vms, cen.volumes, cen.host_volumes),
             (1, 1, 1, 1),
@@ -138,14 +138,14 @@ fn a_duplicated_callback_changes_nothing() {
 #[test]
 fn a_lost_callback_ends_in_timeout_rollback_and_cleanup() {
     World::run(spec(34), |w| async move {
-        let before = census(&w).await;
+        let before = census(&w).await.unwrap();
         w.faults.drop_callbacks(CommandKind::VmStart, 1);
         let out = w.create_vm("vm", "small").await;
         let e = out.expect_err("a lost callback ends the create by timeout");
         assert_eq!(e.code, stratus_core::ErrorCode::Timeout, "{e}");
         settle_and_check(&w, "after the lost callback").await;
         // The host started the VM, the rollback destroyed it: nothing left anywhere.
-        assert_eq!(census(&w).await, before);
+        assert_eq!(census(&w).await.unwrap(), before);
         assert_eq!(w.faults.fired().get("callback_lost:vm_start"), Some(&1));
     });
 }
@@ -153,7 +153,7 @@ fn a_lost_callback_ends_in_timeout_rollback_and_cleanup() {
 #[test]
 fn the_management_node_killed_mid_create_finishes_the_rollback_after_restart() {
     World::run(spec(35), |w| async move {
-        let before = census(&w).await;
+        let before = census(&w).await.unwrap();
         w.faults
             .slow_next(CommandKind::VmStart, 1, Duration::from_secs(8));
         let sub = w
@@ -173,7 +173,7 @@ fn the_management_node_killed_mid_create_finishes_the_rollback_after_restart() {
         settle_and_check(&w, "after the restart").await;
         // Recovery rolled the create back; the VM the host started anyway was an orphan, and
         // state sync destroyed it.
-        assert_eq!(census(&w).await, before);
+        assert_eq!(census(&w).await.unwrap(), before);
         let job = w
             .client
             .get(&format!("/v1/jobs/{}", sub.job))

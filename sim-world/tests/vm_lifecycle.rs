@@ -110,7 +110,7 @@ fn every_vm_operation_works_and_keeps_the_invariants() {
             c.action("vms", id, "destroy", json!({})).await.unwrap();
             c.action("vms", id, "expunge", json!({})).await.unwrap();
             assert_clean(&w, "after expunge").await;
-            let cen = census(&w).await;
+            let cen = census(&w).await.unwrap();
             assert_eq!(
                 (
                     cen.vms,

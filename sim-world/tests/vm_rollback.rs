@@ -72,7 +72,7 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<Value, Error>>,
 {
-    let before = census(w).await;
+    let before = census(w).await.unwrap();
     let fired_before = w.flow_faults.fired() + w.faults.fired().values().sum::<u64>();
     fault.arm(w);
     let out = op().await;
@@ -81,7 +81,7 @@ where
     assert_eq!(fired, 1, "{}: the fault did not fire", fault.label());
     if out.is_err() {
         assert_eq!(
-            census(w).await,
+            census(w).await.unwrap(),
             before,
             "{}: not rolled back completely",
             fault.label()

@@ -35,8 +35,8 @@ fn five_hundred_vms_at_once_on_a_hundred_hosts() {
         hosts_per_cluster: 100,
         host: HostProfile {
             cpu_cores: 16,
-            memory_mb: 32_768,
-            disk_mb: 500_000,
+            memory_mib: 32_768,
+            disk_mib: 500_000,
         },
         ips_per_zone: 600,
         ..Default::default()
@@ -258,7 +258,7 @@ fn host_operations_cascades_and_state_sync() {
                         uuid: orphan,
                         name: "ghost".into(),
                         cpu: 1,
-                        memory_mb: 1,
+                        memory_mib: 1,
                         disks: vec![],
                         nics: vec![],
                     },
@@ -291,7 +291,7 @@ fn host_operations_cascades_and_state_sync() {
             let r = c.delete("zones", zone, true).await.unwrap();
             eprintln!("forced zone delete: {r}");
             settle_and_check(&w, "after the forced delete").await;
-            let cen = census(&w).await;
+            let cen = census(&w).await.unwrap();
             assert_eq!(
                 (
                     cen.vms,

@@ -22,14 +22,15 @@ pub enum Expect {
     Maybe,
 }
 
-/// Keep the new value of an integer field within `[min, max]`, where `max` may also be the
-/// (new) value of another field of the same row (`used <= total`).
+/// The new value of an integer field must lie within `[at_least, at_most]`, where the upper
+/// bound may also be the (new) value of another field of the same row (`used <= total`). A
+/// bound never clamps: a batch that would break one fails whole (`ConditionFailed`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bound {
     pub field: &'static str,
-    pub min: Option<i64>,
-    pub max: Option<i64>,
-    pub max_field: Option<&'static str>,
+    pub at_least: Option<i64>,
+    pub at_most: Option<i64>,
+    pub at_most_field: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -59,12 +60,15 @@ impl Update {
     pub fn of<T: Resource>(uuid: Uuid) -> Self {
         Update::new(T::META.name, uuid)
     }
-    pub fn expect(mut self, e: Expect) -> Self {
-        self.expect = e;
+    /// The row must have version `v` (else `Conflict`).
+    pub fn version(mut self, v: u64) -> Self {
+        self.expect = Expect::Version(v);
         self
     }
-    pub fn version(self, v: u64) -> Self {
-        self.expect(Expect::Version(v))
+    /// A missing row is fine: the update is then a no-op ([`Expect::Maybe`]).
+    pub fn if_exists(mut self) -> Self {
+        self.expect = Expect::Maybe;
+        self
     }
     pub fn set(mut self, field: &'static str, v: impl Into<Value>) -> Self {
         self.set.push((field, v.into()));
@@ -82,31 +86,34 @@ impl Update {
     pub fn when_eq(self, field: &str, v: impl Into<Value>) -> Self {
         self.when(Cond::new(field, super::Op::Eq(v.into())))
     }
-    pub fn min(mut self, field: &'static str, min: i64) -> Self {
+    /// The batch fails unless the new value of `field` is at least `min`.
+    pub fn at_least(mut self, field: &'static str, min: i64) -> Self {
         self.bounds.push(Bound {
             field,
-            min: Some(min),
-            max: None,
-            max_field: None,
+            at_least: Some(min),
+            at_most: None,
+            at_most_field: None,
         });
         self
     }
-    pub fn max(mut self, field: &'static str, max: i64) -> Self {
+    /// The batch fails unless the new value of `field` is at most `max`.
+    pub fn at_most(mut self, field: &'static str, max: i64) -> Self {
         self.bounds.push(Bound {
             field,
-            min: None,
-            max: Some(max),
-            max_field: None,
+            at_least: None,
+            at_most: Some(max),
+            at_most_field: None,
         });
         self
     }
-    /// The new value of `field` may not exceed the new value of `other` (an integer field).
-    pub fn max_field(mut self, field: &'static str, other: &'static str) -> Self {
+    /// The batch fails unless the new value of `field` is at most the new value of `other`
+    /// (an integer field of the same row).
+    pub fn at_most_field(mut self, field: &'static str, other: &'static str) -> Self {
         self.bounds.push(Bound {
             field,
-            min: None,
-            max: None,
-            max_field: Some(other),
+            at_least: None,
+            at_most: None,
+            at_most_field: Some(other),
         });
         self
     }
@@ -218,10 +225,10 @@ pub struct ResolvedUpdate {
 #[derive(Debug, Clone, Copy)]
 pub struct ResolvedBound {
     pub field: usize,
-    pub min: Option<i64>,
-    pub max: Option<i64>,
-    /// A field whose new value is also a maximum.
-    pub max_field: Option<usize>,
+    pub at_least: Option<i64>,
+    pub at_most: Option<i64>,
+    /// A field whose new value is also an upper bound.
+    pub at_most_field: Option<usize>,
 }
 
 impl ResolvedUpdate {
@@ -280,15 +287,15 @@ impl ResolvedUpdate {
         }
         for ResolvedBound {
             field: i,
-            min,
-            max,
-            max_field,
+            at_least: min,
+            at_most,
+            at_most_field,
         } in &self.bounds
         {
             let name = self.kind.fields[*i].name;
             let v = current(&out, rec, *i).as_int();
-            let other = max_field.and_then(|j| current(&out, rec, j).as_int());
-            let max = match (max, other) {
+            let other = at_most_field.and_then(|j| current(&out, rec, j).as_int());
+            let max = match (at_most, other) {
                 (Some(a), Some(b)) => Some((*a).min(b)),
                 (a, b) => a.or(b),
             };
@@ -415,7 +422,7 @@ pub fn resolve_batch(schema: &Schema, batch: Batch) -> Result<Vec<ResolvedWrite>
                                 kind.name, b.field
                             )));
                         }
-                        let other = match b.max_field {
+                        let other = match b.at_most_field {
                             Some(f) => {
                                 let j = declared(kind, f, "a bound")?;
                                 if !matches!(kind.fields[j].ty, FieldType::Int | FieldType::Time) {
@@ -430,9 +437,9 @@ pub fn resolve_batch(schema: &Schema, batch: Batch) -> Result<Vec<ResolvedWrite>
                         };
                         bounds.push(ResolvedBound {
                             field: i,
-                            min: b.min,
-                            max: b.max,
-                            max_field: other,
+                            at_least: b.at_least,
+                            at_most: b.at_most,
+                            at_most_field: other,
                         });
                     }
                     let when = u

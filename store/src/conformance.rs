@@ -512,7 +512,7 @@ pub async fn failed_batch_leaves_nothing(store: &Arc<dyn Store>, ids: &Ids) {
                 .update(
                     Update::of::<CsWidget>(b.uuid)
                         .add("counter", -1)
-                        .min("counter", 0),
+                        .at_least("counter", 0),
                 ),
             ErrorClass::ConditionFailed,
         ),
@@ -613,8 +613,8 @@ pub async fn writes_and_guards(store: &Arc<dyn Store>, ids: &Ids) {
     let add = |d: i64| {
         Update::of::<CsWidget>(w.uuid)
             .add("counter", d)
-            .min("counter", 0)
-            .max("counter", 10)
+            .at_least("counter", 0)
+            .at_most("counter", 10)
     };
     c.db.commit(Batch::new().update(add(10))).await.unwrap();
     assert_eq!(
@@ -657,11 +657,7 @@ pub async fn writes_and_guards(store: &Arc<dyn Store>, ids: &Ids) {
     let v =
         c.db.commit(
             Batch::new()
-                .update(
-                    Update::of::<CsWidget>(ghost)
-                        .expect(Expect::Maybe)
-                        .set("size", 1i64),
-                )
+                .update(Update::of::<CsWidget>(ghost).if_exists().set("size", 1i64))
                 .delete::<CsWidget>(ghost, Expect::Maybe),
         )
         .await
@@ -764,7 +760,7 @@ pub async fn concurrent_decrements_never_overdraw(store: &Arc<dyn Store>, ids: &
                     Batch::new().update(
                         Update::of::<CsWidget>(uuid)
                             .add("counter", -1)
-                            .min("counter", 0),
+                            .at_least("counter", 0),
                     ),
                 )
                 .await

@@ -324,6 +324,49 @@ async fn recovery_finishes_chains_declared_finish_and_skips_resources_owned_else
     assert!(e.journal.in_progress().await.unwrap().is_empty());
 }
 
+/// A journal whose position lies outside its chain is a bug: tests panic; a release build
+/// reports it unrecoverable (an internal error naming the invariant) and leaves the journal
+/// for a person, undoing nothing.
+async fn recover_a_broken_journal(state: ChainState, next: i64, cursor: i64) {
+    let (e, _) = env(10);
+    let log = Log::default();
+    orphan(&e, "test.recover", state, next, cursor, None).await;
+    let reg = registry(&log, OnInterrupt::RollBack);
+    let report = recover_orphans(&e.journal, &reg, &e.queues, &e.jobs, &[], |_| true)
+        .await
+        .unwrap();
+    assert_eq!(report.unrecoverable, 1);
+    assert!(logged(&log).is_empty());
+    assert_eq!(e.journal.in_progress().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+#[cfg_attr(
+    debug_assertions,
+    should_panic(expected = "cursor 4 outside its 4 flows")
+)]
+async fn a_rollback_cursor_past_the_chain_is_a_broken_invariant() {
+    recover_a_broken_journal(ChainState::RollingBack, 4, 4).await;
+}
+
+#[tokio::test]
+#[cfg_attr(
+    debug_assertions,
+    should_panic(expected = "next 5 outside its 4 flows")
+)]
+async fn a_next_flow_past_the_chain_is_a_broken_invariant() {
+    recover_a_broken_journal(ChainState::Running, 5, -1).await;
+}
+
+#[tokio::test]
+#[cfg_attr(
+    debug_assertions,
+    should_panic(expected = "next -1 outside its 4 flows")
+)]
+async fn a_negative_next_flow_is_a_broken_invariant() {
+    recover_a_broken_journal(ChainState::Running, -1, -1).await;
+}
+
 #[tokio::test]
 async fn an_unknown_chain_is_reported_and_left_in_the_journal() {
     let (e, _) = env(10);

@@ -9,7 +9,7 @@ stratus_store::resource! {
     pub struct InstanceOffering: "instance_offering" {
         name: String [index, column],
         cpu: i64 [column],
-        memory_mb: i64 [column],
+        memory_mib: i64 [column],
         state: EnableState [column],
     }
     relations {
@@ -21,7 +21,7 @@ stratus_store::resource! {
     /// Size of a data volume.
     pub struct DiskOffering: "disk_offering" {
         name: String [index, column],
-        size_mb: i64 [column],
+        size_mib: i64 [column],
         state: EnableState [column],
     }
     relations {
@@ -166,7 +166,7 @@ stratus_store::resource! {
         default_l3_uuid: Option<Uuid>,
         state: VmState [index, column],
         cpu: i64 [column],
-        memory_mb: i64 [column],
+        memory_mib: i64 [column],
         description: Option<String>,
     }
     relations {

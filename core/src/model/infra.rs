@@ -58,7 +58,7 @@ stratus_store::text_enum! {
 
 stratus_store::resource! {
     /// A hypervisor host. Capacity totals come from the agent at connect; `cpu_used` and
-    /// `memory_used_mb` are the sums of the reservations held on it.
+    /// `memory_used_mib` are the sums of the reservations held on it.
     pub struct Host: "host" {
         name: String [index, column],
         zone_uuid: Uuid [index],
@@ -71,11 +71,11 @@ stratus_store::resource! {
         status: HostStatus [index, column],
         hypervisor: Option<String>,
         cpu_cores: i64 [column],
-        memory_mb: i64 [column],
+        memory_mib: i64 [column],
         /// Local disk for volumes.
-        disk_mb: i64,
+        disk_mib: i64,
         cpu_used: i64 [column],
-        memory_used_mb: i64 [column],
+        memory_used_mib: i64 [column],
         ping_failures: i64,
         last_seen_ms: Option<Millis>,
     }
@@ -89,7 +89,7 @@ stratus_store::resource! {
 }
 
 stratus_store::resource! {
-    /// CPU and memory a VM holds on a host. The host's `cpu_used` / `memory_used_mb` change in
+    /// CPU and memory a VM holds on a host. The host's `cpu_used` / `memory_used_mib` change in
     /// the same batch as these rows, so the sum of a host's reservations always equals its
     /// counters. The uuid is derived from (vm, host): reserving twice is refused, releasing twice
     /// is a no-op.
@@ -97,9 +97,9 @@ stratus_store::resource! {
         vm_uuid: Uuid [index, column],
         host_uuid: Uuid [index, column],
         cpu: i64 [column],
-        memory_mb: i64 [column],
+        memory_mib: i64 [column],
         /// Local storage held ahead of volumes arriving (a migration's destination); 0 otherwise.
-        disk_mb: i64,
+        disk_mib: i64,
         ps_uuid: Option<Uuid>,
     }
     relations {

@@ -39,13 +39,13 @@ stratus_store::resource! {
 }
 
 stratus_store::resource! {
-    /// One host's share of a local primary storage. `used_mb` is the sum of the sizes of the
+    /// One host's share of a local primary storage. `used_mib` is the sum of the sizes of the
     /// volumes on that host, changed in the same batch as the volume rows.
     pub struct LocalStorage: "local_storage" {
         ps_uuid: Uuid [index, column],
         host_uuid: Uuid [index, column],
-        total_mb: i64 [column],
-        used_mb: i64 [column],
+        total_mib: i64 [column],
+        used_mib: i64 [column],
     }
     relations {
         host: "host" (host_uuid = uuid),
@@ -62,25 +62,25 @@ pub fn local_storage_uuid(ps: Uuid, host: Uuid) -> Uuid {
 /// nothing if the share is gone.
 pub fn local_storage_give_back(ps: Uuid, host: Uuid, mb: i64) -> stratus_store::Update {
     stratus_store::Update::of::<LocalStorage>(local_storage_uuid(ps, host))
-        .expect(stratus_store::Expect::Maybe)
-        .add("used_mb", -mb)
-        .min("used_mb", 0)
+        .if_exists()
+        .add("used_mib", -mb)
+        .at_least("used_mib", 0)
 }
 
 /// Take `mb` of `host`'s share of primary storage `ps`: refused if it would pass the share's
 /// total (or the share does not exist).
 pub fn local_storage_take(ps: Uuid, host: Uuid, mb: i64) -> stratus_store::Update {
     stratus_store::Update::of::<LocalStorage>(local_storage_uuid(ps, host))
-        .add("used_mb", mb)
-        .max_field("used_mb", "total_mb")
+        .add("used_mib", mb)
+        .at_most_field("used_mib", "total_mib")
 }
 
 /// Count `mb` more on `host`'s share of primary storage `ps`, with no room check: for data that
 /// is already there (moved by a migration); nothing if the share is gone.
 pub fn local_storage_count(ps: Uuid, host: Uuid, mb: i64) -> stratus_store::Update {
     stratus_store::Update::of::<LocalStorage>(local_storage_uuid(ps, host))
-        .expect(stratus_store::Expect::Maybe)
-        .add("used_mb", mb)
+        .if_exists()
+        .add("used_mib", mb)
 }
 
 stratus_store::resource! {
@@ -88,7 +88,7 @@ stratus_store::resource! {
     pub struct BackupStorage: "backup_storage" {
         name: String [index, column],
         url: String [column],
-        total_mb: i64 [column],
+        total_mib: i64 [column],
         state: EnableState [column],
     }
     relations {
@@ -119,7 +119,7 @@ stratus_store::resource! {
         name: String [index, column],
         bs_uuid: Uuid [index, column],
         format: ImageFormat [column],
-        size_mb: i64 [column],
+        size_mib: i64 [column],
         url: String,
         checksum: Option<String>,
         state: EnableState [column],
@@ -154,7 +154,7 @@ impl VolumeState {
 
 stratus_store::resource! {
     /// A root or data volume. On local storage it lives on one host (`host_uuid`); its size
-    /// counts in that host's [`LocalStorage::used_mb`] from the moment the row exists with a
+    /// counts in that host's [`LocalStorage::used_mib`] from the moment the row exists with a
     /// host.
     pub struct Volume: "volume" {
         name: String [index, column],
@@ -162,7 +162,7 @@ stratus_store::resource! {
         vm_uuid: Option<Uuid> [index, column],
         ps_uuid: Option<Uuid> [index],
         host_uuid: Option<Uuid> [index, column],
-        size_mb: i64 [column],
+        size_mib: i64 [column],
         state: VolumeState [index, column],
         device_index: Option<i64>,
         disk_offering_uuid: Option<Uuid> [index],

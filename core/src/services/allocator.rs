@@ -4,7 +4,7 @@
 //! `allocator.cache.refresh`, on host and cluster events, and whenever it finds nothing); the
 //! store stays the authority: a reservation is one batch — the [`Reservation`] row plus guarded
 //! increments of the host's counters, bounded by `cores × allocator.cpu.overcommit` and
-//! `memory × allocator.memory.overcommit − allocator.host.reserved_memory_mb` — so concurrent
+//! `memory × allocator.memory.overcommit − allocator.host.reserved_memory_mib` — so concurrent
 //! allocations can never overcommit a host, whatever the cache believed. A refused reservation
 //! refreshes that host's entry and tries the next candidate.
 //!
@@ -44,7 +44,7 @@ pub static MEMORY_OVERCOMMIT: ConfigDef = ConfigDef::float(
     10.0,
 );
 pub static RESERVED_MEMORY: ConfigDef = ConfigDef::int(
-    "allocator.host.reserved_memory_mb",
+    "allocator.host.reserved_memory_mib",
     "Memory of each host kept for the host itself (MiB)",
     "1024",
     0,
@@ -67,12 +67,12 @@ pub fn config_defs() -> Vec<&'static ConfigDef> {
     ]
 }
 
-/// Find a host for VM `vm` and reserve `spec.cpu` / `spec.memory_mb` on it.
+/// Find a host for VM `vm` and reserve `spec.cpu` / `spec.memory_mib` on it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AllocateHost {
     pub vm: Uuid,
     pub spec: AllocationSpec,
-    /// Also hold `spec.disk_mb` of the host's local storage in the reservation (for disks that
+    /// Also hold `spec.disk_mib` of the host's local storage in the reservation (for disks that
     /// will arrive later, as in a migration).
     #[serde(default)]
     pub hold_disk: bool,
@@ -110,7 +110,7 @@ struct HostCap {
     zone: Uuid,
     usable: bool,
     cores: i64,
-    memory_mb: i64,
+    memory_mib: i64,
     cpu_used: i64,
     memory_used: i64,
     /// (primary storage, free MiB). Inline: a host has one local storage as a rule, and an
@@ -174,15 +174,15 @@ impl Cache {
 struct Limits {
     cpu_ratio: f64,
     mem_ratio: f64,
-    reserved_mb: i64,
+    reserved_mib: i64,
 }
 
 impl Limits {
     fn cpu(&self, cores: i64) -> i64 {
         (cores as f64 * self.cpu_ratio).floor() as i64
     }
-    fn memory(&self, memory_mb: i64) -> i64 {
-        ((memory_mb as f64 * self.mem_ratio).floor() as i64 - self.reserved_mb).max(0)
+    fn memory(&self, memory_mib: i64) -> i64 {
+        ((memory_mib as f64 * self.mem_ratio).floor() as i64 - self.reserved_mib).max(0)
     }
 }
 
@@ -203,9 +203,9 @@ impl HostCap {
             usable: h.decode::<HostState>("state")? == HostState::Enabled
                 && h.decode::<HostStatus>("status")? == HostStatus::Connected,
             cores: h.decode("cpu_cores")?,
-            memory_mb: h.decode("memory_mb")?,
+            memory_mib: h.decode("memory_mib")?,
             cpu_used: h.decode("cpu_used")?,
-            memory_used: h.decode("memory_used_mb")?,
+            memory_used: h.decode("memory_used_mib")?,
             disks: SmallVec::new(),
         })
     }
@@ -213,21 +213,21 @@ impl HostCap {
     fn fits(&self, spec: &AllocationSpec, lim: &Limits) -> Option<Option<Uuid>> {
         if !self.usable
             || self.cpu_used + spec.cpu > lim.cpu(self.cores)
-            || self.memory_used + spec.memory_mb > lim.memory(self.memory_mb)
+            || self.memory_used + spec.memory_mib > lim.memory(self.memory_mib)
         {
             return None;
         }
-        if spec.disk_mb <= 0 {
+        if spec.disk_mib <= 0 {
             return Some(self.disks.first().map(|d| d.0));
         }
         self.disks
             .iter()
-            .find(|(_, free)| *free >= spec.disk_mb)
+            .find(|(_, free)| *free >= spec.disk_mib)
             .map(|(ps, _)| Some(*ps))
     }
 
     fn memory_free(&self, lim: &Limits) -> i64 {
-        lim.memory(self.memory_mb) - self.memory_used
+        lim.memory(self.memory_mib) - self.memory_used
     }
 }
 
@@ -262,7 +262,7 @@ impl Allocator {
             disks
                 .entry(s.host_uuid)
                 .or_default()
-                .push((s.ps_uuid, s.total_mb - s.used_mb));
+                .push((s.ps_uuid, s.total_mib - s.used_mib));
         }
         let mut cache = Cache {
             loaded: Some(tokio::time::Instant::now()),
@@ -320,7 +320,7 @@ impl Allocator {
             .await?
             .iter()
             .filter(|s| attached.contains(&s.ps_uuid))
-            .map(|s| (s.ps_uuid, s.total_mb - s.used_mb))
+            .map(|s| (s.ps_uuid, s.total_mib - s.used_mib))
             .collect();
         let mut cache = self.lock();
         let cluster = cap.cluster;
@@ -338,12 +338,22 @@ impl Allocator {
 
     /// Adjust the cached free disk of `host` on `ps` by `delta` MiB (volume services call this).
     pub fn disk_changed(&self, host: Uuid, ps: Uuid, delta_used: i64) {
-        if let Some(h) = self.lock().host_mut(&host) {
-            for d in &mut h.disks {
-                if d.0 == ps {
-                    d.1 -= delta_used;
-                }
+        let mut cache = self.lock();
+        let Some(h) = cache.host_mut(&host) else {
+            return;
+        };
+        let mut stale = false;
+        for d in &mut h.disks {
+            if d.0 == ps {
+                d.1 -= delta_used;
+                // The store refuses a take past the share's total; free space below zero is a
+                // cache that missed a give-back (see `release`): read it again.
+                stale |= d.1 < 0;
             }
+        }
+        if stale {
+            tracing::debug!(%host, %ps, "allocator cache below zero free disk; reloading");
+            cache.loaded = None;
         }
     }
 
@@ -351,7 +361,7 @@ impl Allocator {
         Limits {
             cpu_ratio: c.engine.config.get(&CPU_OVERCOMMIT.key()),
             mem_ratio: c.engine.config.get(&MEMORY_OVERCOMMIT.key()),
-            reserved_mb: c.engine.config.get(&RESERVED_MEMORY.key()),
+            reserved_mib: c.engine.config.get(&RESERVED_MEMORY.key()),
         }
     }
 
@@ -457,32 +467,32 @@ impl Allocator {
                 vm_uuid: vm,
                 host_uuid: cap.uuid,
                 cpu: spec.cpu,
-                memory_mb: spec.memory_mb,
-                disk_mb: if disk.is_some() { spec.disk_mb } else { 0 },
+                memory_mib: spec.memory_mib,
+                disk_mib: if disk.is_some() { spec.disk_mib } else { 0 },
                 ps_uuid: disk,
             },
         );
         let mut b = Batch::new();
         if let Some(ps) = disk {
-            b = b.update(local_storage_take(ps, cap.uuid, spec.disk_mb));
+            b = b.update(local_storage_take(ps, cap.uuid, spec.disk_mib));
         }
         let b = b.insert(&res).update(
             Update::of::<Host>(cap.uuid)
                 .when_eq("state", HostState::Enabled.as_str())
                 .when_eq("status", HostStatus::Connected.as_str())
                 .add("cpu_used", spec.cpu)
-                .max("cpu_used", lim.cpu(cap.cores))
-                .add("memory_used_mb", spec.memory_mb)
-                .max("memory_used_mb", lim.memory(cap.memory_mb)),
+                .at_most("cpu_used", lim.cpu(cap.cores))
+                .add("memory_used_mib", spec.memory_mib)
+                .at_most("memory_used_mib", lim.memory(cap.memory_mib)),
         );
         match c.db().commit(b).await {
             Ok(_) => {
                 if let Some(h) = self.lock().host_mut(&cap.uuid) {
                     h.cpu_used += spec.cpu;
-                    h.memory_used += spec.memory_mb;
+                    h.memory_used += spec.memory_mib;
                 }
                 if let Some(ps) = disk {
-                    self.disk_changed(cap.uuid, ps, spec.disk_mb);
+                    self.disk_changed(cap.uuid, ps, spec.disk_mib);
                 }
                 Ok(true)
             }
@@ -508,7 +518,7 @@ impl Allocator {
         spec: &AllocationSpec,
         hold_disk: bool,
     ) -> Result<Allocation, Error> {
-        if spec.cpu <= 0 || spec.memory_mb <= 0 {
+        if spec.cpu <= 0 || spec.memory_mib <= 0 {
             return Err(Error::invalid(
                 "a VM needs at least one CPU and some memory",
             ));
@@ -536,8 +546,8 @@ impl Allocator {
                         cluster: h.cluster,
                         zone: h.zone,
                         cpu_free: lim.cpu(h.cores) - h.cpu_used,
-                        memory_free_mb: h.memory_free(&lim),
-                        disk_free_mb: h.disks.iter().map(|d| d.1).max().unwrap_or(0),
+                        memory_free_mib: h.memory_free(&lim),
+                        disk_free_mib: h.disks.iter().map(|d| d.1).max().unwrap_or(0),
                         vms: 0,
                     })
                     .collect();
@@ -550,7 +560,7 @@ impl Allocator {
                 cands.retain(|(h, _)| kept.iter().any(|k| k.host == h.uuid));
             }
             for (cap, ps) in &cands {
-                let disk = if hold_disk && spec.disk_mb > 0 {
+                let disk = if hold_disk && spec.disk_mib > 0 {
                     *ps
                 } else {
                     None
@@ -583,8 +593,8 @@ impl Allocator {
             format!(
                 "{what} a VM with {} CPU, {} MiB memory and {} MiB disk{}{} (hosts must be Enabled and Connected, with the L2 networks attached and enough capacity)",
                 spec.cpu,
-                spec.memory_mb,
-                spec.disk_mb,
+                spec.memory_mib,
+                spec.disk_mib,
                 spec.cluster.map(|c| format!(" in cluster {c}")).unwrap_or_default(),
                 spec.zone.map(|z| format!(" in zone {z}")).unwrap_or_default(),
             ),
@@ -598,32 +608,45 @@ impl Allocator {
             return Ok(());
         };
         let mut b = Batch::new();
-        if let (Some(ps), true) = (r.ps_uuid, r.disk_mb > 0) {
-            b = b.update(local_storage_give_back(ps, host, r.disk_mb));
+        if let (Some(ps), true) = (r.ps_uuid, r.disk_mib > 0) {
+            b = b.update(local_storage_give_back(ps, host, r.disk_mib));
         }
         let b = b
             .delete::<Reservation>(id, Expect::Version(r.version))
             .update(
                 Update::of::<Host>(host)
-                    .expect(Expect::Maybe)
+                    .if_exists()
                     .add("cpu_used", -r.cpu)
-                    .min("cpu_used", 0)
-                    .add("memory_used_mb", -r.memory_mb)
-                    .min("memory_used_mb", 0),
+                    .at_least("cpu_used", 0)
+                    .add("memory_used_mib", -r.memory_mib)
+                    .at_least("memory_used_mib", 0),
             );
         match c.db().commit(b).await {
             Ok(_) => {
-                if let Some(h) = self.lock().host_mut(&host) {
+                let mut cache = self.lock();
+                if let Some(h) = cache.host_mut(&host) {
                     h.cpu_used -= r.cpu;
-                    h.memory_used -= r.memory_mb;
+                    h.memory_used -= r.memory_mib;
+                    if h.cpu_used < 0 || h.memory_used < 0 {
+                        // The store's counters held the reservation (the batch's bounds say
+                        // so); the cache's did not: a reload read the host before this
+                        // reservation's commit and kept it since. The cache is a hint, and
+                        // goes stale that way; read it again rather than go on from it.
+                        tracing::debug!(%host, "allocator cache below a release; reloading");
+                        cache.loaded = None;
+                    }
                 }
-                if let (Some(ps), true) = (r.ps_uuid, r.disk_mb > 0) {
-                    self.disk_changed(host, ps, -r.disk_mb);
+                drop(cache);
+                if let (Some(ps), true) = (r.ps_uuid, r.disk_mib > 0) {
+                    self.disk_changed(host, ps, -r.disk_mib);
                 }
                 Ok(())
             }
             Err(e) if matches!(e.class(), ErrorClass::NotFound | ErrorClass::Conflict) => Ok(()),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(super::give_back_err(
+                e,
+                format!("releasing reservation {id} of vm {vm} on host {host}"),
+            )),
         }
     }
 }
@@ -676,7 +699,7 @@ mod tests {
             zone: Uuid::from_u128(200),
             usable,
             cores: 8,
-            memory_mb: 16_384,
+            memory_mib: 16_384,
             cpu_used: 0,
             memory_used: 0,
             disks: SmallVec::new(),

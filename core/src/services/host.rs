@@ -206,8 +206,8 @@ async fn connect(c: &Arc<Cloud>, host: Uuid) -> Result<Row<Host>, Error> {
                     .set("status", HostStatus::Connected.as_str())
                     .set("hypervisor", facts.hypervisor.clone())
                     .set("cpu_cores", facts.cpu_cores as i64)
-                    .set("memory_mb", facts.memory_mb as i64)
-                    .set("disk_mb", facts.disk_mb as i64)
+                    .set("memory_mib", facts.memory_mib as i64)
+                    .set("disk_mib", facts.disk_mib as i64)
                     .set("ping_failures", 0i64)
                     .set("last_seen_ms", Value::Time(stratus_rt::clock::now_ms())),
             ),
@@ -331,7 +331,7 @@ async fn ping_once(c: &Arc<Cloud>, host: Uuid) -> Result<bool, Error> {
                 .commit(
                     Batch::new().update(
                         Update::of::<Host>(host)
-                            .expect(Expect::Maybe)
+                            .if_exists()
                             .set("ping_failures", 0i64)
                             .set("last_seen_ms", Value::Time(stratus_rt::clock::now_ms())),
                     ),
@@ -364,7 +364,7 @@ async fn ping_once(c: &Arc<Cloud>, host: Uuid) -> Result<bool, Error> {
                 .commit(
                     Batch::new().update(
                         Update::of::<Host>(host)
-                            .expect(Expect::Maybe)
+                            .if_exists()
                             .set("ping_failures", failures),
                     ),
                 )
@@ -451,10 +451,10 @@ async fn add_host(c: &Arc<Cloud>, m: AddHost) -> Result<Row<Host>, Error> {
             status: HostStatus::Connecting,
             hypervisor: None,
             cpu_cores: 0,
-            memory_mb: 0,
-            disk_mb: 0,
+            memory_mib: 0,
+            disk_mib: 0,
             cpu_used: 0,
-            memory_used_mb: 0,
+            memory_used_mib: 0,
             ping_failures: 0,
             last_seen_ms: None::<Millis>,
         },
@@ -592,6 +592,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
                                     .update(Update::of::<Host>(m.uuid).set("state", new.as_str())),
                             )
                             .await
+                            .map_err(Error::from)
                     })
                     .await?;
                 c.bus().publish(

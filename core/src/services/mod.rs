@@ -147,6 +147,17 @@ pub async fn start(engine: Arc<Engine>, api_url: String) -> Result<Arc<Cloud>, E
     Ok(cloud)
 }
 
+/// The error of a batch that gives back what was taken from a counter (capacity, local storage,
+/// addresses), whose only guard is the counter's lower bound: when that guard fails, the
+/// counter held less than was taken from it, and the books are broken.
+pub(crate) fn give_back_err(e: StoreError, what: impl std::fmt::Display) -> Error {
+    if e.class() == stratus_store::ErrorClass::ConditionFailed {
+        Error::invariant(format!("{what}: a counter would go below zero ({e})"))
+    } else {
+        e.into()
+    }
+}
+
 /// Map a store error on a named resource into a clear API error.
 pub fn store_err(e: StoreError) -> Error {
     e.into()
@@ -163,4 +174,30 @@ pub fn check_name(what: &str, name: &str) -> Result<(), Error> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The model tests' planted bug is no configuration entry of a real deployment: nobody
+    /// with API access can switch a leak on.
+    #[cfg(not(madsim))]
+    #[test]
+    fn the_planted_bug_is_not_a_configuration_entry() {
+        let defs = super::config_defs();
+        assert!(!defs.is_empty());
+        let debug: Vec<&str> = defs
+            .iter()
+            .map(|d| d.name)
+            .filter(|n| n.starts_with("debug."))
+            .collect();
+        assert!(debug.is_empty(), "{debug:?}");
+    }
+
+    /// In the simulation it is there, for the model sweep to switch on.
+    #[cfg(madsim)]
+    #[test]
+    fn the_simulation_has_the_planted_bug() {
+        let defs = super::config_defs();
+        assert!(defs.iter().any(|d| d.name == super::vm::BUG_LEAK_IP.name));
+    }
 }

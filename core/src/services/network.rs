@@ -252,7 +252,7 @@ async fn take(db: &Db, l3: Uuid, r: &Row<IpRange>, nic: Uuid, ip: i64) -> Result
         .update(
             Update::of::<IpRange>(r.uuid)
                 .add("used", 1)
-                .max("used", size),
+                .at_most("used", size),
         )
         .update(
             Update::of::<VmNic>(nic)
@@ -397,13 +397,13 @@ pub async fn release(db: &Db, l3: Uuid, nic: Uuid) -> Result<u32, Error> {
             .delete::<UsedIp>(u.uuid, Expect::Exists)
             .update(
                 Update::of::<IpRange>(u.range_uuid)
-                    .expect(Expect::Maybe)
+                    .if_exists()
                     .add("used", -1)
-                    .min("used", 0),
+                    .at_least("used", 0),
             )
             .update(
                 Update::of::<VmNic>(nic)
-                    .expect(Expect::Maybe)
+                    .if_exists()
                     .set("ip", Value::Null)
                     .set("gateway", Value::Null)
                     .set("netmask", Value::Null),
@@ -411,7 +411,10 @@ pub async fn release(db: &Db, l3: Uuid, nic: Uuid) -> Result<u32, Error> {
         match db.commit(b).await {
             Ok(_) => n += 1,
             Err(e) if e.class() == ErrorClass::NotFound => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                let what = format!("releasing {} of range {}", u.ip, u.range_uuid);
+                return Err(super::give_back_err(e, what));
+            }
         }
     }
     Ok(n)

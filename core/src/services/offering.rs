@@ -16,7 +16,7 @@ use uuid::Uuid;
 pub struct CreateInstanceOffering {
     pub name: String,
     pub cpu: i64,
-    pub memory_mb: i64,
+    pub memory_mib: i64,
 }
 impl Message for CreateInstanceOffering {
     type Reply = Row<InstanceOffering>;
@@ -26,7 +26,7 @@ impl Message for CreateInstanceOffering {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateDiskOffering {
     pub name: String,
-    pub size_mb: i64,
+    pub size_mib: i64,
 }
 impl Message for CreateDiskOffering {
     type Reply = Row<DiskOffering>;
@@ -101,13 +101,13 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
     cloud.handle(|c: Arc<Cloud>, m: CreateInstanceOffering| async move {
         check_name("instance offering", &m.name)?;
         positive("cpu", m.cpu, 1024)?;
-        positive("memory_mb", m.memory_mb, 64 << 20)?;
+        positive("memory_mib", m.memory_mib, 64 << 20)?;
         let row = Row::new(
             c.engine.ids.uuid(),
             InstanceOffering {
                 name: m.name,
                 cpu: m.cpu,
-                memory_mb: m.memory_mb,
+                memory_mib: m.memory_mib,
                 state: EnableState::Enabled,
             },
         );
@@ -115,12 +115,12 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
     })?;
     cloud.handle(|c: Arc<Cloud>, m: CreateDiskOffering| async move {
         check_name("disk offering", &m.name)?;
-        positive("size_mb", m.size_mb, 64 << 20)?;
+        positive("size_mib", m.size_mib, 64 << 20)?;
         let row = Row::new(
             c.engine.ids.uuid(),
             DiskOffering {
                 name: m.name,
-                size_mb: m.size_mb,
+                size_mib: m.size_mib,
                 state: EnableState::Enabled,
             },
         );

@@ -63,7 +63,7 @@ pub struct CreateBackupStorage {
     pub name: String,
     pub url: String,
     #[serde(default)]
-    pub total_mb: i64,
+    pub total_mib: i64,
 }
 impl Message for CreateBackupStorage {
     type Reply = Row<BackupStorage>;
@@ -90,7 +90,7 @@ pub struct AddImage {
     pub url: String,
     #[serde(default = "qcow2")]
     pub format: ImageFormat,
-    pub size_mb: i64,
+    pub size_mib: i64,
     #[serde(default)]
     pub checksum: Option<String>,
 }
@@ -164,11 +164,11 @@ async fn local_storage_in_use(c: &Cloud, ps: Uuid, host: Uuid) -> Result<i64, Er
         .db()
         .select::<Reservation>(&Query::of::<Reservation>().eq("host_uuid", host))
         .await?;
-    Ok(volumes.iter().map(|v| v.size_mb).sum::<i64>()
+    Ok(volumes.iter().map(|v| v.size_mib).sum::<i64>()
         + held
             .iter()
             .filter(|r| r.ps_uuid == Some(ps))
-            .map(|r| r.disk_mb)
+            .map(|r| r.disk_mib)
             .sum::<i64>())
 }
 
@@ -176,12 +176,12 @@ async fn local_storage_in_use(c: &Cloud, ps: Uuid, host: Uuid) -> Result<i64, Er
 async fn ensure_local_storage(c: &Cloud, ps: Uuid, host: &Row<Host>) -> Result<(), Error> {
     let id = local_storage_uuid(ps, host.uuid);
     match c.db().get::<LocalStorage>(id).await? {
-        Some(ls) if ls.total_mb == host.disk_mb => Ok(()),
+        Some(ls) if ls.total_mib == host.disk_mib => Ok(()),
         Some(_) => {
             c.db()
                 .commit(
                     Batch::new()
-                        .update(Update::of::<LocalStorage>(id).set("total_mb", host.disk_mb)),
+                        .update(Update::of::<LocalStorage>(id).set("total_mib", host.disk_mib)),
                 )
                 .await?;
             Ok(())
@@ -191,14 +191,14 @@ async fn ensure_local_storage(c: &Cloud, ps: Uuid, host: &Row<Host>) -> Result<(
             // there: a cluster's forced deletion removes the shares before the hosts, and a host
             // that reconnects in between gets its share back here (the cascade then deletes it
             // with the host). It counts what is on it.
-            let used_mb = local_storage_in_use(c, ps, host.uuid).await?;
+            let used_mib = local_storage_in_use(c, ps, host.uuid).await?;
             let row = Row::new(
                 id,
                 LocalStorage {
                     ps_uuid: ps,
                     host_uuid: host.uuid,
-                    total_mb: host.disk_mb,
-                    used_mb,
+                    total_mib: host.disk_mib,
+                    used_mib,
                 },
             );
             // Only while the host exists: a host deleted while it reconnected (its cluster
@@ -273,7 +273,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
             .select::<Host>(
                 &Query::of::<Host>()
                     .eq("cluster_uuid", cluster.uuid)
-                    .gt("disk_mb", 0i64),
+                    .gt("disk_mib", 0i64),
             )
             .await?;
         for h in hosts {
@@ -302,7 +302,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
             BackupStorage {
                 name: m.name,
                 url: m.url,
-                total_mb: m.total_mb.max(0),
+                total_mib: m.total_mib.max(0),
                 state: EnableState::Enabled,
             },
         );
@@ -333,10 +333,10 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
     cloud.handle(|c: Arc<Cloud>, m: AddImage| async move {
         check_name("image", &m.name)?;
         let bs = c.get::<BackupStorage>(m.bs_uuid).await?;
-        if m.size_mb <= 0 {
+        if m.size_mib <= 0 {
             return Err(Error::invalid(format!(
-                "image size_mb must be positive; got {}",
-                m.size_mb
+                "image size_mib must be positive; got {}",
+                m.size_mib
             )));
         }
         if m.url.trim().is_empty() {
@@ -356,7 +356,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
                 name: m.name,
                 bs_uuid: bs.uuid,
                 format: m.format,
-                size_mb: m.size_mb,
+                size_mib: m.size_mib,
                 url: m.url,
                 checksum: m.checksum,
                 state: EnableState::Enabled,

@@ -16,6 +16,14 @@ use uuid::Uuid;
 /// A step function: the cloud and the chain's context.
 pub(super) type StepFn<C> = for<'a> fn(Arc<Cloud>, &'a mut C) -> BoxFuture<'a, Result<(), Error>>;
 
+/// The [`StepFn`] of an `async fn(Arc<Cloud>, &mut C) -> Result<(), Error>`.
+macro_rules! step_fn {
+    ($f:path) => {
+        |cloud, ctx| Box::pin($f(cloud, ctx))
+    };
+}
+pub(super) use step_fn;
+
 /// A flow made of plain functions: `run`, an optional `undo`, and whether it is past the
 /// operation's point of no return (`forward`: retried instead of rolled back).
 pub(super) struct Step<C> {
@@ -85,21 +93,49 @@ async fn bridge_of(c: &Cloud, l3: Uuid) -> Result<(String, Option<u32>), Error> 
     Ok(match l2.kind {
         L2Type::NoVlan => (format!("br_{}", l2.physical_interface), None),
         L2Type::Vlan => {
-            let v = l2.vlan.unwrap_or(0) as u32;
-            (format!("br_{}_{v}", l2.physical_interface), Some(v))
+            let Some(v) = l2.vlan else {
+                return Err(Error::invariant(format!(
+                    "VLAN network {} has no vlan",
+                    l2.uuid
+                )));
+            };
+            (format!("br_{}_{v}", l2.physical_interface), Some(v as u32))
         }
-        L2Type::Vxlan => (format!("br_vx_{}", l2.vni.unwrap_or(0)), None),
+        L2Type::Vxlan => {
+            let Some(vni) = l2.vni else {
+                return Err(Error::invariant(format!(
+                    "VXLAN network {} has no vni",
+                    l2.uuid
+                )));
+            };
+            (format!("br_vx_{vni}"), None)
+        }
     })
 }
 
 /// What the host needs to run a VM: its attached volumes and its NICs.
 pub(super) async fn vm_spec(c: &Cloud, vm: Uuid) -> Result<VmSpec, Error> {
     let vm = c.get::<Vm>(vm).await?;
-    let mut vols = c
+    let vols = c
         .db()
         .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", vm.uuid))
         .await?;
-    vols.sort_by_key(|v| v.device_index.unwrap_or(i64::MAX));
+    // A volume's VM and its device index are set together and cleared together.
+    let mut disks = Vec::with_capacity(vols.len());
+    for v in &vols {
+        let Some(device) = v.device_index else {
+            return Err(Error::invariant(format!(
+                "volume {} is attached to vm {} without a device index",
+                v.uuid, vm.uuid
+            )));
+        };
+        disks.push(DiskSpec {
+            volume: v.uuid,
+            device: device as u32,
+            size_mib: v.size_mib as u64,
+        });
+    }
+    disks.sort_by_key(|d| d.device);
     let mut nics = c
         .db()
         .select::<VmNic>(&Query::of::<VmNic>().eq("vm_uuid", vm.uuid))
@@ -122,15 +158,8 @@ pub(super) async fn vm_spec(c: &Cloud, vm: Uuid) -> Result<VmSpec, Error> {
         uuid: vm.uuid,
         name: vm.name.clone(),
         cpu: vm.cpu as u32,
-        memory_mb: vm.memory_mb as u64,
-        disks: vols
-            .iter()
-            .map(|v| DiskSpec {
-                volume: v.uuid,
-                device: v.device_index.unwrap_or(0) as u32,
-                size_mb: v.size_mb as u64,
-            })
-            .collect(),
+        memory_mib: vm.memory_mib as u64,
+        disks,
         nics: nic_specs,
     })
 }

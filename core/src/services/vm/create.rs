@@ -3,8 +3,8 @@
 //! network services, the VM on the hypervisor, Running. Every step undoes itself; on failure
 //! the VM row disappears last.
 
-use super::chain::{l2s_of, release_reservations, step, vm_spec, Step};
-use super::{after, agent, info, CreateVm, BUG_LEAK_IP};
+use super::chain::{l2s_of, release_reservations, step, step_fn, vm_spec, Step};
+use super::{after, agent, info, planted_ip_leak, CreateVm};
 use crate::error::{Error, ErrorCode};
 use crate::extension::{AllocationSpec, VmOp};
 use crate::flow::FlowChain;
@@ -36,7 +36,7 @@ pub(super) struct NicPlan {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct VolPlan {
     uuid: Uuid,
-    size_mb: i64,
+    size_mib: i64,
     offering: Option<Uuid>,
     device: i64,
 }
@@ -51,7 +51,7 @@ pub(super) struct CreateCtx {
     host_req: Option<Uuid>,
     offering: Uuid,
     cpu: i64,
-    memory_mb: i64,
+    memory_mib: i64,
     image: Uuid,
     root: VolPlan,
     data: Vec<VolPlan>,
@@ -70,62 +70,40 @@ impl CreateCtx {
 pub(super) fn chain(w: &Weak<Cloud>) -> FlowChain<CreateCtx> {
     let s = |name, run| -> Step<CreateCtx> { step(w, name, run) };
     FlowChain::new("vm.create")
+        .then(s("vm-record", step_fn!(vm_record)).undo(step_fn!(vm_record_undo)))
+        .then(s("select-backup-storage", step_fn!(select_backup_storage)))
+        .then(s("allocate-host", step_fn!(allocate_host)).undo(step_fn!(allocate_host_undo)))
         .then(
-            s("vm-record", |c, x| Box::pin(vm_record(c, x)))
-                .undo(|c, x| Box::pin(vm_record_undo(c, x))),
+            s("allocate-volumes", step_fn!(allocate_volumes)).undo(step_fn!(allocate_volumes_undo)),
         )
-        .then(s("select-backup-storage", |c, x| {
-            Box::pin(select_backup_storage(c, x))
-        }))
+        .then(s("create-nics", step_fn!(create_nics)).undo(step_fn!(create_nics_undo)))
+        .then(s("allocate-ips", step_fn!(allocate_ips)).undo(step_fn!(allocate_ips_undo)))
         .then(
-            s("allocate-host", |c, x| Box::pin(allocate_host(c, x)))
-                .undo(|c, x| Box::pin(allocate_host_undo(c, x))),
+            s("instantiate-volumes", step_fn!(instantiate_volumes))
+                .undo(step_fn!(instantiate_volumes_undo)),
         )
-        .then(
-            s("allocate-volumes", |c, x| Box::pin(allocate_volumes(c, x)))
-                .undo(|c, x| Box::pin(allocate_volumes_undo(c, x))),
-        )
-        .then(
-            s("create-nics", |c, x| Box::pin(create_nics(c, x)))
-                .undo(|c, x| Box::pin(create_nics_undo(c, x))),
-        )
-        .then(
-            s("allocate-ips", |c, x| Box::pin(allocate_ips(c, x)))
-                .undo(|c, x| Box::pin(allocate_ips_undo(c, x))),
-        )
-        .then(
-            s("instantiate-volumes", |c, x| {
-                Box::pin(instantiate_volumes(c, x))
-            })
-            .undo(|c, x| Box::pin(instantiate_volumes_undo(c, x))),
-        )
-        .then(s("network-services", |c, x| {
-            Box::pin(network_services(c, x))
-        }))
-        .then(
-            s("start-on-hypervisor", |c, x| Box::pin(start(c, x)))
-                .undo(|c, x| Box::pin(start_undo(c, x))),
-        )
-        .then(s("mark-running", |c, x| Box::pin(mark_running(c, x))))
+        .then(s("network-services", step_fn!(network_services)))
+        .then(s("start-on-hypervisor", step_fn!(start)).undo(step_fn!(start_undo)))
+        .then(s("mark-running", step_fn!(mark_running)))
 }
 
-async fn vm_record(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
+async fn vm_record(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
     let row = Row::new(
-        x.vm,
+        ctx.vm,
         Vm {
-            name: x.name.clone(),
-            zone_uuid: x.zone,
+            name: ctx.name.clone(),
+            zone_uuid: ctx.zone,
             cluster_uuid: None,
             host_uuid: None,
             last_host_uuid: None,
-            instance_offering_uuid: x.offering,
-            image_uuid: x.image,
+            instance_offering_uuid: ctx.offering,
+            image_uuid: ctx.image,
             root_volume_uuid: None,
-            default_l3_uuid: x.nics.first().map(|n| n.l3),
+            default_l3_uuid: ctx.nics.first().map(|n| n.l3),
             state: VmState::Created,
-            cpu: x.cpu,
-            memory_mb: x.memory_mb,
-            description: x.description.clone(),
+            cpu: ctx.cpu,
+            memory_mib: ctx.memory_mib,
+            description: ctx.description.clone(),
         },
     );
     match c.db().insert(row).await {
@@ -135,47 +113,47 @@ async fn vm_record(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
     }
 }
 
-async fn vm_record_undo(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
+async fn vm_record_undo(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
     c.db()
-        .commit(Batch::new().delete::<Vm>(x.vm, Expect::Maybe))
+        .commit(Batch::new().delete::<Vm>(ctx.vm, Expect::Maybe))
         .await?;
     Ok(())
 }
 
-async fn select_backup_storage(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
-    let image = c.get::<Image>(x.image).await?;
+async fn select_backup_storage(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
+    let image = c.get::<Image>(ctx.image).await?;
     let linked = c
         .db()
         .count(
             &Query::of::<BsZone>()
                 .eq("bs_uuid", image.bs_uuid)
-                .eq("zone_uuid", x.zone),
+                .eq("zone_uuid", ctx.zone),
         )
         .await?;
     if linked == 0 {
         return Err(Error::invalid(format!(
             "image {} is on backup storage {}, which is not attached to zone {}",
-            image.uuid, image.bs_uuid, x.zone
+            image.uuid, image.bs_uuid, ctx.zone
         )));
     }
     Ok(())
 }
 
-async fn allocate_host(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
+async fn allocate_host(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
     let spec = AllocationSpec {
-        cpu: x.cpu,
-        memory_mb: x.memory_mb,
-        disk_mb: x.volumes().map(|v| v.size_mb).sum(),
-        l2_networks: x.l2s.clone(),
-        zone: Some(x.zone),
-        cluster: x.cluster_req,
-        host: x.host_req,
+        cpu: ctx.cpu,
+        memory_mib: ctx.memory_mib,
+        disk_mib: ctx.volumes().map(|v| v.size_mib).sum(),
+        l2_networks: ctx.l2s.clone(),
+        zone: Some(ctx.zone),
+        cluster: ctx.cluster_req,
+        host: ctx.host_req,
         avoid_hosts: vec![],
     };
     let a: Allocation = c
         .bus()
         .send(AllocateHost {
-            vm: x.vm,
+            vm: ctx.vm,
             spec,
             hold_disk: false,
         })
@@ -186,12 +164,12 @@ async fn allocate_host(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
             format!("host {} has no local primary storage attached", a.host),
         ));
     };
-    x.host = Some(a.host);
-    x.ps = Some(ps);
+    ctx.host = Some(a.host);
+    ctx.ps = Some(ps);
     c.db()
         .commit(
             Batch::new().update(
-                Update::of::<Vm>(x.vm)
+                Update::of::<Vm>(ctx.vm)
                     .set("host_uuid", a.host)
                     .set("last_host_uuid", a.host)
                     .set("cluster_uuid", a.cluster)
@@ -201,18 +179,18 @@ async fn allocate_host(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
         .await?;
     c.bus().publish(
         "/vm/state/change",
-        || serde_json::json!({"uuid": x.vm, "old": "Created", "new": "Starting"}),
+        || serde_json::json!({"uuid": ctx.vm, "old": "Created", "new": "Starting"}),
     );
     Ok(())
 }
 
-async fn allocate_host_undo(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
-    release_reservations(&c, x.vm, None).await?;
+async fn allocate_host_undo(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
+    release_reservations(&c, ctx.vm, None).await?;
     c.db()
         .commit(
             Batch::new().update(
-                Update::of::<Vm>(x.vm)
-                    .expect(Expect::Maybe)
+                Update::of::<Vm>(ctx.vm)
+                    .if_exists()
                     .set("host_uuid", Value::Null),
             ),
         )
@@ -220,36 +198,36 @@ async fn allocate_host_undo(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Erro
     Ok(())
 }
 
-async fn allocate_volumes(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
+async fn allocate_volumes(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
     let (host, ps) = (
-        x.host.expect("host allocated"),
-        x.ps.expect("storage chosen"),
+        ctx.host.expect("host allocated"),
+        ctx.ps.expect("storage chosen"),
     );
     let mut b = Batch::new();
     let mut total = 0;
-    for v in x.volumes() {
-        let root = v.uuid == x.root.uuid;
+    for v in ctx.volumes() {
+        let root = v.uuid == ctx.root.uuid;
         b = b.insert(&Row::new(
             v.uuid,
             Volume {
-                name: format!("{}-for-{}", if root { "ROOT" } else { "DATA" }, x.name),
+                name: format!("{}-for-{}", if root { "ROOT" } else { "DATA" }, ctx.name),
                 kind: if root {
                     VolumeType::Root
                 } else {
                     VolumeType::Data
                 },
-                vm_uuid: Some(x.vm),
+                vm_uuid: Some(ctx.vm),
                 ps_uuid: Some(ps),
                 host_uuid: Some(host),
-                size_mb: v.size_mb,
+                size_mib: v.size_mib,
                 state: VolumeState::Creating,
                 device_index: Some(v.device),
                 disk_offering_uuid: v.offering,
-                image_uuid: root.then_some(x.image),
+                image_uuid: root.then_some(ctx.image),
                 tags: Json(vec![]),
             },
         ));
-        total += v.size_mb;
+        total += v.size_mib;
     }
     b = b.update(local_storage_take(ps, host, total));
     match c.db().commit(b).await {
@@ -266,20 +244,20 @@ async fn allocate_volumes(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error>
     }
 }
 
-async fn allocate_volumes_undo(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
-    for v in x.volumes() {
+async fn allocate_volumes_undo(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
+    for v in ctx.volumes() {
         super::volume::forget_volume_row(&c, v.uuid).await?;
     }
     Ok(())
 }
 
-async fn create_nics(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
+async fn create_nics(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
     let mut b = Batch::new();
-    for n in &x.nics {
+    for n in &ctx.nics {
         b = b.insert(&Row::new(
             n.uuid,
             VmNic {
-                vm_uuid: x.vm,
+                vm_uuid: ctx.vm,
                 l3_uuid: n.l3,
                 mac: n.mac.clone(),
                 ip: None,
@@ -296,16 +274,16 @@ async fn create_nics(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
     }
 }
 
-async fn create_nics_undo(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
-    let b = x.nics.iter().fold(Batch::new(), |b, n| {
+async fn create_nics_undo(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
+    let b = ctx.nics.iter().fold(Batch::new(), |b, n| {
         b.delete::<VmNic>(n.uuid, Expect::Maybe)
     });
     c.db().commit(b).await?;
     Ok(())
 }
 
-async fn allocate_ips(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
-    for n in &x.nics {
+async fn allocate_ips(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
+    for n in &ctx.nics {
         let m = AllocateIp {
             l3_uuid: n.l3,
             nic_uuid: n.uuid,
@@ -316,12 +294,12 @@ async fn allocate_ips(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
     Ok(())
 }
 
-async fn allocate_ips_undo(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
-    if c.engine.config.get(&BUG_LEAK_IP.key()) {
+async fn allocate_ips_undo(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
+    if planted_ip_leak(&c) {
         // The planted bug: addresses stay taken after a failed creation.
         return Ok(());
     }
-    for n in &x.nics {
+    for n in &ctx.nics {
         c.bus()
             .send(ReleaseIps {
                 l3_uuid: n.l3,
@@ -332,70 +310,70 @@ async fn allocate_ips_undo(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error
     Ok(())
 }
 
-async fn instantiate_volumes(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
-    let target = c.host_target(x.host.expect("host allocated")).await?;
-    let image = c.get::<Image>(x.image).await?;
-    for v in x.volumes() {
+async fn instantiate_volumes(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
+    let target = c.host_target(ctx.host.expect("host allocated")).await?;
+    let image = c.get::<Image>(ctx.image).await?;
+    for v in ctx.volumes() {
         let cmd = CreateVolumeCmd {
             volume: v.uuid,
-            size_mb: v.size_mb as u64,
-            image: (v.uuid == x.root.uuid).then(|| ImageRef {
+            size_mib: v.size_mib as u64,
+            image: (v.uuid == ctx.root.uuid).then(|| ImageRef {
                 uuid: image.uuid,
                 url: image.url.clone(),
-                size_mb: image.size_mb as u64,
+                size_mib: image.size_mib as u64,
                 checksum: image.checksum.clone(),
             }),
         };
         agent(&c, &target, &cmd).await?;
     }
-    let b = x.volumes().fold(Batch::new(), |b, v| {
+    let b = ctx.volumes().fold(Batch::new(), |b, v| {
         b.update(Update::of::<Volume>(v.uuid).set("state", VolumeState::Ready.as_str()))
     });
     c.db().commit(b).await?;
     Ok(())
 }
 
-async fn instantiate_volumes_undo(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
-    let Some(host) = x.host else { return Ok(()) };
+async fn instantiate_volumes_undo(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
+    let Some(host) = ctx.host else { return Ok(()) };
     let target = c.host_target(host).await?;
-    for v in x.volumes() {
+    for v in ctx.volumes() {
         agent(&c, &target, &DeleteVolumeCmd { volume: v.uuid }).await?;
     }
     Ok(())
 }
 
-async fn network_services(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
-    let vm = c.get::<Vm>(x.vm).await?;
+async fn network_services(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(ctx.vm).await?;
     c.engine.ext.vm_before(VmOp::Create, &info(&vm)).await
 }
 
-async fn start(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
-    let target = c.host_target(x.host.expect("host allocated")).await?;
-    let spec = vm_spec(&c, x.vm).await?;
+async fn start(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
+    let target = c.host_target(ctx.host.expect("host allocated")).await?;
+    let spec = vm_spec(&c, ctx.vm).await?;
     agent(&c, &target, &StartVmCmd { spec }).await
 }
 
-async fn start_undo(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
-    let Some(host) = x.host else { return Ok(()) };
+async fn start_undo(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
+    let Some(host) = ctx.host else { return Ok(()) };
     let target = c.host_target(host).await?;
-    agent(&c, &target, &DestroyVmCmd { vm: x.vm }).await
+    agent(&c, &target, &DestroyVmCmd { vm: ctx.vm }).await
 }
 
-async fn mark_running(c: Arc<Cloud>, x: &mut CreateCtx) -> Result<(), Error> {
+async fn mark_running(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
     c.db()
         .commit(
             Batch::new().update(
-                Update::of::<Vm>(x.vm)
-                    .set("root_volume_uuid", x.root.uuid)
+                Update::of::<Vm>(ctx.vm)
+                    .set("root_volume_uuid", ctx.root.uuid)
                     .set("state", VmState::Running.as_str()),
             ),
         )
         .await?;
     c.bus().publish(
         "/vm/state/change",
-        || serde_json::json!({"uuid": x.vm, "old": "Starting", "new": "Running"}),
+        || serde_json::json!({"uuid": ctx.vm, "old": "Starting", "new": "Running"}),
     );
-    after(&c, VmOp::Create, x.vm).await?;
+    after(&c, VmOp::Create, ctx.vm).await?;
     Ok(())
 }
 
@@ -484,7 +462,7 @@ pub(super) async fn plan(c: &Cloud, m: &CreateVm, vm: Uuid) -> Result<CreateCtx,
         let off = c.get::<DiskOffering>(*d).await?;
         data.push(VolPlan {
             uuid: c.engine.ids.uuid(),
-            size_mb: off.size_mb,
+            size_mib: off.size_mib,
             offering: Some(off.uuid),
             device: i as i64 + 1,
         });
@@ -510,11 +488,11 @@ pub(super) async fn plan(c: &Cloud, m: &CreateVm, vm: Uuid) -> Result<CreateCtx,
         host_req: m.host_uuid,
         offering: offering.uuid,
         cpu: offering.cpu,
-        memory_mb: offering.memory_mb,
+        memory_mib: offering.memory_mib,
         image: image.uuid,
         root: VolPlan {
             uuid: c.engine.ids.uuid(),
-            size_mb: image.size_mb,
+            size_mib: image.size_mib,
             offering: None,
             device: 0,
         },

@@ -2,7 +2,7 @@
 //! the VM: after it, capacity, addresses and data volumes are returned with retries and a crash
 //! is finished by recovery. Expunge only goes forward.
 
-use super::chain::{changed_meanwhile, release_reservations, step, Step};
+use super::chain::{changed_meanwhile, release_reservations, step, step_fn, Step};
 use super::power::{release_host, restore_prev, run_again, PowerCtx};
 use super::{after, agent, info, set_state};
 use crate::error::Error;
@@ -22,38 +22,19 @@ fn s(w: &Weak<Cloud>, name: &'static str, run: super::chain::StepFn<PowerCtx>) -
 pub(super) fn destroy_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
     FlowChain::new("vm.destroy")
         .on_interrupt(OnInterrupt::Finish)
-        .then(
-            s(w, "destroying", |c, x| Box::pin(destroying(c, x)))
-                .undo(|c, x| Box::pin(restore_prev(c, x))),
-        )
-        .then(
-            s(w, "destroy-on-hypervisor", |c, x| Box::pin(destroy(c, x)))
-                .undo(|c, x| Box::pin(run_again(c, x))),
-        )
-        .then(s(w, "release-host", |c, x| Box::pin(release_host(c, x))).forward())
-        .then(s(w, "release-ips", |c, x| Box::pin(release_ips(c, x))).forward())
-        .then(
-            s(w, "detach-data-volumes", |c, x| {
-                Box::pin(detach_data_volumes(c, x))
-            })
-            .forward(),
-        )
-        .then(s(w, "mark-destroyed", |c, x| Box::pin(destroyed(c, x))).forward())
+        .then(s(w, "destroying", step_fn!(destroying)).undo(step_fn!(restore_prev)))
+        .then(s(w, "destroy-on-hypervisor", step_fn!(destroy)).undo(step_fn!(run_again)))
+        .then(s(w, "release-host", step_fn!(release_host)).forward())
+        .then(s(w, "release-ips", step_fn!(release_ips)).forward())
+        .then(s(w, "detach-data-volumes", step_fn!(detach_data_volumes)).forward())
+        .then(s(w, "mark-destroyed", step_fn!(destroyed)).forward())
 }
 
 pub(super) fn recover_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
     FlowChain::new("vm.recover")
-        .then(s(w, "check-destroyed", |c, x| {
-            Box::pin(check_destroyed(c, x))
-        }))
-        .then(
-            s(w, "allocate-ips", |c, x| Box::pin(allocate_ips(c, x)))
-                .undo(|c, x| Box::pin(release_ips(c, x))),
-        )
-        .then(
-            s(w, "mark-stopped", |c, x| Box::pin(recovered(c, x)))
-                .undo(|c, x| Box::pin(recovered_undo(c, x))),
-        )
+        .then(s(w, "check-destroyed", step_fn!(check_destroyed)))
+        .then(s(w, "allocate-ips", step_fn!(allocate_ips)).undo(step_fn!(release_ips)))
+        .then(s(w, "mark-stopped", step_fn!(recovered)).undo(step_fn!(recovered_undo)))
 }
 
 pub(super) fn expunge_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
@@ -63,54 +44,53 @@ pub(super) fn expunge_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
             // A host that cannot be reached keeps the volumes: the VM goes back to Destroyed
             // and the expunge can be tried again (found by the model sweep: it stayed
             // Expunging for good).
-            s(w, "expunging", |c, x| Box::pin(expunging(c, x)))
-                .undo(|c, x| Box::pin(restore_prev(c, x))),
+            s(w, "expunging", step_fn!(expunging)).undo(step_fn!(restore_prev)),
         )
-        .then(s(w, "delete-volumes", |c, x| Box::pin(delete_volumes(c, x))).forward())
-        .then(s(w, "delete-nics-and-vm", |c, x| Box::pin(delete_vm(c, x))).forward())
+        .then(s(w, "delete-volumes", step_fn!(delete_volumes)).forward())
+        .then(s(w, "delete-nics-and-vm", step_fn!(delete_vm)).forward())
 }
 
-async fn destroying(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
-    let vm = c.get::<Vm>(x.vm).await?;
+async fn destroying(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(ctx.vm).await?;
     if vm.state == VmState::Destroying {
         // Resumed by recovery.
-        x.host = vm.host_uuid.or(vm.last_host_uuid);
+        ctx.host = vm.host_uuid.or(vm.last_host_uuid);
         return Ok(());
     }
-    if !x.force {
+    if !ctx.force {
         vm.state.check(vm.uuid, VmAction::Destroy)?;
         c.engine.ext.vm_before(VmOp::Destroy, &info(&vm)).await?;
     }
-    x.prev = Some(vm.state);
-    x.host = vm.host_uuid.or(vm.last_host_uuid);
+    ctx.prev = Some(vm.state);
+    ctx.host = vm.host_uuid.or(vm.last_host_uuid);
     changed_meanwhile(
-        set_state(&c, x.vm, Some(vm.state), VmState::Destroying).await?,
-        x.vm,
+        set_state(&c, ctx.vm, Some(vm.state), VmState::Destroying).await?,
+        ctx.vm,
     )
 }
 
-async fn destroy(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
-    let Some(host) = x.host else { return Ok(()) };
+async fn destroy(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
+    let Some(host) = ctx.host else { return Ok(()) };
     let r = async {
         let target = c.host_target(host).await?;
-        agent(&c, &target, &DestroyVmCmd { vm: x.vm }).await
+        agent(&c, &target, &DestroyVmCmd { vm: ctx.vm }).await
     }
     .await;
     match r {
         Ok(()) => Ok(()),
         // Forced (a cascade): an unreachable host is cleaned up by state sync later.
-        Err(e) if x.force => {
-            tracing::warn!(vm = %x.vm, error = %e, "forced destroy could not reach the host");
+        Err(e) if ctx.force => {
+            tracing::warn!(vm = %ctx.vm, error = %e, "forced destroy could not reach the host");
             Ok(())
         }
         Err(e) => Err(e),
     }
 }
 
-async fn release_ips(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+async fn release_ips(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
     for n in c
         .db()
-        .select::<VmNic>(&Query::of::<VmNic>().eq("vm_uuid", x.vm))
+        .select::<VmNic>(&Query::of::<VmNic>().eq("vm_uuid", ctx.vm))
         .await?
     {
         c.bus()
@@ -123,12 +103,12 @@ async fn release_ips(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
     Ok(())
 }
 
-async fn detach_data_volumes(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+async fn detach_data_volumes(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
     let data = c
         .db()
         .select::<Volume>(
             &Query::of::<Volume>()
-                .eq("vm_uuid", x.vm)
+                .eq("vm_uuid", ctx.vm)
                 .eq("kind", VolumeType::Data.as_str()),
         )
         .await?;
@@ -139,22 +119,22 @@ async fn detach_data_volumes(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Erro
     Ok(())
 }
 
-async fn destroyed(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
-    set_state(&c, x.vm, Some(VmState::Destroying), VmState::Destroyed).await?;
-    after(&c, VmOp::Destroy, x.vm).await?;
+async fn destroyed(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
+    set_state(&c, ctx.vm, Some(VmState::Destroying), VmState::Destroyed).await?;
+    after(&c, VmOp::Destroy, ctx.vm).await?;
     Ok(())
 }
 
-async fn check_destroyed(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
-    let vm = c.get::<Vm>(x.vm).await?;
+async fn check_destroyed(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(ctx.vm).await?;
     vm.state.check(vm.uuid, VmAction::Recover)?;
     c.engine.ext.vm_before(VmOp::Recover, &info(&vm)).await
 }
 
-async fn allocate_ips(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+async fn allocate_ips(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
     for n in c
         .db()
-        .select::<VmNic>(&Query::of::<VmNic>().eq("vm_uuid", x.vm))
+        .select::<VmNic>(&Query::of::<VmNic>().eq("vm_uuid", ctx.vm))
         .await?
     {
         c.bus()
@@ -168,44 +148,44 @@ async fn allocate_ips(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
     Ok(())
 }
 
-async fn recovered(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
-    set_state(&c, x.vm, Some(VmState::Destroyed), VmState::Stopped).await?;
-    after(&c, VmOp::Recover, x.vm).await?;
+async fn recovered(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
+    set_state(&c, ctx.vm, Some(VmState::Destroyed), VmState::Stopped).await?;
+    after(&c, VmOp::Recover, ctx.vm).await?;
     Ok(())
 }
 
-async fn recovered_undo(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
-    set_state(&c, x.vm, Some(VmState::Stopped), VmState::Destroyed).await?;
+async fn recovered_undo(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
+    set_state(&c, ctx.vm, Some(VmState::Stopped), VmState::Destroyed).await?;
     Ok(())
 }
 
-async fn expunging(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
-    let vm = c.get::<Vm>(x.vm).await?;
+async fn expunging(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(ctx.vm).await?;
     if vm.state != VmState::Expunging {
         vm.state.check(vm.uuid, VmAction::Expunge)?;
         c.engine.ext.vm_before(VmOp::Expunge, &info(&vm)).await?;
-        set_state(&c, x.vm, Some(VmState::Destroyed), VmState::Expunging).await?;
+        set_state(&c, ctx.vm, Some(VmState::Destroyed), VmState::Expunging).await?;
     }
-    x.prev = Some(VmState::Destroyed);
+    ctx.prev = Some(VmState::Destroyed);
     Ok(())
 }
 
 /// The VM's own volumes (its root; data volumes were detached at destroy) go, host and row.
-async fn delete_volumes(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+async fn delete_volumes(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
     for v in c
         .db()
-        .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", x.vm))
+        .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", ctx.vm))
         .await?
     {
-        super::volume::delete_volume_everywhere(&c, &v, x.force).await?;
+        super::volume::delete_volume_everywhere(&c, &v, ctx.force).await?;
     }
     Ok(())
 }
 
-async fn delete_vm(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
+async fn delete_vm(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
     let nics = c
         .db()
-        .select::<VmNic>(&Query::of::<VmNic>().eq("vm_uuid", x.vm))
+        .select::<VmNic>(&Query::of::<VmNic>().eq("vm_uuid", ctx.vm))
         .await?;
     for n in &nics {
         c.bus()
@@ -215,14 +195,14 @@ async fn delete_vm(c: Arc<Cloud>, x: &mut PowerCtx) -> Result<(), Error> {
             })
             .await?;
     }
-    release_reservations(&c, x.vm, None).await?;
+    release_reservations(&c, ctx.vm, None).await?;
     let b = nics.iter().fold(Batch::new(), |b, n| {
         b.delete::<VmNic>(n.uuid, Expect::Maybe)
     });
-    c.db().commit(b.delete::<Vm>(x.vm, Expect::Maybe)).await?;
+    c.db().commit(b.delete::<Vm>(ctx.vm, Expect::Maybe)).await?;
     c.bus().publish(
         "/vm/state/change",
-        || serde_json::json!({"uuid": x.vm, "old": "Expunging", "new": "Expunged"}),
+        || serde_json::json!({"uuid": ctx.vm, "old": "Expunging", "new": "Expunged"}),
     );
     Ok(())
 }

@@ -3,7 +3,9 @@
 //! but reported as failed is found by asking the destination; one that must be undone after it
 //! happened is migrated back.
 
-use super::chain::{changed_meanwhile, l2s_of, l3s_of, probe, release_reservations, step, Step};
+use super::chain::{
+    changed_meanwhile, l2s_of, l3s_of, probe, release_reservations, step, step_fn, Step,
+};
 use super::{after, agent, info, set_state};
 use crate::error::Error;
 use crate::extension::{AllocationSpec, VmOp};
@@ -35,80 +37,72 @@ fn s(
 
 pub(super) fn chain(w: &Weak<Cloud>) -> FlowChain<MigrateCtx> {
     FlowChain::new("vm.migrate")
+        .then(s(w, "migrating", step_fn!(migrating)).undo(step_fn!(migrating_undo)))
         .then(
-            s(w, "migrating", |c, x| Box::pin(migrating(c, x)))
-                .undo(|c, x| Box::pin(migrating_undo(c, x))),
+            s(w, "allocate-destination", step_fn!(allocate_destination))
+                .undo(step_fn!(release_destination)),
         )
-        .then(
-            s(w, "allocate-destination", |c, x| {
-                Box::pin(allocate_destination(c, x))
-            })
-            .undo(|c, x| Box::pin(release_destination(c, x))),
-        )
-        .then(
-            s(w, "migrate-on-hypervisor", |c, x| Box::pin(migrate(c, x)))
-                .undo(|c, x| Box::pin(migrate_back(c, x))),
-        )
-        .then(s(w, "switch-host", |c, x| Box::pin(switch_host(c, x))).forward())
+        .then(s(w, "migrate-on-hypervisor", step_fn!(migrate)).undo(step_fn!(migrate_back)))
+        .then(s(w, "switch-host", step_fn!(switch_host)).forward())
 }
 
-async fn migrating(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
-    let vm = c.get::<Vm>(x.vm).await?;
+async fn migrating(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(ctx.vm).await?;
     vm.state.check(vm.uuid, VmAction::Migrate)?;
     c.engine.ext.vm_before(VmOp::Migrate, &info(&vm)).await?;
     changed_meanwhile(
-        set_state(&c, x.vm, Some(VmState::Running), VmState::Migrating).await?,
-        x.vm,
+        set_state(&c, ctx.vm, Some(VmState::Running), VmState::Migrating).await?,
+        ctx.vm,
     )
 }
 
-async fn migrating_undo(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
-    set_state(&c, x.vm, Some(VmState::Migrating), VmState::Running).await?;
+async fn migrating_undo(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
+    set_state(&c, ctx.vm, Some(VmState::Migrating), VmState::Running).await?;
     Ok(())
 }
 
-async fn allocate_destination(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
-    let vm = c.get::<Vm>(x.vm).await?;
+async fn allocate_destination(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
+    let vm = c.get::<Vm>(ctx.vm).await?;
     let disk: i64 = c
         .db()
-        .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", x.vm))
+        .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", ctx.vm))
         .await?
         .iter()
-        .map(|v| v.size_mb)
+        .map(|v| v.size_mib)
         .sum();
     let spec = AllocationSpec {
         cpu: vm.cpu,
-        memory_mb: vm.memory_mb,
-        disk_mb: disk,
+        memory_mib: vm.memory_mib,
+        disk_mib: disk,
         l2_networks: l2s_of(&c, &l3s_of(&c, vm.uuid).await?).await?,
         zone: Some(vm.zone_uuid),
         cluster: vm.cluster_uuid,
-        host: x.dest_req,
-        avoid_hosts: vec![x.src],
+        host: ctx.dest_req,
+        avoid_hosts: vec![ctx.src],
     };
     let a: Allocation = c
         .bus()
         .send(AllocateHost {
-            vm: x.vm,
+            vm: ctx.vm,
             spec,
             hold_disk: true,
         })
         .await?;
-    x.dest = Some(a.host);
+    ctx.dest = Some(a.host);
     Ok(())
 }
 
 /// Release whatever the VM holds on hosts other than its source.
-async fn release_destination(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
-    release_reservations(&c, x.vm, Some(x.src)).await
+async fn release_destination(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
+    release_reservations(&c, ctx.vm, Some(ctx.src)).await
 }
 
-async fn migrate(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
-    let dest = x.dest.expect("destination allocated");
-    let src = c.host_target(x.src).await?;
+async fn migrate(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
+    let dest = ctx.dest.expect("destination allocated");
+    let src = c.host_target(ctx.src).await?;
     let d = c.host_target(dest).await?;
     let cmd = MigrateVmCmd {
-        vm: x.vm,
+        vm: ctx.vm,
         dest_address: d.address.to_string(),
         dest_token: d.token.clone(),
     };
@@ -116,12 +110,12 @@ async fn migrate(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
         Ok(()) => Ok(()),
         Err(e) => {
             // The answer may be lost while the VM did move: ask the destination.
-            if probe(&c, dest, x.vm).await == Some(PowerState::Running) {
-                tracing::info!(vm = %x.vm, error = %e, "migration reported failure but the VM runs on the destination");
+            if probe(&c, dest, ctx.vm).await == Some(PowerState::Running) {
+                tracing::info!(vm = %ctx.vm, error = %e, "migration reported failure but the VM runs on the destination");
                 // The source saw a failure and kept its copy: remove it there, or the VM would
                 // run twice (found by the model sweep: the destination received the VM, then
                 // answered with a failure).
-                remove_source_copy(&c, x.src, x.vm).await;
+                remove_source_copy(&c, ctx.src, ctx.vm).await;
                 Ok(())
             } else {
                 Err(e)
@@ -156,32 +150,32 @@ async fn remove_source_copy(c: &Arc<Cloud>, src: Uuid, vm: Uuid) {
 }
 
 /// If the VM already reached the destination, bring it back.
-async fn migrate_back(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
-    let Some(dest) = x.dest else { return Ok(()) };
-    if probe(&c, dest, x.vm).await != Some(PowerState::Running) {
+async fn migrate_back(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
+    let Some(dest) = ctx.dest else { return Ok(()) };
+    if probe(&c, dest, ctx.vm).await != Some(PowerState::Running) {
         return Ok(());
     }
     let d = c.host_target(dest).await?;
-    let s = c.host_target(x.src).await?;
+    let s = c.host_target(ctx.src).await?;
     let back = MigrateVmCmd {
-        vm: x.vm,
+        vm: ctx.vm,
         dest_address: s.address.to_string(),
         dest_token: s.token.clone(),
     };
     agent(&c, &d, &back).await
 }
 
-async fn switch_host(c: Arc<Cloud>, x: &mut MigrateCtx) -> Result<(), Error> {
-    let dest = x.dest.expect("destination allocated");
+async fn switch_host(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
+    let dest = ctx.dest.expect("destination allocated");
     super::sync::relocate(
         &c,
-        x.vm,
-        x.src,
+        ctx.vm,
+        ctx.src,
         dest,
         VmState::Migrating,
         super::sync::Moving::All,
     )
     .await?;
-    after(&c, VmOp::Migrate, x.vm).await?;
+    after(&c, VmOp::Migrate, ctx.vm).await?;
     Ok(())
 }

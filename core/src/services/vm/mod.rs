@@ -58,6 +58,8 @@ pub static STORE_RETRIES: ConfigDef = ConfigDef::int(
     1000,
 );
 /// The planted bug of the model tests: the IP is not returned when VM creation rolls back.
+/// It exists only in the simulation build: a real deployment has no switch that plants a leak.
+#[cfg(madsim)]
 pub static BUG_LEAK_IP: ConfigDef = ConfigDef::boolean(
     "debug.bug.leak_ip_on_create_rollback",
     "TEST ONLY: plant a bug (a failed VM creation keeps its IP) to prove the model tests find it",
@@ -65,7 +67,22 @@ pub static BUG_LEAK_IP: ConfigDef = ConfigDef::boolean(
 );
 
 pub fn config_defs() -> Vec<&'static ConfigDef> {
-    vec![&STOP_GRACE, &ORPHAN_POLICY, &STORE_RETRIES, &BUG_LEAK_IP]
+    #[cfg_attr(not(madsim), allow(unused_mut))]
+    let mut defs = vec![&STOP_GRACE, &ORPHAN_POLICY, &STORE_RETRIES];
+    #[cfg(madsim)]
+    defs.push(&BUG_LEAK_IP);
+    defs
+}
+
+/// Whether the model tests' planted bug is switched on (never, outside the simulation).
+fn planted_ip_leak(c: &Cloud) -> bool {
+    #[cfg(madsim)]
+    return c.engine.config.get(&BUG_LEAK_IP.key());
+    #[cfg(not(madsim))]
+    {
+        let _ = c;
+        false
+    }
 }
 
 /// Create a VM: host, volumes, NICs and IPs allocated, volumes created and the VM started on

@@ -438,8 +438,8 @@ async fn adopt_only_copy(
     );
     if let Some(ps) = vol.ps_uuid {
         b = b
-            .update(local_storage_give_back(ps, home, vol.size_mb))
-            .update(local_storage_count(ps, host, vol.size_mb));
+            .update(local_storage_give_back(ps, home, vol.size_mib))
+            .update(local_storage_count(ps, host, vol.size_mib));
     }
     match c.db().commit(b).await {
         Ok(_) => {
@@ -651,16 +651,16 @@ pub(crate) async fn relocate(
     for v in vols.iter().filter(|v| v.host_uuid == Some(from)) {
         b = b.update(Update::of::<Volume>(v.uuid).set("host_uuid", to));
         if let Some(ps) = v.ps_uuid {
-            b = b.update(local_storage_give_back(ps, from, v.size_mb));
-            moved += v.size_mb;
+            b = b.update(local_storage_give_back(ps, from, v.size_mib));
+            moved += v.size_mib;
             ps_used = Some(ps);
         }
     }
     let counted_on_to = match &to_res {
-        Some(r) if r.disk_mb > 0 => {
+        Some(r) if r.disk_mib > 0 => {
             b = b.update(
                 Update::of::<Reservation>(r.uuid)
-                    .set("disk_mb", 0i64)
+                    .set("disk_mib", 0i64)
                     .set("ps_uuid", Value::Null),
             );
             false
@@ -742,7 +742,7 @@ async fn record_stopped(
 async fn take_capacity(c: &Cloud, uuid: Uuid, vm: &Vm, host: Uuid) -> bool {
     let spec = AllocationSpec {
         cpu: vm.cpu,
-        memory_mb: vm.memory_mb,
+        memory_mib: vm.memory_mib,
         host: Some(host),
         ..Default::default()
     };

@@ -7,7 +7,7 @@ use crate::cascade::CascadeParticipant;
 use crate::error::{Error, ErrorCode};
 use crate::flow::{ChainTarget, Flow, FlowChain};
 use crate::model::*;
-use crate::services::{check_name, Cloud};
+use crate::services::{check_name, give_back_err, Cloud};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Weak};
@@ -26,7 +26,7 @@ pub struct CreateDataVolume {
     #[serde(default)]
     pub disk_offering_uuid: Option<Uuid>,
     #[serde(default)]
-    pub size_mb: Option<i64>,
+    pub size_mib: Option<i64>,
     /// Attach to this VM right away (placing the volume on the VM's host).
     #[serde(default)]
     pub vm_uuid: Option<Uuid>,
@@ -92,17 +92,17 @@ pub(crate) async fn forget_volume_row(c: &Cloud, volume: Uuid) -> Result<(), Err
     };
     let mut b = Batch::new().delete::<Volume>(volume, Expect::Version(v.version));
     if let (Some(ps), Some(host)) = (v.ps_uuid, v.host_uuid) {
-        b = b.update(local_storage_give_back(ps, host, v.size_mb));
+        b = b.update(local_storage_give_back(ps, host, v.size_mib));
     }
     match c.db().commit(b).await {
         Ok(_) => {
             if let (Some(ps), Some(host)) = (v.ps_uuid, v.host_uuid) {
-                c.allocator.disk_changed(host, ps, -v.size_mb);
+                c.allocator.disk_changed(host, ps, -v.size_mib);
             }
             Ok(())
         }
         Err(e) if matches!(e.class(), ErrorClass::NotFound | ErrorClass::Conflict) => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(give_back_err(e, format!("deleting volume {volume}'s row"))),
     }
 }
 
@@ -113,7 +113,7 @@ pub(crate) async fn unplace_volume(c: &Cloud, v: &Row<Volume>) -> Result<(), Err
         return Ok(());
     };
     let b = Batch::new()
-        .update(local_storage_give_back(ps, host, v.size_mb))
+        .update(local_storage_give_back(ps, host, v.size_mib))
         .update(
             Update::of::<Volume>(v.uuid)
                 .version(v.version)
@@ -121,8 +121,9 @@ pub(crate) async fn unplace_volume(c: &Cloud, v: &Row<Volume>) -> Result<(), Err
                 .set("ps_uuid", Value::Null)
                 .set("state", VolumeState::NotInstantiated.as_str()),
         );
-    c.db().commit(b).await?;
-    c.allocator.disk_changed(host, ps, -v.size_mb);
+    (c.db().commit(b).await)
+        .map_err(|e| give_back_err(e, format!("unplacing volume {}", v.uuid)))?;
+    c.allocator.disk_changed(host, ps, -v.size_mib);
     Ok(())
 }
 
@@ -187,13 +188,13 @@ impl Flow<AttachCtx> for AttachStep {
         self.name
     }
 
-    async fn run(&self, x: &mut AttachCtx) -> Result<(), Error> {
+    async fn run(&self, ctx: &mut AttachCtx) -> Result<(), Error> {
         let c = self.cloud.upgrade().ok_or_else(gone)?;
         match self.name {
             "check" => {
-                let vm = c.get::<Vm>(x.vm).await?;
+                let vm = c.get::<Vm>(ctx.vm).await?;
                 vm.state.check(vm.uuid, VmAction::AttachVolume)?;
-                let v = c.get::<Volume>(x.volume).await?;
+                let v = c.get::<Volume>(ctx.volume).await?;
                 if v.kind != VolumeType::Data {
                     return Err(Error::invalid(format!(
                         "volume {} is a root volume",
@@ -224,14 +225,14 @@ impl Flow<AttachCtx> for AttachStep {
                         format!("volume {} is {}", v.uuid, v.state),
                     ));
                 }
-                x.host = Some(home);
-                x.running = vm.state == VmState::Running;
-                x.placed = v.state == VolumeState::NotInstantiated;
+                ctx.host = Some(home);
+                ctx.running = vm.state == VmState::Running;
+                ctx.placed = v.state == VolumeState::NotInstantiated;
                 let used = c
                     .db()
-                    .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", x.vm))
+                    .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", ctx.vm))
                     .await?;
-                x.device = used
+                ctx.device = used
                     .iter()
                     .filter_map(|u| u.device_index)
                     .max()
@@ -239,9 +240,9 @@ impl Flow<AttachCtx> for AttachStep {
                     + 1;
                 Ok(())
             }
-            "reserve-storage" if x.placed => {
-                let host = x.host.expect("checked");
-                let v = c.get::<Volume>(x.volume).await?;
+            "reserve-storage" if ctx.placed => {
+                let host = ctx.host.expect("checked");
+                let v = c.get::<Volume>(ctx.volume).await?;
                 if v.host_uuid.is_some() {
                     return Ok(());
                 }
@@ -251,18 +252,18 @@ impl Flow<AttachCtx> for AttachStep {
                     .await?;
                 let share = shares
                     .iter()
-                    .find(|s| s.total_mb - s.used_mb >= v.size_mb)
+                    .find(|s| s.total_mib - s.used_mib >= v.size_mib)
                     .ok_or_else(|| {
                         Error::new(
                             ErrorCode::CapacityExhausted,
                             format!(
                                 "host {host} has no local storage room for {} MiB",
-                                v.size_mb
+                                v.size_mib
                             ),
                         )
                     })?;
                 let b = Batch::new()
-                    .update(local_storage_take(share.ps_uuid, host, v.size_mb))
+                    .update(local_storage_take(share.ps_uuid, host, v.size_mib))
                     .update(
                         Update::of::<Volume>(v.uuid)
                             .version(v.version)
@@ -277,18 +278,18 @@ impl Flow<AttachCtx> for AttachStep {
                     ),
                     _ => e.into(),
                 })?;
-                c.allocator.disk_changed(host, share.ps_uuid, v.size_mb);
+                c.allocator.disk_changed(host, share.ps_uuid, v.size_mib);
                 Ok(())
             }
-            "create-on-host" if x.placed => {
-                let v = c.get::<Volume>(x.volume).await?;
-                let target = c.host_target(x.host.expect("checked")).await?;
+            "create-on-host" if ctx.placed => {
+                let v = c.get::<Volume>(ctx.volume).await?;
+                let target = c.host_target(ctx.host.expect("checked")).await?;
                 agent(
                     &c,
                     &target,
                     &CreateVolumeCmd {
                         volume: v.uuid,
-                        size_mb: v.size_mb as u64,
+                        size_mib: v.size_mib as u64,
                         image: None,
                     },
                 )
@@ -300,27 +301,27 @@ impl Flow<AttachCtx> for AttachStep {
                     .await?;
                 Ok(())
             }
-            "attach-on-hypervisor" if x.running => {
-                let v = c.get::<Volume>(x.volume).await?;
-                let target = c.host_target(x.host.expect("checked")).await?;
+            "attach-on-hypervisor" if ctx.running => {
+                let v = c.get::<Volume>(ctx.volume).await?;
+                let target = c.host_target(ctx.host.expect("checked")).await?;
                 let disk = DiskSpec {
                     volume: v.uuid,
-                    device: x.device as u32,
-                    size_mb: v.size_mb as u64,
+                    device: ctx.device as u32,
+                    size_mib: v.size_mib as u64,
                 };
-                agent(&c, &target, &AttachVolumeCmd { vm: x.vm, disk }).await
+                agent(&c, &target, &AttachVolumeCmd { vm: ctx.vm, disk }).await
             }
             "record-attachment" => {
                 c.db()
                     .commit(
                         Batch::new().update(
-                            Update::of::<Volume>(x.volume)
+                            Update::of::<Volume>(ctx.volume)
                                 .when(stratus_store::Cond::new(
                                     "vm_uuid",
                                     stratus_store::Op::IsNull,
                                 ))
-                                .set("vm_uuid", x.vm)
-                                .set("device_index", x.device),
+                                .set("vm_uuid", ctx.vm)
+                                .set("device_index", ctx.device),
                         ),
                     )
                     .await?;
@@ -330,27 +331,27 @@ impl Flow<AttachCtx> for AttachStep {
         }
     }
 
-    async fn rollback(&self, x: &mut AttachCtx) -> Result<(), Error> {
+    async fn rollback(&self, ctx: &mut AttachCtx) -> Result<(), Error> {
         let c = self.cloud.upgrade().ok_or_else(gone)?;
         match self.name {
-            "reserve-storage" if x.placed => {
-                let Some(v) = c.db().get::<Volume>(x.volume).await? else {
+            "reserve-storage" if ctx.placed => {
+                let Some(v) = c.db().get::<Volume>(ctx.volume).await? else {
                     return Ok(());
                 };
                 unplace_volume(&c, &v).await
             }
-            "create-on-host" if x.placed => {
-                let target = c.host_target(x.host.expect("checked")).await?;
-                agent(&c, &target, &DeleteVolumeCmd { volume: x.volume }).await
+            "create-on-host" if ctx.placed => {
+                let target = c.host_target(ctx.host.expect("checked")).await?;
+                agent(&c, &target, &DeleteVolumeCmd { volume: ctx.volume }).await
             }
-            "attach-on-hypervisor" if x.running => {
-                let target = c.host_target(x.host.expect("checked")).await?;
+            "attach-on-hypervisor" if ctx.running => {
+                let target = c.host_target(ctx.host.expect("checked")).await?;
                 agent(
                     &c,
                     &target,
                     &DetachVolumeCmd {
-                        vm: x.vm,
-                        volume: x.volume,
+                        vm: ctx.vm,
+                        volume: ctx.volume,
                     },
                 )
                 .await
@@ -380,47 +381,54 @@ impl Flow<DetachCtx> for DetachStep {
         self.name
     }
 
-    async fn run(&self, x: &mut DetachCtx) -> Result<(), Error> {
+    async fn run(&self, ctx: &mut DetachCtx) -> Result<(), Error> {
         let c = self.cloud.upgrade().ok_or_else(gone)?;
         match self.name {
             "check" => {
-                let vm = c.get::<Vm>(x.vm).await?;
+                let vm = c.get::<Vm>(ctx.vm).await?;
                 vm.state.check(vm.uuid, VmAction::DetachVolume)?;
-                let v = c.get::<Volume>(x.volume).await?;
+                let v = c.get::<Volume>(ctx.volume).await?;
                 if v.kind != VolumeType::Data {
                     return Err(Error::invalid(format!(
                         "volume {} is a root volume and cannot be detached",
                         v.uuid
                     )));
                 }
-                if v.vm_uuid != Some(x.vm) {
+                if v.vm_uuid != Some(ctx.vm) {
                     return Err(Error::invalid(format!(
                         "volume {} is not attached to vm {}",
-                        v.uuid, x.vm
+                        v.uuid, ctx.vm
                     )));
                 }
-                x.host = vm.host_uuid;
-                x.running = vm.state == VmState::Running;
-                x.device = v.device_index.unwrap_or(0);
+                ctx.host = vm.host_uuid;
+                ctx.running = vm.state == VmState::Running;
+                // Attached, so it has its device index (set and cleared with its VM).
+                let Some(device) = v.device_index else {
+                    return Err(Error::invariant(format!(
+                        "volume {} is attached to vm {} without a device index",
+                        v.uuid, ctx.vm
+                    )));
+                };
+                ctx.device = device;
                 Ok(())
             }
-            "detach-on-hypervisor" if x.running => {
+            "detach-on-hypervisor" if ctx.running => {
                 let target = c
-                    .host_target(x.host.expect("running vm has a host"))
+                    .host_target(ctx.host.expect("running vm has a host"))
                     .await?;
                 agent(
                     &c,
                     &target,
                     &DetachVolumeCmd {
-                        vm: x.vm,
-                        volume: x.volume,
+                        vm: ctx.vm,
+                        volume: ctx.volume,
                     },
                 )
                 .await
             }
             "record-detachment" => {
                 c.db()
-                    .commit(Batch::new().update(detachment(x.volume)))
+                    .commit(Batch::new().update(detachment(ctx.volume)))
                     .await?;
                 Ok(())
             }
@@ -428,19 +436,19 @@ impl Flow<DetachCtx> for DetachStep {
         }
     }
 
-    async fn rollback(&self, x: &mut DetachCtx) -> Result<(), Error> {
+    async fn rollback(&self, ctx: &mut DetachCtx) -> Result<(), Error> {
         let c = self.cloud.upgrade().ok_or_else(gone)?;
-        if self.name == "detach-on-hypervisor" && x.running {
-            let v = c.get::<Volume>(x.volume).await?;
+        if self.name == "detach-on-hypervisor" && ctx.running {
+            let v = c.get::<Volume>(ctx.volume).await?;
             let target = c
-                .host_target(x.host.expect("running vm has a host"))
+                .host_target(ctx.host.expect("running vm has a host"))
                 .await?;
             let disk = DiskSpec {
                 volume: v.uuid,
-                device: x.device as u32,
-                size_mb: v.size_mb as u64,
+                device: ctx.device as u32,
+                size_mib: v.size_mib as u64,
             };
-            agent(&c, &target, &AttachVolumeCmd { vm: x.vm, disk }).await?;
+            agent(&c, &target, &AttachVolumeCmd { vm: ctx.vm, disk }).await?;
         }
         Ok(())
     }
@@ -518,17 +526,11 @@ async fn attach(
     // there (`unplaced_copy`), and must not meet an attach between placing the volume and
     // creating it on the host.
     let q = &c.engine.queues;
-    q.run(
-        &vm_queue(vm),
-        1,
-        q.run(
-            &volume_queue(volume),
-            1,
-            chain.run(&c.engine.journal, target, ctx),
-        ),
-    )
-    .await
-    .map_err(|f| f.into_error(volume))?;
+    let attach = async {
+        (chain.run(&c.engine.journal, target, ctx).await).map_err(|f| f.into_error(volume))
+    };
+    q.run(&vm_queue(vm), 1, q.run(&volume_queue(volume), 1, attach))
+        .await?;
     c.get::<Volume>(volume).await
 }
 
@@ -564,15 +566,17 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
         let ch = ch.clone();
         async move {
             check_name("volume", &m.name)?;
-            let (size, offering) = match (m.disk_offering_uuid, m.size_mb) {
-                (Some(o), None) => (c.get::<DiskOffering>(o).await?.size_mb, Some(o)),
+            let (size, offering) = match (m.disk_offering_uuid, m.size_mib) {
+                (Some(o), None) => (c.get::<DiskOffering>(o).await?.size_mib, Some(o)),
                 (None, Some(s)) if s > 0 => (s, None),
                 (None, Some(s)) => {
-                    return Err(Error::invalid(format!("size_mb must be positive; got {s}")))
+                    return Err(Error::invalid(format!(
+                        "size_mib must be positive; got {s}"
+                    )))
                 }
                 _ => {
                     return Err(Error::invalid(
-                        "give exactly one of disk_offering_uuid and size_mb",
+                        "give exactly one of disk_offering_uuid and size_mib",
                     ))
                 }
             };
@@ -588,7 +592,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
                     vm_uuid: None,
                     ps_uuid: None,
                     host_uuid: None,
-                    size_mb: size,
+                    size_mib: size,
                     state: VolumeState::NotInstantiated,
                     device_index: None,
                     disk_offering_uuid: offering,
@@ -635,15 +639,11 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
                 queue: vm_queue(m.vm_uuid),
                 job: None,
             };
-            c.engine
-                .queues
-                .run(
-                    &vm_queue(m.vm_uuid),
-                    1,
-                    ch.run(&c.engine.journal, target, ctx),
-                )
-                .await
-                .map_err(|f| f.into_error(m.volume_uuid))?;
+            let detach = async {
+                (ch.run(&c.engine.journal, target, ctx).await)
+                    .map_err(|f| f.into_error(m.volume_uuid))
+            };
+            c.engine.queues.run(&vm_queue(m.vm_uuid), 1, detach).await?;
             c.get::<Volume>(m.volume_uuid).await
         }
     })?;
