@@ -1,6 +1,6 @@
 /* Random-read latency of this machine's memory over a buffer of N GiB (ci/memlat runs it), on
- * transparent huge pages (as the scale runs' heap: mimalloc asks for them, and a 100k run held
- * 7.6 of its 8.3 GiB on them) and on 4 KiB pages. Each read's address depends on the value the
+ * transparent huge pages (as the scale runs' heap: mimalloc asks for them, and a large run's
+ * heap sits almost entirely on them) and on 4 KiB pages. Each read's address depends on the value the
  * previous read returned, so reads cannot overlap: the figure is the latency of one read that
  * misses the caches. */
 #include <stdint.h>

@@ -159,9 +159,8 @@ impl AgentClient {
     pub fn new(ids: Arc<Ids>, callback_base: String) -> Self {
         AgentClient {
             // A host's connection outlives the ping interval (`AGENT_IDLE_TIMEOUT`), so pings
-            // and commands reuse it. This client had 100 ms, chosen when the simulation ran
-            // hyper over madsim's TCP, whose connect bound an ephemeral port by scanning the
-            // node's sockets, then the default 1 s, with which nearly every ping connected.
+            // and commands reuse it: with a shorter idle timeout nearly every ping connected
+            // anew (docs/perf-log.md).
             http: HttpClient::with_idle_timeout(2, AGENT_IDLE_TIMEOUT).with_replay_key(H_TASK),
             ids,
             callback_base,

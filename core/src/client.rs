@@ -80,7 +80,8 @@ impl StratusClient {
 
     /// A job's answer: its result as a `T`, or its error. The view is read as it is and only
     /// the result becomes a `T`: a caller that wants one field of it (or none) does not build a
-    /// tree of the whole answer (which was 4 % of `datacenter-30k`'s samples, in the driver).
+    /// tree of the whole answer (a visible part of the driver's samples in `datacenter-30k`,
+    /// docs/perf-log.md).
     fn job_outcome<T: DeserializeOwned>(status: u16, body: &[u8]) -> Result<T, Error> {
         // A job's view is an object (the derived reader would take an array too).
         let object = body.trim_ascii_start().first() == Some(&b'{');

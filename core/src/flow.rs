@@ -99,8 +99,8 @@ stratus_store::resource! {
     /// No field is indexed: the table holds only the chains in flight (about as many as the
     /// operations running), and its readers — recovery, which asks for boots *not* live, and
     /// the API's list — read all of it. Every chain inserts and deletes its row, so an index
-    /// is work at every operation for no reader: the four it had were 7.7 set operations per
-    /// operation of `churn` in the memory store (counted), and index writes in SQL.
+    /// is work at every operation for no reader: the four it had were several set operations
+    /// per operation in the memory store (docs/perf-log.md), and index writes in SQL.
     pub struct ChainRecord: "flow_chain" {
         chain: String [column],
         resource_uuid: Uuid [column],

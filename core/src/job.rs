@@ -78,10 +78,9 @@ pub const PURGE_EVERY: Duration = Duration::from_secs(60);
 const PURGE_BATCH: usize = 1000;
 
 /// Jobs one purge query finds at most. A query per commit read the whole job table each time
-/// (`finished_ms` has no ordered index in the memory store: 45.5 million rows over the 438
-/// queries of the 30,000-host run, whose churn finishes 43,000 jobs a simulated minute); an
-/// unbounded query would make a backlog (a lowered `job.retention`, purges failing for a while)
-/// one huge read on a SQL store.
+/// (`finished_ms` has no ordered index in the memory store, and under the scale runs' churn the
+/// table is large; docs/perf-log.md); an unbounded query would make a backlog (a lowered
+/// `job.retention`, purges failing for a while) one huge read on a SQL store.
 const PURGE_PAGE: usize = 20_000;
 
 type Waiters = Arc<Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>>;

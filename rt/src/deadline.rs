@@ -4,9 +4,9 @@
 //! madsim's timer cannot cancel an entry, and its `Sleep` adds a new entry, holding a clone of
 //! the task's waker, every time it is polled while pending. Under madsim's
 //! `tokio::time::timeout` the sleep is polled at every wake-up of the guarded future, and each
-//! entry kept the task's allocation alive until the deadline: with the 30-minute bus timeout, every job task of a
-//! scale run stayed in memory to the end (heaptrack of the 3,000-host probe). Every timeout of
-//! Stratus goes through this function (both builds).
+//! entry kept the task's allocation alive until the deadline: with the 30-minute bus timeout,
+//! every job task of a scale run stayed in memory to the end (docs/perf-log.md). Every timeout
+//! of Stratus goes through this function (both builds).
 
 #[cfg(not(madsim))]
 use std::future::Future;

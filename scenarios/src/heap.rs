@@ -2,13 +2,13 @@
 //! faults the heap's memory in ahead of the simulation, on the machine's other core.
 //!
 //! The simulation is one thread, and the first touch of each page of its heap is the kernel's
-//! work on that thread: on this machine 1.8–2.6 s per GiB of transparent huge pages
-//! (`ci/memlat`), 4.5 s of system time in a 30,000-host run that peaks at 2.2 GiB. Pages are
-//! handed out by mimalloc in 32 MiB segments from its arenas, in address order; the
-//! [`prefault`] thread watches which segments it has begun to use and populates the next few
-//! before it gets there (`MADV_POPULATE_WRITE`: page tables filled as a write would, contents
-//! untouched, so it is safe beside the thread that owns the memory). The simulation reads
-//! nothing of it — same seed, same trace.
+//! work on that thread: zeroing transparent huge pages is slow on this machine (`ci/memlat`),
+//! and shows as system time in the scale runs (docs/perf-log.md). Pages are handed out by
+//! mimalloc in 32 MiB segments from its arenas, in address order; the [`prefault`] thread
+//! watches which segments it has begun to use and populates the next few before it gets there
+//! (`MADV_POPULATE_WRITE`: page tables filled as a write would, contents untouched, so it is
+//! safe beside the thread that owns the memory). The simulation reads nothing of it — same
+//! seed, same trace.
 
 use std::time::Duration;
 
@@ -21,16 +21,16 @@ pub fn tune() {
 
 /// mimalloc returns freed memory to the OS after a delay measured on the clock, and madsim
 /// makes that clock the simulated one, which runs several times faster than wall time:
-/// pages were returned and faulted in again (10 % of the time, perf). Keep them.
+/// pages were returned and faulted in again, a visible part of the profile. Keep them.
 ///
 /// Every 10,000 allocations that miss its fast path mimalloc also walks every page of the
-/// heap to collect free ones; with a heap of several GiB that walk was 5 % of the time of
-/// the 30,000-host run (perf). Walk every 1,000,000 instead (its maximum): the same peak
-/// memory, 7 % less wall time.
+/// heap to collect free ones; with a heap of several GiB that walk showed in profiles of the
+/// 30,000-host run. Walk every 1,000,000 instead (its maximum): the same peak memory, less
+/// wall time (docs/perf-log.md).
 ///
 /// The workspace builds mimalloc 2 (libmimalloc-sys's `v2` feature), not its default 3: on a
-/// 30,000-host run of 30,000 creates and 2 minutes of churn, run in turns, 95.0 and 91.4 s
-/// wall against 100.0 and 97.8 s, and 50 MiB less peak memory.
+/// 30,000-host run of 30,000 creates and 2 minutes of churn, run in turns, it took less wall
+/// time and less peak memory (docs/perf-log.md).
 fn set_options() {
     /// `mi_option_purge_delay` and `mi_option_generic_collect` in mimalloc 2.3's `mi_option_e`
     /// (libmimalloc-sys 0.1.49 does not name them; in mimalloc 3 the second is 34; check the
@@ -50,12 +50,11 @@ const SEGMENT: usize = 32 << 20;
 /// first page is resident, `mincore`, is how the thread sees a segment in use), and the thread
 /// populates one per call, so a call holds the address-space lock only briefly.
 const HUGE_PAGE: usize = 2 << 20;
-/// Segments populated past the last one in use (96 MiB). At 2.6 s per GiB the thread
-/// populates 390 MiB a second. `datacenter-30k`'s heap (without the thread; `VmRSS` every
-/// 0.5 s) held 1,432 MiB 0.7 s after the start, its hosts made, which the thread cannot
-/// outrun, then grew by about 23 MiB a second, which it can. Peak memory reads higher by more
-/// than this: a populated segment is resident whole, where mimalloc leaves parts of segments
-/// untouched (320 MiB of that run's 2,530 MiB).
+/// Segments populated past the last one in use (96 MiB). The thread populates far faster than
+/// `datacenter-30k`'s heap grows once its hosts are made (that first jump, right after the
+/// start, it cannot outrun), so a few segments ahead suffice (docs/perf-log.md). Peak memory
+/// reads higher by more than this: a populated segment is resident whole, where mimalloc leaves
+/// parts of segments untouched.
 const AHEAD: usize = 3;
 /// How often the thread looks.
 const POLL: Duration = Duration::from_millis(1);

@@ -2,7 +2,8 @@
 //! simulated datacenter and write its report. Exit status 0 when every check passed, 1 when one
 //! failed, 2 for a bad file or arguments. `ci/scenario` builds and runs it.
 
-// glibc's allocator was a quarter of the scale run's time (perf: malloc, free, consolidation).
+// mimalloc: glibc's allocator (malloc, free, consolidation) was a large part of the scale run's
+// time in profiles (docs/perf-log.md).
 // `--features system-alloc` keeps the system allocator, for heap profilers that hook malloc.
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]

@@ -168,7 +168,8 @@ pub struct FaultProfile {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Checks {
-    /// Invariants 1–5 after the final settle.
+    /// Invariants 1–3 and 5 after the final settle (4 and 7 are the `settled` check; the list
+    /// is in ARCHITECTURE.md).
     #[serde(default = "yes")]
     pub invariants: bool,
     /// Latency objectives: operation kind → p99 limit in simulated seconds.

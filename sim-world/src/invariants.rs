@@ -1,15 +1,8 @@
-//! The invariants of a settled cloud, checked against the database and the simulated hosts.
-//!
-//! 1. capacity: each host's reserved CPU and memory equal the sums of its reservations, never
-//!    above its limits; every VM that holds capacity holds it on its host and only there;
-//! 2. IPs: every address row belongs to one existing NIC whose address it is, and vice versa;
-//!    every range's `used` counts its addresses;
-//! 3. storage: each host's share of local storage is used by exactly its volumes (plus disk held
-//!    by a reservation); every volume belongs to an existing VM or is a detached data volume;
-//! 4. nothing is in a transitional state (checked by [`World::settle`](crate::World::settle));
-//! 5. the database and the connected hosts agree: no VM or volume on a host the database does
-//!    not place there, every running VM runs on its host; a host that is down holds no Running
-//!    VM in the database.
+//! The oracle: the invariants of a settled cloud, checked against the database and the
+//! simulated hosts. The numbered list is in ARCHITECTURE.md ("Invariants the oracle checks"):
+//! here are 1–3, the books ([`check_books`]), and 5, the database and the connected hosts agree
+//! ([`check`]); 4, quiescence, is [`World::settle`](crate::World::settle). The oracle fails
+//! closed: a table it cannot read is a violation.
 
 use crate::world::World;
 use std::collections::{BTreeMap, BTreeSet};

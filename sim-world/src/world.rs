@@ -550,17 +550,17 @@ fn need(v: &Value) -> Result<Uuid, Error> {
     uuid(&v["uuid"]).ok_or_else(|| Error::internal(format!("no uuid in {v}")))
 }
 
-/// How often [`sweep_task_lists`] runs. Each sweep reads every node's list (0.8 % of
-/// `datacenter-30k`'s samples at 5 s, perf); between two sweeps the records of the tasks that
-/// ended stay, about a kilobyte each (some 15 MiB at 30 s in that run).
+/// How often [`sweep_task_lists`] runs. Each sweep reads every node's list, which showed in
+/// `datacenter-30k`'s profiles when it ran every few seconds; between two sweeps the records of
+/// the tasks that ended stay allocated, a small part of that run's peak (docs/perf-log.md).
 pub const TASK_LIST_SWEEP: Duration = Duration::from_secs(30);
 
 /// madsim (0.2.34) keeps a `Weak` of every task a node ever spawned in that node's task list,
 /// and drops the dead ones only when it is asked how many tasks there are (or when the node is
 /// killed). A `Weak` keeps its task's record (id, name, span, where it was spawned) allocated,
-/// so a run grew by about a kilobyte for every operation, to its end: heaptrack of `churn` with
-/// jobs kept 2 minutes found 175 MB more still allocated after 30 simulated minutes of churn
-/// than after 10, all of it task records. Asking every [`TASK_LIST_SWEEP`] lets them go.
+/// so a run grew with every operation, to its end: with finished jobs purged, what kept growing
+/// in a long `churn` was all task records (docs/perf-log.md). Asking every [`TASK_LIST_SWEEP`]
+/// lets them go.
 pub async fn sweep_task_lists() {
     loop {
         tokio::time::sleep(TASK_LIST_SWEEP).await;

@@ -5,7 +5,7 @@
 //! indexed or unique field keeps a hash map from value to the set of uuids holding it. Nothing
 //! reads a map in its own order: readers that need an order sort what they found (by uuid
 //! unless the query sorts), and the hasher is fixed, so seeded runs stay reproducible. (They
-//! were `BTreeMap`s: a tenth of the 30,000-host run's samples searched their nodes.)
+//! were `BTreeMap`s: searching their nodes was a large part of the 30,000-host run's profile.)
 
 use super::batch::{check_missing, check_version, resolve_batch, ResolvedUpdate, ResolvedWrite};
 use super::meta::{FieldRef, KindMeta, Record, Schema};
@@ -226,8 +226,8 @@ impl Tables {
 
     /// Candidate uuids (sorted) from the most selective indexed equality, if any. Only the
     /// chosen index entry is copied: copying every one first made a query for the volumes of
-    /// one host that are `Ready` copy all the `Ready` volumes of the datacenter (half the wall
-    /// time of the 30,000-host run).
+    /// one host that are `Ready` copy all the `Ready` volumes of the datacenter (a large part of
+    /// the 30,000-host run's wall time, docs/perf-log.md).
     fn candidates(&self, q: &ResolvedQuery) -> Option<Vec<Uuid>> {
         let t = self.table(q.kind.name);
         let mut best: Option<(usize, &ResolvedCond)> = None;

@@ -129,7 +129,8 @@ struct ClusterInfo {
 
 /// Host entries live in one vector, found by uuid through `slots`: an allocation checks a
 /// random sample of the pool by position, and the entries of a hash map by uuid cost it a cache
-/// miss more per host (5 % of the 30,000-host run was spent in [`Allocator::candidates`], perf).
+/// miss more per host ([`Allocator::candidates`] stood out in profiles of the 30,000-host run,
+/// docs/perf-log.md).
 #[derive(Default)]
 struct Cache {
     loaded: Option<tokio::time::Instant>,
@@ -399,9 +400,9 @@ impl Allocator {
                 .collect();
         }
         // The pool is the hosts of the eligible clusters, in cluster order; it is not copied
-        // out (30,000 hosts made every allocation copy half a megabyte): a host is found by its
-        // position in it. Its hosts are in eligible clusters, so only the hosts themselves are
-        // checked below.
+        // out (with tens of thousands of hosts every allocation copied a large pool): a host is
+        // found by its position in it. Its hosts are in eligible clusters, so only the hosts
+        // themselves are checked below.
         let eligible: Vec<&ClusterInfo> = cache
             .clusters
             .iter()

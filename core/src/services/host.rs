@@ -269,7 +269,7 @@ async fn ping_loop(weak: std::sync::Weak<Cloud>, host: Uuid) {
         let Some(c) = weak.upgrade() else { return };
         let every: Duration = c.engine.config.get(&PING_INTERVAL.key());
         // Boxed: the loop lives as long as the host, a ping only while it runs (an unboxed
-        // ping made every loop's state 16 KiB; 500 MB for 30,000 hosts).
+        // ping made every host's loop hold a whole ping's state for good; docs/perf-log.md).
         match Box::pin(ping_once(&c, host)).await {
             Ok(true) => {}
             Ok(false) => {

@@ -348,8 +348,8 @@ async fn allocate(c: &Cloud, m: &AllocateIp) -> Result<IpAllocation, Error> {
         // Windows of consecutive addresses from a random start, wrapping around the range: one
         // indexed query says which of a window's addresses are taken. A window is all taken only
         // when the range is nearly full, so the cost stays flat as it fills. (The former
-        // fallback, after 16 random probes, read every address of the range: filling 52,000 of
-        // 60,000 addresses, the last 8,400 creates took 14 s wall; with windows, 7 s.)
+        // fallback, after 16 random probes, read every address of the range, and creates slowed
+        // as the range filled; windows measured faster on a nearly full range, docs/perf-log.md.)
         let start = c.engine.ids.with_rng(|g| g.gen_range(0..size));
         let mut offset = 0;
         while offset < size {

@@ -5,9 +5,9 @@
 //! - simulation ([`sim`]): the `http::Request` and the answer themselves, as values, over a
 //!   connection madsim opens (refused at once over a clogged link), with madsim's per-message
 //!   latency and its delay while a node is cut off ([`clog_node`]) — without encoding them to
-//!   bytes and parsing them back. In the 30,000-host run hyper was a quarter of the samples
-//!   (perf), and the bytes it parses under simulation are the ones it wrote itself; the std
-//!   build's tests run the real HTTP/1.1 path.
+//!   bytes and parsing them back. In the 30,000-host run hyper was a large part of the
+//!   profile (docs/perf-log.md), and the bytes it parses under simulation are the ones it
+//!   wrote itself; the std build's tests run the real HTTP/1.1 path.
 
 use axum::Router;
 use bytes::Bytes;
@@ -150,9 +150,9 @@ struct Idle<C = wire::Conn> {
     /// connection is put back last and taken from the back).
     conns: HashMap<SocketAddr, Vec<(C, tokio::time::Instant)>>,
     /// Every put-back in time order, so the reaper finds what expired without visiting every
-    /// address: walking the whole map at every reap was 1 % of the 30,000-host run (perf), where
-    /// the management node holds connections to a few hundred hosts at any moment. An entry
-    /// whose connection was taken again finds nothing to close.
+    /// address: walking the whole map at every reap showed in profiles of the 30,000-host run,
+    /// where the management node holds connections to a few hundred hosts at any moment. An
+    /// entry whose connection was taken again finds nothing to close.
     order: VecDeque<(tokio::time::Instant, SocketAddr)>,
     /// The reaper task, while it runs (it also ends when the node running it is killed).
     reaper: Option<tokio::task::JoinHandle<()>>,

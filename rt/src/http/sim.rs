@@ -105,8 +105,9 @@ async fn serve_connection<X: Clone + Send + Sync + 'static>(
     while let Some(req) = incoming.recv().await {
         let req = req.map(axum::body::Body::from);
         // The route's future is boxed: a connection spends most of its life waiting for its
-        // next request, and inline the future made every waiting connection's task about
-        // 2 KiB bigger (64 MiB in `datacenter-30k`, where each host keeps its connections).
+        // next request, and inline the future made every waiting connection's task bigger,
+        // which adds up in `datacenter-30k`, where each host keeps its connections
+        // (docs/perf-log.md).
         // `biased`: without it `select!` draws from tokio's own thread-local generator, which
         // madsim does not seed (same seed, different runs, found by running `churn` twice).
         let resp = tokio::select! {
@@ -130,9 +131,10 @@ async fn serve_connection<X: Clone + Send + Sync + 'static>(
 
 /// Makes a client's connections: all of them from one local endpoint per node the client is
 /// used on. madsim's `TcpStream::connect` binds an ephemeral port for every connection, which
-/// costs a 1 ms sleep (madsim's shortest) and a linear search of the node's ports — 1 % of the
-/// 30,000-host run, where the management node holds a socket per connection in flight. A
-/// connection's channels are its own, so connections need no port of their own to be told apart.
+/// costs a 1 ms sleep (madsim's shortest) and a linear search of the node's ports — measurable
+/// in the 30,000-host run (docs/perf-log.md), where the management node holds a socket per
+/// connection in flight. A connection's channels are its own, so connections need no port of
+/// their own to be told apart.
 #[derive(Default)]
 pub(super) struct Connector {
     local: Mutex<HashMap<NodeId, Endpoint>>,

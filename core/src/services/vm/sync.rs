@@ -182,7 +182,8 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
         }
     }
     // The volumes the database places here, in one indexed read (a read per reported volume
-    // was ten reads a ping at 100,000 hosts); a reported volume not among them is read alone.
+    // made a ping as many reads as its host has volumes); a reported volume not among them is
+    // read alone.
     let placed: BTreeMap<Uuid, Placed> = c
         .db()
         .project(&Query::of::<Volume>().eq("host_uuid", m.host), |r| {

@@ -3,7 +3,7 @@
 //! end's node is cut off — without asking madsim's network about every message. madsim's
 //! channels look up both nodes, the destination's address and its sockets in maps of every node
 //! for each message (`Network::try_send`); with 30,000 hosts those lookups missed the caches and
-//! were 4 % of the run's samples (perf, 2026-12-01).
+//! showed in the run's profiles (docs/perf-log.md).
 //!
 //! A partition must therefore be made through [`clog_node`] (which clogs the node in madsim too,
 //! for new connections) so that open connections see it; madsim's `clog_link`,
