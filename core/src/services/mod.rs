@@ -179,8 +179,9 @@ pub fn check_name(what: &str, name: &str) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     /// The model tests' planted bug is no configuration entry of a real deployment: nobody
-    /// with API access can switch a leak on.
-    #[cfg(not(madsim))]
+    /// with API access can switch a leak on. (Only the model tests' simulation build enables
+    /// feature `planted-bug`; the std build of the workspace never does.)
+    #[cfg(not(feature = "planted-bug"))]
     #[test]
     fn the_planted_bug_is_not_a_configuration_entry() {
         let defs = super::config_defs();
@@ -193,8 +194,8 @@ mod tests {
         assert!(debug.is_empty(), "{debug:?}");
     }
 
-    /// In the simulation it is there, for the model sweep to switch on.
-    #[cfg(madsim)]
+    /// With the feature it is there, for the model sweep to switch on.
+    #[cfg(feature = "planted-bug")]
     #[test]
     fn the_simulation_has_the_planted_bug() {
         let defs = super::config_defs();

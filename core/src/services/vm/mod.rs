@@ -58,8 +58,9 @@ pub static STORE_RETRIES: ConfigDef = ConfigDef::int(
     1000,
 );
 /// The planted bug of the model tests: the IP is not returned when VM creation rolls back.
-/// It exists only in the simulation build: a real deployment has no switch that plants a leak.
-#[cfg(madsim)]
+/// Only with feature `planted-bug`, which the model tests enable in the simulation build: a
+/// real deployment has no switch that plants a leak.
+#[cfg(feature = "planted-bug")]
 pub static BUG_LEAK_IP: ConfigDef = ConfigDef::boolean(
     "debug.bug.leak_ip_on_create_rollback",
     "TEST ONLY: plant a bug (a failed VM creation keeps its IP) to prove the model tests find it",
@@ -67,18 +68,18 @@ pub static BUG_LEAK_IP: ConfigDef = ConfigDef::boolean(
 );
 
 pub fn config_defs() -> Vec<&'static ConfigDef> {
-    #[cfg_attr(not(madsim), allow(unused_mut))]
+    #[cfg_attr(not(feature = "planted-bug"), allow(unused_mut))]
     let mut defs = vec![&STOP_GRACE, &ORPHAN_POLICY, &STORE_RETRIES];
-    #[cfg(madsim)]
+    #[cfg(feature = "planted-bug")]
     defs.push(&BUG_LEAK_IP);
     defs
 }
 
-/// Whether the model tests' planted bug is switched on (never, outside the simulation).
+/// Whether the model tests' planted bug is switched on (never, without feature `planted-bug`).
 fn planted_ip_leak(c: &Cloud) -> bool {
-    #[cfg(madsim)]
+    #[cfg(feature = "planted-bug")]
     return c.engine.config.get(&BUG_LEAK_IP.key());
-    #[cfg(not(madsim))]
+    #[cfg(not(feature = "planted-bug"))]
     {
         let _ = c;
         false
