@@ -81,7 +81,7 @@ impl Case {
         Case {
             db: Db::new(store.clone()),
             run: ids.uuid().simple().to_string(),
-            ids: Ids::from_seed(ids.next_u64()),
+            ids: ids.clone(),
         }
     }
 
@@ -137,42 +137,19 @@ fn code(e: StoreError) -> ErrorClass {
     e.class()
 }
 
-/// The suite's identifiers: row UUIDs that increase within a process, as the stack's
-/// time-ordered ones do, with 64 random bits that keep runs against one shared database apart.
-pub struct Ids {
-    rng: Mutex<ChaCha8Rng>,
-}
+/// The suite's row UUIDs: the high half counts up (they increase, as the stack's time-ordered
+/// ones do), the low half is drawn from one generator per run (seeded by the simulation under
+/// madsim, by the OS otherwise), so runs against one shared database never meet.
+#[derive(Clone)]
+pub struct Ids(Arc<Mutex<ChaCha8Rng>>);
 
-/// The increasing half of every UUID the suite makes.
+/// The counting half of every UUID the suite makes.
 static SEQ: AtomicU64 = AtomicU64::new(1);
 
 impl Ids {
-    /// Seeded from the simulation seed under madsim, from the OS otherwise.
-    pub fn new() -> Self {
-        Ids::from_seed(madsim::rand::random::<u64>())
-    }
-
-    pub fn from_seed(seed: u64) -> Self {
-        Ids {
-            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
-        }
-    }
-
-    pub fn uuid(&self) -> Uuid {
-        Uuid::from_u64_pair(SEQ.fetch_add(1, Ordering::Relaxed), self.next_u64())
-    }
-
-    pub fn next_u64(&self) -> u64 {
-        self.rng
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .next_u64()
-    }
-}
-
-impl Default for Ids {
-    fn default() -> Self {
-        Ids::new()
+    fn uuid(&self) -> Uuid {
+        let low = self.0.lock().unwrap_or_else(|e| e.into_inner()).next_u64();
+        Uuid::from_u64_pair(SEQ.fetch_add(1, Ordering::Relaxed), low)
     }
 }
 
@@ -798,7 +775,8 @@ pub async fn concurrent_decrements_never_overdraw(store: &Arc<dyn Store>, ids: &
 
 /// Run every case against `store` (which must include [`schema`]).
 pub async fn run_all(store: Arc<dyn Store>) {
-    let ids = Ids::new();
+    let seed = madsim::rand::random::<u64>();
+    let ids = Ids(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed))));
     round_trip_every_field_type(&store, &ids).await;
     every_query_operator(&store, &ids).await;
     related_conditions(&store, &ids).await;
