@@ -29,12 +29,14 @@ mod heap;
 #[cfg(madsim)]
 mod sim {
     use std::path::PathBuf;
+    use stratus_scenario::draw::draw;
     use stratus_scenario::report::{self, Summary};
     use stratus_scenario::run::run;
-    use stratus_scenario::spec::Scenario;
     use stratus_scenario::wall;
 
-    const USAGE: &str = "usage: stratus-scenario FILE [--seed S] [--reports DIR] [--quiet]";
+    const USAGE: &str = "usage: stratus-scenario FILE [--seed S] [--reports DIR] [--quiet]\n\
+        FILE may leave values open (ranges, choices: see draw.rs); the seed draws them, and the\n\
+        drawn scenario is written beside the report as scenario.toml";
 
     pub fn main() -> i32 {
         #[cfg(not(feature = "system-alloc"))]
@@ -85,15 +87,23 @@ mod sim {
             eprintln!("{USAGE}");
             return 2;
         };
-        let mut sc = match Scenario::load(&file) {
-            Ok(s) => s,
+        let drawn = match std::fs::read_to_string(&file) {
+            Ok(text) => draw(&file.display().to_string(), &text, seed),
+            Err(e) => {
+                eprintln!("stratus-scenario: {}: {e}", file.display());
+                return 2;
+            }
+        };
+        let drawn = match drawn {
+            Ok(d) => d,
             Err(e) => {
                 eprintln!("stratus-scenario: {e}");
                 return 2;
             }
         };
-        if let Some(s) = seed {
-            sc.seed = s;
+        let sc = &drawn.scenario;
+        if drawn.open && !quiet {
+            println!("drawn for seed {}:\n{}", sc.seed, drawn.toml);
         }
         let d = &sc.datacenter;
         println!(
@@ -106,7 +116,7 @@ mod sim {
             sc.phases.len()
         );
         let started = wall::now_s();
-        let out = run(&sc, quiet);
+        let out = run(sc, quiet);
         let wall_s = wall::now_s() - started;
         let (ok, failed) = out.recorder.total();
         let sim_s = out.sim_time.as_secs_f64();
@@ -131,7 +141,9 @@ mod sim {
             build_wall_s: out.build_wall_s,
             phases: out.phases.clone(),
         };
-        let dir = match report::write(&reports, &summary, &out.recorder) {
+        let written = report::write(&reports, &summary, &out.recorder)
+            .and_then(|dir| std::fs::write(dir.join("scenario.toml"), &drawn.toml).map(|_| dir));
+        let dir = match written {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("stratus-scenario: cannot write the report: {e}");
