@@ -71,6 +71,9 @@ pub enum AgentErrorCode {
     /// The command arrived after its deadline ([`H_DEADLINE`]), or its work would have started
     /// after its sender stopped waiting ([`H_WAIT_UNTIL`]), and was not run.
     Expired,
+    /// A status query ([`TaskStatusCmd`]) asked about the task before its command arrived: the
+    /// task is refused, and the command never runs here.
+    Fenced,
 }
 
 impl AgentErrorCode {
@@ -84,6 +87,7 @@ impl AgentErrorCode {
             AgentErrorCode::Failed => 500,
             AgentErrorCode::Unreachable => 502,
             AgentErrorCode::Expired => 408,
+            AgentErrorCode::Fenced => 409,
         }
     }
 }
@@ -128,10 +132,11 @@ pub enum CommandKind {
     VolumeDelete,
     VolumeAttach,
     VolumeDetach,
+    TaskStatus,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 13] = [
+    pub const ALL: [CommandKind; 14] = [
         CommandKind::Connect,
         CommandKind::Ping,
         CommandKind::VmStatus,
@@ -145,6 +150,7 @@ impl CommandKind {
         CommandKind::VolumeDelete,
         CommandKind::VolumeAttach,
         CommandKind::VolumeDetach,
+        CommandKind::TaskStatus,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -162,6 +168,7 @@ impl CommandKind {
             CommandKind::VolumeDelete => "volume_delete",
             CommandKind::VolumeAttach => "volume_attach",
             CommandKind::VolumeDetach => "volume_detach",
+            CommandKind::TaskStatus => "task_status",
         }
     }
 
@@ -426,6 +433,38 @@ impl Command for DetachVolumeCmd {
     const KIND: CommandKind = CommandKind::VolumeDetach;
     const ASYNC: bool = true;
     type Reply = ();
+}
+
+/// `/task/status`: where a long command's task stands on this agent. The management side asks
+/// before it undoes what the task may do (a rollback, a restarted node's recovery), so that it
+/// never undoes work that is still running. A task id the agent has not seen is fenced: it ends
+/// at once with a [`AgentErrorCode::Fenced`] error, so its command, should it still arrive (a
+/// partition held it back), is a copy of a finished task and never runs. The agent remembers
+/// that until `fence_until_ms`: the command's hand-over deadline ([`H_DEADLINE`]), after which
+/// every copy of it is refused as expired anyway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatusCmd {
+    pub task: Uuid,
+    /// The kind of the command the task belongs to (for the fenced result).
+    pub kind: CommandKind,
+    pub fence_until_ms: i64,
+}
+impl Command for TaskStatusCmd {
+    const PATH: &'static str = "/task/status";
+    const KIND: CommandKind = CommandKind::TaskStatus;
+    const ASYNC: bool = false;
+    type Reply = TaskProgress;
+}
+
+/// The answer to a [`TaskStatusCmd`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum TaskProgress {
+    /// The work is under way; ask again (it runs to its end).
+    Running,
+    /// The task has ended, with this result: also the fenced result of a task that had not
+    /// arrived, which never runs.
+    Finished { result: TaskResult },
 }
 
 /// A long command's outcome, POSTed to the callback URL.

@@ -59,6 +59,7 @@ timeout_defs! {
     VolumeDelete => "volume_delete", "5m";
     VolumeAttach => "volume_attach", "2m";
     VolumeDetach => "volume_detach", "2m";
+    TaskStatus => "task_status", "10s";
 }
 
 /// The config entries of this module.
@@ -145,8 +146,9 @@ pub fn map_agent_error(kind: CommandKind, e: AgentError) -> Error {
         AgentErrorCode::Unauthorized => ErrorCode::Unauthorized,
         AgentErrorCode::InvalidArgument => ErrorCode::InvalidArgument,
         AgentErrorCode::Unreachable => ErrorCode::HostUnreachable,
-        // Only reaches a caller that already gave up (the deadline is its own timeout).
-        AgentErrorCode::Expired => ErrorCode::Timeout,
+        // Only reaches a caller that already gave up (the deadline is its own timeout), or
+        // whose task a status query fenced (the management side gave up on it first).
+        AgentErrorCode::Expired | AgentErrorCode::Fenced => ErrorCode::Timeout,
         _ => ErrorCode::AgentError,
     };
     Error::new(

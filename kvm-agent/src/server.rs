@@ -305,6 +305,7 @@ impl<H: Hypervisor> Agent<H> {
         let r = Self::long::<AttachVolumeCmd, _, _>(r, |a, c, _| async move {
             a.hv.attach_volume(c.vm, &c.disk).await
         });
+        let r = Self::sync::<TaskStatusCmd, _, _>(r, |a, c| async move { Ok(a.task_status(&c)) });
         Self::long::<DetachVolumeCmd, _, _>(r, |a, c, _| async move {
             a.hv.detach_volume(c.vm, c.volume).await
         })
@@ -497,6 +498,31 @@ impl<H: Hypervisor> Agent<H> {
 }
 
 impl<H: Hypervisor> Inner<H> {
+    /// Where task `c.task` stands; an unseen one is fenced (ended, never to run here).
+    fn task_status(&self, c: &TaskStatusCmd) -> TaskProgress {
+        let mut t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        match t.map.get(&c.task) {
+            Some(TaskState::Running) => TaskProgress::Running,
+            Some(TaskState::Done(result)) => TaskProgress::Finished {
+                result: result.clone(),
+            },
+            None => {
+                let result = TaskResult {
+                    task: c.task,
+                    kind: c.kind,
+                    outcome: Err(AgentError::new(
+                        AgentErrorCode::Fenced,
+                        "a status query came before the command: it never runs here",
+                    )),
+                };
+                let now = stratus_rt::clock::now_ms();
+                let keep = self.config.remembered_tasks;
+                t.finish(c.task, result.clone(), Some(c.fence_until_ms), now, keep);
+                TaskProgress::Finished { result }
+            }
+        }
+    }
+
     fn finish(&self, task: Uuid, result: TaskResult, deadline: Option<i64>) {
         let now = stratus_rt::clock::now_ms();
         let keep = self.config.remembered_tasks;

@@ -672,3 +672,70 @@ fn a_kept_connection_to_a_restarted_host_is_not_used_again() {
             .unwrap();
     });
 }
+
+/// Ask host 10.1.0.1 where task `task` (a volume create) stands, fencing it until `fence_ms`
+/// from now.
+async fn task_status(c: &HttpClient, task: Uuid, fence_ms: i64) -> TaskProgress {
+    let cmd = TaskStatusCmd {
+        task,
+        kind: CommandKind::VolumeCreate,
+        fence_until_ms: stratus_rt::clock::now_ms() + fence_ms,
+    };
+    let (status, body) = call(c, "10.1.0.1", "tok-a", &cmd, None).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_value(body).unwrap()
+}
+
+/// A status query answers where a task stands, and fences a task the agent has not seen: its
+/// command, arriving later (a partition held it back), never runs, and its callback gets the
+/// fenced result. A running task is reported running, then finished with its own result.
+#[test]
+fn a_status_query_fences_an_unseen_task_and_follows_a_running_one() {
+    let rt = Runtime::with_seed_and_config(5, madsim::Config::default());
+    rt.block_on(async {
+        let state = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
+        let hv = SimHypervisor::new(state.clone(), LatencyProfile::default(), 7);
+        host_node("10.1.0.1", "tok-a", hv);
+        let results: Arc<Mutex<Vec<TaskResult>>> = Arc::default();
+        let r2 = results.clone();
+        mgmt_node()
+            .spawn(async move {
+                let results = r2;
+                serve_mgmt(callback_sink(results.clone())).await;
+                let c = HttpClient::default();
+                let no_header = (H_TOKEN, "tok-a");
+
+                // Fenced before it arrives: the late command is a copy of a finished task.
+                let (late_vol, late_task) = (Uuid::from_u128(21), Uuid::from_u128(71));
+                let TaskProgress::Finished { result } = task_status(&c, late_task, 60_000).await
+                else {
+                    panic!("an unseen task is fenced at once");
+                };
+                assert_eq!(result.outcome.unwrap_err().code, AgentErrorCode::Fenced);
+                let r = create_volume_task(&c, late_vol, late_task, no_header).await;
+                assert_eq!(r.status, 202);
+                let e = wait_result(&results, late_task).await.outcome.unwrap_err();
+                assert_eq!(e.code, AgentErrorCode::Fenced, "{e:?}");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                assert!(
+                    !state.lock().unwrap().volumes.contains_key(&late_vol),
+                    "a fenced command ran"
+                );
+
+                // Running, then finished with the work's own result.
+                let (vol, task) = (Uuid::from_u128(22), Uuid::from_u128(72));
+                let r = create_volume_task(&c, vol, task, no_header).await;
+                assert_eq!(r.status, 202);
+                assert_eq!(task_status(&c, task, 60_000).await, TaskProgress::Running);
+                let done = wait_result(&results, task).await;
+                assert!(done.outcome.is_ok(), "{done:?}");
+                assert_eq!(
+                    task_status(&c, task, 60_000).await,
+                    TaskProgress::Finished { result: done }
+                );
+                assert!(state.lock().unwrap().volumes.contains_key(&vol));
+            })
+            .await
+            .unwrap();
+    });
+}
