@@ -61,6 +61,16 @@ pub trait Flow<C: Send>: Send + Sync + 'static {
     }
 }
 
+/// What a chain's step is, as tests and tools see it without running it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowInfo {
+    pub name: &'static str,
+    /// Past its operation's point of no return: retried, not rolled back.
+    pub forward_only: bool,
+    /// Its rollback has something to undo.
+    pub undoes: bool,
+}
+
 /// Attempts of a forward-only flow (backoff 100 ms doubling: about 25 s in all).
 pub const FORWARD_ATTEMPTS: u32 = 8;
 
@@ -451,8 +461,14 @@ impl<C: Context> FlowChain<C> {
         self.name
     }
 
-    pub fn flow_names(&self) -> Vec<&'static str> {
-        self.flows.iter().map(|f| f.name()).collect()
+    /// The chain's steps in order.
+    pub fn flows(&self) -> Vec<FlowInfo> {
+        let info = |f: &Arc<dyn Flow<C>>| FlowInfo {
+            name: f.name(),
+            forward_only: f.forward_only(),
+            undoes: f.undoes(),
+        };
+        self.flows.iter().map(info).collect()
     }
 
     /// Run the chain; on failure everything that ran is rolled back before this returns.

@@ -1,8 +1,10 @@
-//! Inject a failure at exactly one step of create, start, stop, migrate and destroy — before
-//! the step runs, and after it ran — and show complete rollback: host capacity, IPs, NICs,
-//! volumes, primary-storage space and the VM row as before, no orphan VM or volume on a host.
-//! Steps past an operation's point of no return are retried instead, so there the operation
-//! completes. Agent failures (before and after the host did the work) are injected the same way.
+//! Inject a failure at exactly one step of each VM workflow — before the step runs, and after
+//! it ran — and show complete rollback: host capacity, IPs, NICs, volumes, primary-storage
+//! space and the VM row as before, no orphan VM or volume on a host. Steps past an operation's
+//! point of no return are retried instead, so there the operation completes. The steps come
+//! from the chains themselves (`chain_catalogue`): a step added to a chain is covered without
+//! editing these tests. Agent failures (before and after the host did the work) are injected
+//! the same way.
 #![cfg(madsim)]
 
 use serde_json::{json, Value};
@@ -10,7 +12,8 @@ use std::future::Future;
 use std::time::Duration;
 use stratus_agent_protocol::CommandKind;
 use stratus_core::error::Error;
-use stratus_core::flow::FaultWhen;
+use stratus_core::flow::{FaultWhen, FlowInfo};
+use stratus_core::services::vm::chain_catalogue;
 use stratus_sim_world::invariants::{census, check};
 use stratus_sim_world::{World, WorldSpec};
 use uuid::Uuid;
@@ -42,13 +45,23 @@ impl Fault {
     }
 }
 
-fn flows(chain: &'static str, names: &[&'static str]) -> Vec<Fault> {
-    names
-        .iter()
+/// The steps of `chain`, as the chain itself declares them.
+fn steps(chain: &str) -> Vec<FlowInfo> {
+    let all = chain_catalogue();
+    let found = all.into_iter().find(|(c, _)| *c == chain);
+    found.unwrap_or_else(|| panic!("no chain {chain}")).1
+}
+
+/// A fault before and one after each step of `chain` that rolls back (`forward` false), or
+/// each step past the point of no return, which is retried instead (`forward` true).
+fn faults(chain: &'static str, forward: bool) -> Vec<Fault> {
+    steps(chain)
+        .into_iter()
+        .filter(|f| f.forward_only == forward)
         .flat_map(|f| {
             [
-                Fault::Flow(chain, f, FaultWhen::Before),
-                Fault::Flow(chain, f, FaultWhen::After),
+                Fault::Flow(chain, f.name, FaultWhen::Before),
+                Fault::Flow(chain, f.name, FaultWhen::After),
             ]
         })
         .collect()
@@ -100,28 +113,19 @@ fn spec(seed: u64) -> WorldSpec {
     }
 }
 
-const CREATE_STEPS: &[&str] = &[
-    "vm-record",
-    "select-backup-storage",
-    "allocate-host",
-    "allocate-volumes",
-    "create-nics",
-    "allocate-ips",
-    "instantiate-volumes",
-    "network-services",
-    "start-on-hypervisor",
-    "mark-running",
-];
-
 #[test]
 fn create_rolls_back_completely_at_every_step() {
     World::run(spec(21), |w| async move {
-        let mut faults = flows("vm.create", CREATE_STEPS);
-        faults.push(Fault::AgentBefore(CommandKind::VolumeCreate));
-        faults.push(Fault::AgentAfter(CommandKind::VolumeCreate));
-        faults.push(Fault::AgentBefore(CommandKind::VmStart));
-        faults.push(Fault::AgentAfter(CommandKind::VmStart));
-        for (i, f) in faults.iter().enumerate() {
+        assert!(
+            faults("vm.create", true).is_empty(),
+            "cover create's forward steps"
+        );
+        let mut cases = faults("vm.create", false);
+        cases.push(Fault::AgentBefore(CommandKind::VolumeCreate));
+        cases.push(Fault::AgentAfter(CommandKind::VolumeCreate));
+        cases.push(Fault::AgentBefore(CommandKind::VmStart));
+        cases.push(Fault::AgentAfter(CommandKind::VmStart));
+        for (i, f) in cases.iter().enumerate() {
             let body = {
                 let mut b = w.vm_request(&format!("vm-{i}"), "small");
                 b["data_disk_offering_uuids"] = json!([w.dc.disk_offering]);
@@ -147,18 +151,14 @@ fn start_rolls_back_completely_at_every_step() {
     World::run(spec(22), |w| async move {
         let vm = uuid(&w.create_vm("vm", "small").await.unwrap());
         w.client.action("vms", vm, "stop", json!({})).await.unwrap();
-        let mut faults = flows(
-            "vm.start",
-            &[
-                "starting",
-                "allocate-host",
-                "start-on-hypervisor",
-                "mark-running",
-            ],
+        assert!(
+            faults("vm.start", true).is_empty(),
+            "cover start's forward steps"
         );
-        faults.push(Fault::AgentBefore(CommandKind::VmStart));
-        faults.push(Fault::AgentAfter(CommandKind::VmStart));
-        for f in &faults {
+        let mut cases = faults("vm.start", false);
+        cases.push(Fault::AgentBefore(CommandKind::VmStart));
+        cases.push(Fault::AgentAfter(CommandKind::VmStart));
+        for f in &cases {
             let out = case(&w, f, || w.client.action("vms", vm, "start", json!({}))).await;
             assert!(out.is_err(), "{}: start should fail", f.label());
             assert_eq!(
@@ -183,7 +183,7 @@ fn start_rolls_back_completely_at_every_step() {
 fn stop_rolls_back_before_the_host_stops_and_completes_after() {
     World::run(spec(23), |w| async move {
         let vm = uuid(&w.create_vm("vm", "small").await.unwrap());
-        let reversible = flows("vm.stop", &["stopping", "stop-on-hypervisor"]);
+        let reversible = faults("vm.stop", false);
         for f in reversible.iter().chain(
             [
                 Fault::AgentBefore(CommandKind::VmStop),
@@ -200,7 +200,7 @@ fn stop_rolls_back_before_the_host_stops_and_completes_after() {
                 f.label()
             );
         }
-        for f in flows("vm.stop", &["release-host", "mark-stopped"]) {
+        for f in faults("vm.stop", true) {
             let out = case(&w, &f, || w.client.action("vms", vm, "stop", json!({}))).await;
             assert_eq!(
                 out.unwrap_or_else(|e| panic!("{}: {e}", f.label()))["state"],
@@ -222,13 +222,10 @@ fn migrate_rolls_back_completely_at_every_step() {
     World::run(spec(24), |w| async move {
         let vm = uuid(&w.create_vm("vm", "small").await.unwrap());
         let host_of = |v: &Value| v["host_uuid"].as_str().unwrap().to_string();
-        let mut faults = flows(
-            "vm.migrate",
-            &["migrating", "allocate-destination", "migrate-on-hypervisor"],
-        );
-        faults.push(Fault::AgentBefore(CommandKind::VmMigrate));
-        faults.push(Fault::AgentBefore(CommandKind::VmReceive));
-        for f in &faults {
+        let mut cases = faults("vm.migrate", false);
+        cases.push(Fault::AgentBefore(CommandKind::VmMigrate));
+        cases.push(Fault::AgentBefore(CommandKind::VmReceive));
+        for f in &cases {
             let src = host_of(&w.client.one("vms", vm).await.unwrap());
             let out = case(&w, f, || w.client.action("vms", vm, "migrate", json!({}))).await;
             assert!(out.is_err(), "{}: migrate should fail", f.label());
@@ -249,11 +246,14 @@ fn migrate_rolls_back_completely_at_every_step() {
             .expect("completes");
         assert_ne!(host_of(&out), src);
         // Past the point of no return, failures are retried.
-        let f = Fault::Flow("vm.migrate", "switch-host", FaultWhen::Before);
-        let out = case(&w, &f, || w.client.action("vms", vm, "migrate", json!({})))
-            .await
-            .expect("completes");
-        assert_eq!(out["state"], "Running");
+        for f in faults("vm.migrate", true) {
+            let src = host_of(&w.client.one("vms", vm).await.unwrap());
+            let out = case(&w, &f, || w.client.action("vms", vm, "migrate", json!({})))
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", f.label()));
+            assert_eq!(out["state"], "Running", "{}", f.label());
+            assert_ne!(host_of(&out), src, "{}", f.label());
+        }
         settle_and_check(&w, "final").await;
     });
 }
@@ -262,10 +262,10 @@ fn migrate_rolls_back_completely_at_every_step() {
 fn destroy_rolls_back_before_the_host_destroys_and_completes_after() {
     World::run(spec(25), |w| async move {
         let vm = uuid(&w.create_vm("vm", "small").await.unwrap());
-        let mut faults = flows("vm.destroy", &["destroying", "destroy-on-hypervisor"]);
-        faults.push(Fault::AgentBefore(CommandKind::VmDestroy));
-        faults.push(Fault::AgentAfter(CommandKind::VmDestroy));
-        for f in &faults {
+        let mut cases = faults("vm.destroy", false);
+        cases.push(Fault::AgentBefore(CommandKind::VmDestroy));
+        cases.push(Fault::AgentAfter(CommandKind::VmDestroy));
+        for f in &cases {
             let out = case(&w, f, || w.client.action("vms", vm, "destroy", json!({}))).await;
             assert!(out.is_err(), "{}: destroy should fail", f.label());
             assert_eq!(
@@ -275,24 +275,7 @@ fn destroy_rolls_back_before_the_host_destroys_and_completes_after() {
                 f.label()
             );
         }
-        for (i, step) in [
-            "release-host",
-            "release-ips",
-            "detach-data-volumes",
-            "mark-destroyed",
-        ]
-        .iter()
-        .enumerate()
-        {
-            let f = Fault::Flow(
-                "vm.destroy",
-                step,
-                if i % 2 == 0 {
-                    FaultWhen::Before
-                } else {
-                    FaultWhen::After
-                },
-            );
+        for f in faults("vm.destroy", true) {
             let out = case(&w, &f, || w.client.action("vms", vm, "destroy", json!({}))).await;
             assert_eq!(
                 out.unwrap_or_else(|e| panic!("{}: {e}", f.label()))["state"],
@@ -309,6 +292,130 @@ fn destroy_rolls_back_before_the_host_destroys_and_completes_after() {
                 .await
                 .unwrap();
         }
+        settle_and_check(&w, "final").await;
+    });
+}
+
+#[test]
+fn reboot_rolls_back_before_the_host_reboots_and_completes_after() {
+    World::run(spec(26), |w| async move {
+        let vm = uuid(&w.create_vm("vm", "small").await.unwrap());
+        let mut cases = faults("vm.reboot", false);
+        cases.push(Fault::AgentBefore(CommandKind::VmReboot));
+        for f in &cases {
+            let out = case(&w, f, || w.client.action("vms", vm, "reboot", json!({}))).await;
+            assert!(out.is_err(), "{}: reboot should fail", f.label());
+            let now = w.client.one("vms", vm).await.unwrap();
+            assert_eq!(now["state"], "Running", "{}", f.label());
+        }
+        for f in faults("vm.reboot", true) {
+            let out = case(&w, &f, || w.client.action("vms", vm, "reboot", json!({}))).await;
+            let out = out.unwrap_or_else(|e| panic!("{}: {e}", f.label()));
+            assert_eq!(out["state"], "Running", "{}", f.label());
+        }
+        settle_and_check(&w, "final").await;
+    });
+}
+
+#[test]
+fn recover_rolls_back_completely_at_every_step() {
+    World::run(spec(27), |w| async move {
+        let vm = uuid(&w.create_vm("vm", "small").await.unwrap());
+        w.client
+            .action("vms", vm, "destroy", json!({}))
+            .await
+            .unwrap();
+        assert!(
+            faults("vm.recover", true).is_empty(),
+            "cover recover's forward steps"
+        );
+        for f in &faults("vm.recover", false) {
+            let out = case(&w, f, || w.client.action("vms", vm, "recover", json!({}))).await;
+            assert!(out.is_err(), "{}: recover should fail", f.label());
+            let now = w.client.one("vms", vm).await.unwrap();
+            assert_eq!(now["state"], "Destroyed", "{}", f.label());
+        }
+        let out = w.client.action("vms", vm, "recover", json!({})).await;
+        assert_eq!(out.unwrap()["state"], "Stopped");
+        settle_and_check(&w, "final").await;
+    });
+}
+
+#[test]
+fn expunge_rolls_back_before_it_deletes_and_completes_after() {
+    World::run(spec(28), |w| async move {
+        let destroyed = |name: String| {
+            let w = &w;
+            async move {
+                let vm = uuid(&w.create_vm(&name, "small").await.unwrap());
+                w.client
+                    .action("vms", vm, "destroy", json!({}))
+                    .await
+                    .unwrap();
+                vm
+            }
+        };
+        let vm = destroyed("vm".into()).await;
+        for f in &faults("vm.expunge", false) {
+            let out = case(&w, f, || w.client.action("vms", vm, "expunge", json!({}))).await;
+            assert!(out.is_err(), "{}: expunge should fail", f.label());
+            let now = w.client.one("vms", vm).await.unwrap();
+            assert_eq!(now["state"], "Destroyed", "{}", f.label());
+        }
+        for (i, f) in faults("vm.expunge", true).iter().enumerate() {
+            let vm = destroyed(format!("gone-{i}")).await;
+            let out = case(&w, f, || w.client.action("vms", vm, "expunge", json!({}))).await;
+            out.unwrap_or_else(|e| panic!("{}: {e}", f.label()));
+            let e = w.client.one("vms", vm).await.unwrap_err();
+            assert_eq!(e.code, stratus_core::ErrorCode::NotFound, "{}", f.label());
+        }
+        settle_and_check(&w, "final").await;
+    });
+}
+
+#[test]
+fn volume_attach_and_detach_roll_back_completely_at_every_step() {
+    World::run(spec(29), |w| async move {
+        let vm = uuid(&w.create_vm("vm", "small").await.unwrap());
+        let body = json!({"name": "data", "disk_offering_uuid": w.dc.disk_offering});
+        let vol = uuid(&w.client.create("volumes", body).await.unwrap());
+        let attached_to = |v: Value| v["vm_uuid"].as_str().map(str::to_string);
+        let attach = || {
+            w.client
+                .action("volumes", vol, "attach", json!({"vm_uuid": vm}))
+        };
+        let detach = || w.client.action("volumes", vol, "detach", json!({}));
+
+        assert!(
+            faults("volume.attach", true).is_empty(),
+            "cover attach's forward steps"
+        );
+        let mut cases = faults("volume.attach", false);
+        cases.push(Fault::AgentBefore(CommandKind::VolumeCreate));
+        cases.push(Fault::AgentBefore(CommandKind::VolumeAttach));
+        for f in &cases {
+            let out = case(&w, f, attach).await;
+            assert!(out.is_err(), "{}: attach should fail", f.label());
+            let now = w.client.one("volumes", vol).await.unwrap();
+            assert_eq!(attached_to(now), None, "{}", f.label());
+        }
+        let out = attach().await.unwrap();
+        assert_eq!(attached_to(out), Some(vm.to_string()));
+
+        assert!(
+            faults("volume.detach", true).is_empty(),
+            "cover detach's forward steps"
+        );
+        let mut cases = faults("volume.detach", false);
+        cases.push(Fault::AgentBefore(CommandKind::VolumeDetach));
+        for f in &cases {
+            let out = case(&w, f, detach).await;
+            assert!(out.is_err(), "{}: detach should fail", f.label());
+            let now = w.client.one("volumes", vol).await.unwrap();
+            assert_eq!(attached_to(now), Some(vm.to_string()), "{}", f.label());
+        }
+        let out = detach().await.unwrap();
+        assert_eq!(attached_to(out), None);
         settle_and_check(&w, "final").await;
     });
 }

@@ -7,12 +7,12 @@ use super::power::PowerCtx;
 use super::{create, lifecycle, migrate, power, vm_queue};
 use super::{CreateVm, DestroyVm, ExpungeVm, MigrateVm, RebootVm, RecoverVm, StartVm, StopVm};
 use crate::error::Error;
-use crate::flow::FlowChain;
+use crate::flow::{FlowChain, FlowInfo};
 use crate::model::*;
 use crate::services::Cloud;
 use std::sync::Arc;
 
-struct Chains {
+pub(super) struct Chains {
     create: Arc<FlowChain<CreateCtx>>,
     start: Arc<FlowChain<PowerCtx>>,
     stop: Arc<FlowChain<PowerCtx>>,
@@ -23,18 +23,38 @@ struct Chains {
     migrate: Arc<FlowChain<MigrateCtx>>,
 }
 
+impl Chains {
+    pub(super) fn new(w: &std::sync::Weak<Cloud>) -> Self {
+        Chains {
+            create: Arc::new(create::chain(w)),
+            start: Arc::new(power::start_chain(w)),
+            stop: Arc::new(power::stop_chain(w)),
+            reboot: Arc::new(power::reboot_chain(w)),
+            destroy: Arc::new(lifecycle::destroy_chain(w)),
+            recover: Arc::new(lifecycle::recover_chain(w)),
+            expunge: Arc::new(lifecycle::expunge_chain(w)),
+            migrate: Arc::new(migrate::chain(w)),
+        }
+    }
+
+    /// Each chain's name and steps (see [`super::chain_catalogue`]).
+    pub(super) fn catalogue(&self) -> Vec<(&'static str, Vec<FlowInfo>)> {
+        vec![
+            (self.create.name(), self.create.flows()),
+            (self.start.name(), self.start.flows()),
+            (self.stop.name(), self.stop.flows()),
+            (self.reboot.name(), self.reboot.flows()),
+            (self.destroy.name(), self.destroy.flows()),
+            (self.recover.name(), self.recover.flows()),
+            (self.expunge.name(), self.expunge.flows()),
+            (self.migrate.name(), self.migrate.flows()),
+        ]
+    }
+}
+
 pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
     let w = Arc::downgrade(cloud);
-    let ch = Arc::new(Chains {
-        create: Arc::new(create::chain(&w)),
-        start: Arc::new(power::start_chain(&w)),
-        stop: Arc::new(power::stop_chain(&w)),
-        reboot: Arc::new(power::reboot_chain(&w)),
-        destroy: Arc::new(lifecycle::destroy_chain(&w)),
-        recover: Arc::new(lifecycle::recover_chain(&w)),
-        expunge: Arc::new(lifecycle::expunge_chain(&w)),
-        migrate: Arc::new(migrate::chain(&w)),
-    });
+    let ch = Arc::new(Chains::new(&w));
     let reg = &cloud.engine.chains;
     reg.register(ch.create.clone());
     reg.register(ch.start.clone());

@@ -362,6 +362,19 @@ pub fn participants(db: &Db, bus: &Bus) -> Vec<Arc<dyn CascadeParticipant>> {
     ]
 }
 
+/// Every workflow of the VM and volume services with its steps in order, built without a cloud
+/// (nothing runs). Tests drive their fault injection from it, so a step added to a chain is
+/// covered without editing them.
+pub fn chain_catalogue() -> Vec<(&'static str, Vec<crate::flow::FlowInfo>)> {
+    let w = std::sync::Weak::new();
+    let mut all = handlers::Chains::new(&w).catalogue();
+    let attach = volume::attach_chain(&w);
+    let detach = volume::detach_chain(&w);
+    all.push((attach.name(), attach.flows()));
+    all.push((detach.name(), detach.flows()));
+    all
+}
+
 pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
     handlers::register(cloud)?;
     volume::register(cloud)?;

@@ -153,7 +153,7 @@ pub(crate) async fn delete_volume_everywhere(
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct AttachCtx {
+pub(super) struct AttachCtx {
     volume: Uuid,
     vm: Uuid,
     host: Option<Uuid>,
@@ -173,6 +173,16 @@ pub(super) fn detachment(volume: Uuid) -> Update {
     Update::of::<Volume>(volume)
         .set("vm_uuid", Value::Null)
         .set("device_index", Value::Null)
+}
+
+/// Undo a recording step with `update`, guarded by what the step wrote: a guard that does not
+/// hold means the step's record is not there, and there is nothing to undo.
+async fn undo_record(c: &Cloud, update: Update) -> Result<(), Error> {
+    match c.db().commit(Batch::new().update(update)).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.class() == ErrorClass::ConditionFailed => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn gone() -> Error {
@@ -334,6 +344,15 @@ impl Flow<AttachCtx> for AttachStep {
     async fn rollback(&self, ctx: &mut AttachCtx) -> Result<(), Error> {
         let c = self.cloud.upgrade().ok_or_else(gone)?;
         match self.name {
+            "record-attachment" => {
+                // The record may have been written before the step failed: take back this
+                // attachment's, never another's.
+                let undo = detachment(ctx.volume)
+                    .if_exists()
+                    .when_eq("vm_uuid", ctx.vm)
+                    .when_eq("device_index", ctx.device);
+                undo_record(&c, undo).await
+            }
             "reserve-storage" if ctx.placed => {
                 let Some(v) = c.db().get::<Volume>(ctx.volume).await? else {
                     return Ok(());
@@ -362,7 +381,7 @@ impl Flow<AttachCtx> for AttachStep {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct DetachCtx {
+pub(super) struct DetachCtx {
     volume: Uuid,
     vm: Uuid,
     host: Option<Uuid>,
@@ -438,6 +457,19 @@ impl Flow<DetachCtx> for DetachStep {
 
     async fn rollback(&self, ctx: &mut DetachCtx) -> Result<(), Error> {
         let c = self.cloud.upgrade().ok_or_else(gone)?;
+        if self.name == "record-detachment" {
+            // The record may have been cleared before the step failed: put this attachment
+            // back, unless the volume is recorded elsewhere by now.
+            let back = Update::of::<Volume>(ctx.volume)
+                .if_exists()
+                .when(stratus_store::Cond::new(
+                    "vm_uuid",
+                    stratus_store::Op::IsNull,
+                ))
+                .set("vm_uuid", ctx.vm)
+                .set("device_index", ctx.device);
+            return undo_record(&c, back).await;
+        }
         if self.name == "detach-on-hypervisor" && ctx.running {
             let v = c.get::<Volume>(ctx.volume).await?;
             let target = c
@@ -534,30 +566,34 @@ async fn attach(
     c.get::<Volume>(volume).await
 }
 
-pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
-    let w = Arc::downgrade(cloud);
+pub(super) fn attach_chain(w: &Weak<Cloud>) -> FlowChain<AttachCtx> {
     let a = |name| AttachStep {
         name,
         cloud: w.clone(),
     };
-    let attach_chain = Arc::new(
-        FlowChain::new("volume.attach")
-            .then(a("check"))
-            .then(a("reserve-storage"))
-            .then(a("create-on-host"))
-            .then(a("attach-on-hypervisor"))
-            .then(a("record-attachment")),
-    );
+    FlowChain::new("volume.attach")
+        .then(a("check"))
+        .then(a("reserve-storage"))
+        .then(a("create-on-host"))
+        .then(a("attach-on-hypervisor"))
+        .then(a("record-attachment"))
+}
+
+pub(super) fn detach_chain(w: &Weak<Cloud>) -> FlowChain<DetachCtx> {
     let d = |name| DetachStep {
         name,
         cloud: w.clone(),
     };
-    let detach_chain = Arc::new(
-        FlowChain::new("volume.detach")
-            .then(d("check"))
-            .then(d("detach-on-hypervisor"))
-            .then(d("record-detachment")),
-    );
+    FlowChain::new("volume.detach")
+        .then(d("check"))
+        .then(d("detach-on-hypervisor"))
+        .then(d("record-detachment"))
+}
+
+pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
+    let w = Arc::downgrade(cloud);
+    let attach_chain = Arc::new(attach_chain(&w));
+    let detach_chain = Arc::new(detach_chain(&w));
     cloud.engine.chains.register(attach_chain.clone());
     cloud.engine.chains.register(detach_chain.clone());
 
