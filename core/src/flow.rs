@@ -176,6 +176,11 @@ pub enum FaultWhen {
     Before,
     /// The flow runs, then fails (its effects happened; rollback must undo them).
     After,
+    /// The flow runs twice in a row, as a retry or a recovery runs it again; the chain goes on
+    /// with the second outcome (steps are idempotent: the second run must change nothing).
+    Twice,
+    /// The flow's rollback, when it runs, runs twice in a row (undos are idempotent too).
+    UndoTwice,
 }
 
 /// Test hooks that fail a given flow of a given chain (the design's "buggify points"). Nothing
@@ -506,14 +511,28 @@ impl<C: Context> FlowChain<C> {
         {
             return Err(injected(self.name, flow.name()));
         }
-        match AssertUnwindSafe(flow.run(ctx)).catch_unwind().await {
-            Ok(Ok(()))
-                if journal
-                    .faults
-                    .take(self.name, flow.name(), FaultWhen::After) =>
-            {
+        let outcome = self.run_once(flow, ctx).await;
+        let faults = &journal.faults;
+        match outcome {
+            Ok(()) if faults.take(self.name, flow.name(), FaultWhen::After) => {
                 Err(injected(self.name, flow.name()))
             }
+            Ok(()) if faults.take(self.name, flow.name(), FaultWhen::Twice) => {
+                self.run_once(flow, ctx).await
+            }
+            r => r,
+        }
+    }
+
+    async fn run_once(&self, flow: &dyn Flow<C>, ctx: &mut C) -> Result<(), Error> {
+        match AssertUnwindSafe(flow.run(ctx)).catch_unwind().await {
+            Ok(r) => r,
+            Err(p) => Err(panicked(flow.name(), p)),
+        }
+    }
+
+    async fn undo_once(&self, flow: &dyn Flow<C>, ctx: &mut C) -> Result<(), Error> {
+        match AssertUnwindSafe(flow.rollback(ctx)).catch_unwind().await {
             Ok(r) => r,
             Err(p) => Err(panicked(flow.name(), p)),
         }
@@ -609,13 +628,11 @@ impl<C: Context> FlowChain<C> {
             let mut delay = Duration::from_millis(100);
             let mut r = Ok(());
             for attempt in 0..ROLLBACK_ATTEMPTS {
-                r = match AssertUnwindSafe(flow.rollback(&mut ctx))
-                    .catch_unwind()
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(p) => Err(panicked(flow.name(), p)),
-                };
+                r = self.undo_once(flow.as_ref(), &mut ctx).await;
+                let faults = &journal.faults;
+                if r.is_ok() && faults.take(self.name, flow.name(), FaultWhen::UndoTwice) {
+                    r = self.undo_once(flow.as_ref(), &mut ctx).await;
+                }
                 match &r {
                     Err(e) if attempt + 1 < ROLLBACK_ATTEMPTS => {
                         tracing::debug!(chain = self.name, flow = flow.name(), error = %e, attempt, "rollback failed; retrying");

@@ -419,3 +419,247 @@ fn volume_attach_and_detach_roll_back_completely_at_every_step() {
         settle_and_check(&w, "final").await;
     });
 }
+
+/// Run `op` with step `flow` of `chain` run twice; it must succeed, and the fault must fire.
+async fn twice<F, Fut>(w: &World, chain: &'static str, flow: &'static str, op: F) -> Value
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Value, Error>>,
+{
+    let fired = w.flow_faults.fired();
+    w.flow_faults.arm(chain, flow, FaultWhen::Twice, 1);
+    let out = op()
+        .await
+        .unwrap_or_else(|e| panic!("{chain}/{flow} run twice: {e}"));
+    assert_eq!(
+        w.flow_faults.fired(),
+        fired + 1,
+        "{chain}/{flow}: not run twice"
+    );
+    w.flow_faults.clear();
+    settle_and_check(w, &format!("{chain}/{flow} run twice")).await;
+    out
+}
+
+/// Fail `chain` after its last step that rolls back, with each undo in turn run twice: `op`
+/// must fail and leave the census as before.
+async fn every_undo_twice<F, Fut>(w: &World, chain: &'static str, op: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<Value, Error>>,
+{
+    let reversible: Vec<FlowInfo> = steps(chain)
+        .into_iter()
+        .filter(|f| !f.forward_only)
+        .collect();
+    let last = reversible.last().expect("a step that rolls back").name;
+    for f in reversible.iter().filter(|f| f.undoes) {
+        let label = format!("{chain}/{} undone twice", f.name);
+        let before = census(w).await.unwrap();
+        let fired = w.flow_faults.fired();
+        w.flow_faults.arm(chain, last, FaultWhen::After, 1);
+        w.flow_faults.arm(chain, f.name, FaultWhen::UndoTwice, 1);
+        assert!(op().await.is_err(), "{label}: should fail");
+        assert_eq!(w.flow_faults.fired(), fired + 2, "{label}: did not fire");
+        w.flow_faults.clear();
+        settle_and_check(w, &label).await;
+        assert_eq!(census(w).await.unwrap(), before, "{label}: not rolled back");
+    }
+}
+
+/// Every step of VM creation run twice ends as a single run does; every undo run twice ends
+/// as before.
+#[test]
+fn create_steps_and_undos_are_idempotent() {
+    World::run(spec(31), |w| async move {
+        let remove = |vm: Uuid| {
+            let w = &w;
+            async move {
+                w.client
+                    .action("vms", vm, "destroy", json!({}))
+                    .await
+                    .unwrap();
+                w.client
+                    .action("vms", vm, "expunge", json!({}))
+                    .await
+                    .unwrap();
+                settle_and_check(w, "removed").await;
+            }
+        };
+        let base = census(&w).await.unwrap();
+        let once = uuid(&w.create_vm("once", "small").await.unwrap());
+        settle_and_check(&w, "created once").await;
+        let after_once = census(&w).await.unwrap();
+        remove(once).await;
+        assert_eq!(census(&w).await.unwrap(), base);
+        for (i, f) in steps("vm.create").iter().enumerate() {
+            let name = format!("twice-{i}");
+            let vm = twice(&w, "vm.create", f.name, || w.create_vm(&name, "small")).await;
+            assert_eq!(vm["state"], "Running", "{}", f.name);
+            assert_eq!(
+                census(&w).await.unwrap(),
+                after_once,
+                "{}: not as once",
+                f.name
+            );
+            remove(uuid(&vm)).await;
+        }
+        every_undo_twice(&w, "vm.create", || w.create_vm("undone", "small")).await;
+    });
+}
+
+/// The power chains and migration, each step run twice, end as once; their undos run twice
+/// end as before.
+#[test]
+fn power_and_migrate_steps_and_undos_are_idempotent() {
+    World::run(spec(32), |w| async move {
+        let vm = uuid(&w.create_vm("vm", "small").await.unwrap());
+        let act = |a: &'static str| w.client.action("vms", vm, a, json!({}));
+        settle_and_check(&w, "running").await;
+        let running = census(&w).await.unwrap();
+        act("stop").await.unwrap();
+        settle_and_check(&w, "stopped").await;
+        let stopped = census(&w).await.unwrap();
+        act("start").await.unwrap();
+        for f in steps("vm.stop") {
+            let out = twice(&w, "vm.stop", f.name, || act("stop")).await;
+            assert_eq!(out["state"], "Stopped", "{}", f.name);
+            assert_eq!(
+                census(&w).await.unwrap(),
+                stopped,
+                "{}: not as once",
+                f.name
+            );
+            act("start").await.unwrap();
+        }
+        for f in steps("vm.start") {
+            act("stop").await.unwrap();
+            let out = twice(&w, "vm.start", f.name, || act("start")).await;
+            assert_eq!(out["state"], "Running", "{}", f.name);
+            assert_eq!(
+                census(&w).await.unwrap(),
+                running,
+                "{}: not as once",
+                f.name
+            );
+        }
+        for chain in ["vm.reboot", "vm.migrate"] {
+            let action = if chain == "vm.reboot" {
+                "reboot"
+            } else {
+                "migrate"
+            };
+            for f in steps(chain) {
+                let out = twice(&w, chain, f.name, || act(action)).await;
+                assert_eq!(out["state"], "Running", "{chain}/{}", f.name);
+                assert_eq!(census(&w).await.unwrap(), running, "{chain}/{}", f.name);
+            }
+        }
+        every_undo_twice(&w, "vm.stop", || act("stop")).await;
+        every_undo_twice(&w, "vm.reboot", || act("reboot")).await;
+        every_undo_twice(&w, "vm.migrate", || act("migrate")).await;
+        act("stop").await.unwrap();
+        every_undo_twice(&w, "vm.start", || act("start")).await;
+    });
+}
+
+/// Destroy, recover and expunge, each step run twice, end as once; their undos run twice end
+/// as before.
+#[test]
+fn lifecycle_steps_and_undos_are_idempotent() {
+    World::run(spec(33), |w| async move {
+        let vm = uuid(&w.create_vm("vm", "small").await.unwrap());
+        let act = |vm: Uuid, a: &'static str| w.client.action("vms", vm, a, json!({}));
+        act(vm, "destroy").await.unwrap();
+        settle_and_check(&w, "destroyed").await;
+        let destroyed = census(&w).await.unwrap();
+        act(vm, "recover").await.unwrap();
+        settle_and_check(&w, "recovered").await;
+        let recovered = census(&w).await.unwrap();
+        act(vm, "start").await.unwrap();
+        for f in steps("vm.destroy") {
+            let out = twice(&w, "vm.destroy", f.name, || act(vm, "destroy")).await;
+            assert_eq!(out["state"], "Destroyed", "{}", f.name);
+            assert_eq!(
+                census(&w).await.unwrap(),
+                destroyed,
+                "{}: not as once",
+                f.name
+            );
+            act(vm, "recover").await.unwrap();
+            act(vm, "start").await.unwrap();
+        }
+        act(vm, "destroy").await.unwrap();
+        for f in steps("vm.recover") {
+            let out = twice(&w, "vm.recover", f.name, || act(vm, "recover")).await;
+            assert_eq!(out["state"], "Stopped", "{}", f.name);
+            assert_eq!(
+                census(&w).await.unwrap(),
+                recovered,
+                "{}: not as once",
+                f.name
+            );
+            act(vm, "destroy").await.unwrap();
+        }
+        every_undo_twice(&w, "vm.recover", || act(vm, "recover")).await;
+        every_undo_twice(&w, "vm.expunge", || act(vm, "expunge")).await;
+        act(vm, "expunge").await.unwrap();
+        settle_and_check(&w, "expunged").await;
+        let gone = census(&w).await.unwrap();
+        for (i, f) in steps("vm.expunge").iter().enumerate() {
+            let vm = uuid(&w.create_vm(&format!("gone-{i}"), "small").await.unwrap());
+            act(vm, "destroy").await.unwrap();
+            twice(&w, "vm.expunge", f.name, || act(vm, "expunge")).await;
+            assert_eq!(census(&w).await.unwrap(), gone, "{}: not as once", f.name);
+        }
+        let vm = uuid(&w.create_vm("undone", "small").await.unwrap());
+        every_undo_twice(&w, "vm.destroy", || act(vm, "destroy")).await;
+    });
+}
+
+/// Volume attach and detach, each step run twice, end as once; their undos run twice end as
+/// before.
+#[test]
+fn volume_steps_and_undos_are_idempotent() {
+    World::run(spec(34), |w| async move {
+        let vm = uuid(&w.create_vm("vm", "small").await.unwrap());
+        let body = json!({"name": "data", "disk_offering_uuid": w.dc.disk_offering});
+        let vol = uuid(&w.client.create("volumes", body).await.unwrap());
+        let attach = || {
+            w.client
+                .action("volumes", vol, "attach", json!({"vm_uuid": vm}))
+        };
+        let detach = || w.client.action("volumes", vol, "detach", json!({}));
+        attach().await.unwrap();
+        settle_and_check(&w, "attached").await;
+        let attached = census(&w).await.unwrap();
+        detach().await.unwrap();
+        settle_and_check(&w, "detached").await;
+        let detached = census(&w).await.unwrap();
+        for f in steps("volume.attach") {
+            let out = twice(&w, "volume.attach", f.name, attach).await;
+            assert_eq!(out["vm_uuid"], vm.to_string(), "{}", f.name);
+            assert_eq!(
+                census(&w).await.unwrap(),
+                attached,
+                "{}: not as once",
+                f.name
+            );
+            detach().await.unwrap();
+        }
+        for f in steps("volume.detach") {
+            attach().await.unwrap();
+            let out = twice(&w, "volume.detach", f.name, detach).await;
+            assert!(out["vm_uuid"].is_null(), "{}", f.name);
+            assert_eq!(
+                census(&w).await.unwrap(),
+                detached,
+                "{}: not as once",
+                f.name
+            );
+        }
+        every_undo_twice(&w, "volume.attach", attach).await;
+        attach().await.unwrap();
+        every_undo_twice(&w, "volume.detach", detach).await;
+    });
+}

@@ -423,6 +423,43 @@ async fn armed_fault_points_fail_exactly_their_flow() {
     assert_eq!(e.journal.faults().fired(), 2);
 }
 
+#[tokio::test]
+async fn twice_runs_a_flow_again_and_undo_twice_its_rollback() {
+    let (e, _) = env(10);
+    let log = Log::default();
+    let chain = FlowChain::new("test.twice")
+        .then(step("a", &log))
+        .then(step("b", &log))
+        .then(step("c", &log));
+    let faults = e.journal.faults();
+    faults.arm("test.twice", "b", FaultWhen::Twice, 1);
+    chain
+        .run(&e.journal, target(), Ctx::default())
+        .await
+        .unwrap();
+    assert_eq!(logged(&log), vec!["run a", "run b", "run b", "run c"]);
+    log.lock().unwrap().clear();
+    faults.arm("test.twice", "c", FaultWhen::After, 1);
+    faults.arm("test.twice", "a", FaultWhen::UndoTwice, 1);
+    chain
+        .run(&e.journal, target(), Ctx::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        logged(&log),
+        vec![
+            "run a",
+            "run b",
+            "run c",
+            "rollback c",
+            "rollback b",
+            "rollback a",
+            "rollback a"
+        ]
+    );
+    assert_eq!(faults.fired(), 3);
+}
+
 /// A memory store that counts the journal's commits and can refuse to remove a journal.
 struct JournalWatch {
     mem: MemStore,

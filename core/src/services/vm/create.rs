@@ -140,6 +140,14 @@ async fn select_backup_storage(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(),
 }
 
 async fn allocate_host(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
+    if let Some(host) = ctx.host {
+        // Run again (a retry, a recovery): once its earlier run recorded the VM on the host it
+        // reserved, that reservation stands; another would hold capacity twice.
+        let vm = c.get::<Vm>(ctx.vm).await?;
+        if vm.host_uuid == Some(host) && vm.state == VmState::Starting {
+            return Ok(());
+        }
+    }
     let spec = AllocationSpec {
         cpu: ctx.cpu,
         memory_mib: ctx.memory_mib,

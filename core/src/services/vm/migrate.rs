@@ -48,6 +48,10 @@ pub(super) fn chain(w: &Weak<Cloud>) -> FlowChain<MigrateCtx> {
 
 async fn migrating(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
     let vm = c.get::<Vm>(ctx.vm).await?;
+    if vm.state == VmState::Migrating {
+        // Run again (a retry, a recovery): its own earlier run set it, in the VM's queue.
+        return Ok(());
+    }
     vm.state.check(vm.uuid, VmAction::Migrate)?;
     c.engine.ext.vm_before(VmOp::Migrate, &info(&vm)).await?;
     changed_meanwhile(
@@ -62,6 +66,17 @@ async fn migrating_undo(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error
 }
 
 async fn allocate_destination(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
+    if let Some(dest) = ctx.dest {
+        // Run again (a retry, a recovery): the destination its earlier run reserved stands;
+        // another would hold capacity twice.
+        let held = c
+            .db()
+            .get::<Reservation>(reservation_uuid(ctx.vm, dest))
+            .await?;
+        if held.is_some() {
+            return Ok(());
+        }
+    }
     let vm = c.get::<Vm>(ctx.vm).await?;
     let disk: i64 = c
         .db()

@@ -72,6 +72,10 @@ pub(super) fn reboot_chain(w: &Weak<Cloud>) -> FlowChain<PowerCtx> {
 
 async fn starting(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
     let vm = c.get::<Vm>(ctx.vm).await?;
+    if vm.state == VmState::Starting {
+        // Run again (a retry, a recovery): its own earlier run set it, in the VM's queue.
+        return Ok(());
+    }
     vm.state.check(vm.uuid, VmAction::Start)?;
     c.engine.ext.vm_before(VmOp::Start, &info(&vm)).await?;
     changed_meanwhile(
@@ -242,6 +246,11 @@ async fn stopped(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
 
 async fn rebooting(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
     let vm = c.get::<Vm>(ctx.vm).await?;
+    if vm.state == VmState::Rebooting {
+        // Run again (a retry, a recovery): its own earlier run set it, in the VM's queue.
+        ctx.host = vm.host_uuid;
+        return Ok(());
+    }
     vm.state.check(vm.uuid, VmAction::Reboot)?;
     c.engine.ext.vm_before(VmOp::Reboot, &info(&vm)).await?;
     ctx.host = vm.host_uuid;

@@ -322,20 +322,26 @@ impl Flow<AttachCtx> for AttachStep {
                 agent(&c, &target, &AttachVolumeCmd { vm: ctx.vm, disk }).await
             }
             "record-attachment" => {
-                c.db()
-                    .commit(
-                        Batch::new().update(
-                            Update::of::<Volume>(ctx.volume)
-                                .when(stratus_store::Cond::new(
-                                    "vm_uuid",
-                                    stratus_store::Op::IsNull,
-                                ))
-                                .set("vm_uuid", ctx.vm)
-                                .set("device_index", ctx.device),
-                        ),
-                    )
-                    .await?;
-                Ok(())
+                let record = Update::of::<Volume>(ctx.volume)
+                    .when(stratus_store::Cond::new(
+                        "vm_uuid",
+                        stratus_store::Op::IsNull,
+                    ))
+                    .set("vm_uuid", ctx.vm)
+                    .set("device_index", ctx.device);
+                match c.db().commit(Batch::new().update(record)).await {
+                    Ok(_) => Ok(()),
+                    // Run again (a retry, a recovery): recorded already, as this attachment.
+                    Err(e) if e.class() == ErrorClass::ConditionFailed => {
+                        let v = c.get::<Volume>(ctx.volume).await?;
+                        if v.vm_uuid == Some(ctx.vm) && v.device_index == Some(ctx.device) {
+                            Ok(())
+                        } else {
+                            Err(e.into())
+                        }
+                    }
+                    Err(e) => Err(e.into()),
+                }
             }
             _ => Ok(()),
         }
