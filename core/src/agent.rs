@@ -192,8 +192,22 @@ impl AgentClient {
         cmd: &C,
         timeout: Duration,
     ) -> Result<C::Reply, Error> {
+        self.call_as(host, cmd, timeout, None).await
+    }
+
+    /// [`call`](Self::call) of a long command under task id `task` when given: an id chosen
+    /// (and journaled) before the command is sent, so that whoever undoes its work can ask the
+    /// agent where the task stands first
+    /// ([`TaskStatusCmd`](stratus_agent_protocol::TaskStatusCmd)).
+    pub async fn call_as<C: Command>(
+        &self,
+        host: &HostTarget,
+        cmd: &C,
+        timeout: Duration,
+        task: Option<Uuid>,
+    ) -> Result<C::Reply, Error> {
         self.stats.commands.fetch_add(1, Ordering::Relaxed);
-        let out = self.call_inner(host, cmd, timeout).await;
+        let out = self.call_inner(host, cmd, timeout, task).await;
         if let Err(e) = &out {
             match e.code {
                 ErrorCode::Timeout => self.stats.timeouts.fetch_add(1, Ordering::Relaxed),
@@ -211,6 +225,7 @@ impl AgentClient {
         host: &HostTarget,
         cmd: &C,
         timeout: Duration,
+        task: Option<Uuid>,
     ) -> Result<C::Reply, Error> {
         let body = serde_json::to_vec(cmd)
             .map_err(|e| Error::internal(format!("cannot encode {}: {e}", C::PATH)))?;
@@ -229,7 +244,7 @@ impl AgentClient {
                 .map_err(map_http)?;
             return decode_reply::<C>(r.status, &r.body);
         }
-        let task = self.ids.uuid();
+        let task = task.unwrap_or_else(|| self.ids.uuid());
         let (tx, rx) = oneshot::channel();
         self.pending
             .lock()
