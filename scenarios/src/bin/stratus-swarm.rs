@@ -106,12 +106,8 @@ fn sweep(args: &Args) -> anyhow::Result<bool> {
             let outcome = std::fs::create_dir_all(&dir)
                 .map_err(anyhow::Error::from)
                 .and_then(|_| {
-                    Ok(write_drawn(
-                        &file,
-                        &template,
-                        seed,
-                        &dir.join("drawn.toml"),
-                    )?)
+                    let drawn = write_drawn(&file, &template, seed, &dir.join("drawn.toml"));
+                    drawn.with_context(|| format!("seed {seed} draws no valid scenario"))
                 })
                 .and_then(|sc| {
                     let verdict = runner.run(&dir.join("drawn.toml"), &dir.join("run"))?;
