@@ -45,15 +45,20 @@ pub const H_DEADLINE: &str = "x-stratus-deadline";
 /// source passes it on as the receive's [`H_DEADLINE`] (or its own 60 s, when sooner). Work
 /// already started runs to its end. Clocks must agree as for [`H_DEADLINE`].
 pub const H_WAIT_UNTIL: &str = "x-stratus-wait-until";
+/// The [`FenceToken`] of the workflow a command belongs to, as `<chain uuid>:<epoch>`. The agent
+/// refuses ([`AgentErrorCode::Fenced`]) a command whose epoch is older than one a [`FenceCmd`]
+/// set for its chain, on arrival and again before its work starts.
+pub const H_FENCE: &str = "x-stratus-fence";
 
 // The HTTP client takes header names as they are (`HeaderName::from_static`, which panics on a
 // name that is not a valid lowercase one); here each is checked when the crate compiles.
-const _: [hyper::header::HeaderName; 5] = [
+const _: [hyper::header::HeaderName; 6] = [
     hyper::header::HeaderName::from_static(H_TOKEN),
     hyper::header::HeaderName::from_static(H_TASK),
     hyper::header::HeaderName::from_static(H_CALLBACK),
     hyper::header::HeaderName::from_static(H_DEADLINE),
     hyper::header::HeaderName::from_static(H_WAIT_UNTIL),
+    hyper::header::HeaderName::from_static(H_FENCE),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -71,8 +76,9 @@ pub enum AgentErrorCode {
     /// The command arrived after its deadline ([`H_DEADLINE`]), or its work would have started
     /// after its sender stopped waiting ([`H_WAIT_UNTIL`]), and was not run.
     Expired,
-    /// A status query ([`TaskStatusCmd`]) asked about the task before its command arrived: the
-    /// task is refused, and the command never runs here.
+    /// The command's workflow was fenced ([`FenceCmd`]) at a later epoch than the command's:
+    /// whoever sent it has been superseded (its rollback, a restarted node's recovery), and it
+    /// is not run.
     Fenced,
 }
 
@@ -132,7 +138,7 @@ pub enum CommandKind {
     VolumeDelete,
     VolumeAttach,
     VolumeDetach,
-    TaskStatus,
+    Fence,
 }
 
 impl CommandKind {
@@ -150,7 +156,7 @@ impl CommandKind {
         CommandKind::VolumeDelete,
         CommandKind::VolumeAttach,
         CommandKind::VolumeDetach,
-        CommandKind::TaskStatus,
+        CommandKind::Fence,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -168,7 +174,7 @@ impl CommandKind {
             CommandKind::VolumeDelete => "volume_delete",
             CommandKind::VolumeAttach => "volume_attach",
             CommandKind::VolumeDetach => "volume_detach",
-            CommandKind::TaskStatus => "task_status",
+            CommandKind::Fence => "fence",
         }
     }
 
@@ -435,36 +441,55 @@ impl Command for DetachVolumeCmd {
     type Reply = ();
 }
 
-/// `/task/status`: where a long command's task stands on this agent. The management side asks
-/// before it undoes what the task may do (a rollback, a restarted node's recovery), so that it
-/// never undoes work that is still running. A task id the agent has not seen is fenced: it ends
-/// at once with a [`AgentErrorCode::Fenced`] error, so its command, should it still arrive (a
-/// partition held it back), is a copy of a finished task and never runs. The agent remembers
-/// that until `fence_until_ms`: the command's hand-over deadline ([`H_DEADLINE`]), after which
-/// every copy of it is refused as expired anyway.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskStatusCmd {
-    pub task: Uuid,
-    /// The kind of the command the task belongs to (for the fenced result).
-    pub kind: CommandKind,
-    pub fence_until_ms: i64,
-}
-impl Command for TaskStatusCmd {
-    const PATH: &'static str = "/task/status";
-    const KIND: CommandKind = CommandKind::TaskStatus;
-    const ASYNC: bool = false;
-    type Reply = TaskProgress;
+/// Which workflow (chain) a command belongs to, and at which epoch. A chain's forward path runs
+/// at the epoch its journal holds (0 when it starts); its rollback, and a restarted node's
+/// recovery of it, each run at a later one. Carried in [`H_FENCE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FenceToken {
+    pub chain: Uuid,
+    pub epoch: u64,
 }
 
-/// The answer to a [`TaskStatusCmd`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum TaskProgress {
-    /// The work is under way; ask again (it runs to its end).
-    Running,
-    /// The task has ended, with this result: also the fenced result of a task that had not
-    /// arrived, which never runs.
-    Finished { result: TaskResult },
+impl FenceToken {
+    /// The [`H_FENCE`] header's value.
+    pub fn header(&self) -> String {
+        format!("{}:{}", self.chain, self.epoch)
+    }
+
+    /// Read an [`H_FENCE`] header's value.
+    pub fn parse(s: &str) -> Option<FenceToken> {
+        let (chain, epoch) = s.split_once(':')?;
+        Some(FenceToken {
+            chain: Uuid::parse_str(chain).ok()?,
+            epoch: epoch.parse().ok()?,
+        })
+    }
+}
+
+/// `/fence`: from now on refuse every command of `token.chain` at an epoch older than
+/// `token.epoch` (a copy still on its way, a long command accepted but not yet started), and say
+/// how many of its older tasks are still running here. Sent by a rollback or recovery before it
+/// undoes anything on the host, and repeated until none runs: work that has started runs to its
+/// end, so only then is the host's state final. The agent keeps the fence until `until_ms`
+/// (the sender's clock, like [`H_DEADLINE`]): every older command was sent before the fence
+/// with a hand-over deadline before that moment, and is refused as expired after it anyway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceCmd {
+    pub token: FenceToken,
+    pub until_ms: i64,
+}
+impl Command for FenceCmd {
+    const PATH: &'static str = "/fence";
+    const KIND: CommandKind = CommandKind::Fence;
+    const ASYNC: bool = false;
+    type Reply = FenceReply;
+}
+
+/// The answer to a [`FenceCmd`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceReply {
+    /// Tasks of the chain at an older epoch still running here.
+    pub running: u32,
 }
 
 /// A long command's outcome, POSTed to the callback URL.
@@ -495,6 +520,23 @@ pub struct Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fence_tokens_round_trip_and_bad_ones_are_refused() {
+        let t = FenceToken {
+            chain: Uuid::from_u128(7),
+            epoch: 3,
+        };
+        assert_eq!(FenceToken::parse(&t.header()), Some(t));
+        for bad in [
+            "",
+            "x:1",
+            &format!("{}", t.chain),
+            &format!("{}:-1", t.chain),
+        ] {
+            assert_eq!(FenceToken::parse(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn kinds_round_trip_by_name() {

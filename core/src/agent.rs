@@ -6,9 +6,14 @@
 //! ends the wait with a `timeout` error, the caller's workflow rolls back, and its rollback
 //! cleans up whatever the host may have done. A callback that arrives after the wait ended, or
 //! twice, finds no waiter and is answered 404, which tells the agent to stop retrying.
+//!
+//! A command sent from a workflow's flow carries the chain's fence token ([`H_FENCE`], read from
+//! [`current_chain`]); a rollback's or a taken-over chain's first command to a host is preceded
+//! by a fence there ([`FenceCmd`]), repeated until none of the chain's older commands runs.
 
 use crate::config::{ConfigDef, GlobalConfig};
 use crate::error::{Error, ErrorCode};
+use crate::flow::{current_chain, RunningChain};
 use crate::ids::Ids;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -17,8 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_agent_protocol::{
-    AgentError, AgentErrorCode, Command, CommandKind, TaskResult, AGENT_IDLE_TIMEOUT, H_CALLBACK,
-    H_DEADLINE, H_TASK, H_TOKEN, H_WAIT_UNTIL,
+    AgentError, AgentErrorCode, Command, CommandKind, FenceCmd, FenceToken, TaskResult,
+    AGENT_IDLE_TIMEOUT, H_CALLBACK, H_DEADLINE, H_FENCE, H_TASK, H_TOKEN, H_WAIT_UNTIL,
 };
 use stratus_rt::http::{HttpClient, HttpError};
 use tokio::sync::oneshot;
@@ -26,8 +31,9 @@ use uuid::Uuid;
 
 macro_rules! timeout_defs {
     ($( $kind:ident => $name:literal, $default:literal );* $(;)?) => {
-        /// Per-command-kind timeouts, `agent.timeout.<kind>`.
-        pub static AGENT_TIMEOUTS: [ConfigDef; CommandKind::ALL.len()] = [ $(
+        /// Per-command-kind timeouts, `agent.timeout.<kind>`: every kind but the fence, an
+        /// exchange of the protocol's own that takes [`SUBMIT_TIMEOUT`] like a hand-over.
+        pub static AGENT_TIMEOUTS: [ConfigDef; CommandKind::ALL.len() - 1] = [ $(
             ConfigDef::duration(
                 concat!("agent.timeout.", $name),
                 concat!("How long to wait for the agent to finish a ", $name, " command"),
@@ -36,11 +42,11 @@ macro_rules! timeout_defs {
                 24 * 3_600_000,
             )
         ),* ];
-        fn timeout_index(k: CommandKind) -> usize {
+        fn timeout_index(k: CommandKind) -> Option<usize> {
             let mut i = 0;
-            $( if k == CommandKind::$kind { return i; } i += 1; )*
+            $( if k == CommandKind::$kind { return Some(i); } i += 1; )*
             let _ = i;
-            unreachable!("every command kind has a timeout")
+            None
         }
     };
 }
@@ -59,7 +65,6 @@ timeout_defs! {
     VolumeDelete => "volume_delete", "5m";
     VolumeAttach => "volume_attach", "2m";
     VolumeDetach => "volume_detach", "2m";
-    TaskStatus => "task_status", "10s";
 }
 
 /// The config entries of this module.
@@ -69,6 +74,16 @@ pub fn config_defs() -> Vec<&'static ConfigDef> {
 
 /// How long handing a long command to an agent may take (the agent answers 202 at once).
 pub const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an agent keeps a fence ([`FenceCmd::until_ms`]): beyond the hand-over deadline of
+/// any command sent before it — a long command's is [`SUBMIT_TIMEOUT`], a short one's its
+/// timeout (30 s at most by default; a deployment that raises a short command's timeout above
+/// this weakens the fence for that kind).
+pub const FENCE_KEEP: Duration = Duration::from_secs(600);
+
+/// How long a fence waits for a chain's older commands to end on a host: the longest default
+/// command timeout (`vm_migrate`). Work that has started on a host runs to its end.
+pub const FENCE_WAIT: Duration = Duration::from_secs(600);
 
 /// Where and how to reach a host's agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +162,7 @@ pub fn map_agent_error(kind: CommandKind, e: AgentError) -> Error {
         AgentErrorCode::InvalidArgument => ErrorCode::InvalidArgument,
         AgentErrorCode::Unreachable => ErrorCode::HostUnreachable,
         // Only reaches a caller that already gave up (the deadline is its own timeout), or
-        // whose task a status query fenced (the management side gave up on it first).
+        // whose chain a later epoch superseded (its rollback, a recovery).
         AgentErrorCode::Expired | AgentErrorCode::Fenced => ErrorCode::Timeout,
         _ => ErrorCode::AgentError,
     };
@@ -182,32 +197,23 @@ impl AgentClient {
 
     /// The configured timeout of a command kind.
     pub fn timeout(config: &GlobalConfig, kind: CommandKind) -> Duration {
-        config.get(&AGENT_TIMEOUTS[timeout_index(kind)].key())
+        match timeout_index(kind) {
+            Some(i) => config.get(&AGENT_TIMEOUTS[i].key()),
+            None => SUBMIT_TIMEOUT,
+        }
     }
 
-    /// Send `cmd` to `host`; wait at most `timeout` for the answer (or the callback).
+    /// Send `cmd` to `host`; wait at most `timeout` for the answer (or the callback). Within a
+    /// chain's flow, the command carries the chain's fence token, and the chain is fenced on the
+    /// host first when the flow's run must ([`RunningChain::must_fence`]).
     pub async fn call<C: Command>(
         &self,
         host: &HostTarget,
         cmd: &C,
         timeout: Duration,
     ) -> Result<C::Reply, Error> {
-        self.call_as(host, cmd, timeout, None).await
-    }
-
-    /// [`call`](Self::call) of a long command under task id `task` when given: an id chosen
-    /// (and journaled) before the command is sent, so that whoever undoes its work can ask the
-    /// agent where the task stands first
-    /// ([`TaskStatusCmd`](stratus_agent_protocol::TaskStatusCmd)).
-    pub async fn call_as<C: Command>(
-        &self,
-        host: &HostTarget,
-        cmd: &C,
-        timeout: Duration,
-        task: Option<Uuid>,
-    ) -> Result<C::Reply, Error> {
         self.stats.commands.fetch_add(1, Ordering::Relaxed);
-        let out = self.call_inner(host, cmd, timeout, task).await;
+        let out = self.call_inner(host, cmd, timeout).await;
         if let Err(e) = &out {
             match e.code {
                 ErrorCode::Timeout => self.stats.timeouts.fetch_add(1, Ordering::Relaxed),
@@ -220,31 +226,93 @@ impl AgentClient {
         out
     }
 
+    /// Make sure no command of the calling flow's chain at an older epoch can still run on
+    /// `host`, when the flow's run must (a rollback, a taken-over chain) and has not yet: done
+    /// before the first command to each host anyway; called directly before a flow acts on what
+    /// another host did (a migration's undo asks the destination, after fencing the source).
+    pub async fn settle(&self, host: &HostTarget) -> Result<(), Error> {
+        match current_chain() {
+            Some(run) if run.must_fence(host.uuid) => self.fence(host, &run).await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn fence(&self, host: &HostTarget, run: &RunningChain) -> Result<(), Error> {
+        let token = FenceToken {
+            chain: run.chain,
+            epoch: run.epoch,
+        };
+        let started = tokio::time::Instant::now();
+        loop {
+            let keep = FENCE_KEEP.as_millis() as i64;
+            let cmd = FenceCmd {
+                token,
+                until_ms: stratus_rt::clock::now_ms() + keep,
+            };
+            let reply = self.short(host, &cmd, SUBMIT_TIMEOUT, None).await?;
+            if reply.running == 0 {
+                run.fenced_on(host.uuid);
+                return Ok(());
+            }
+            if started.elapsed() >= FENCE_WAIT {
+                return Err(Error::timeout(format!(
+                    "{} commands of chain {} still run on host {} after {} s",
+                    reply.running,
+                    run.chain,
+                    host.uuid,
+                    FENCE_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// A short command: the answer is in the response.
+    async fn short<C: Command>(
+        &self,
+        host: &HostTarget,
+        cmd: &C,
+        timeout: Duration,
+        fence: Option<&str>,
+    ) -> Result<C::Reply, Error> {
+        let body = serde_json::to_vec(cmd)
+            .map_err(|e| Error::internal(format!("cannot encode {}: {e}", C::PATH)))?;
+        let refuse_after = deadline_after(timeout);
+        let mut headers = vec![(H_TOKEN, host.token.as_str()), (H_DEADLINE, &refuse_after)];
+        headers.extend(fence.map(|f| (H_FENCE, f)));
+        let r = self
+            .http
+            .post(host.address, C::PATH, &headers, body, timeout)
+            .await
+            .map_err(map_http)?;
+        decode_reply::<C>(r.status, &r.body)
+    }
+
     async fn call_inner<C: Command>(
         &self,
         host: &HostTarget,
         cmd: &C,
         timeout: Duration,
-        task: Option<Uuid>,
     ) -> Result<C::Reply, Error> {
+        let run = current_chain();
+        if let Some(run) = &run {
+            if run.must_fence(host.uuid) {
+                self.fence(host, run).await?;
+            }
+        }
+        let fence = run.map(|r| {
+            FenceToken {
+                chain: r.chain,
+                epoch: r.epoch,
+            }
+            .header()
+        });
+        if !C::ASYNC {
+            return self.short(host, cmd, timeout, fence.as_deref()).await;
+        }
         let body = serde_json::to_vec(cmd)
             .map_err(|e| Error::internal(format!("cannot encode {}: {e}", C::PATH)))?;
-        if !C::ASYNC {
-            let refuse_after = deadline_after(timeout);
-            let r = self
-                .http
-                .post(
-                    host.address,
-                    C::PATH,
-                    &[(H_TOKEN, host.token.as_str()), (H_DEADLINE, &refuse_after)],
-                    body,
-                    timeout,
-                )
-                .await
-                .map_err(map_http)?;
-            return decode_reply::<C>(r.status, &r.body);
-        }
-        let task = task.unwrap_or_else(|| self.ids.uuid());
+        let task = self.ids.uuid();
         let (tx, rx) = oneshot::channel();
         self.pending
             .lock()
@@ -268,20 +336,21 @@ impl AgentClient {
         let submit = timeout.min(SUBMIT_TIMEOUT);
         let refuse_after = deadline_after(submit);
         let wait_until = deadline_after(timeout);
-        let headers = [
+        let mut headers = vec![
             (H_TOKEN, host.token.as_str()),
             (H_TASK, task_s.as_str()),
             (H_CALLBACK, callback.as_str()),
             (H_DEADLINE, refuse_after.as_str()),
             (H_WAIT_UNTIL, wait_until.as_str()),
         ];
+        headers.extend(fence.as_deref().map(|f| (H_FENCE, f)));
         let r = self
             .http
             .post(host.address, C::PATH, &headers, body, submit)
             .await
             .map_err(map_http)?;
         if r.status != 202 {
-            // Refused before running (bad token, bad request).
+            // Refused before running (bad token, bad request, fenced).
             return decode_reply::<C>(r.status, &r.body);
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -367,8 +436,13 @@ mod tests {
 
     #[test]
     fn every_kind_has_a_timeout_entry() {
-        for k in CommandKind::ALL {
-            let def = &AGENT_TIMEOUTS[timeout_index(k)];
+        let configured = CommandKind::ALL
+            .into_iter()
+            .filter(|k| *k != CommandKind::Fence);
+        assert_eq!(configured.clone().count(), AGENT_TIMEOUTS.len());
+        assert_eq!(timeout_index(CommandKind::Fence), None);
+        for k in configured {
+            let def = &AGENT_TIMEOUTS[timeout_index(k).expect("configured")];
             assert_eq!(def.name, format!("agent.timeout.{}", k.as_str()));
             assert!(def.parse(def.default).is_ok());
         }

@@ -22,6 +22,14 @@
 //!   during the flow before it, from the context that flow started with. That is the case
 //!   above, and not a new one: a crash between a flow's completion and its journal write was
 //!   always recovered so.
+//!
+//! Fencing: a command a chain gave up on (its answer timed out, its node died) may still run on
+//! the host. Every flow runs in a [`RunningChain`] scope that the agent client reads: its
+//! commands carry the chain's id and epoch, which the journal holds (0 forward; a rollback
+//! runs at a later epoch, and a take-over by recovery at a later one still). Before a rollback
+//! or a taken-over chain sends its first command to a host, the client fences the chain there
+//! at its epoch: the agent refuses the older epochs' commands from then on and the client waits
+//! until none of them still runs, so nothing is undone or redone while its command is under way.
 
 use crate::error::{Error, ErrorCode};
 use crate::hashring::NodeId;
@@ -32,12 +40,57 @@ use async_trait::async_trait;
 use futures::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use stratus_store::{Batch, Db, Expect, Json, JsonText, Query, Row, Update, Value};
 use uuid::Uuid;
+
+/// The chain a flow runs in, for the commands the flow sends ([`current_chain`]).
+#[derive(Debug)]
+pub struct RunningChain {
+    pub chain: Uuid,
+    /// The epoch of the chain's commands (the journal's).
+    pub epoch: u64,
+    /// Hosts this run has fenced the chain on; `None` on a chain's first forward run, which
+    /// has nothing older to fence.
+    fenced: Option<Mutex<HashSet<Uuid>>>,
+}
+
+impl RunningChain {
+    fn new(chain: Uuid, epoch: u64) -> Arc<Self> {
+        Arc::new(RunningChain {
+            chain,
+            epoch,
+            fenced: (epoch > 0).then(Mutex::default),
+        })
+    }
+
+    /// Whether the chain must be fenced on `host` before a command goes there: true once per
+    /// host (the caller fences it, or fails and is asked again next time).
+    pub fn must_fence(&self, host: Uuid) -> bool {
+        self.fenced
+            .as_ref()
+            .is_some_and(|f| !f.lock().unwrap_or_else(|e| e.into_inner()).contains(&host))
+    }
+
+    /// Record that the chain is fenced on `host`.
+    pub fn fenced_on(&self, host: Uuid) {
+        if let Some(f) = &self.fenced {
+            f.lock().unwrap_or_else(|e| e.into_inner()).insert(host);
+        }
+    }
+}
+
+tokio::task_local! {
+    static CURRENT: Arc<RunningChain>;
+}
+
+/// The chain the calling flow runs in, if any.
+pub fn current_chain() -> Option<Arc<RunningChain>> {
+    CURRENT.try_with(Arc::clone).ok()
+}
 
 /// One step of a chain.
 #[async_trait]
@@ -123,6 +176,9 @@ stratus_store::resource! {
         next: i64 [column],
         /// While rolling back: the next flow to roll back (-1 when none is left).
         cursor: i64,
+        /// The epoch of the chain's commands ([`RunningChain`]): 0 forward, one more rolling
+        /// back, two more than the record's at each take-over.
+        epoch: i64,
         context: JsonText,
         error: Option<String>,
         rollback_errors: Json<Vec<String>>,
@@ -341,6 +397,7 @@ impl Journal {
             state: ChainState::Running,
             next: 0,
             cursor: -1,
+            epoch: 0,
             context: ctx,
             error: None,
             rollback_errors: Json(Vec::new()),
@@ -365,9 +422,11 @@ impl Journal {
         .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn rolling_back(
         &self,
         id: Uuid,
+        epoch: u64,
         cursor: i64,
         error: &Error,
         errors: &[String],
@@ -376,6 +435,7 @@ impl Journal {
         let u = Update::of::<ChainRecord>(id)
             .if_exists()
             .set("state", ChainState::RollingBack.as_str())
+            .set("epoch", epoch as i64)
             .set("cursor", cursor)
             .set("error", error.to_string())
             .set("rollback_errors", Value::json(errors))
@@ -385,12 +445,14 @@ impl Journal {
         }
     }
 
-    async fn take_over(&self, id: Uuid) -> Result<(), Error> {
+    /// Make this node the chain's runner, at `epoch`.
+    async fn take_over(&self, id: Uuid, epoch: u64) -> Result<(), Error> {
         self.write(
             "take-over",
             Update::of::<ChainRecord>(id)
                 .set("node", self.node)
-                .set("boot", self.boot),
+                .set("boot", self.boot)
+                .set("epoch", epoch as i64),
         )
         .await
     }
@@ -495,7 +557,7 @@ impl<C: Context> FlowChain<C> {
                 ctx,
             });
         }
-        self.forward(journal, id, 0, ctx).await
+        self.forward(journal, id, 0, 0, ctx).await
     }
 
     /// Run one flow once, with the armed fault points.
@@ -503,6 +565,7 @@ impl<C: Context> FlowChain<C> {
         &self,
         journal: &Journal,
         flow: &dyn Flow<C>,
+        run: &Arc<RunningChain>,
         ctx: &mut C,
     ) -> Result<(), Error> {
         if journal
@@ -511,28 +574,40 @@ impl<C: Context> FlowChain<C> {
         {
             return Err(injected(self.name, flow.name()));
         }
-        let outcome = self.run_once(flow, ctx).await;
+        let outcome = self.run_once(flow, run, ctx).await;
         let faults = &journal.faults;
         match outcome {
             Ok(()) if faults.take(self.name, flow.name(), FaultWhen::After) => {
                 Err(injected(self.name, flow.name()))
             }
             Ok(()) if faults.take(self.name, flow.name(), FaultWhen::Twice) => {
-                self.run_once(flow, ctx).await
+                self.run_once(flow, run, ctx).await
             }
             r => r,
         }
     }
 
-    async fn run_once(&self, flow: &dyn Flow<C>, ctx: &mut C) -> Result<(), Error> {
-        match AssertUnwindSafe(flow.run(ctx)).catch_unwind().await {
+    async fn run_once(
+        &self,
+        flow: &dyn Flow<C>,
+        run: &Arc<RunningChain>,
+        ctx: &mut C,
+    ) -> Result<(), Error> {
+        let fut = AssertUnwindSafe(flow.run(ctx)).catch_unwind();
+        match CURRENT.scope(run.clone(), fut).await {
             Ok(r) => r,
             Err(p) => Err(panicked(flow.name(), p)),
         }
     }
 
-    async fn undo_once(&self, flow: &dyn Flow<C>, ctx: &mut C) -> Result<(), Error> {
-        match AssertUnwindSafe(flow.rollback(ctx)).catch_unwind().await {
+    async fn undo_once(
+        &self,
+        flow: &dyn Flow<C>,
+        run: &Arc<RunningChain>,
+        ctx: &mut C,
+    ) -> Result<(), Error> {
+        let fut = AssertUnwindSafe(flow.rollback(ctx)).catch_unwind();
+        match CURRENT.scope(run.clone(), fut).await {
             Ok(r) => r,
             Err(p) => Err(panicked(flow.name(), p)),
         }
@@ -542,9 +617,11 @@ impl<C: Context> FlowChain<C> {
         &self,
         journal: &Journal,
         id: Uuid,
+        epoch: u64,
         start: usize,
         mut ctx: C,
     ) -> Result<C, ChainFailure<C>> {
+        let run = RunningChain::new(id, epoch);
         for i in start..self.flows.len() {
             let flow = &self.flows[i];
             let attempts = if flow.forward_only() {
@@ -555,7 +632,7 @@ impl<C: Context> FlowChain<C> {
             let mut delay = Duration::from_millis(100);
             let mut outcome = Ok(());
             for attempt in 0..attempts {
-                outcome = self.attempt(journal, flow.as_ref(), &mut ctx).await;
+                outcome = self.attempt(journal, flow.as_ref(), &run, &mut ctx).await;
                 match &outcome {
                     Ok(()) => break,
                     Err(e) if attempt + 1 < attempts => {
@@ -570,7 +647,7 @@ impl<C: Context> FlowChain<C> {
                 tracing::debug!(chain = self.name, flow = flow.name(), error = %e, "flow failed; rolling back");
                 let failed = Some(flow.name());
                 return Err(self
-                    .roll_back(journal, id, i as i64, e, failed, Vec::new(), ctx)
+                    .roll_back(journal, id, epoch + 1, i as i64, e, failed, Vec::new(), ctx)
                     .await);
             }
             // After the last flow, removing the journal is what records that the chain
@@ -590,7 +667,7 @@ impl<C: Context> FlowChain<C> {
                 // The flow ran but the journal cannot say so: undo it with the others.
                 let e = e.context("cannot journal chain progress");
                 return Err(self
-                    .roll_back(journal, id, i as i64, e, None, Vec::new(), ctx)
+                    .roll_back(journal, id, epoch + 1, i as i64, e, None, Vec::new(), ctx)
                     .await);
             }
         }
@@ -601,12 +678,13 @@ impl<C: Context> FlowChain<C> {
         Ok(ctx)
     }
 
-    /// Roll back flows `from, from-1, ..., 0`.
+    /// Roll back flows `from, from-1, ..., 0`, at `epoch`.
     #[allow(clippy::too_many_arguments)]
     async fn roll_back(
         &self,
         journal: &Journal,
         id: Uuid,
+        epoch: u64,
         from: i64,
         error: Error,
         failed_flow: Option<&'static str>,
@@ -620,18 +698,19 @@ impl<C: Context> FlowChain<C> {
                 .collect::<Vec<_>>()
         };
         journal
-            .rolling_back(id, from, &error, &texts(&errors), JsonText::of(&ctx))
+            .rolling_back(id, epoch, from, &error, &texts(&errors), JsonText::of(&ctx))
             .await;
+        let run = RunningChain::new(id, epoch);
         let mut k = from;
         while k >= 0 {
             let flow = &self.flows[k as usize];
             let mut delay = Duration::from_millis(100);
             let mut r = Ok(());
             for attempt in 0..ROLLBACK_ATTEMPTS {
-                r = self.undo_once(flow.as_ref(), &mut ctx).await;
+                r = self.undo_once(flow.as_ref(), &run, &mut ctx).await;
                 let faults = &journal.faults;
                 if r.is_ok() && faults.take(self.name, flow.name(), FaultWhen::UndoTwice) {
-                    r = self.undo_once(flow.as_ref(), &mut ctx).await;
+                    r = self.undo_once(flow.as_ref(), &run, &mut ctx).await;
                 }
                 match &r {
                     Err(e) if attempt + 1 < ROLLBACK_ATTEMPTS => {
@@ -648,7 +727,7 @@ impl<C: Context> FlowChain<C> {
             }
             k -= 1;
             journal
-                .rolling_back(id, k, &error, &texts(&errors), JsonText::of(&ctx))
+                .rolling_back(id, epoch, k, &error, &texts(&errors), JsonText::of(&ctx))
                 .await;
         }
         journal.end(id).await;
@@ -688,7 +767,19 @@ impl<C: Context> FlowChain<C> {
             ));
             return RecoveryOutcome::Unrecoverable(e.message);
         }
-        if let Err(e) = journal.take_over(rec.uuid).await {
+        // Above any epoch the node that ran it may still use (its rollback's is the record's
+        // plus one, should it not be dead after all).
+        let epoch = match u64::try_from(rec.epoch) {
+            Ok(e) => e + 2,
+            Err(_) => {
+                let e = Error::invariant(format!(
+                    "journal {} of chain {}: epoch {}",
+                    rec.uuid, self.name, rec.epoch
+                ));
+                return RecoveryOutcome::Unrecoverable(e.message);
+            }
+        };
+        if let Err(e) = journal.take_over(rec.uuid, epoch).await {
             return RecoveryOutcome::Unrecoverable(format!("cannot take over the journal: {e}"));
         }
         let interrupted = Error::new(
@@ -707,8 +798,10 @@ impl<C: Context> FlowChain<C> {
                     .iter()
                     .map(|m| ("earlier", Error::internal(m.clone())))
                     .collect();
-                self.roll_back(journal, rec.uuid, rec.cursor, error, None, prior, ctx)
-                    .await
+                self.roll_back(
+                    journal, rec.uuid, epoch, rec.cursor, error, None, prior, ctx,
+                )
+                .await
             }
             ChainState::Running if rec.next >= len => {
                 journal.end(rec.uuid).await;
@@ -719,6 +812,7 @@ impl<C: Context> FlowChain<C> {
                     self.roll_back(
                         journal,
                         rec.uuid,
+                        epoch,
                         rec.next,
                         interrupted,
                         None,
@@ -728,7 +822,7 @@ impl<C: Context> FlowChain<C> {
                     .await
                 }
                 OnInterrupt::Finish => match self
-                    .forward(journal, rec.uuid, rec.next as usize, ctx)
+                    .forward(journal, rec.uuid, epoch, rec.next as usize, ctx)
                     .await
                 {
                     Ok(_) => return RecoveryOutcome::Finished,

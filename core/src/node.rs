@@ -6,6 +6,7 @@ use crate::error::Error;
 use crate::extension::Extensions;
 use crate::flow::{FaultPoints, RecoveryReport};
 use crate::services::host::TrackOwnedHosts;
+use crate::services::vm::SyncRepairs;
 use crate::services::{self, Cloud};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +24,8 @@ pub struct NodeConfig {
     pub seed: Option<u64>,
     pub extensions: Arc<Extensions>,
     pub faults: Option<Arc<FaultPoints>>,
+    /// Where state sync counts its corrections (the node's own when `None`).
+    pub repairs: Option<Arc<SyncRepairs>>,
 }
 
 impl NodeConfig {
@@ -34,6 +37,7 @@ impl NodeConfig {
             seed: None,
             extensions: Extensions::builder().build(),
             faults: None,
+            repairs: None,
         }
     }
 }
@@ -64,7 +68,7 @@ impl ManagementNode {
         let url = cfg
             .advertise
             .unwrap_or_else(|| format!("http://{}", cfg.listen));
-        let cloud = services::start(engine, url).await?;
+        let cloud = services::start(engine, url, cfg.repairs).await?;
         // Config changed on a peer: apply it here too.
         let mut changes = cloud.bus().subscribe("/config/change")?;
         let weak = Arc::downgrade(&cloud);

@@ -92,7 +92,8 @@ impl AgentConfig {
 }
 
 enum TaskState {
-    Running,
+    /// Accepted, started or not; with the fence token of its workflow.
+    Running(Option<FenceToken>),
     Done(TaskResult),
 }
 
@@ -101,9 +102,44 @@ struct Tasks {
     map: HashMap<Uuid, TaskState>,
     /// Finished tasks in the order they finished, with their request's deadline.
     finished: VecDeque<(Uuid, Option<i64>)>,
+    /// Chain → (the latest epoch fenced, kept until) ([`FenceCmd`]).
+    fences: HashMap<Uuid, (u64, i64)>,
 }
 
 impl Tasks {
+    /// `Fenced` when a command of `token` comes after a fence at a later epoch of its chain.
+    fn fenced(&self, token: Option<FenceToken>, now: i64) -> Option<AgentError> {
+        let token = token?;
+        let &(epoch, until) = self.fences.get(&token.chain)?;
+        (epoch > token.epoch && !expired(until, now)).then(|| {
+            AgentError::new(
+                AgentErrorCode::Fenced,
+                format!(
+                    "chain {} was fenced at epoch {epoch}; this command is of epoch {}: not run",
+                    token.chain, token.epoch
+                ),
+            )
+        })
+    }
+
+    /// Record a fence and count the chain's older tasks still running. Fences past their time
+    /// are forgotten here (a copy of an older command is refused as expired after it).
+    fn fence(&mut self, c: &FenceCmd, now: i64) -> FenceReply {
+        self.fences.retain(|_, (_, until)| !expired(*until, now));
+        let f = self.fences.entry(c.token.chain).or_insert((0, c.until_ms));
+        f.0 = f.0.max(c.token.epoch);
+        f.1 = f.1.max(c.until_ms);
+        let older = |t: &FenceToken| t.chain == c.token.chain && t.epoch < c.token.epoch;
+        let running = self
+            .map
+            .values()
+            .filter(|s| matches!(s, TaskState::Running(Some(t)) if older(t)))
+            .count();
+        FenceReply {
+            running: running as u32,
+        }
+    }
+
     /// Record `task`'s result, and forget the finished tasks nobody can send again: those whose
     /// request's deadline has passed by `now` (a copy of the request arriving from now on is
     /// refused as expired before its task id is looked at; the agent's clock does not go back),
@@ -168,6 +204,11 @@ fn error(e: AgentError) -> Response {
 /// A header holding a time in milliseconds since the Unix epoch.
 fn millis(h: &HeaderMap, name: &str) -> Option<i64> {
     header(h, name).and_then(|d| d.parse().ok())
+}
+
+/// A request's [`H_FENCE`], when it carries one.
+fn fence_token(h: &HeaderMap) -> Option<FenceToken> {
+    header(h, H_FENCE).and_then(FenceToken::parse)
 }
 
 /// Whether a request with `deadline` is expired at `now` (ms): the one rule for refusing it
@@ -305,7 +346,13 @@ impl<H: Hypervisor> Agent<H> {
         let r = Self::long::<AttachVolumeCmd, _, _>(r, |a, c, _| async move {
             a.hv.attach_volume(c.vm, &c.disk).await
         });
-        let r = Self::sync::<TaskStatusCmd, _, _>(r, |a, c| async move { Ok(a.task_status(&c)) });
+        let r = Self::sync::<FenceCmd, _, _>(r, |a, c| async move {
+            let now = stratus_rt::clock::now_ms();
+            Ok(a.tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .fence(&c, now))
+        });
         Self::long::<DetachVolumeCmd, _, _>(r, |a, c, _| async move {
             a.hv.detach_volume(c.vm, c.volume).await
         })
@@ -321,9 +368,10 @@ impl<H: Hypervisor> Agent<H> {
         }
     }
 
-    /// Refuse a command that arrived after its [`H_DEADLINE`] (its sender gave up on it).
-    fn in_time(headers: &HeaderMap) -> Result<(), Box<Response>> {
-        match past(millis(headers, H_DEADLINE), "arrived") {
+    /// Refuse a command that arrived after its [`H_DEADLINE`] (its sender gave up on it), or
+    /// whose workflow was fenced at a later epoch.
+    fn in_time(inner: &Inner<H>, headers: &HeaderMap) -> Result<(), Box<Response>> {
+        match past(millis(headers, H_DEADLINE), "arrived").or_else(|| inner.fenced(headers)) {
             Some(e) => Err(Box::new(error(e))),
             None => Ok(()),
         }
@@ -354,7 +402,7 @@ impl<H: Hypervisor> Agent<H> {
                     let f = f.clone();
                     async move {
                         if let Err(resp) = Self::authorized(&inner, &headers)
-                            .and_then(|()| Self::in_time(&headers))
+                            .and_then(|()| Self::in_time(&inner, &headers))
                         {
                             return *resp;
                         }
@@ -365,9 +413,11 @@ impl<H: Hypervisor> Agent<H> {
                         let fault = inner.faults.command(C::KIND);
                         if !fault.delay.is_zero() {
                             tokio::time::sleep(fault.delay).await;
-                            // Held back past its deadline: its sender gave up on it.
+                            // Held back past its deadline, or fenced meanwhile: its sender gave
+                            // up on it.
                             if let Some(e) =
                                 past(millis(&headers, H_DEADLINE), "would have started")
+                                    .or_else(|| inner.fenced(&headers))
                             {
                                 return error(e);
                             }
@@ -405,8 +455,8 @@ impl<H: Hypervisor> Agent<H> {
             post(move |Extension(inner): Extension<Arc<Inner<H>>>, TakeHeaders(headers): TakeHeaders, body: Bytes| {
                 let f = f.clone();
                 async move {
-                    if let Err(resp) =
-                        Self::authorized(&inner, &headers).and_then(|()| Self::in_time(&headers))
+                    if let Err(resp) = Self::authorized(&inner, &headers)
+                        .and_then(|()| Self::in_time(&inner, &headers))
                     {
                         return *resp;
                     }
@@ -414,6 +464,7 @@ impl<H: Hypervisor> Agent<H> {
                     let deadline = millis(&headers, H_DEADLINE);
                     let callback = header(&headers, H_CALLBACK).map(str::to_string);
                     let wait_until = millis(&headers, H_WAIT_UNTIL);
+                    let token = fence_token(&headers);
                     let (Some(task), Some(callback)) = (task, callback) else {
                         return error(AgentError::new(
                             AgentErrorCode::InvalidArgument,
@@ -428,10 +479,10 @@ impl<H: Hypervisor> Agent<H> {
                     let previous = {
                         let mut t = inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
                         match t.map.get(&task) {
-                            Some(TaskState::Running) => Some(None),
+                            Some(TaskState::Running(_)) => Some(None),
                             Some(TaskState::Done(r)) => Some(Some(r.clone())),
                             None => {
-                                t.map.insert(task, TaskState::Running);
+                                t.map.insert(task, TaskState::Running(token));
                                 None
                             }
                         }
@@ -455,8 +506,14 @@ impl<H: Hypervisor> Agent<H> {
                         if !fault.delay.is_zero() {
                             tokio::time::sleep(fault.delay).await;
                         }
-                        // Work its sender no longer waits for is not started (it rolled back).
-                        let outcome = if let Some(e) = past(wait_until, "would have started") {
+                        // Work its sender no longer waits for is not started (it rolled back,
+                        // or its workflow was fenced meanwhile).
+                        let stale = past(wait_until, "would have started").or_else(|| {
+                            let now = stratus_rt::clock::now_ms();
+                            let t = inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
+                            t.fenced(token, now)
+                        });
+                        let outcome = if let Some(e) = stale {
                             Err(e)
                         } else if fault.fail_before {
                             Err(AgentError::failed(format!("{} failed (injected)", C::PATH)))
@@ -498,29 +555,12 @@ impl<H: Hypervisor> Agent<H> {
 }
 
 impl<H: Hypervisor> Inner<H> {
-    /// Where task `c.task` stands; an unseen one is fenced (ended, never to run here).
-    fn task_status(&self, c: &TaskStatusCmd) -> TaskProgress {
-        let mut t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        match t.map.get(&c.task) {
-            Some(TaskState::Running) => TaskProgress::Running,
-            Some(TaskState::Done(result)) => TaskProgress::Finished {
-                result: result.clone(),
-            },
-            None => {
-                let result = TaskResult {
-                    task: c.task,
-                    kind: c.kind,
-                    outcome: Err(AgentError::new(
-                        AgentErrorCode::Fenced,
-                        "a status query came before the command: it never runs here",
-                    )),
-                };
-                let now = stratus_rt::clock::now_ms();
-                let keep = self.config.remembered_tasks;
-                t.finish(c.task, result.clone(), Some(c.fence_until_ms), now, keep);
-                TaskProgress::Finished { result }
-            }
-        }
+    /// `Fenced` when the request's [`H_FENCE`] is older than its chain's fence.
+    fn fenced(&self, headers: &HeaderMap) -> Option<AgentError> {
+        let token = fence_token(headers)?;
+        let now = stratus_rt::clock::now_ms();
+        let t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        t.fenced(Some(token), now)
     }
 
     fn finish(&self, task: Uuid, result: TaskResult, deadline: Option<i64>) {
@@ -675,7 +715,7 @@ mod tests {
         let id = Uuid::from_u128;
         let mut t = Tasks::default();
         // Running tasks are never forgotten here.
-        t.map.insert(id(9), TaskState::Running);
+        t.map.insert(id(9), TaskState::Running(None));
         t.finish(id(1), done(id(1)), Some(1_000), 500, 4);
         t.finish(id(2), done(id(2)), Some(2_000), 900, 4);
         t.finish(id(3), done(id(3)), None, 1_000, 4);
@@ -698,5 +738,48 @@ mod tests {
         t.finish(id(7), done(id(7)), Some(9_000), 2_003, 4);
         assert_eq!(known(&t), [4, 5, 6, 7, 9], "the oldest beyond four");
         assert_eq!(t.finished.len(), 4);
+    }
+
+    #[test]
+    fn a_fence_refuses_older_epochs_of_its_chain_until_its_time_and_counts_their_tasks() {
+        let id = Uuid::from_u128;
+        let (chain, other) = (id(1), id(2));
+        let tok = |chain, epoch| Some(FenceToken { chain, epoch });
+        let fence = |epoch, until_ms| FenceCmd {
+            token: FenceToken { chain, epoch },
+            until_ms,
+        };
+        let mut t = Tasks::default();
+        t.map.insert(id(10), TaskState::Running(tok(chain, 0)));
+        t.map.insert(id(11), TaskState::Running(tok(chain, 1)));
+        t.map.insert(id(12), TaskState::Running(tok(other, 0)));
+        t.map.insert(id(13), TaskState::Running(None));
+        assert!(t.fenced(tok(chain, 0), 0).is_none(), "no fence yet");
+        assert_eq!(t.fence(&fence(1, 1_000), 0).running, 1, "only task 10");
+        let refused = t.fenced(tok(chain, 0), 500).expect("older epoch refused");
+        assert_eq!(refused.code, AgentErrorCode::Fenced);
+        assert!(
+            t.fenced(tok(chain, 1), 500).is_none(),
+            "the fence's own epoch"
+        );
+        assert!(t.fenced(tok(other, 0), 500).is_none(), "another chain");
+        assert!(t.fenced(None, 500).is_none(), "a command of no chain");
+        // A fence never goes back to an older epoch, and a later one counts more.
+        assert_eq!(t.fence(&fence(0, 1_000), 600).running, 0);
+        assert!(t.fenced(tok(chain, 0), 600).is_some());
+        assert_eq!(t.fence(&fence(2, 1_000), 600).running, 2);
+        // Past its time, it is forgotten (older copies are expired by then).
+        assert!(t.fenced(tok(chain, 0), 1_001).is_none());
+        t.fence(
+            &FenceCmd {
+                token: FenceToken {
+                    chain: other,
+                    epoch: 1,
+                },
+                until_ms: 5_000,
+            },
+            1_001,
+        );
+        assert_eq!(t.fences.len(), 1, "the chain's fence went at 1,001");
     }
 }

@@ -131,6 +131,7 @@ mod sim {
             ops_failed: failed,
             throughput_per_sim_s: (ok + failed) as f64 / sim_s.max(1e-9),
             faults: out.faults.clone(),
+            repairs: out.repairs.clone(),
             checks: out.checks.clone(),
             passed,
             sim_time_s: sim_s,

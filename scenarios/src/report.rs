@@ -38,6 +38,9 @@ pub struct Summary {
     /// Operations finished per simulated second over the whole run.
     pub throughput_per_sim_s: f64,
     pub faults: BTreeMap<String, u64>,
+    /// State sync's corrections by kind: what the faults left behind.
+    #[serde(default)]
+    pub repairs: BTreeMap<String, u64>,
     pub checks: Vec<Check>,
     pub passed: bool,
     pub sim_time_s: f64,
@@ -138,6 +141,10 @@ pub fn markdown(s: &Summary) -> String {
     for (k, n) in &s.faults {
         m.push_str(&format!("| {k} | {n} |\n"));
     }
+    m.push_str("\n## State-sync repairs\n\n| repair | count |\n|---|---|\n");
+    for (k, n) in &s.repairs {
+        m.push_str(&format!("| {k} | {n} |\n"));
+    }
     m.push_str(
         "\n## Plots\n\n![latency](latency.svg)\n\n![operations over time](operations.svg)\n\n\
          ![hosts connected](hosts.svg)\n",
@@ -222,6 +229,7 @@ mod tests {
             ops_failed: 0,
             throughput_per_sim_s: 1.0,
             faults: BTreeMap::new(),
+            repairs: BTreeMap::new(),
             checks: Vec::new(),
             passed: true,
             sim_time_s: 900.0,

@@ -26,6 +26,8 @@ pub struct RunOutput {
     pub recorder: Recorder,
     pub checks: Vec<Check>,
     pub faults: BTreeMap<String, u64>,
+    /// State sync's corrections by kind.
+    pub repairs: BTreeMap<String, u64>,
     pub sim_time: Duration,
     pub hosts: usize,
     pub vms_at_end: u64,
@@ -662,6 +664,7 @@ async fn body(w: World, sc: Scenario, quiet: bool, started: f64) -> RunOutput {
         recorder: rec,
         checks,
         faults,
+        repairs: s.w.repairs.snapshot(),
         sim_time,
         hosts,
         vms_at_end,

@@ -230,6 +230,10 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
         }
     }
     for v in &volumes {
+        // State sync's written decision that user data is gone: what the testbed hunts.
+        if v.state == VolumeState::Lost {
+            bad.push(format!("volume {} is Lost: its data is gone", v.uuid));
+        }
         if let Some(h) = v.host_uuid.filter(|h| !host_set.contains(h)) {
             bad.push(format!("volume {} on host {h} that does not exist", v.uuid));
         }
@@ -240,7 +244,11 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
             None if v.kind == VolumeType::Root => {
                 bad.push(format!("root volume {} without a vm", v.uuid))
             }
-            None if !matches!(v.state, VolumeState::Ready | VolumeState::NotInstantiated) => {
+            None if !matches!(
+                v.state,
+                VolumeState::Ready | VolumeState::NotInstantiated | VolumeState::Lost
+            ) =>
+            {
                 bad.push(format!("detached volume {} is {}", v.uuid, v.state))
             }
             _ => {}

@@ -21,6 +21,7 @@ use stratus_core::extension::Extensions;
 use stratus_core::flow::FaultPoints;
 use stratus_core::model::{self, VmState, VolumeState};
 use stratus_core::node::{ManagementNode, NodeConfig};
+use stratus_core::services::vm::SyncRepairs;
 use stratus_kvm_agent::{Agent, AgentConfig};
 use stratus_store::{Db, MemStore, Query};
 use uuid::Uuid;
@@ -184,6 +185,8 @@ pub struct World {
     pub hosts: Vec<SimHost>,
     pub faults: Arc<SimFaults>,
     pub flow_faults: Arc<FaultPoints>,
+    /// State sync's corrections, counted across restarts of the management node.
+    pub repairs: Arc<SyncRepairs>,
     pub dc: Datacenter,
 }
 
@@ -239,6 +242,7 @@ fn start_mgmt_node(
     h: &Handle,
     store: Arc<MemStore>,
     faults: Arc<FaultPoints>,
+    repairs: Arc<SyncRepairs>,
     extensions: Arc<Extensions>,
 ) -> NodeHandle {
     h.create_node()
@@ -246,12 +250,14 @@ fn start_mgmt_node(
         .ip(MGMT_IP.into())
         .init(move || {
             let (store, faults, extensions) = (store.clone(), faults.clone(), extensions.clone());
+            let repairs = repairs.clone();
             async move {
                 let mut cfg = NodeConfig::new(
                     Uuid::from_u128(0x5157_7a75),
                     SocketAddr::new(MGMT_IP.into(), API_PORT),
                 );
                 cfg.faults = Some(faults);
+                cfg.repairs = Some(repairs);
                 cfg.extensions = extensions;
                 match ManagementNode::start(store, cfg).await {
                     Ok(_node) => std::future::pending::<()>().await,
@@ -293,7 +299,15 @@ impl World {
         let flow_faults = Arc::new(FaultPoints::default());
         let faults = Arc::new(SimFaults::new(spec.seed ^ 0x5eed));
         let extensions = spec.extensions.clone();
-        let mgmt = start_mgmt_node(&h, store.clone(), flow_faults.clone(), extensions).id();
+        let repairs = Arc::new(SyncRepairs::default());
+        let mgmt = start_mgmt_node(
+            &h,
+            store.clone(),
+            flow_faults.clone(),
+            repairs.clone(),
+            extensions,
+        )
+        .id();
         let mut client = StratusClient::new(SocketAddr::new(MGMT_IP.into(), API_PORT));
         client.wait = Duration::from_secs(3600);
         // Wait for the API.
@@ -376,6 +390,7 @@ impl World {
             hosts,
             faults,
             flow_faults,
+            repairs,
             dc,
         };
         world.add_hosts().await?;

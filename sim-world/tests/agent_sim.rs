@@ -673,24 +673,22 @@ fn a_kept_connection_to_a_restarted_host_is_not_used_again() {
     });
 }
 
-/// Ask host 10.1.0.1 where task `task` (a volume create) stands, fencing it until `fence_ms`
-/// from now.
-async fn task_status(c: &HttpClient, task: Uuid, fence_ms: i64) -> TaskProgress {
-    let cmd = TaskStatusCmd {
-        task,
-        kind: CommandKind::VolumeCreate,
-        fence_until_ms: stratus_rt::clock::now_ms() + fence_ms,
+/// Fence `chain` at `epoch` on host 10.1.0.1; the number of its older tasks still running.
+async fn fence(c: &HttpClient, chain: Uuid, epoch: u64) -> u32 {
+    let cmd = FenceCmd {
+        token: FenceToken { chain, epoch },
+        until_ms: stratus_rt::clock::now_ms() + 60_000,
     };
     let (status, body) = call(c, "10.1.0.1", "tok-a", &cmd, None).await;
     assert_eq!(status, 200, "{body}");
-    serde_json::from_value(body).unwrap()
+    serde_json::from_value::<FenceReply>(body).unwrap().running
 }
 
-/// A status query answers where a task stands, and fences a task the agent has not seen: its
-/// command, arriving later (a partition held it back), never runs, and its callback gets the
-/// fenced result. A running task is reported running, then finished with its own result.
+/// A fence counts its chain's older tasks until they end (work that started runs to its end),
+/// and from then on refuses the chain's older commands — not its own epoch's, nor another
+/// chain's.
 #[test]
-fn a_status_query_fences_an_unseen_task_and_follows_a_running_one() {
+fn a_fence_waits_out_its_chains_older_tasks_and_refuses_their_late_copies() {
     let rt = Runtime::with_seed_and_config(5, madsim::Config::default());
     rt.block_on(async {
         let state = Arc::new(Mutex::new(SimHostState::new(PROFILE)));
@@ -703,37 +701,51 @@ fn a_status_query_fences_an_unseen_task_and_follows_a_running_one() {
                 let results = r2;
                 serve_mgmt(callback_sink(results.clone())).await;
                 let c = HttpClient::default();
-                let no_header = (H_TOKEN, "tok-a");
+                let (chain, other) = (Uuid::from_u128(5), Uuid::from_u128(6));
+                let at = |chain: Uuid, epoch| FenceToken { chain, epoch }.header();
 
-                // Fenced before it arrives: the late command is a copy of a finished task.
-                let (late_vol, late_task) = (Uuid::from_u128(21), Uuid::from_u128(71));
-                let TaskProgress::Finished { result } = task_status(&c, late_task, 60_000).await
-                else {
-                    panic!("an unseen task is fenced at once");
-                };
-                assert_eq!(result.outcome.unwrap_err().code, AgentErrorCode::Fenced);
-                let r = create_volume_task(&c, late_vol, late_task, no_header).await;
-                assert_eq!(r.status, 202);
-                let e = wait_result(&results, late_task).await.outcome.unwrap_err();
-                assert_eq!(e.code, AgentErrorCode::Fenced, "{e:?}");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                assert!(
-                    !state.lock().unwrap().volumes.contains_key(&late_vol),
-                    "a fenced command ran"
-                );
-
-                // Running, then finished with the work's own result.
+                // Running at epoch 0 when the fence comes: counted until it ends.
                 let (vol, task) = (Uuid::from_u128(22), Uuid::from_u128(72));
-                let r = create_volume_task(&c, vol, task, no_header).await;
+                let r = create_volume_task(&c, vol, task, (H_FENCE, &at(chain, 0))).await;
                 assert_eq!(r.status, 202);
-                assert_eq!(task_status(&c, task, 60_000).await, TaskProgress::Running);
+                assert_eq!(fence(&c, chain, 1).await, 1, "the running task");
+                let mut asked = 1;
+                while fence(&c, chain, 1).await > 0 {
+                    asked += 1;
+                    assert!(asked < 120, "the task never ended");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
                 let done = wait_result(&results, task).await;
-                assert!(done.outcome.is_ok(), "{done:?}");
-                assert_eq!(
-                    task_status(&c, task, 60_000).await,
-                    TaskProgress::Finished { result: done }
+                assert!(
+                    done.outcome.is_ok(),
+                    "work that started ran to its end: {done:?}"
                 );
                 assert!(state.lock().unwrap().volumes.contains_key(&vol));
+
+                // A late command of epoch 0: refused on arrival, never run.
+                let late = Uuid::from_u128(23);
+                let r = create_volume_task(&c, late, Uuid::from_u128(73), (H_FENCE, &at(chain, 0)))
+                    .await;
+                assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+                let e: AgentError = serde_json::from_slice(&r.body).unwrap();
+                assert_eq!(e.code, AgentErrorCode::Fenced);
+                // The fence's own epoch and another chain go on.
+                let own = Uuid::from_u128(24);
+                let r = create_volume_task(&c, own, Uuid::from_u128(74), (H_FENCE, &at(chain, 1)))
+                    .await;
+                assert_eq!(r.status, 202);
+                let theirs = Uuid::from_u128(25);
+                let r =
+                    create_volume_task(&c, theirs, Uuid::from_u128(75), (H_FENCE, &at(other, 0)))
+                        .await;
+                assert_eq!(r.status, 202);
+                for t in [74, 75] {
+                    let done = wait_result(&results, Uuid::from_u128(t)).await;
+                    assert!(done.outcome.is_ok(), "{done:?}");
+                }
+                let volumes = &state.lock().unwrap().volumes;
+                assert!(!volumes.contains_key(&late), "a fenced command ran");
+                assert!(volumes.contains_key(&own) && volumes.contains_key(&theirs));
             })
             .await
             .unwrap();

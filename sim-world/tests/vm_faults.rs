@@ -191,8 +191,8 @@ fn the_management_node_killed_mid_create_finishes_the_rollback_after_restart() {
 }
 
 /// The management node killed while a migration is handed over but not yet done: after the
-/// restart, recovery undoes the migration only once its command can no longer run (it asks the
-/// source agent and waits). Undone while the forward migration still ran, the migration back
+/// restart, recovery undoes the migration only once its command can no longer run (it fences the
+/// chain on the source agent and waits). Undone while the forward migration still ran, the migration back
 /// and the forward one each released a copy of the disks, and the volume was lost on both
 /// hosts (found by the swarm: `scenarios/all-faults.toml`, seed 3).
 #[test]

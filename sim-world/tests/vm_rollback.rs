@@ -416,6 +416,28 @@ fn volume_attach_and_detach_roll_back_completely_at_every_step() {
         }
         let out = detach().await.unwrap();
         assert_eq!(attached_to(out), None);
+
+        // Delete: a fault at a step that rolls back leaves the volume as it was; one at a step
+        // past the point of no return is retried, and the volume goes.
+        let was = w.client.one("volumes", vol).await.unwrap()["state"].clone();
+        for f in &faults("volume.delete", false) {
+            let out = case(&w, f, || w.client.delete("volumes", vol, false)).await;
+            assert!(out.is_err(), "{}: delete should fail", f.label());
+            let now = w.client.one("volumes", vol).await.unwrap();
+            assert_eq!(now["state"], was, "{}", f.label());
+        }
+        let forward = faults("volume.delete", true);
+        assert!(!forward.is_empty(), "delete has a forward step");
+        for (i, f) in forward.iter().enumerate() {
+            let body =
+                json!({"name": format!("gone-{i}"), "disk_offering_uuid": w.dc.disk_offering});
+            let gone = uuid(&w.client.create("volumes", body).await.unwrap());
+            let out = case(&w, f, || w.client.delete("volumes", gone, false)).await;
+            out.unwrap_or_else(|e| panic!("{}: {e}", f.label()));
+            let e = w.client.one("volumes", gone).await.unwrap_err();
+            assert_eq!(e.code, stratus_core::ErrorCode::NotFound, "{}", f.label());
+        }
+        w.client.delete("volumes", vol, false).await.unwrap();
         settle_and_check(&w, "final").await;
     });
 }
@@ -661,5 +683,30 @@ fn volume_steps_and_undos_are_idempotent() {
         every_undo_twice(&w, "volume.attach", attach).await;
         attach().await.unwrap();
         every_undo_twice(&w, "volume.detach", detach).await;
+        detach().await.unwrap();
+        every_undo_twice(&w, "volume.delete", || {
+            w.client.delete("volumes", vol, false)
+        })
+        .await;
+        // Each step of a deletion run twice: the volume is gone, on its host too, as once.
+        let before = census(&w).await.unwrap();
+        for (i, f) in steps("volume.delete").iter().enumerate() {
+            let body =
+                json!({"name": format!("twice-{i}"), "disk_offering_uuid": w.dc.disk_offering});
+            let v = uuid(&w.client.create("volumes", body).await.unwrap());
+            w.client
+                .action("volumes", v, "attach", json!({"vm_uuid": vm}))
+                .await
+                .unwrap();
+            w.client
+                .action("volumes", v, "detach", json!({}))
+                .await
+                .unwrap();
+            twice(&w, "volume.delete", f.name, || {
+                w.client.delete("volumes", v, false)
+            })
+            .await;
+            assert_eq!(census(&w).await.unwrap(), before, "{}: not as once", f.name);
+        }
     });
 }

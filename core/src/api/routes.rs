@@ -795,7 +795,7 @@ async fn metrics(State(c): Api) -> Response {
     let b = c.bus().stats();
     let q = c.engine.queues.stats();
     let a = c.agents.stats();
-    let text = format!(
+    let mut text = format!(
         "# TYPE stratus_bus_messages_total counter\nstratus_bus_messages_total {}\n\
          # TYPE stratus_bus_remote_total counter\nstratus_bus_remote_total {}\n\
          # TYPE stratus_bus_timeouts_total counter\nstratus_bus_timeouts_total {}\n\
@@ -819,6 +819,12 @@ async fn metrics(State(c): Api) -> Response {
         c.agents.waiting(),
         c.tracker.tracking(),
     );
+    text.push_str("# TYPE stratus_sync_repairs_total counter\n");
+    for (what, n) in c.repairs.snapshot() {
+        text.push_str(&format!(
+            "stratus_sync_repairs_total{{repair=\"{what}\"}} {n}\n"
+        ));
+    }
     (
         axum::http::StatusCode::OK,
         [("content-type", "text/plain; version=0.0.4")],

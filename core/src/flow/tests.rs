@@ -221,6 +221,7 @@ async fn orphan(
         state,
         next,
         cursor,
+        epoch: 0,
         context: JsonText::of(&serde_json::json!({"done": ["a", "b"]})),
         error: None,
         rollback_errors: Json(Vec::new()),
@@ -635,4 +636,96 @@ async fn a_node_dying_in_a_flow_with_nothing_to_undo_rolls_back_the_flow_before_
     assert_eq!(report.rolled_back, 1);
     assert_eq!(logged(&log), vec!["run a", "run b", "rollback a"]);
     assert!(e.journal.in_progress().await.unwrap().is_empty());
+}
+
+/// Logs the chain scope it runs and rolls back in: epoch, and whether a host must be fenced.
+struct Scoped {
+    log: Log,
+}
+
+impl Scoped {
+    fn note(&self, what: &str) {
+        let host = Uuid::from_u128(3);
+        let line = match current_chain() {
+            Some(c) => format!("{what} epoch {} fence {}", c.epoch, c.must_fence(host)),
+            None => format!("{what} outside a chain"),
+        };
+        self.log.lock().unwrap().push(line);
+        if let Some(c) = current_chain() {
+            c.fenced_on(host);
+        }
+    }
+}
+
+#[async_trait]
+impl Flow<Ctx> for Scoped {
+    fn name(&self) -> &'static str {
+        "scoped"
+    }
+    async fn run(&self, _ctx: &mut Ctx) -> Result<(), Error> {
+        self.note("run");
+        Ok(())
+    }
+    async fn rollback(&self, _ctx: &mut Ctx) -> Result<(), Error> {
+        self.note("undo");
+        self.note("undo again");
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn flows_run_at_their_chains_epoch_and_a_rollback_fences_each_host_once() {
+    let (e, _) = env(10);
+    let log = Log::default();
+    let failing = Step {
+        fail_run: true,
+        ..step("b", &log)
+    };
+    let chain = FlowChain::new("test.scope")
+        .then(Scoped { log: log.clone() })
+        .then(failing);
+    assert!(chain
+        .run(&e.journal, target(), Ctx::default())
+        .await
+        .is_err());
+    assert_eq!(
+        logged(&log),
+        vec![
+            "run epoch 0 fence false",
+            "run b",
+            "rollback b",
+            "undo epoch 1 fence true",
+            "undo again epoch 1 fence false",
+        ]
+    );
+    assert!(current_chain().is_none(), "the scope ends with the flow");
+}
+
+#[tokio::test]
+async fn a_taken_over_chain_runs_two_epochs_above_its_journal() {
+    for (state, next, cursor, expect) in [
+        (ChainState::Running, 1, -1, "undo epoch 2 fence true"),
+        (ChainState::RollingBack, 1, 0, "undo epoch 2 fence true"),
+    ] {
+        let (e, _) = env(10);
+        let log = Log::default();
+        orphan(&e, "test.scope", state, next, cursor, None).await;
+        let reg = ChainRegistry::new();
+        reg.register(Arc::new(
+            FlowChain::<Ctx>::new("test.scope")
+                .then(Scoped { log: log.clone() })
+                .then(step("b", &log)),
+        ));
+        let report = recover_orphans(&e.journal, &reg, &e.queues, &e.jobs, &[], |_| true)
+            .await
+            .unwrap();
+        assert_eq!(report.rolled_back, 1, "{state:?}");
+        assert_eq!(
+            logged(&log)
+                .iter()
+                .find(|l| l.starts_with("undo "))
+                .unwrap(),
+            expect
+        );
+    }
 }

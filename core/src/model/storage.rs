@@ -143,6 +143,12 @@ stratus_store::text_enum! {
         Creating = "Creating",
         Ready = "Ready",
         Deleting = "Deleting",
+        /// Gone from its host, and from every host of its cluster, while the database had it
+        /// `Ready`: its data is lost. State sync decides so, with evidence, and says so (an
+        /// event `/volume/lost`, an error in the log) instead of keeping it `Ready` or
+        /// forgetting it. It keeps its place and its size until it is deleted; should its copy
+        /// turn up, it is `Ready` again.
+        Lost = "Lost",
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Cloud {
     pub cascade: Cascade,
     pub allocator: allocator::Allocator,
     pub tracker: host::Tracker,
+    /// The corrections state sync made, by kind.
+    pub repairs: Arc<vm::SyncRepairs>,
 }
 
 impl Cloud {
@@ -116,7 +118,13 @@ pub fn config_defs() -> Vec<&'static ConfigDef> {
 }
 
 /// Start every service on `engine`. `api_url` is this node's API base URL.
-pub async fn start(engine: Arc<Engine>, api_url: String) -> Result<Arc<Cloud>, Error> {
+/// Start the services. `repairs` counts state sync's corrections (a node's own when `None`; the
+/// simulation keeps one across restarts of its node).
+pub async fn start(
+    engine: Arc<Engine>,
+    api_url: String,
+    repairs: Option<Arc<vm::SyncRepairs>>,
+) -> Result<Arc<Cloud>, Error> {
     let db = engine.db.clone();
     let bus = engine.bus.clone();
     let mut participants: Vec<Arc<dyn CascadeParticipant>> = Vec::new();
@@ -133,6 +141,7 @@ pub async fn start(engine: Arc<Engine>, api_url: String) -> Result<Arc<Cloud>, E
         allocator: allocator::Allocator::new(),
         tracker: host::Tracker::new(),
         agents,
+        repairs: repairs.unwrap_or_default(),
         api_url,
         engine,
     });

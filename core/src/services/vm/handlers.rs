@@ -152,7 +152,6 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
                         src,
                         dest_req: m.host_uuid,
                         dest: None,
-                        task: None,
                     };
                     run_chain(&c, &ch.migrate, vm.uuid, ctx).await
                 })

@@ -6,7 +6,7 @@
 use super::chain::{
     changed_meanwhile, l2s_of, l3s_of, probe, release_reservations, step, step_fn, Step,
 };
-use super::{after, agent, agent_as, info, set_state, settle_task};
+use super::{after, agent, info, set_state};
 use crate::error::Error;
 use crate::extension::{AllocationSpec, VmOp};
 use crate::flow::FlowChain;
@@ -15,9 +15,7 @@ use crate::services::allocator::{AllocateHost, Allocation};
 use crate::services::Cloud;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Weak};
-use stratus_agent_protocol::{
-    AgentErrorCode, CommandKind, DeleteVolumeCmd, DestroyVmCmd, MigrateVmCmd, PowerState,
-};
+use stratus_agent_protocol::{DeleteVolumeCmd, DestroyVmCmd, MigrateVmCmd, PowerState};
 use stratus_store::Query;
 use uuid::Uuid;
 
@@ -27,10 +25,6 @@ pub(super) struct MigrateCtx {
     pub(super) src: Uuid,
     pub(super) dest_req: Option<Uuid>,
     pub(super) dest: Option<Uuid>,
-    /// The migration command's task id, chosen with the destination (so journaled before the
-    /// command goes): its undo settles the task on the source first.
-    #[serde(default)]
-    pub(super) task: Option<Uuid>,
 }
 
 fn s(
@@ -110,7 +104,6 @@ async fn allocate_destination(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(),
         })
         .await?;
     ctx.dest = Some(a.host);
-    ctx.task = Some(c.engine.ids.uuid());
     Ok(())
 }
 
@@ -128,11 +121,7 @@ async fn migrate(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
         dest_address: d.address.to_string(),
         dest_token: d.token.clone(),
     };
-    let sent = match ctx.task {
-        Some(task) => agent_as(&c, &src, &cmd, task).await,
-        None => agent(&c, &src, &cmd).await,
-    };
-    match sent {
+    match agent(&c, &src, &cmd).await {
         Ok(()) => Ok(()),
         Err(e) => {
             // The answer may be lost while the VM did move: ask the destination.
@@ -178,20 +167,16 @@ async fn remove_source_copy(c: &Arc<Cloud>, src: Uuid, vm: Uuid) {
 /// If the VM already reached the destination, bring it back — once the migration command can
 /// no longer run: a migration still under way (its answer lost, or a restarted node's recovery
 /// undoing it) and a migration back would each release a copy of the disks, and lose them both.
+/// The source is fenced first (the destination is asked only then), since the migration runs
+/// there.
 async fn migrate_back(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
     let Some(dest) = ctx.dest else { return Ok(()) };
-    if let Some(task) = ctx.task {
-        let done = settle_task(&c, ctx.src, task, CommandKind::VmMigrate).await?;
-        if matches!(&done.outcome, Err(e) if e.code == AgentErrorCode::Fenced) {
-            // Never ran, and never will: nothing moved.
-            return Ok(());
-        }
-    }
+    let s = c.host_target(ctx.src).await?;
+    c.agents.settle(&s).await?;
     if probe(&c, dest, ctx.vm).await != Some(PowerState::Running) {
         return Ok(());
     }
     let d = c.host_target(dest).await?;
-    let s = c.host_target(ctx.src).await?;
     let back = MigrateVmCmd {
         vm: ctx.vm,
         dest_address: s.address.to_string(),

@@ -16,7 +16,7 @@ mod power;
 mod sync;
 mod volume;
 
-pub use sync::{SyncHostVms, VmStateReport};
+pub use sync::{SyncHostVms, SyncRepairs, VmStateReport};
 pub use volume::{AttachVolume, CreateDataVolume, DeleteVolume, DetachVolume};
 
 use super::Cloud;
@@ -228,57 +228,6 @@ pub(crate) async fn agent<C: Command>(
     c.agents.call(target, cmd, timeout).await
 }
 
-/// [`agent`] of a long command under task id `task`, chosen and journaled before it is sent, so
-/// that whoever undoes its work can settle the task first ([`settle_task`]).
-pub(crate) async fn agent_as<C: Command>(
-    c: &Cloud,
-    target: &HostTarget,
-    cmd: &C,
-    task: Uuid,
-) -> Result<C::Reply, Error> {
-    let timeout: Duration = AgentClient::timeout(&c.engine.config, C::KIND);
-    c.agents.call_as(target, cmd, timeout, Some(task)).await
-}
-
-/// Wait until task `task` (a command of `kind` sent to `host`) can no longer run, and return
-/// its result: the work's, once it has ended, or the fenced result of a task the agent never
-/// got (it never will now). Asked before undoing what the task may do: a command the sender
-/// gave up on (a lost answer, a restarted node's recovery) may still be running on the host.
-pub(crate) async fn settle_task(
-    c: &Cloud,
-    host: Uuid,
-    task: Uuid,
-    kind: stratus_agent_protocol::CommandKind,
-) -> Result<stratus_agent_protocol::TaskResult, Error> {
-    use stratus_agent_protocol::{TaskProgress, TaskStatusCmd};
-    let target = c.host_target(host).await?;
-    // A copy of the command still on its way is refused after its hand-over deadline, which
-    // was set when it was sent (before now) at most SUBMIT_TIMEOUT ahead.
-    let fence = crate::agent::SUBMIT_TIMEOUT.as_millis() as i64;
-    let limit = AgentClient::timeout(&c.engine.config, kind);
-    let started = tokio::time::Instant::now();
-    loop {
-        let status = TaskStatusCmd {
-            task,
-            kind,
-            fence_until_ms: stratus_rt::clock::now_ms() + fence,
-        };
-        match agent(c, &target, &status).await? {
-            TaskProgress::Finished { result } => return Ok(result),
-            TaskProgress::Running if started.elapsed() < limit => {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            TaskProgress::Running => {
-                return Err(Error::timeout(format!(
-                    "task {task} ({}) on host {host} still runs after {} s",
-                    kind.as_str(),
-                    limit.as_secs()
-                )))
-            }
-        }
-    }
-}
-
 /// Retry a step that must not fail (past an operation's point of no return) on transient
 /// errors, with backoff.
 pub(crate) async fn must<T, F, Fut>(c: &Cloud, what: &str, mut f: F) -> Result<T, Error>
@@ -421,8 +370,10 @@ pub fn chain_catalogue() -> Vec<(&'static str, Vec<crate::flow::FlowInfo>)> {
     let mut all = handlers::Chains::new(&w).catalogue();
     let attach = volume::attach_chain(&w);
     let detach = volume::detach_chain(&w);
+    let delete = volume::delete_chain(&w);
     all.push((attach.name(), attach.flows()));
     all.push((detach.name(), detach.flows()));
+    all.push((delete.name(), delete.flows()));
     all
 }
 

@@ -11,8 +11,13 @@
 //! - unknown to the database → destroyed (or only reported, `vm.orphan.policy = report`);
 //! - its host disconnected → Unknown.
 //!
-//! Volumes a host has that the database has never heard of are deleted the same way.
+//! Volumes a host has that the database has never heard of are deleted the same way; a copy
+//! on another host than the database's is deleted, or followed when it is the only one; a
+//! volume `Ready` on its host in the database that the host no longer has is marked `Lost`
+//! once no host of its cluster has it (and `Ready` again should it turn up).
 //! VMs in a transitional state are left alone: their operation, or recovery, ends it.
+//!
+//! Every correction is counted by kind in [`SyncRepairs`].
 
 use super::chain::{probe, release_reservations};
 use super::{agent, set_state, vm_queue, ORPHAN_POLICY};
@@ -24,13 +29,29 @@ use crate::services::allocator::AllocateHost;
 use crate::services::Cloud;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use stratus_agent_protocol::{
     DeleteVolumeCmd, DestroyVmCmd, DetachVolumeCmd, PingCmd, PowerState, VmStatus, VmStatusCmd,
 };
 use stratus_store::ErrorClass;
 use stratus_store::{Batch, Query, Row, Update, Value};
 use uuid::Uuid;
+
+/// How many corrections state sync made, by kind (a VM's reconciliation by its outcome,
+/// `volume.*` for volumes): what faults left behind, for the scenarios' reports and `/metrics`.
+#[derive(Debug, Default)]
+pub struct SyncRepairs(Mutex<BTreeMap<String, u64>>);
+
+impl SyncRepairs {
+    pub fn count(&self, what: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(what.to_string()).or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
 
 /// What a host reported (or that it disconnected: `full == false`, nothing known).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -199,7 +220,10 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
         .into_iter()
         .collect();
     for v in &m.volumes {
-        if placed.contains_key(v) {
+        if let Some(p) = placed.get(v) {
+            if p.state == VolumeState::Lost {
+                found_volume(c, m.host, *v, p.vm_uuid);
+            }
             continue;
         }
         match c.db().get::<Volume>(*v).await? {
@@ -231,30 +255,26 @@ async fn host_sync(c: &Arc<Cloud>, m: SyncHostVms) -> Result<SyncSummary, Error>
             Some(_) => {}
         }
     }
-    // Root volumes of destroyed VMs the database places here but the host no longer has: an
-    // expunge whose delete ran on the host while its answer was lost (a partition) went back
-    // to Destroyed. Finish the deletion (found by the partition-storm scenario).
+    // Volumes the database has Ready here that the host no longer has. Root volumes of
+    // destroyed VMs: an expunge whose delete ran on the host while its answer was lost (a
+    // partition) went back to Destroyed; the deletion is finished (found by the partition-storm
+    // scenario). Any other: lost, unless another host of the cluster has it.
     let ready = placed.iter().filter(|(_, v)| v.state == VolumeState::Ready);
     for (&uuid, v) in ready {
         if m.volumes.contains(&uuid) {
             continue;
         }
-        match v.vm_uuid {
+        let destroyed = match v.vm_uuid {
             Some(vm) => {
-                if c.db()
-                    .get::<Vm>(vm)
-                    .await?
-                    .is_some_and(|x| x.state == VmState::Destroyed)
-                {
-                    deleted_on_host(c, m.host, vm, uuid);
-                    sum.orphan_volumes += 1;
-                }
+                (c.db().get::<Vm>(vm).await?).is_some_and(|x| x.state == VmState::Destroyed)
             }
-            None => {
-                lost_copy(c, m.host, uuid);
-                sum.orphan_volumes += 1;
-            }
+            None => false,
+        };
+        match v.vm_uuid {
+            Some(vm) if destroyed => deleted_on_host(c, m.host, vm, uuid),
+            vm => missing_volume(c, m.host, uuid, vm),
         }
+        sum.orphan_volumes += 1;
     }
     orphans.clean_up(c, m.host);
     Ok(sum)
@@ -279,7 +299,9 @@ fn deleted_on_host(c: &Arc<Cloud>, host: Uuid, vm: Uuid, volume: Uuid) {
                 return Ok(());
             }
             tracing::info!(%vm, %volume, %host, "volume of a destroyed VM gone from its host: forgotten");
-            super::volume::delete_volume_everywhere(&c, &v, false).await
+            super::volume::delete_volume_everywhere(&c, &v, false).await?;
+            c.repairs.count("volume.forgotten");
+            Ok(())
         },
     );
 }
@@ -340,35 +362,98 @@ fn stray_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
             }
         }
         tracing::debug!(%volume, %host, %home, "stray volume copy deleted");
-        agent(&c, &target, &DeleteVolumeCmd { volume }).await
+        agent(&c, &target, &DeleteVolumeCmd { volume }).await?;
+        c.repairs.count("volume.stray-deleted");
+        Ok(())
     });
 }
 
-/// A detached data volume the database has ready on `host` is not there: a deletion that ran
-/// on the host but reported failure (found by the model sweep). Decided again in the volume's
-/// queue, after asking the host once more: the volume is placed on no host again, its local
-/// storage given back; its data is gone, and an attach creates it anew (empty).
-fn lost_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid) {
+/// `volume`, `Ready` on `host` in the database (of `vm`, or detached), is not there. Decided
+/// again in the queue of its VM (or of the volume), where no operation on it runs: if the host
+/// still lacks it and no other host of its cluster holds it (local volumes move only within
+/// their cluster), it is marked `Lost` — its data is gone, and the database says so instead
+/// of keeping it `Ready` or forgetting it. A copy on another host is the stray-copy repair's
+/// (the database follows an only copy); a host that does not answer leaves the decision to a
+/// later ping.
+fn missing_volume(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
+    let q = match vm {
+        Some(vm) => vm_queue(vm),
+        None => super::volume::volume_queue(volume),
+    };
     later_in_queue(
         c,
-        super::volume::volume_queue(volume),
-        "unplace a volume gone from its host",
+        q,
+        "decide on a volume gone from its host",
         move |c| async move {
             let Some(v) = c.db().get::<Volume>(volume).await? else {
                 return Ok(());
             };
-            if v.vm_uuid.is_some() || v.host_uuid != Some(host) || v.state != VolumeState::Ready {
+            if v.state != VolumeState::Ready || v.host_uuid != Some(host) || v.vm_uuid != vm {
                 return Ok(());
             }
-            match volumes_held(&c, host).await? {
-                Some(held) if !held.contains(&volume) => {}
-                _ => return Ok(()),
+            if let Some(vm) = vm {
+                let busy = (c.db().get::<Vm>(vm).await?)
+                    .is_none_or(|x| x.state.is_transitional() || x.state == VmState::Destroyed);
+                if busy {
+                    return Ok(());
+                }
             }
-            super::volume::unplace_volume(&c, &v).await?;
-            tracing::warn!(%volume, %host, "data volume gone from its host: placed on no host again, its data lost");
+            let cluster = c.get::<Host>(host).await?.cluster_uuid;
+            let hosts = c
+                .db()
+                .select::<Host>(&Query::of::<Host>().eq("cluster_uuid", cluster))
+                .await?;
+            for h in hosts {
+                match volumes_held(&c, h.uuid).await {
+                    Ok(Some(held)) if !held.contains(&volume) => {}
+                    // Held there, or not known: not lost (yet).
+                    _ => return Ok(()),
+                }
+            }
+            let lost = Update::of::<Volume>(volume)
+                .version(v.version)
+                .set("state", VolumeState::Lost.as_str());
+            c.db().commit(Batch::new().update(lost)).await?;
+            c.bus().publish(
+                "/volume/lost",
+                || serde_json::json!({"uuid": volume, "host": host, "vm": vm}),
+            );
+            tracing::error!(%volume, %host, ?vm, "volume gone from its host and from every host of its cluster: marked Lost, its data is gone");
+            c.repairs.count("volume.lost");
             Ok(())
         },
     );
+}
+
+/// `volume`, `Lost` on `host` in the database, is there after all (its host came back with its
+/// disks): `Ready` again, decided in its queue.
+fn found_volume(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
+    let q = match vm {
+        Some(vm) => vm_queue(vm),
+        None => super::volume::volume_queue(volume),
+    };
+    later_in_queue(c, q, "take back a lost volume", move |c| async move {
+        let found = Update::of::<Volume>(volume)
+            .when_eq("state", VolumeState::Lost.as_str())
+            .when_eq("host_uuid", host)
+            .set("state", VolumeState::Ready.as_str());
+        match c.db().commit(Batch::new().update(found)).await {
+            Ok(_) => {
+                tracing::warn!(%volume, %host, "lost volume found on its host: Ready again");
+                c.repairs.count("volume.found");
+                Ok(())
+            }
+            Err(e)
+                if matches!(
+                    e.class(),
+                    ErrorClass::ConditionFailed | ErrorClass::NotFound
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    });
 }
 
 /// Delete the copy of `volume` on `host` when the database places the volume on no host: an
@@ -398,6 +483,7 @@ fn unplaced_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid) {
             }
             delete_copy(&c, host, volume).await?;
             tracing::info!(%volume, %host, "copy of a volume placed on no host deleted");
+            c.repairs.count("volume.unplaced-copy-deleted");
             Ok(())
         },
     );
@@ -406,8 +492,8 @@ fn unplaced_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid) {
 /// The only copy of `vol` is on `host`, not on `home` where the database places it (a migration
 /// that timed out and was rolled back in the database finished on the hosts later; found by the
 /// model sweep). Unless its VM runs (or is paused), the database follows the copy: the volume
-/// and its local-storage share move to `host`, where the VM will start next. Called in the VM's
-/// queue.
+/// and its local-storage share move to `host`, where the VM will start next (a volume marked
+/// `Lost` meanwhile is `Ready` again). Called in the VM's queue.
 async fn adopt_only_copy(
     c: &Arc<Cloud>,
     vol: &stratus_store::Row<Volume>,
@@ -435,7 +521,8 @@ async fn adopt_only_copy(
     let mut b = Batch::new().update(
         Update::of::<Volume>(vol.uuid)
             .when_eq("host_uuid", home)
-            .set("host_uuid", host),
+            .set("host_uuid", host)
+            .set("state", VolumeState::Ready.as_str()),
     );
     if let Some(ps) = vol.ps_uuid {
         b = b
@@ -445,6 +532,7 @@ async fn adopt_only_copy(
     match c.db().commit(b).await {
         Ok(_) => {
             tracing::info!(volume = %vol.uuid, %host, %home, "only copy is on another host than the database said: the database follows it");
+            c.repairs.count("volume.adopted");
             Ok(())
         }
         // Moved meanwhile: the next report decides again.
@@ -455,7 +543,7 @@ async fn adopt_only_copy(
 
 /// The volumes `host` says it holds; `None` when its agent does not know it is that host (it
 /// restarted). Only asking: this node need not be the host's owner, so no report URL is given.
-async fn volumes_held(c: &Cloud, host: Uuid) -> Result<Option<Vec<Uuid>>, Error> {
+pub(super) async fn volumes_held(c: &Cloud, host: Uuid) -> Result<Option<Vec<Uuid>>, Error> {
     let p = agent(
         c,
         &c.host_target(host).await?,
@@ -541,7 +629,9 @@ impl Orphans {
                         return Ok(());
                     }
                     let target = c.host_target(host).await?;
-                    agent(&c, &target, &DestroyVmCmd { vm }).await
+                    agent(&c, &target, &DestroyVmCmd { vm }).await?;
+                    c.repairs.count("vm.orphan-destroyed");
+                    Ok(())
                 })
                 .await;
             }
@@ -551,7 +641,9 @@ impl Orphans {
                     if c.db().get::<Volume>(volume).await?.is_some() {
                         return Ok(());
                     }
-                    delete_copy(&c, host, volume).await
+                    delete_copy(&c, host, volume).await?;
+                    c.repairs.count("volume.orphan-deleted");
+                    Ok(())
                 })
                 .await;
             }
@@ -906,7 +998,12 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
         let r = c.engine.queues.run(&q, 1, reconcile(&c, m)).await;
         match &r {
             Ok(what) => {
-                tracing::debug!(%vm, %host, what = what.as_str(), "state report reconciled")
+                tracing::debug!(%vm, %host, what = what.as_str(), "state report reconciled");
+                if !matches!(what.as_str(), "unchanged" | "busy" | "gone" | "orphan")
+                    && !what.starts_with("host does not know")
+                {
+                    c.repairs.count(&format!("vm.{what}"));
+                }
             }
             Err(e) => tracing::debug!(%vm, %host, error = %e, "state report not reconciled"),
         }

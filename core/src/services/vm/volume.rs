@@ -134,22 +134,113 @@ pub(crate) async fn delete_volume_everywhere(
     v: &Row<Volume>,
     force: bool,
 ) -> Result<(), Error> {
+    delete_on_host(c, v, force).await?;
+    super::must(c, "forget-volume", || forget_volume_row(c, v.uuid)).await
+}
+
+/// Delete `v` on its host, if it has one: done when the host no longer has it.
+async fn delete_on_host(c: &Cloud, v: &Row<Volume>, force: bool) -> Result<(), Error> {
     if let Some(host) = v.host_uuid {
         let r = async {
             let target = c.host_target(host).await?;
             agent(c, &target, &DeleteVolumeCmd { volume: v.uuid }).await
         }
         .await;
+        // A failure may be reported after the host deleted it (found by the model sweep, which
+        // then had a Ready volume no host held): ask.
+        let gone = match &r {
+            Err(e) if e.code != ErrorCode::NotFound => super::sync::volumes_held(c, host)
+                .await
+                .is_ok_and(|held| held.is_some_and(|h| !h.contains(&v.uuid))),
+            _ => false,
+        };
         match r {
             Ok(()) => {}
             Err(e) if e.code == ErrorCode::NotFound => {}
+            Err(_) if gone => {}
             Err(e) if force => {
                 tracing::warn!(volume = %v.uuid, error = %e, "forced delete could not reach the host")
             }
             Err(e) => return Err(e),
         }
     }
-    super::must(c, "forget-volume", || forget_volume_row(c, v.uuid)).await
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct DeleteCtx {
+    volume: Uuid,
+    force: bool,
+    /// Its state before this deletion (what the undo of `deleting` puts back).
+    was: Option<VolumeState>,
+}
+
+/// Delete a detached volume: marked `Deleting` first, so that a node that dies after the host
+/// deleted it leaves a record of what was under way — recovery finishes the chain — and not a
+/// `Ready` volume no host holds (found by the swarm, once state sync said `Lost`).
+pub(super) fn delete_chain(w: &Weak<Cloud>) -> FlowChain<DeleteCtx> {
+    use super::chain::{step, step_fn};
+    FlowChain::new("volume.delete")
+        .then(step(w, "deleting", step_fn!(deleting)).undo(step_fn!(deleting_undo)))
+        // Past the point of no return: once the command went, the data may be gone, and
+        // going back to the state before would be a lie. Retried instead.
+        .then(step(w, "delete-on-host", step_fn!(delete_on_its_host)).forward())
+        .then(step(w, "forget-volume", step_fn!(forget_volume)).forward())
+        .on_interrupt(crate::flow::OnInterrupt::Finish)
+}
+
+async fn deleting(c: Arc<Cloud>, ctx: &mut DeleteCtx) -> Result<(), Error> {
+    let v = c.get::<Volume>(ctx.volume).await?;
+    if v.state == VolumeState::Deleting {
+        // Run again (a retry, a recovery): its own earlier run set it, in the volume's queue.
+        return Ok(());
+    }
+    if v.state.is_transitional() {
+        return Err(Error::new(
+            ErrorCode::InvalidState,
+            format!("volume {} is {}", v.uuid, v.state),
+        ));
+    }
+    if let Some(vm) = v.vm_uuid {
+        return Err(Error::new(
+            ErrorCode::InUse,
+            format!("volume {} is attached to vm {vm}; detach it first", v.uuid),
+        ));
+    }
+    let u = Update::of::<Volume>(v.uuid)
+        .version(v.version)
+        .set("state", VolumeState::Deleting.as_str());
+    c.db().commit(Batch::new().update(u)).await?;
+    ctx.was = Some(v.state);
+    Ok(())
+}
+
+async fn deleting_undo(c: Arc<Cloud>, ctx: &mut DeleteCtx) -> Result<(), Error> {
+    let Some(was) = ctx.was else { return Ok(()) };
+    let back = Update::of::<Volume>(ctx.volume)
+        .when_eq("state", VolumeState::Deleting.as_str())
+        .set("state", was.as_str());
+    match c.db().commit(Batch::new().update(back)).await {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.class(),
+                ErrorClass::ConditionFailed | ErrorClass::NotFound
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn delete_on_its_host(c: Arc<Cloud>, ctx: &mut DeleteCtx) -> Result<(), Error> {
+    let v = c.get::<Volume>(ctx.volume).await?;
+    delete_on_host(&c, &v, ctx.force).await
+}
+
+async fn forget_volume(c: Arc<Cloud>, ctx: &mut DeleteCtx) -> Result<(), Error> {
+    forget_volume_row(&c, ctx.volume).await
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -600,8 +691,10 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
     let w = Arc::downgrade(cloud);
     let attach_chain = Arc::new(attach_chain(&w));
     let detach_chain = Arc::new(detach_chain(&w));
+    let delete_chain = Arc::new(delete_chain(&w));
     cloud.engine.chains.register(attach_chain.clone());
     cloud.engine.chains.register(detach_chain.clone());
+    cloud.engine.chains.register(delete_chain.clone());
 
     let ch = attach_chain.clone();
     cloud.handle(move |c: Arc<Cloud>, m: CreateDataVolume| {
@@ -689,35 +782,47 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
             c.get::<Volume>(m.volume_uuid).await
         }
     })?;
-    cloud.handle(|c: Arc<Cloud>, m: DeleteVolume| async move {
-        let v = c.get::<Volume>(m.uuid).await?;
-        if let Some(vm) = v.vm_uuid {
-            if v.kind == VolumeType::Root {
-                return Err(Error::invalid(format!(
-                    "volume {} is vm {vm}'s root volume; expunge the vm",
-                    v.uuid
-                )));
+    let ch = delete_chain.clone();
+    cloud.handle(move |c: Arc<Cloud>, m: DeleteVolume| {
+        let ch = ch.clone();
+        async move {
+            let v = c.get::<Volume>(m.uuid).await?;
+            if let Some(vm) = v.vm_uuid {
+                if v.kind == VolumeType::Root {
+                    return Err(Error::invalid(format!(
+                        "volume {} is vm {vm}'s root volume; expunge the vm",
+                        v.uuid
+                    )));
+                }
+                if !m.force {
+                    return Err(Error::new(
+                        ErrorCode::InUse,
+                        format!("volume {} is attached to vm {vm}; detach it first", v.uuid),
+                    ));
+                }
+                c.bus()
+                    .send(DetachVolume {
+                        volume_uuid: v.uuid,
+                        vm_uuid: vm,
+                    })
+                    .await?;
             }
-            if !m.force {
-                return Err(Error::new(
-                    ErrorCode::InUse,
-                    format!("volume {} is attached to vm {vm}; detach it first", v.uuid),
-                ));
-            }
-            c.bus()
-                .send(DetachVolume {
-                    volume_uuid: v.uuid,
-                    vm_uuid: vm,
-                })
-                .await?;
+            let ctx = DeleteCtx {
+                volume: m.uuid,
+                force: m.force,
+                was: None,
+            };
+            let target = ChainTarget {
+                resource: m.uuid,
+                queue: volume_queue(m.uuid),
+                job: None,
+            };
+            let delete = async {
+                (ch.run(&c.engine.journal, target, ctx).await).map_err(|f| f.into_error(m.uuid))?;
+                Ok(())
+            };
+            c.engine.queues.run(&volume_queue(m.uuid), 1, delete).await
         }
-        c.engine
-            .queues
-            .run(&volume_queue(m.uuid), 1, async {
-                let v = c.get::<Volume>(m.uuid).await?;
-                delete_volume_everywhere(&c, &v, m.force).await
-            })
-            .await
     })?;
     Ok(())
 }
