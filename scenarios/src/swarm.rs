@@ -106,6 +106,15 @@ fn failed_checks(dir: &Path) -> Verdict {
     }
 }
 
+/// The state-sync repairs the run under `dir` counted (none when it left no readable report).
+pub fn repairs_of(dir: &Path) -> std::collections::BTreeMap<String, u64> {
+    find_summary(dir)
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str::<Summary>(&t).ok())
+        .map(|s| s.repairs)
+        .unwrap_or_default()
+}
+
 /// `dir/<scenario>/<seed>/summary.json`, the one report a run writes under its own directory.
 fn find_summary(dir: &Path) -> Option<PathBuf> {
     let subdirs = |d: &Path| {

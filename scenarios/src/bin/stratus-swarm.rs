@@ -14,7 +14,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use stratus_scenario::draw::draw;
 use stratus_scenario::spec::Scenario;
-use stratus_scenario::swarm::{reduce, write_drawn, Runner, Verdict};
+use stratus_scenario::swarm::{reduce, repairs_of, write_drawn, Runner, Verdict};
 
 #[derive(Parser)]
 #[command(about = "Run many seeds of a scenario template, each drawn for its seed")]
@@ -120,11 +120,16 @@ fn sweep(args: &Args) -> anyhow::Result<bool> {
     }
     drop(tx);
     let mut failures: Vec<Failure> = Vec::new();
+    let mut repairs: BTreeMap<String, u64> = BTreeMap::new();
     let mut done = 0u64;
     let mut next_progress = 100;
     for (seed, dir, outcome) in rx {
         done += 1;
-        match outcome? {
+        let outcome = outcome?;
+        for (k, n) in repairs_of(&dir.join("run")) {
+            *repairs.entry(k).or_default() += n;
+        }
+        match outcome {
             (_, Verdict::Passed) => {
                 let _ = std::fs::remove_dir_all(&dir);
             }
@@ -189,6 +194,16 @@ fn sweep(args: &Args) -> anyhow::Result<bool> {
         args.seeds as f64 / wall.max(1e-9),
         args.seeds - failures.len() as u64,
         failures.len()
+    );
+    let total: u64 = repairs.values().sum();
+    let by_kind: Vec<String> = repairs.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    println!(
+        "  state-sync repairs: {total} ({})",
+        if by_kind.is_empty() {
+            "none".into()
+        } else {
+            by_kind.join(", ")
+        }
     );
     for (class, fs) in &classes {
         let seeds: Vec<String> = fs.iter().take(10).map(|f| f.seed.to_string()).collect();
