@@ -6,7 +6,7 @@
 //! crashed host decide that); the runner keeps the expected state of each resource and checks
 //! every outcome against it.
 
-use crate::ops::{AgentFault, HostAction, Offering, Op, VmAction, FAILABLE};
+use crate::ops::{AgentFault, HostAction, Member, Offering, Op, VmAction, FAILABLE, GROUP_MAX};
 use proptest::prelude::*;
 use proptest::strategy::Union;
 use proptest_state_machine::ReferenceStateMachine;
@@ -66,6 +66,7 @@ impl ModelState {
             Op::HealHost { host } => self.partitioned.contains(host),
             Op::KillMgmt => self.mgmt_up,
             Op::RestartMgmt => !self.mgmt_up,
+            Op::Group { members } => self.allows_group(members),
             Op::CreateVm { .. }
             | Op::CreateCluster
             | Op::CreateZone
@@ -76,8 +77,43 @@ impl ModelState {
         }
     }
 
+    /// A group: two to [`GROUP_MAX`] members, API operations on resources that existed before
+    /// it and at most one fault, each allowed in turn.
+    fn allows_group(&self, members: &[Member]) -> bool {
+        let faults = members.iter().filter(|m| m.op.is_group_fault()).count();
+        let kinds_ok = members
+            .iter()
+            .all(|m| m.op.is_concurrent_api() || m.op.is_group_fault());
+        if !(2..=GROUP_MAX).contains(&members.len()) || faults > 1 || !kinds_ok {
+            return false;
+        }
+        let before = self.clone();
+        let mut s = self.clone();
+        for m in members {
+            let names_new = match &m.op {
+                Op::Vm { vm, .. } => *vm >= before.vms,
+                Op::CreateVolume { attach } => attach.is_some_and(|v| v >= before.vms),
+                Op::AttachVolume { volume, vm } => *volume >= before.volumes || *vm >= before.vms,
+                Op::DetachVolume { volume } | Op::DeleteVolume { volume } => {
+                    *volume >= before.volumes
+                }
+                _ => false,
+            };
+            if names_new || !s.allows(&m.op) {
+                return false;
+            }
+            s = s.apply(&m.op);
+        }
+        true
+    }
+
     pub fn apply(mut self, op: &Op) -> Self {
         match op {
+            Op::Group { members } => {
+                for m in members {
+                    self = self.apply(&m.op);
+                }
+            }
             Op::CreateVm { .. } => self.vms += 1,
             Op::CreateVolume { .. } => self.volumes += 1,
             Op::CreateCluster => self.clusters += 1,
@@ -254,10 +290,102 @@ impl ModelState {
         }
         if self.mgmt_up {
             arms.push((5, Just(Op::KillMgmt).boxed()));
+            arms.push((25, self.group()));
         } else {
             arms.push((30, Just(Op::RestartMgmt).boxed()));
         }
         Union::new_weighted(arms).boxed()
+    }
+
+    /// A concurrent group: two to four API operations (mostly on the case's VMs, so that some
+    /// race on the same one), and in half the groups a fault landing among them — a slow
+    /// command against a node kill is the race the sequential ops never make.
+    fn group(&self) -> BoxedStrategy<Op> {
+        let (vms, vols) = (self.vms, self.volumes);
+        let mut api: Vec<(u32, BoxedStrategy<Op>)> = vec![(
+            2,
+            prop_oneof![Just(Offering::Small), Just(Offering::Medium)]
+                .prop_map(|offering| Op::CreateVm {
+                    offering,
+                    static_ip: None,
+                })
+                .boxed(),
+        )];
+        if vms > 0 {
+            api.push((
+                8,
+                (0..vms, prop::sample::select(VmAction::ALL.to_vec()))
+                    .prop_map(|(vm, action)| Op::Vm { vm, action })
+                    .boxed(),
+            ));
+            api.push((
+                1,
+                (0..vms)
+                    .prop_map(|vm| Op::CreateVolume { attach: Some(vm) })
+                    .boxed(),
+            ));
+        }
+        if vols > 0 {
+            let vms1 = vms.max(1);
+            api.push((
+                3,
+                prop_oneof![
+                    (0..vols, 0..vms1).prop_map(|(volume, vm)| Op::AttachVolume { volume, vm }),
+                    (0..vols).prop_map(|volume| Op::DetachVolume { volume }),
+                    (0..vols).prop_map(|volume| Op::DeleteVolume { volume }),
+                ]
+                .boxed(),
+            ));
+        }
+        let api = Union::new_weighted(api);
+        let up: Vec<usize> = (0..ALL_HOSTS)
+            .filter(|h| !self.crashed.contains(h) && !self.partitioned.contains(h))
+            .collect();
+        let mut faults: Vec<(u32, BoxedStrategy<Op>)> = vec![
+            (4, Just(Op::KillMgmt).boxed()),
+            (
+                4,
+                (
+                    prop::sample::select(AgentFault::ALL.to_vec()),
+                    prop::sample::select(FAILABLE.to_vec()),
+                    1..=2u32,
+                )
+                    .prop_map(|(fault, kind, n)| Op::AgentFault { fault, kind, n })
+                    .boxed(),
+            ),
+            (
+                2,
+                (prop::sample::select(FAILABLE.to_vec()), 1..=2u32)
+                    .prop_map(|(kind, n)| Op::FailNext { kind, n })
+                    .boxed(),
+            ),
+        ];
+        if !up.is_empty() {
+            faults.push((
+                1,
+                prop::sample::select(up.clone())
+                    .prop_map(|host| Op::CrashHost { host })
+                    .boxed(),
+            ));
+            faults.push((
+                1,
+                prop::sample::select(up)
+                    .prop_map(|host| Op::PartitionHost { host })
+                    .boxed(),
+            ));
+        }
+        let member = |op: BoxedStrategy<Op>| {
+            (0..4_000u32, op).prop_map(|(after_ms, op)| Member { after_ms, op })
+        };
+        (
+            prop::collection::vec(member(api.boxed()), 2..=4),
+            prop::option::of(member(Union::new_weighted(faults).boxed())),
+        )
+            .prop_map(|(mut members, fault)| {
+                members.extend(fault);
+                Op::Group { members }
+            })
+            .boxed()
     }
 }
 
@@ -328,5 +456,65 @@ mod tests {
             action: VmAction::Start
         }));
         assert!(valid_sequence(1, &[Op::KillMgmt, Op::KillMgmt]).is_err());
+    }
+
+    #[test]
+    fn a_group_names_what_existed_before_it_and_has_one_fault_at_most() {
+        let m = |op| Member { after_ms: 0, op };
+        let vm = |vm, action| Op::Vm { vm, action };
+        let create = Op::CreateVm {
+            offering: Offering::Small,
+            static_ip: None,
+        };
+        let s = ModelState::new(1).apply(&create);
+        let group = |members| Op::Group { members };
+        let race = group(vec![
+            m(vm(0, VmAction::Stop)),
+            m(vm(0, VmAction::Destroy)),
+            m(Op::KillMgmt),
+        ]);
+        assert!(s.allows(&race));
+        assert!(!s.clone().apply(&race).mgmt_up, "the kill is applied");
+        let names_new = group(vec![m(create.clone()), m(vm(1, VmAction::Stop))]);
+        assert!(!s.allows(&names_new), "vm 1 is created by the group itself");
+        let two_faults = group(vec![
+            m(vm(0, VmAction::Stop)),
+            m(Op::KillMgmt),
+            m(Op::CrashHost { host: 0 }),
+        ]);
+        assert!(!s.allows(&two_faults));
+        assert!(
+            !s.allows(&group(vec![m(vm(0, VmAction::Stop))])),
+            "one alone"
+        );
+        let not_concurrent = group(vec![m(vm(0, VmAction::Stop)), m(Op::Settle)]);
+        assert!(!s.allows(&not_concurrent));
+    }
+
+    #[test]
+    fn generated_sequences_have_groups_with_and_without_faults() {
+        let mut runner = TestRunner::new(Config {
+            cases: 32,
+            ..Config::default()
+        });
+        let seen = std::cell::RefCell::new((0, 0));
+        runner
+            .run(&Model::sequential_strategy(60..61usize), |(_, ops, _)| {
+                for op in &ops {
+                    if let Op::Group { members } = op {
+                        let faulted = members.iter().any(|m| m.op.is_group_fault());
+                        let mut n = seen.borrow_mut();
+                        if faulted {
+                            n.1 += 1
+                        } else {
+                            n.0 += 1
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        let (plain, faulted) = seen.into_inner();
+        assert!(plain > 0 && faulted > 0, "{plain} plain, {faulted} faulted");
     }
 }

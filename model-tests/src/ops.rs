@@ -205,9 +205,51 @@ pub enum Op {
     RestartMgmt,
     /// Let time pass until nothing is in flight.
     Settle,
+    /// Several operations in flight at once, each started `after_ms` after the group: API
+    /// operations on the same and on different resources, and at most one fault landing among
+    /// them. Members name resources that existed before the group.
+    Group {
+        members: Vec<Member>,
+    },
 }
 
+/// One operation of a [`Op::Group`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub after_ms: u32,
+    pub op: Op,
+}
+
+/// Members a group may have at most.
+pub const GROUP_MAX: usize = 5;
+
 impl Op {
+    /// API operations a group may run concurrently (and whose outcomes the runner can check
+    /// against some order of the group).
+    pub fn is_concurrent_api(&self) -> bool {
+        matches!(
+            self,
+            Op::CreateVm { .. }
+                | Op::Vm { .. }
+                | Op::CreateVolume { .. }
+                | Op::AttachVolume { .. }
+                | Op::DetachVolume { .. }
+                | Op::DeleteVolume { .. }
+        )
+    }
+
+    /// Faults that may land among a group's operations.
+    pub fn is_group_fault(&self) -> bool {
+        matches!(
+            self,
+            Op::CrashHost { .. }
+                | Op::PartitionHost { .. }
+                | Op::FailNext { .. }
+                | Op::AgentFault { .. }
+                | Op::KillMgmt
+        )
+    }
+
     /// Faults, as opposed to API operations.
     pub fn is_fault(&self) -> bool {
         matches!(
@@ -251,6 +293,7 @@ impl Op {
             Op::KillMgmt => "kill_mgmt".into(),
             Op::RestartMgmt => "restart_mgmt".into(),
             Op::Settle => "settle".into(),
+            Op::Group { .. } => "group".into(),
         }
     }
 }

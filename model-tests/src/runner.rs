@@ -14,7 +14,7 @@
 
 use crate::case::Case;
 use crate::model::{BASE_HOSTS, IPS, SPARE_HOSTS};
-use crate::ops::{AgentFault, HostAction, Op, VmAction};
+use crate::ops::{AgentFault, HostAction, Member, Op, VmAction};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -22,7 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_core::error::{Error, ErrorCode};
 use stratus_core::flow::ROLLBACK_FAILED_NOTE;
-use stratus_core::model::{Host, HostStatus, Vm, Volume, VolumeType};
+use stratus_core::model::{
+    Host, HostStatus, Vm, VmAction as CoreAction, VmState, Volume, VolumeType,
+};
 use stratus_sim_world::invariants::{census, check, check_books, Census};
 use stratus_sim_world::{HostProfile, Trace, World, WorldSpec};
 use stratus_store::{Query, Row};
@@ -150,6 +152,10 @@ struct Runner {
     /// removes it at a later ping, so the next settle waits for pings.
     orphans: bool,
     mgmt_up: bool,
+    /// The management node was killed while a group's operations ran: their chains are
+    /// interrupted, and the books are mid-operation until recovery ends them (the next quiet
+    /// settle).
+    interrupted: bool,
     crashed: BTreeSet<usize>,
     partitioned: BTreeSet<usize>,
     trace: Trace,
@@ -188,6 +194,7 @@ impl Runner {
             slow_armed: false,
             orphans: false,
             mgmt_up: true,
+            interrupted: false,
             crashed: BTreeSet::new(),
             partitioned: BTreeSet::new(),
             trace: Trace::new(),
@@ -293,111 +300,28 @@ impl Runner {
             Err(e) => Res::Failed(e),
         };
         match op {
-            Op::CreateVm {
-                offering,
-                static_ip,
-            } => {
-                let mut body = self
-                    .w
-                    .vm_request(&format!("vm-{}", self.vms.len()), offering.name());
-                if let Some(o) = static_ip {
-                    let ip = u32::from(self.w.dc.zones[0].ip_range.0) + *o as u32;
-                    body["static_ips"] = json!({ self.w.dc.zones[0].l3.to_string(): Ipv4Addr::from(ip).to_string() });
-                }
-                let r = c.create("vms", body).await;
-                let id = r.as_ref().ok().and_then(uuid_of);
-                self.vms.push(id);
-                if let Some(id) = id {
-                    self.expect.vms.insert(id, "Running".into());
-                }
-                done(r)
-            }
-            Op::Vm { vm, action } => {
-                let Some(id) = self.vms[*vm] else {
-                    return Res::Skipped;
+            Op::CreateVm { .. }
+            | Op::Vm { .. }
+            | Op::CreateVolume { .. }
+            | Op::AttachVolume { .. }
+            | Op::DetachVolume { .. }
+            | Op::DeleteVolume { .. } => {
+                let name = match op {
+                    Op::CreateVolume { .. } => self.volumes.len(),
+                    _ => self.vms.len(),
                 };
-                let r = c.action("vms", id, action.name(), json!({})).await;
-                if r.is_ok() {
-                    match action {
-                        VmAction::Expunge => {
-                            self.expect.vms.remove(&id);
-                        }
-                        a => {
-                            let s = match a {
-                                VmAction::Stop | VmAction::Recover => "Stopped",
-                                VmAction::Destroy => "Destroyed",
-                                _ => "Running",
-                            };
-                            self.expect.vms.insert(id, s.into());
-                        }
-                    }
-                    if matches!(action, VmAction::Destroy | VmAction::Expunge) {
-                        // Data volumes stay, detached (as in the reference design).
-                        for att in self.expect.volumes.values_mut() {
-                            if *att == Some(id) {
-                                *att = None;
-                            }
-                        }
-                    }
+                let (res, created) = call_api(&self.w, &self.vms, &self.volumes, op, name).await;
+                match op {
+                    Op::CreateVm { .. } => self.vms.push(created),
+                    Op::CreateVolume { .. } => self.volumes.push(created),
+                    _ => {}
                 }
-                done(r)
-            }
-            Op::CreateVolume { attach } => {
-                let vm = match attach {
-                    Some(i) => match self.vms[*i] {
-                        Some(u) => Some(u),
-                        None => {
-                            self.volumes.push(None);
-                            return Res::Skipped;
-                        }
-                    },
-                    None => None,
-                };
-                let r = c
-                    .create(
-                        "volumes",
-                        json!({"name": format!("data-{}", self.volumes.len()),
-                               "disk_offering_uuid": self.w.dc.disk_offering, "vm_uuid": vm}),
-                    )
-                    .await;
-                let id = r.as_ref().ok().and_then(uuid_of);
-                self.volumes.push(id);
-                if let Some(id) = id {
-                    self.expect.volumes.insert(id, vm);
+                if matches!(res, Res::Ok) {
+                    // The sequential check compares the database with the effect, allowed or
+                    // not (a success the state forbids shows up as a difference).
+                    let _ = effect(&mut self.expect, op, &self.vms, &self.volumes, created);
                 }
-                done(r)
-            }
-            Op::AttachVolume { volume, vm } => {
-                let (Some(vol), Some(vm)) = (self.volumes[*volume], self.vms[*vm]) else {
-                    return Res::Skipped;
-                };
-                let r = c
-                    .action("volumes", vol, "attach", json!({ "vm_uuid": vm }))
-                    .await;
-                if r.is_ok() {
-                    self.expect.volumes.insert(vol, Some(vm));
-                }
-                done(r)
-            }
-            Op::DetachVolume { volume } => {
-                let Some(vol) = self.volumes[*volume] else {
-                    return Res::Skipped;
-                };
-                let r = c.action("volumes", vol, "detach", json!({})).await;
-                if r.is_ok() {
-                    self.expect.volumes.insert(vol, None);
-                }
-                done(r)
-            }
-            Op::DeleteVolume { volume } => {
-                let Some(vol) = self.volumes[*volume] else {
-                    return Res::Skipped;
-                };
-                let r = c.delete("volumes", vol, false).await;
-                if r.is_ok() {
-                    self.expect.volumes.remove(&vol);
-                }
-                done(r)
+                res
             }
             Op::Host { host, action } => {
                 let Some(id) = self.w.hosts[*host].uuid else {
@@ -506,10 +430,13 @@ impl Runner {
                     .await,
                 )
             }
-            Op::CrashHost { host } => {
-                self.w.crash_host(*host);
-                self.crashed.insert(*host);
-                self.tainted = true;
+            Op::CrashHost { .. }
+            | Op::PartitionHost { .. }
+            | Op::FailNext { .. }
+            | Op::AgentFault { .. }
+            | Op::KillMgmt => {
+                inject(&self.w, op);
+                self.note_fault(op);
                 Res::Ok
             }
             Op::RestartHost { host } => {
@@ -517,39 +444,9 @@ impl Runner {
                 self.crashed.remove(host);
                 Res::Ok
             }
-            Op::PartitionHost { host } => {
-                self.w.partition_host(*host);
-                self.partitioned.insert(*host);
-                self.tainted = true;
-                Res::Ok
-            }
             Op::HealHost { host } => {
                 self.w.heal_host(*host);
                 self.partitioned.remove(host);
-                Res::Ok
-            }
-            Op::FailNext { kind, n } => {
-                self.w.faults.fail_next(*kind, *n);
-                Res::Ok
-            }
-            Op::AgentFault { fault, kind, n } => {
-                let f = &self.w.faults;
-                match fault {
-                    AgentFault::FailAfter => f.fail_after_next(*kind, *n),
-                    // Longer than the world's agent timeouts (60 s).
-                    AgentFault::Slow => {
-                        self.slow_armed = true;
-                        f.slow_next(*kind, *n, SLOW_BY)
-                    }
-                    AgentFault::DropCallback => f.drop_callbacks(*kind, *n),
-                    AgentFault::DuplicateCallback => f.duplicate_callbacks(*kind, *n),
-                }
-                Res::Ok
-            }
-            Op::KillMgmt => {
-                self.w.kill_mgmt();
-                self.mgmt_up = false;
-                self.tainted = true;
                 Res::Ok
             }
             Op::RestartMgmt => {
@@ -558,6 +455,7 @@ impl Runner {
                 self.wait_for_api().await;
                 Res::Ok
             }
+            Op::Group { members } => self.group(members).await,
             Op::Settle => {
                 if !self.mgmt_up {
                     return Res::Skipped;
@@ -568,6 +466,156 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// What a fault injected by [`inject`] means for the runner's expectations.
+    fn note_fault(&mut self, op: &Op) {
+        match op {
+            Op::CrashHost { host } => {
+                self.crashed.insert(*host);
+                self.tainted = true;
+            }
+            Op::PartitionHost { host } => {
+                self.partitioned.insert(*host);
+                self.tainted = true;
+            }
+            Op::AgentFault {
+                fault: AgentFault::Slow,
+                ..
+            } => self.slow_armed = true,
+            Op::KillMgmt => {
+                self.mgmt_up = false;
+                self.tainted = true;
+            }
+            _ => {}
+        }
+    }
+
+    /// Run a group's members at once, each after its delay. Then: the books must balance (the
+    /// caller checks), and unless a fault made the expectations moot, some order of the
+    /// members must explain every outcome — each success allowed in the state its order puts
+    /// it in, each failure changing nothing — and end in what the database holds.
+    async fn group(&mut self, members: &[Member]) -> Res {
+        let (mut next_vm, mut next_volume) = (self.vms.len(), self.volumes.len());
+        let names: Vec<usize> = members
+            .iter()
+            .map(|m| match m.op {
+                Op::CreateVm { .. } => (next_vm, next_vm += 1).0,
+                Op::CreateVolume { .. } => (next_volume, next_volume += 1).0,
+                _ => 0,
+            })
+            .collect();
+        let late_before = self.late_fired();
+        let (w, vms, volumes) = (&self.w, &self.vms, &self.volumes);
+        let runs = members.iter().zip(&names).map(|(m, &name)| async move {
+            tokio::time::sleep(Duration::from_millis(m.after_ms.into())).await;
+            if m.op.is_concurrent_api() {
+                call_api(w, vms, volumes, &m.op, name).await
+            } else {
+                inject(w, &m.op);
+                (Res::Ok, None)
+            }
+        });
+        let outs = futures::future::join_all(runs).await;
+        let mut ok = Vec::new();
+        for (m, (res, created)) in members.iter().zip(&outs) {
+            match m.op {
+                Op::CreateVm { .. } => self.vms.push(*created),
+                Op::CreateVolume { .. } => self.volumes.push(*created),
+                _ => {}
+            }
+            if m.op.is_group_fault() {
+                self.interrupted |= m.op == Op::KillMgmt;
+                self.note_fault(&m.op);
+                *self.out.faults.entry(m.op.kind()).or_default() += 1;
+            }
+            let e = self
+                .out
+                .by_kind
+                .entry(format!("group:{}", m.op.kind()))
+                .or_default();
+            match res {
+                Res::Ok => e.0 += 1,
+                Res::Failed(_) => e.1 += 1,
+                Res::Skipped => e.2 += 1,
+            }
+            if self.log {
+                let what = match res {
+                    Res::Ok => "ok".to_string(),
+                    Res::Failed(e) => format!("{}: {}", e.code.as_str(), e.message),
+                    Res::Skipped => "skipped".to_string(),
+                };
+                println!("      +{:>5} ms {} -> {what}", m.after_ms, m.op);
+            }
+            if let Res::Failed(e) = res {
+                if matches!(e.code, ErrorCode::Internal | ErrorCode::NoHandler) {
+                    return Res::Failed(Error::internal(format!(
+                        "{} in a group failed with an uncoded error: {}",
+                        m.op, e.message
+                    )));
+                }
+                if e.message.contains(ROLLBACK_FAILED_NOTE) {
+                    self.tainted = true;
+                }
+            }
+            if m.op.is_concurrent_api() && matches!(res, Res::Ok) {
+                ok.push((&m.op, *created));
+            }
+        }
+        if self.late_fired() > late_before {
+            self.tainted = true;
+        }
+        if self.tainted {
+            return Res::Ok;
+        }
+        let (db_vms, db_volumes) = match self.db_expect().await {
+            Ok(db) => db,
+            Err(e) => return Res::Failed(Error::internal(e)),
+        };
+        let mut order: Vec<usize> = (0..ok.len()).collect();
+        let mut tried = 0;
+        loop {
+            tried += 1;
+            let mut e = Expect {
+                vms: self.expect.vms.clone(),
+                volumes: self.expect.volumes.clone(),
+            };
+            let allowed = order.iter().all(|&k| {
+                let (op, created) = ok[k];
+                effect(&mut e, op, &self.vms, &self.volumes, created).is_ok()
+            });
+            if allowed && e.vms == db_vms && e.volumes == db_volumes {
+                self.expect = e;
+                return Res::Ok;
+            }
+            if !next_order(&mut order) {
+                break;
+            }
+        }
+        let ops: Vec<String> = ok.iter().map(|(op, _)| op.to_string()).collect();
+        Res::Failed(Error::internal(format!(
+            "no order of the group's {} successes ({}) explains the database ({tried} orders tried):\n  \
+             VMs {db_vms:?}\n  volumes {db_volumes:?}\n  expected before the group: VMs {:?}, volumes {:?}",
+            ok.len(),
+            ops.join(", "),
+            self.expect.vms,
+            self.expect.volumes
+        )))
+    }
+
+    /// The VMs' states and the data volumes' attachments, as the database holds them.
+    async fn db_expect(
+        &self,
+    ) -> Result<(BTreeMap<Uuid, String>, BTreeMap<Uuid, Option<Uuid>>), String> {
+        let vms = (self.db_vms().await?)
+            .into_iter()
+            .map(|v| (v.uuid, v.state.as_str().to_string()))
+            .collect();
+        let volumes = (self.db_data_volumes().await?)
+            .into_iter()
+            .map(|v| (v.uuid, v.vm_uuid))
+            .collect();
+        Ok((vms, volumes))
     }
 
     /// Settle; after a host fault also let the ping tracker look at every host (a host that
@@ -645,9 +693,23 @@ impl Runner {
         if let Some(e) = self.read_error.take() {
             return Err(e);
         }
-        let books = check_books(&self.w).await;
+        if self.interrupted && matches!((op, res), (Op::Settle, Res::Ok)) {
+            self.interrupted = false;
+        }
+        let books = if self.interrupted {
+            Vec::new()
+        } else {
+            check_books(&self.w).await
+        };
         if !books.is_empty() {
             return Err(books.join("\n"));
+        }
+        if let Op::Group { .. } = op {
+            // Checked against every order of the group as it ended (`group`).
+            return match res {
+                Res::Failed(e) => Err(e.message.clone()),
+                _ => Ok(()),
+            };
         }
         match (op, res) {
             (Op::Settle, Res::Failed(e)) => return Err(e.message.clone()),
@@ -748,33 +810,19 @@ impl Runner {
 
     /// Expectations := what the database holds.
     async fn resync(&mut self) -> Result<(), String> {
-        self.expect.vms = (self.db_vms().await?)
-            .into_iter()
-            .map(|v| (v.uuid, v.state.as_str().to_string()))
-            .collect();
-        self.expect.volumes = (self.db_data_volumes().await?)
-            .into_iter()
-            .map(|v| (v.uuid, v.vm_uuid))
-            .collect();
+        (self.expect.vms, self.expect.volumes) = self.db_expect().await?;
         Ok(())
     }
 
     /// The database holds exactly the expected VMs and data volumes, in the expected states.
     async fn compare(&self) -> Result<(), String> {
-        let db: BTreeMap<Uuid, String> = (self.db_vms().await?)
-            .into_iter()
-            .map(|v| (v.uuid, v.state.as_str().to_string()))
-            .collect();
+        let (db, vols) = self.db_expect().await?;
         if db != self.expect.vms {
             return Err(format!(
                 "VMs differ from the model:\n  model    {:?}\n  database {db:?}",
                 self.expect.vms
             ));
         }
-        let vols: BTreeMap<Uuid, Option<Uuid>> = (self.db_data_volumes().await?)
-            .into_iter()
-            .map(|v| (v.uuid, v.vm_uuid))
-            .collect();
         if vols != self.expect.volumes {
             return Err(format!(
                 "data volumes differ from the model:\n  model    {:?}\n  database {vols:?}",
@@ -848,5 +896,284 @@ impl Runner {
             tokio::time::sleep(self.w.spec.ping_cycle()).await;
             settle_or_say(&self.w, "settle while state sync catches up").await?;
         }
+    }
+}
+
+/// Send API operation `op` (one that [`Op::is_concurrent_api`]), naming resources by the case's
+/// indices into `vms` and `volumes`; `name` numbers what it creates. Returns the uuid it
+/// created, if any.
+async fn call_api(
+    w: &World,
+    vms: &[Option<Uuid>],
+    volumes: &[Option<Uuid>],
+    op: &Op,
+    name: usize,
+) -> (Res, Option<Uuid>) {
+    let c = &w.client;
+    let done = |r: Result<Value, Error>| match r {
+        Ok(_) => Res::Ok,
+        Err(e) => Res::Failed(e),
+    };
+    let created = |r: Result<Value, Error>| {
+        let id = r.as_ref().ok().and_then(uuid_of);
+        (done(r), id)
+    };
+    match op {
+        Op::CreateVm {
+            offering,
+            static_ip,
+        } => {
+            let mut body = w.vm_request(&format!("vm-{name}"), offering.name());
+            if let Some(o) = static_ip {
+                let ip = u32::from(w.dc.zones[0].ip_range.0) + *o as u32;
+                body["static_ips"] =
+                    json!({ w.dc.zones[0].l3.to_string(): Ipv4Addr::from(ip).to_string() });
+            }
+            created(c.create("vms", body).await)
+        }
+        Op::Vm { vm, action } => match vms[*vm] {
+            Some(id) => (
+                done(c.action("vms", id, action.name(), json!({})).await),
+                None,
+            ),
+            None => (Res::Skipped, None),
+        },
+        Op::CreateVolume { attach } => {
+            let vm = match attach {
+                Some(i) => match vms[*i] {
+                    Some(u) => Some(u),
+                    None => return (Res::Skipped, None),
+                },
+                None => None,
+            };
+            let body = json!({"name": format!("data-{name}"),
+                              "disk_offering_uuid": w.dc.disk_offering, "vm_uuid": vm});
+            created(c.create("volumes", body).await)
+        }
+        Op::AttachVolume { volume, vm } => match (volumes[*volume], vms[*vm]) {
+            (Some(vol), Some(vm)) => {
+                let r = c.action("volumes", vol, "attach", json!({ "vm_uuid": vm }));
+                (done(r.await), None)
+            }
+            _ => (Res::Skipped, None),
+        },
+        Op::DetachVolume { volume } => match volumes[*volume] {
+            Some(vol) => (
+                done(c.action("volumes", vol, "detach", json!({})).await),
+                None,
+            ),
+            None => (Res::Skipped, None),
+        },
+        Op::DeleteVolume { volume } => match volumes[*volume] {
+            Some(vol) => (done(c.delete("volumes", vol, false).await), None),
+            None => (Res::Skipped, None),
+        },
+        other => (
+            Res::Failed(Error::internal(format!("{other} is not an API operation"))),
+            None,
+        ),
+    }
+}
+
+/// Inject fault `op` (one that [`Op::is_group_fault`]) into the world.
+fn inject(w: &World, op: &Op) {
+    let f = &w.faults;
+    match op {
+        Op::CrashHost { host } => w.crash_host(*host),
+        Op::PartitionHost { host } => w.partition_host(*host),
+        Op::FailNext { kind, n } => f.fail_next(*kind, *n),
+        Op::AgentFault { fault, kind, n } => match fault {
+            AgentFault::FailAfter => f.fail_after_next(*kind, *n),
+            // Longer than the world's agent timeouts (60 s).
+            AgentFault::Slow => f.slow_next(*kind, *n, SLOW_BY),
+            AgentFault::DropCallback => f.drop_callbacks(*kind, *n),
+            AgentFault::DuplicateCallback => f.duplicate_callbacks(*kind, *n),
+        },
+        Op::KillMgmt => w.kill_mgmt(),
+        _ => {}
+    }
+}
+
+/// The effect of API operation `op`, which succeeded, on the expected state `e` (`created`: the
+/// uuid it created). Applied whatever the state; an error says the state did not allow it.
+fn effect(
+    e: &mut Expect,
+    op: &Op,
+    vms: &[Option<Uuid>],
+    volumes: &[Option<Uuid>],
+    created: Option<Uuid>,
+) -> Result<(), String> {
+    let vm_allows = |e: &Expect, vm: Uuid, action: CoreAction| -> Result<(), String> {
+        let state = e.vms.get(&vm).ok_or(format!("vm {vm} is not expected"))?;
+        let state: VmState = state.parse().map_err(|_| format!("vm state {state}"))?;
+        if state.allows(action) {
+            Ok(())
+        } else {
+            Err(format!("vm {vm} is {state}: {action} not allowed"))
+        }
+    };
+    match op {
+        Op::CreateVm { .. } => {
+            let id = created.ok_or("a created VM without its uuid")?;
+            e.vms.insert(id, "Running".into());
+            Ok(())
+        }
+        Op::Vm { vm, action } => {
+            let id = vms[*vm].ok_or("an action on a VM never created")?;
+            let allowed = vm_allows(e, id, core_action(*action));
+            match action {
+                VmAction::Expunge => {
+                    e.vms.remove(&id);
+                }
+                a => {
+                    let s = match a {
+                        VmAction::Stop | VmAction::Recover => "Stopped",
+                        VmAction::Destroy => "Destroyed",
+                        _ => "Running",
+                    };
+                    e.vms.insert(id, s.into());
+                }
+            }
+            if matches!(action, VmAction::Destroy | VmAction::Expunge) {
+                // Data volumes stay, detached (as in the reference design).
+                for att in e.volumes.values_mut() {
+                    if *att == Some(id) {
+                        *att = None;
+                    }
+                }
+            }
+            allowed
+        }
+        Op::CreateVolume { attach } => {
+            let id = created.ok_or("a created volume without its uuid")?;
+            let vm = attach.and_then(|i| vms[i]);
+            let allowed = match vm {
+                Some(vm) => vm_allows(e, vm, CoreAction::AttachVolume),
+                None => Ok(()),
+            };
+            e.volumes.insert(id, vm);
+            allowed
+        }
+        Op::AttachVolume { volume, vm } => {
+            let (vol, vm) = (volumes[*volume], vms[*vm]);
+            let (Some(vol), Some(vm)) = (vol, vm) else {
+                return Err("an attach of what was never created".into());
+            };
+            let allowed = match e.volumes.get(&vol) {
+                Some(None) => vm_allows(e, vm, CoreAction::AttachVolume),
+                other => Err(format!("volume {vol} is {other:?}: attach not allowed")),
+            };
+            e.volumes.insert(vol, Some(vm));
+            allowed
+        }
+        Op::DetachVolume { volume } => {
+            let vol = volumes[*volume].ok_or("a detach of a volume never created")?;
+            let allowed = match e.volumes.get(&vol) {
+                Some(Some(vm)) => vm_allows(e, *vm, CoreAction::DetachVolume),
+                other => Err(format!("volume {vol} is {other:?}: detach not allowed")),
+            };
+            e.volumes.insert(vol, None);
+            allowed
+        }
+        Op::DeleteVolume { volume } => {
+            let vol = volumes[*volume].ok_or("a delete of a volume never created")?;
+            let allowed = match e.volumes.get(&vol) {
+                Some(None) => Ok(()),
+                other => Err(format!("volume {vol} is {other:?}: delete not allowed")),
+            };
+            e.volumes.remove(&vol);
+            allowed
+        }
+        other => Err(format!("{other} is not an API operation")),
+    }
+}
+
+/// The core's name of a case's VM action.
+fn core_action(a: VmAction) -> CoreAction {
+    match a {
+        VmAction::Start => CoreAction::Start,
+        VmAction::Stop => CoreAction::Stop,
+        VmAction::Reboot => CoreAction::Reboot,
+        VmAction::Migrate => CoreAction::Migrate,
+        VmAction::Destroy => CoreAction::Destroy,
+        VmAction::Recover => CoreAction::Recover,
+        VmAction::Expunge => CoreAction::Expunge,
+    }
+}
+
+/// The next permutation of `order` in lexicographic order; false after the last.
+fn next_order(order: &mut [usize]) -> bool {
+    let Some(i) = order.windows(2).rposition(|w| w[0] < w[1]) else {
+        return false;
+    };
+    let j = order
+        .iter()
+        .rposition(|&x| x > order[i])
+        .expect("a larger one after i");
+    order.swap(i, j);
+    order[i + 1..].reverse();
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::Offering;
+
+    #[test]
+    fn every_order_of_a_group_is_tried_once() {
+        let mut order = vec![0, 1, 2, 3];
+        let mut seen = BTreeSet::new();
+        loop {
+            assert!(seen.insert(order.clone()), "{order:?} twice");
+            if !next_order(&mut order) {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 24);
+        assert!(!next_order(&mut []), "nothing to order");
+    }
+
+    #[test]
+    fn an_effect_says_when_the_expected_state_forbids_it() {
+        let (a, v) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let (vms, volumes) = (vec![Some(a)], vec![Some(v)]);
+        let mut e = Expect::default();
+        let create = Op::CreateVm {
+            offering: Offering::Small,
+            static_ip: None,
+        };
+        effect(&mut e, &create, &vms, &volumes, Some(a)).unwrap();
+        let stop = Op::Vm {
+            vm: 0,
+            action: VmAction::Stop,
+        };
+        let destroy = Op::Vm {
+            vm: 0,
+            action: VmAction::Destroy,
+        };
+        // Destroy, then stop: the stop is not allowed from Destroyed.
+        let mut first = Expect {
+            vms: e.vms.clone(),
+            volumes: e.volumes.clone(),
+        };
+        effect(&mut first, &destroy, &vms, &volumes, None).unwrap();
+        assert!(effect(&mut first, &stop, &vms, &volumes, None).is_err());
+        // Stop, then destroy: both allowed, and the VM ends Destroyed.
+        effect(&mut e, &stop, &vms, &volumes, None).unwrap();
+        effect(&mut e, &destroy, &vms, &volumes, None).unwrap();
+        assert_eq!(e.vms[&a], "Destroyed");
+        // A detached volume cannot be detached; attached to a destroyed VM it cannot be.
+        e.volumes.insert(v, None);
+        assert!(effect(
+            &mut e,
+            &Op::DetachVolume { volume: 0 },
+            &vms,
+            &volumes,
+            None
+        )
+        .is_err());
+        let attach = Op::AttachVolume { volume: 0, vm: 0 };
+        assert!(effect(&mut e, &attach, &vms, &volumes, None).is_err());
     }
 }
