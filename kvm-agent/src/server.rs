@@ -79,6 +79,9 @@ pub struct AgentConfig {
     /// Finished tasks remembered for duplicate detection, at most. A task whose request carried
     /// a deadline ([`H_DEADLINE`]) is forgotten once the deadline has passed, sooner.
     pub remembered_tasks: usize,
+    /// How far this agent's clock is ahead of the management nodes' (milliseconds; behind when
+    /// negative): the simulation's clock skew. A real agent reads its own clock and leaves it 0.
+    pub clock_offset_ms: i64,
 }
 
 impl AgentConfig {
@@ -87,6 +90,7 @@ impl AgentConfig {
             token: token.into(),
             callback_deadline: Duration::from_secs(120),
             remembered_tasks: 10_000,
+            clock_offset_ms: 0,
         }
     }
 }
@@ -220,9 +224,8 @@ fn expired(deadline: i64, now: i64) -> bool {
 
 /// `Expired` when `deadline` has passed: the command `what` (arrived, would have started) that
 /// long after it, and is not run.
-fn past(deadline: Option<i64>, what: &str) -> Option<AgentError> {
+fn past(deadline: Option<i64>, now: i64, what: &str) -> Option<AgentError> {
     let deadline = deadline?;
-    let now = stratus_rt::clock::now_ms();
     let late = now - deadline;
     expired(deadline, now).then(|| {
         AgentError::new(
@@ -347,7 +350,7 @@ impl<H: Hypervisor> Agent<H> {
             a.hv.attach_volume(c.vm, &c.disk).await
         });
         let r = Self::sync::<FenceCmd, _, _>(r, |a, c| async move {
-            let now = stratus_rt::clock::now_ms();
+            let now = a.now_ms();
             Ok(a.tasks
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -371,7 +374,8 @@ impl<H: Hypervisor> Agent<H> {
     /// Refuse a command that arrived after its [`H_DEADLINE`] (its sender gave up on it), or
     /// whose workflow was fenced at a later epoch.
     fn in_time(inner: &Inner<H>, headers: &HeaderMap) -> Result<(), Box<Response>> {
-        match past(millis(headers, H_DEADLINE), "arrived").or_else(|| inner.fenced(headers)) {
+        let now = inner.now_ms();
+        match past(millis(headers, H_DEADLINE), now, "arrived").or_else(|| inner.fenced(headers)) {
             Some(e) => Err(Box::new(error(e))),
             None => Ok(()),
         }
@@ -415,9 +419,12 @@ impl<H: Hypervisor> Agent<H> {
                             tokio::time::sleep(fault.delay).await;
                             // Held back past its deadline, or fenced meanwhile: its sender gave
                             // up on it.
-                            if let Some(e) =
-                                past(millis(&headers, H_DEADLINE), "would have started")
-                                    .or_else(|| inner.fenced(&headers))
+                            if let Some(e) = past(
+                                millis(&headers, H_DEADLINE),
+                                inner.now_ms(),
+                                "would have started",
+                            )
+                            .or_else(|| inner.fenced(&headers))
                             {
                                 return error(e);
                             }
@@ -508,8 +515,8 @@ impl<H: Hypervisor> Agent<H> {
                         }
                         // Work its sender no longer waits for is not started (it rolled back,
                         // or its workflow was fenced meanwhile).
-                        let stale = past(wait_until, "would have started").or_else(|| {
-                            let now = stratus_rt::clock::now_ms();
+                        let now = inner.now_ms();
+                        let stale = past(wait_until, now, "would have started").or_else(|| {
                             let t = inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
                             t.fenced(token, now)
                         });
@@ -555,16 +562,21 @@ impl<H: Hypervisor> Agent<H> {
 }
 
 impl<H: Hypervisor> Inner<H> {
+    /// This agent's clock (the one place it reads it; see [`AgentConfig::clock_offset_ms`]).
+    fn now_ms(&self) -> i64 {
+        stratus_rt::clock::now_ms() + self.config.clock_offset_ms
+    }
+
     /// `Fenced` when the request's [`H_FENCE`] is older than its chain's fence.
     fn fenced(&self, headers: &HeaderMap) -> Option<AgentError> {
         let token = fence_token(headers)?;
-        let now = stratus_rt::clock::now_ms();
+        let now = self.now_ms();
         let t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         t.fenced(Some(token), now)
     }
 
     fn finish(&self, task: Uuid, result: TaskResult, deadline: Option<i64>) {
-        let now = stratus_rt::clock::now_ms();
+        let now = self.now_ms();
         let keep = self.config.remembered_tasks;
         let mut t = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         t.finish(task, result, deadline, now, keep);
@@ -652,7 +664,7 @@ impl<H: Hypervisor> Inner<H> {
         })?;
         let body = serde_json::to_vec(&ReceiveVmCmd { spec })
             .map_err(|e| AgentError::failed(e.to_string()))?;
-        let now = stratus_rt::clock::now_ms();
+        let now = inner.now_ms();
         let own = now + RECEIVE_TIMEOUT.as_millis() as i64;
         let (deadline, sender_waits) = match wait_until {
             Some(t) if t < own => (t, false),

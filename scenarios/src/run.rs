@@ -61,6 +61,7 @@ pub fn world_spec(sc: &Scenario) -> WorldSpec {
             .map(|o| (o.name.clone(), o.cpu, o.memory_mib))
             .collect(),
         add_concurrency: d.add_concurrency,
+        clock_skew_ms: sc.faults.clock_skew_ms.max(0.0) as u64,
         ..WorldSpec::default()
     };
     for (k, v) in &sc.config {
@@ -284,13 +285,21 @@ async fn fault_driver(s: Arc<Shared>, sc: Scenario) {
         (f.partition_per_hour > 0.0).then(|| next_in(&mut rng, f.partition_per_hour));
     let mut next_kill =
         (f.manager_kill_per_hour > 0.0).then(|| next_in(&mut rng, f.manager_kill_per_hour));
+    let mut next_pause =
+        (f.manager_pause_per_hour > 0.0).then(|| next_in(&mut rng, f.manager_pause_per_hour));
+    let mut next_restart =
+        (f.agent_restart_per_hour > 0.0).then(|| next_in(&mut rng, f.agent_restart_per_hour));
+    let mut next_fill =
+        (f.disk_full_per_hour > 0.0).then(|| next_in(&mut rng, f.disk_full_per_hour));
     let start = Instant::now();
-    let mut at = [Duration::ZERO; 3];
+    let mut at = [Duration::ZERO; 6];
     // Pending repairs: (when, what, index).
     let mut repairs: Vec<(Duration, u8, usize)> = Vec::new();
     let mut down_hosts = std::collections::BTreeSet::new();
     let mut cut_hosts = std::collections::BTreeSet::new();
     let mut mgmt_down = false;
+    let mut mgmt_paused = false;
+    let mut full_disks = std::collections::BTreeSet::new();
     loop {
         if s.stop_faults.load(Ordering::Relaxed) {
             break;
@@ -311,6 +320,14 @@ async fn fault_driver(s: Arc<Shared>, sc: Scenario) {
                 1 => {
                     s.w.heal_host(i);
                     cut_hosts.remove(&i);
+                }
+                3 => {
+                    s.w.free_disk(i);
+                    full_disks.remove(&i);
+                }
+                4 => {
+                    s.w.resume_mgmt();
+                    mgmt_paused = false;
                 }
                 _ => {
                     s.w.restart_mgmt();
@@ -345,13 +362,46 @@ async fn fault_driver(s: Arc<Shared>, sc: Scenario) {
             }
         }
         if let Some(d) = next_kill {
-            if now >= at[2] + d && !mgmt_down {
+            if now >= at[2] + d && !mgmt_down && !mgmt_paused {
                 at[2] = now;
                 s.w.kill_mgmt();
                 mgmt_down = true;
                 s.fault("manager_kill");
                 repairs.push((now + Duration::from_secs_f64(f.manager_down_s), 2, 0));
                 next_kill = Some(next_in(&mut rng, f.manager_kill_per_hour));
+            }
+        }
+        if let Some(d) = next_pause {
+            if now >= at[3] + d && !mgmt_down && !mgmt_paused {
+                at[3] = now;
+                s.w.pause_mgmt();
+                mgmt_paused = true;
+                s.fault("manager_pause");
+                repairs.push((now + Duration::from_secs_f64(f.manager_pause_s), 4, 0));
+                next_pause = Some(next_in(&mut rng, f.manager_pause_per_hour));
+            }
+        }
+        if let Some(d) = next_restart {
+            if now >= at[4] + d {
+                at[4] = now;
+                let i = rng.gen_range(0..n);
+                if !down_hosts.contains(&i) {
+                    s.w.restart_agent(i);
+                    s.fault("agent_restart");
+                }
+                next_restart = Some(next_in(&mut rng, f.agent_restart_per_hour));
+            }
+        }
+        if let Some(d) = next_fill {
+            if now >= at[5] + d {
+                at[5] = now;
+                let i = rng.gen_range(0..n);
+                if full_disks.insert(i) {
+                    s.w.fill_disk(i);
+                    s.fault("disk_full");
+                    repairs.push((now + Duration::from_secs_f64(f.disk_full_s), 3, i));
+                }
+                next_fill = Some(next_in(&mut rng, f.disk_full_per_hour));
             }
         }
     }
@@ -361,6 +411,12 @@ async fn fault_driver(s: Arc<Shared>, sc: Scenario) {
     }
     for i in cut_hosts {
         s.w.heal_host(i);
+    }
+    for i in full_disks {
+        s.w.free_disk(i);
+    }
+    if mgmt_paused {
+        s.w.resume_mgmt();
     }
     if mgmt_down {
         s.w.restart_mgmt();

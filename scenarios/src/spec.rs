@@ -162,11 +162,30 @@ pub struct FaultProfile {
     pub manager_kill_per_hour: f64,
     #[serde(default = "default_mgr_down")]
     pub manager_down_s: f64,
+    /// Management-node pauses per simulated hour (it stops running without dying, and goes on
+    /// after `manager_pause_s`).
+    #[serde(default)]
+    pub manager_pause_per_hour: f64,
+    #[serde(default = "default_mgr_down")]
+    pub manager_pause_s: f64,
+    /// Agent process restarts per simulated hour, over the datacenter: the agent's task table
+    /// and running commands are lost; the host's VMs and disks stay.
+    #[serde(default)]
+    pub agent_restart_per_hour: f64,
+    /// Host disks filling up per simulated hour; each is freed after `disk_full_s`.
+    #[serde(default)]
+    pub disk_full_per_hour: f64,
+    #[serde(default = "default_down")]
+    pub disk_full_s: f64,
+    /// Hosts' clocks differ from the management node's by up to this much (ms), each host by
+    /// its own amount. The tolerance the deadlines assume is 10 s (ARCHITECTURE.md).
+    #[serde(default)]
+    pub clock_skew_ms: f64,
 }
 
 impl FaultProfile {
     /// Each fault kind by name, with the rate that switches it on (0 is off).
-    pub fn kinds_mut(&mut self) -> [(&'static str, &mut f64); 8] {
+    pub fn kinds_mut(&mut self) -> [(&'static str, &mut f64); 12] {
         [
             ("agent_fail", &mut self.agent_fail),
             ("agent_fail_after", &mut self.agent_fail_after),
@@ -176,6 +195,10 @@ impl FaultProfile {
             ("host_crash", &mut self.host_crash_per_hour),
             ("partition", &mut self.partition_per_hour),
             ("manager_kill", &mut self.manager_kill_per_hour),
+            ("manager_pause", &mut self.manager_pause_per_hour),
+            ("agent_restart", &mut self.agent_restart_per_hour),
+            ("disk_full", &mut self.disk_full_per_hour),
+            ("clock_skew", &mut self.clock_skew_ms),
         ]
     }
 }

@@ -43,6 +43,10 @@ pub struct SimHostState {
     pub images: BTreeSet<Uuid>,
     /// Commands executed, by kind (for reports).
     pub executed: BTreeMap<CommandKind, u64>,
+    /// Local storage taken by something else (a disk that filled up: the disk-full fault).
+    pub filled_mib: u64,
+    /// How far the host's clock is ahead of the management node's (behind when negative).
+    pub clock_offset_ms: i64,
 }
 
 impl SimHostState {
@@ -53,6 +57,8 @@ impl SimHostState {
             volumes: BTreeMap::new(),
             images: BTreeSet::new(),
             executed: BTreeMap::new(),
+            filled_mib: 0,
+            clock_offset_ms: 0,
         }
     }
 
@@ -65,7 +71,18 @@ impl SimHostState {
     }
 
     fn disk_in_use(&self) -> u64 {
-        self.volumes.values().sum()
+        self.volumes.values().sum::<u64>() + self.filled_mib
+    }
+
+    /// The disk fills up: everything free is taken (new volumes and migrations in fail).
+    pub fn fill_disk(&mut self) {
+        self.filled_mib = 0;
+        self.filled_mib = self.profile.disk_mib.saturating_sub(self.disk_in_use());
+    }
+
+    /// What filled the disk is removed.
+    pub fn free_disk(&mut self) {
+        self.filled_mib = 0;
     }
 
     /// The host lost power: every VM is stopped.

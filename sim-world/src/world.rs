@@ -53,6 +53,9 @@ pub struct WorldSpec {
     pub spare_hosts: usize,
     /// The management node's plugins (none by default).
     pub extensions: Arc<Extensions>,
+    /// Hosts' clocks differ from the management node's by up to this much, each by its own
+    /// amount drawn from the seed (ahead or behind).
+    pub clock_skew_ms: u64,
 }
 
 impl WorldSpec {
@@ -120,6 +123,7 @@ impl Default for WorldSpec {
             add_concurrency: 64,
             spare_hosts: 0,
             extensions: Extensions::builder().build(),
+            clock_skew_ms: 0,
         }
     }
 }
@@ -190,6 +194,17 @@ pub struct World {
     pub dc: Datacenter,
 }
 
+/// Host `i`'s clock offset, drawn from the seed within [`WorldSpec::clock_skew_ms`].
+fn clock_offset(spec: &WorldSpec, i: usize) -> i64 {
+    use rand::{Rng, SeedableRng};
+    if spec.clock_skew_ms == 0 {
+        return 0;
+    }
+    let skew = spec.clock_skew_ms as i64;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed ^ 0xc10c_5eed ^ i as u64);
+    rng.gen_range(-skew..=skew)
+}
+
 fn host_ip(i: usize) -> Ipv4Addr {
     let n = i as u32 + 1;
     Ipv4Addr::new(10, 1 + (n >> 16) as u8, (n >> 8) as u8, n as u8)
@@ -220,9 +235,15 @@ fn start_host_node(
                 (token.clone(), state.clone(), env.clone(), slot.clone());
             async move {
                 let seed: u64 = madsim::rand::random();
+                let offset = state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clock_offset_ms;
                 let hv = SimHypervisor::new(state, env.latency, seed);
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(hv.clone());
-                let agent = Agent::new(hv, AgentConfig::new(token), env.faults);
+                let mut config = AgentConfig::new(token);
+                config.clock_offset_ms = offset;
+                let agent = Agent::new(hv, config, env.faults);
                 agent
                     .serve(SocketAddr::new(
                         ip.into(),
@@ -350,7 +371,9 @@ impl World {
                 for cl in &placed {
                     let ip = host_ip(i);
                     let token = format!("token-{i}");
-                    let state = Arc::new(Mutex::new(SimHostState::new(spec.host)));
+                    let mut host = SimHostState::new(spec.host);
+                    host.clock_offset_ms = clock_offset(&spec, i);
+                    let state = Arc::new(Mutex::new(host));
                     let slot = Arc::new(Mutex::new(None));
                     let node = start_host_node(
                         &h,
@@ -464,6 +487,34 @@ impl World {
 
     pub fn kill_mgmt(&self) {
         Handle::current().kill(self.mgmt);
+    }
+
+    /// The management node stops running (a long GC pause, a frozen VM) without dying: its
+    /// timers and connections wait, and all it was doing goes on at [`World::resume_mgmt`].
+    pub fn pause_mgmt(&self) {
+        Handle::current().pause(self.mgmt);
+    }
+
+    pub fn resume_mgmt(&self) {
+        Handle::current().resume(self.mgmt);
+    }
+
+    /// The host's agent process restarts: its task table and the commands it was running are
+    /// gone; the host's VMs keep running and its disks stay.
+    pub fn restart_agent(&self, i: usize) {
+        // Killed first: a restart alone keeps the node's sockets bound.
+        let h = Handle::current();
+        h.kill(self.hosts[i].node);
+        h.restart(self.hosts[i].node);
+    }
+
+    /// The host's local disk fills up, until [`World::free_disk`].
+    pub fn fill_disk(&self, i: usize) {
+        self.hosts[i].state().fill_disk();
+    }
+
+    pub fn free_disk(&self, i: usize) {
+        self.hosts[i].state().free_disk();
     }
 
     pub fn restart_mgmt(&self) {
