@@ -237,6 +237,9 @@ pub enum FaultWhen {
     Twice,
     /// The flow's rollback, when it runs, runs twice in a row (undos are idempotent too).
     UndoTwice,
+    /// Nothing changes: the point only fires as the flow starts, for a test that kills the
+    /// management node there.
+    Starts,
 }
 
 /// Test hooks that fail a given flow of a given chain (the design's "buggify points"). Nothing
@@ -568,14 +571,12 @@ impl<C: Context> FlowChain<C> {
         run: &Arc<RunningChain>,
         ctx: &mut C,
     ) -> Result<(), Error> {
-        if journal
-            .faults
-            .take(self.name, flow.name(), FaultWhen::Before)
-        {
+        let faults = &journal.faults;
+        if faults.take(self.name, flow.name(), FaultWhen::Before) {
             return Err(injected(self.name, flow.name()));
         }
+        faults.take(self.name, flow.name(), FaultWhen::Starts);
         let outcome = self.run_once(flow, run, ctx).await;
-        let faults = &journal.faults;
         match outcome {
             Ok(()) if faults.take(self.name, flow.name(), FaultWhen::After) => {
                 Err(injected(self.name, flow.name()))
