@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_core::error::Error;
 use stratus_sim_world::invariants::check;
-use stratus_sim_world::{FaultRates, HostProfile, Trace, World, WorldSpec};
+use stratus_sim_world::{FaultRates, HostProfile, StoreFaultRates, Trace, World, WorldSpec};
 use stratus_store::Query;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -575,6 +575,12 @@ async fn body(w: World, sc: Scenario, quiet: bool, started: f64) -> RunOutput {
         drop_callback: f.drop_callback,
         duplicate_callback: f.duplicate_callback,
     });
+    w.store_faults.set_rates(StoreFaultRates {
+        fail: f.store_fail,
+        fail_after: f.store_fail_after,
+        timeout: f.store_timeout,
+        slow: Duration::from_millis(f.store_slow_ms),
+    });
     let s = Arc::new(Shared {
         w,
         rec: Mutex::new(Recorder::default()),
@@ -626,6 +632,7 @@ async fn body(w: World, sc: Scenario, quiet: bool, started: f64) -> RunOutput {
     s.stop_faults.store(true, Ordering::Relaxed);
     let _ = faults_task.await;
     s.w.faults.set_rates(FaultRates::default());
+    s.w.store_faults.set_rates(StoreFaultRates::default());
     let mut checks = Vec::new();
     let settle_max = Duration::from_secs_f64(sc.checks.settle_s);
     let settled = settle_all(&s.w, settle_max).await;
@@ -711,6 +718,9 @@ async fn body(w: World, sc: Scenario, quiet: bool, started: f64) -> RunOutput {
     let mut faults: BTreeMap<String, u64> = lock(&s.fault_events).clone();
     for (k, n) in s.w.faults.fired() {
         faults.insert(format!("agent:{k}"), n);
+    }
+    for (k, n) in s.w.store_faults.fired() {
+        faults.insert(k.to_string(), n);
     }
     s.trace.record(
         sim_time.as_nanos(),

@@ -181,11 +181,21 @@ pub struct FaultProfile {
     /// its own amount. The tolerance the deadlines assume is 10 s (ARCHITECTURE.md).
     #[serde(default)]
     pub clock_skew_ms: f64,
+    /// Per commit of the management node's store: fail without applying; apply, then report
+    /// failure; wait `store_slow_ms`, then fail (a timeout).
+    #[serde(default)]
+    pub store_fail: f64,
+    #[serde(default)]
+    pub store_fail_after: f64,
+    #[serde(default)]
+    pub store_timeout: f64,
+    #[serde(default)]
+    pub store_slow_ms: u64,
 }
 
 impl FaultProfile {
     /// Each fault kind by name, with the rate that switches it on (0 is off).
-    pub fn kinds_mut(&mut self) -> [(&'static str, &mut f64); 12] {
+    pub fn kinds_mut(&mut self) -> [(&'static str, &mut f64); 15] {
         [
             ("agent_fail", &mut self.agent_fail),
             ("agent_fail_after", &mut self.agent_fail_after),
@@ -199,6 +209,9 @@ impl FaultProfile {
             ("agent_restart", &mut self.agent_restart_per_hour),
             ("disk_full", &mut self.disk_full_per_hour),
             ("clock_skew", &mut self.clock_skew_ms),
+            ("store_fail", &mut self.store_fail),
+            ("store_fail_after", &mut self.store_fail_after),
+            ("store_timeout", &mut self.store_timeout),
         ]
     }
 }

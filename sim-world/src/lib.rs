@@ -9,6 +9,7 @@
 //! - [`faults`]: agent-level faults drawn from the seed (failing, slow, lost and duplicated
 //!   callbacks);
 //! - [`invariants`]: what must hold after every operation and at quiescence;
+//! - [`store_faults`]: a store whose commits fail at a chosen rate, before or after applying;
 //! - [`trace`]: the trace hash every run reports (same seed ⇒ same hash).
 //!
 //! The harness ([`world`], [`invariants`]) drives madsim's runtime, so it exists only in the
@@ -19,12 +20,14 @@ pub mod faults;
 pub mod hypervisor;
 #[cfg(madsim)]
 pub mod invariants;
+pub mod store_faults;
 pub mod trace;
 #[cfg(madsim)]
 pub mod world;
 
 pub use faults::{FaultRates, SimFaults};
 pub use hypervisor::{HostProfile, LatencyProfile, SimHostState, SimHypervisor};
+pub use store_faults::{FaultyStore, StoreFaultRates};
 pub use trace::Trace;
 #[cfg(madsim)]
 pub use world::{Datacenter, SimHost, World, WorldSpec};

@@ -8,6 +8,7 @@
 
 use crate::faults::SimFaults;
 use crate::hypervisor::{HostProfile, LatencyProfile, SimHostState, SimHypervisor};
+use crate::store_faults::FaultyStore;
 use madsim::runtime::{Handle, NodeHandle, Runtime};
 use serde_json::{json, Value};
 use std::future::Future;
@@ -191,6 +192,9 @@ pub struct World {
     pub flow_faults: Arc<FaultPoints>,
     /// State sync's corrections, counted across restarts of the management node.
     pub repairs: Arc<SyncRepairs>,
+    /// The management node's store, in front of [`World::store`]: its commits can be made to
+    /// fail.
+    pub store_faults: Arc<FaultyStore>,
     pub dc: Datacenter,
 }
 
@@ -261,7 +265,7 @@ fn start_host_node(
 
 fn start_mgmt_node(
     h: &Handle,
-    store: Arc<MemStore>,
+    store: Arc<FaultyStore>,
     faults: Arc<FaultPoints>,
     repairs: Arc<SyncRepairs>,
     extensions: Arc<Extensions>,
@@ -321,9 +325,10 @@ impl World {
         let faults = Arc::new(SimFaults::new(spec.seed ^ 0x5eed));
         let extensions = spec.extensions.clone();
         let repairs = Arc::new(SyncRepairs::default());
+        let store_faults = Arc::new(FaultyStore::new(store.clone(), spec.seed ^ 0x5707e));
         let mgmt = start_mgmt_node(
             &h,
-            store.clone(),
+            store_faults.clone(),
             flow_faults.clone(),
             repairs.clone(),
             extensions,
@@ -414,6 +419,7 @@ impl World {
             faults,
             flow_faults,
             repairs,
+            store_faults,
             dc,
         };
         world.add_hosts().await?;
