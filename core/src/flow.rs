@@ -405,12 +405,16 @@ impl Journal {
             error: None,
             rollback_errors: Json(Vec::new()),
         };
+        // A retry after a failure whose write applied finds its own row: that is success (the
+        // id is fresh, so nobody else's).
+        let tried = std::sync::atomic::AtomicBool::new(false);
         retry("start", || async {
-            Ok(self
-                .db
-                .insert(Row::new(id, rec.clone()))
-                .await
-                .map(|_| ())?)
+            let again = tried.swap(true, std::sync::atomic::Ordering::Relaxed);
+            match self.db.insert(Row::new(id, rec.clone())).await {
+                Ok(_) => Ok(()),
+                Err(e) if again && e.class() == stratus_store::ErrorClass::AlreadyExists => Ok(()),
+                Err(e) => Err(e.into()),
+            }
         })
         .await
     }
@@ -448,11 +452,13 @@ impl Journal {
         }
     }
 
-    /// Make this node the chain's runner, at `epoch`.
-    async fn take_over(&self, id: Uuid, epoch: u64) -> Result<(), Error> {
+    /// Make this node the chain's runner, at `epoch`, if the record still names the runner
+    /// recovery found (`from`): two nodes never take one chain over.
+    async fn take_over(&self, id: Uuid, from: Uuid, epoch: u64) -> Result<(), Error> {
         self.write(
             "take-over",
             Update::of::<ChainRecord>(id)
+                .when_eq("boot", from)
                 .set("node", self.node)
                 .set("boot", self.boot)
                 .set("epoch", epoch as i64),
@@ -780,7 +786,7 @@ impl<C: Context> FlowChain<C> {
                 return RecoveryOutcome::Unrecoverable(e.message);
             }
         };
-        if let Err(e) = journal.take_over(rec.uuid, epoch).await {
+        if let Err(e) = journal.take_over(rec.uuid, rec.boot, epoch).await {
             return RecoveryOutcome::Unrecoverable(format!("cannot take over the journal: {e}"));
         }
         let interrupted = Error::new(

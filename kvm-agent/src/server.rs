@@ -371,9 +371,16 @@ impl<H: Hypervisor> Agent<H> {
         }
     }
 
-    /// Refuse a command that arrived after its [`H_DEADLINE`] (its sender gave up on it), or
-    /// whose workflow was fenced at a later epoch.
+    /// Refuse a command that arrived after its [`H_DEADLINE`] (its sender gave up on it), whose
+    /// workflow was fenced at a later epoch, or whose [`H_FENCE`] does not parse.
     fn in_time(inner: &Inner<H>, headers: &HeaderMap) -> Result<(), Box<Response>> {
+        if header(headers, H_FENCE).is_some() && fence_token(headers).is_none() {
+            // Run unfenced, it could run where its chain was fenced: refused instead.
+            return Err(Box::new(error(AgentError::new(
+                AgentErrorCode::InvalidArgument,
+                format!("{H_FENCE} is not <chain uuid>:<epoch>"),
+            ))));
+        }
         let now = inner.now_ms();
         match past(millis(headers, H_DEADLINE), now, "arrived").or_else(|| inner.fenced(headers)) {
             Some(e) => Err(Box::new(error(e))),

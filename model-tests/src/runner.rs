@@ -156,6 +156,9 @@ struct Runner {
     /// interrupted, and the books are mid-operation until recovery ends them (the next quiet
     /// settle).
     interrupted: bool,
+    /// The last API operation succeeded where the expected state forbids it (checked while
+    /// expectations hold).
+    forbidden: Option<String>,
     crashed: BTreeSet<usize>,
     partitioned: BTreeSet<usize>,
     trace: Trace,
@@ -195,6 +198,7 @@ impl Runner {
             orphans: false,
             mgmt_up: true,
             interrupted: false,
+            forbidden: None,
             crashed: BTreeSet::new(),
             partitioned: BTreeSet::new(),
             trace: Trace::new(),
@@ -317,9 +321,10 @@ impl Runner {
                     _ => {}
                 }
                 if matches!(res, Res::Ok) {
-                    // The sequential check compares the database with the effect, allowed or
-                    // not (a success the state forbids shows up as a difference).
-                    let _ = effect(&mut self.expect, op, &self.vms, &self.volumes, created);
+                    // A success the expected state forbids is a violation unless expectations
+                    // are off (`verify` decides); the effect is recorded either way.
+                    let allowed = effect(&mut self.expect, op, &self.vms, &self.volumes, created);
+                    self.forbidden = allowed.err().map(|why| format!("{op} succeeded: {why}"));
                 }
                 res
             }
@@ -518,6 +523,7 @@ impl Runner {
         });
         let outs = futures::future::join_all(runs).await;
         let mut ok = Vec::new();
+        let mut uncoded = None;
         for (m, (res, created)) in members.iter().zip(&outs) {
             match m.op {
                 Op::CreateVm { .. } => self.vms.push(*created),
@@ -549,10 +555,10 @@ impl Runner {
             }
             if let Res::Failed(e) = res {
                 if matches!(e.code, ErrorCode::Internal | ErrorCode::NoHandler) {
-                    return Res::Failed(Error::internal(format!(
+                    uncoded.get_or_insert(format!(
                         "{} in a group failed with an uncoded error: {}",
                         m.op, e.message
-                    )));
+                    ));
                 }
                 if e.message.contains(ROLLBACK_FAILED_NOTE) {
                     self.tainted = true;
@@ -565,8 +571,12 @@ impl Runner {
         if self.late_fired() > late_before {
             self.tainted = true;
         }
+        // As for a single operation: when expectations are off, so is the coded-error check.
         if self.tainted {
             return Res::Ok;
+        }
+        if let Some(why) = uncoded {
+            return Res::Failed(Error::internal(why));
         }
         let (db_vms, db_volumes) = match self.db_expect().await {
             Ok(db) => db,
@@ -722,8 +732,12 @@ impl Runner {
             }
             _ => {}
         }
+        let forbidden = self.forbidden.take();
         if self.tainted {
             return Ok(());
+        }
+        if let Some(why) = forbidden {
+            return Err(why);
         }
         // Operations whose effects reach beyond their target: take the database's word for the
         // expectations after them (the books and the host agreement still hold them to account).

@@ -659,6 +659,19 @@ async fn body(w: World, sc: Scenario, quiet: bool, started: f64) -> RunOutput {
             let _ = s.w.settle(settle_max).await;
             bad = check(&s.w).await;
         }
+        // A volume state sync marked Lost during the run lost its data, even if the churn
+        // deleted it before this check could see it.
+        let lost =
+            s.w.repairs
+                .snapshot()
+                .get("volume.lost")
+                .copied()
+                .unwrap_or(0);
+        if lost > 0 {
+            bad.push(format!(
+                "state sync marked {lost} volume(s) Lost during the run: their data is gone"
+            ));
+        }
         checks.push(Check {
             name: "invariants".into(),
             ok: bad.is_empty(),

@@ -729,6 +729,15 @@ fn a_fence_waits_out_its_chains_older_tasks_and_refuses_their_late_copies() {
                 assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
                 let e: AgentError = serde_json::from_slice(&r.body).unwrap();
                 assert_eq!(e.code, AgentErrorCode::Fenced);
+                // A fence token that does not parse is refused, not run unfenced.
+                let r = create_volume_task(
+                    &c,
+                    Uuid::from_u128(26),
+                    Uuid::from_u128(76),
+                    (H_FENCE, "x:1"),
+                )
+                .await;
+                assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
                 // The fence's own epoch and another chain go on.
                 let own = Uuid::from_u128(24);
                 let r = create_volume_task(&c, own, Uuid::from_u128(74), (H_FENCE, &at(chain, 1)))

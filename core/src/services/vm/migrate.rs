@@ -173,10 +173,13 @@ async fn migrate_back(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> 
     let Some(dest) = ctx.dest else { return Ok(()) };
     let s = c.host_target(ctx.src).await?;
     c.agents.settle(&s).await?;
+    // Fenced here too, so that a fence that fails fails the undo (which is retried) instead of
+    // reading as "not there".
+    let d = c.host_target(dest).await?;
+    c.agents.settle(&d).await?;
     if probe(&c, dest, ctx.vm).await != Some(PowerState::Running) {
         return Ok(());
     }
-    let d = c.host_target(dest).await?;
     let back = MigrateVmCmd {
         vm: ctx.vm,
         dest_address: s.address.to_string(),

@@ -192,7 +192,13 @@ pub(super) fn delete_chain(w: &Weak<Cloud>) -> FlowChain<DeleteCtx> {
 async fn deleting(c: Arc<Cloud>, ctx: &mut DeleteCtx) -> Result<(), Error> {
     let v = c.get::<Volume>(ctx.volume).await?;
     if v.state == VolumeState::Deleting {
-        // Run again (a retry, a recovery): its own earlier run set it, in the volume's queue.
+        // Run again (a retry, a recovery): its own earlier run set it, in the volume's queue,
+        // perhaps without journaling what it was (then: what a volume with its placement is).
+        ctx.was.get_or_insert(if v.host_uuid.is_some() {
+            VolumeState::Ready
+        } else {
+            VolumeState::NotInstantiated
+        });
         return Ok(());
     }
     if v.state.is_transitional() {
@@ -207,16 +213,30 @@ async fn deleting(c: Arc<Cloud>, ctx: &mut DeleteCtx) -> Result<(), Error> {
             format!("volume {} is attached to vm {vm}; detach it first", v.uuid),
         ));
     }
+    // Recorded first: the commit may apply though it reports a failure, and the undo must
+    // then know what to put back.
+    ctx.was = Some(v.state);
     let u = Update::of::<Volume>(v.uuid)
         .version(v.version)
         .set("state", VolumeState::Deleting.as_str());
     c.db().commit(Batch::new().update(u)).await?;
-    ctx.was = Some(v.state);
     Ok(())
 }
 
+/// Put back the state before the deletion — unless the host says the volume is gone (the
+/// deletion ran there, though every answer was lost): then the row goes too.
 async fn deleting_undo(c: Arc<Cloud>, ctx: &mut DeleteCtx) -> Result<(), Error> {
     let Some(was) = ctx.was else { return Ok(()) };
+    let v = match c.db().get::<Volume>(ctx.volume).await? {
+        Some(v) if v.state == VolumeState::Deleting => v,
+        _ => return Ok(()),
+    };
+    if let Some(host) = v.host_uuid {
+        let held = super::sync::volumes_held(&c, host).await;
+        if held.is_ok_and(|h| h.is_some_and(|h| !h.contains(&v.uuid))) {
+            return forget_volume_row(&c, v.uuid).await;
+        }
+    }
     let back = Update::of::<Volume>(ctx.volume)
         .when_eq("state", VolumeState::Deleting.as_str())
         .set("state", was.as_str());
