@@ -469,12 +469,18 @@ p99_s = { create_vm = 5.0 }
         assert!(e.contains("phase[0]"), "{e}");
     }
 
-    /// Every shipped file parses, as drawn for its own seed (a swarm template too).
+    /// Every shipped file parses, as drawn for its own seed (a swarm template too), and so
+    /// does every kept swarm case, fixed or open.
     #[test]
     fn shipped_scenarios_parse() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut n = 0;
-        for entry in std::fs::read_dir(dir).unwrap() {
+        let dirs = [
+            root.to_path_buf(),
+            root.join("cases"),
+            root.join("cases/open"),
+        ];
+        for entry in dirs.iter().flat_map(|d| std::fs::read_dir(d).unwrap()) {
             let p = entry.unwrap().path();
             if p.extension().is_some_and(|e| e == "toml") && p.file_name().unwrap() != "Cargo.toml"
             {
@@ -484,6 +490,6 @@ p99_s = { create_vm = 5.0 }
                 n += 1;
             }
         }
-        assert!(n >= 5, "{n} scenarios");
+        assert!(n >= 10, "{n} scenarios");
     }
 }
