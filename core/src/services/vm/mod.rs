@@ -198,14 +198,21 @@ pub(crate) async fn set_state(
         }
         u = u.when_eq("state", f.as_str());
     }
-    match c.db().commit(Batch::new().update(u)).await {
-        Ok(_) => {
-            c.bus().publish(
-                "/vm/state/change",
-                || serde_json::json!({"uuid": vm, "old": from.map(|f| f.as_str()), "new": to.as_str()}),
-            );
-            Ok(true)
-        }
+    let changed = guarded(c, u).await?;
+    if changed {
+        c.bus().publish(
+            "/vm/state/change",
+            || serde_json::json!({"uuid": vm, "old": from.map(|f| f.as_str()), "new": to.as_str()}),
+        );
+    }
+    Ok(changed)
+}
+
+/// Commit `update`, whose guards say whether it still applies: false, with nothing written,
+/// when a guard does not hold or the row is gone.
+pub(crate) async fn guarded(c: &Cloud, update: Update) -> Result<bool, Error> {
+    match c.db().commit(Batch::new().update(update)).await {
+        Ok(_) => Ok(true),
         Err(e)
             if matches!(
                 e.class(),
@@ -215,6 +222,14 @@ pub(crate) async fn set_state(
             Ok(false)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The queue a volume's operations run in: its VM's while attached (`vm`), else its own.
+pub(crate) fn volume_owner_queue(volume: Uuid, vm: Option<Uuid>) -> String {
+    match vm {
+        Some(vm) => vm_queue(vm),
+        None => volume::volume_queue(volume),
     }
 }
 

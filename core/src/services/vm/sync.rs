@@ -317,10 +317,7 @@ fn stray_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
     if !destroy_orphans(c) {
         return;
     }
-    let q = match vm {
-        Some(vm) => vm_queue(vm),
-        None => super::volume::volume_queue(volume),
-    };
+    let q = super::volume_owner_queue(volume, vm);
     later_in_queue(c, q, "delete a stray volume copy", move |c| async move {
         let Some(vol) = c.db().get::<Volume>(volume).await? else {
             return Ok(());
@@ -376,10 +373,7 @@ fn stray_copy(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
 /// (the database follows an only copy); a host that does not answer leaves the decision to a
 /// later ping.
 fn missing_volume(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
-    let q = match vm {
-        Some(vm) => vm_queue(vm),
-        None => super::volume::volume_queue(volume),
-    };
+    let q = super::volume_owner_queue(volume, vm);
     later_in_queue(
         c,
         q,
@@ -403,11 +397,14 @@ fn missing_volume(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
                 .db()
                 .select::<Host>(&Query::of::<Host>().eq("cluster_uuid", cluster))
                 .await?;
+            // Fails closed: a read of the cluster without the volume's own host decides nothing.
+            if !hosts.iter().any(|h| h.uuid == host) {
+                return Ok(());
+            }
             for h in hosts {
-                match volumes_held(&c, h.uuid).await {
-                    Ok(Some(held)) if !held.contains(&volume) => {}
+                if !gone_from(&c, h.uuid, volume).await {
                     // Held there, or not known: not lost (yet).
-                    _ => return Ok(()),
+                    return Ok(());
                 }
             }
             let lost = Update::of::<Volume>(volume)
@@ -428,31 +425,17 @@ fn missing_volume(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
 /// `volume`, `Lost` on `host` in the database, is there after all (its host came back with its
 /// disks): `Ready` again, decided in its queue.
 fn found_volume(c: &Arc<Cloud>, host: Uuid, volume: Uuid, vm: Option<Uuid>) {
-    let q = match vm {
-        Some(vm) => vm_queue(vm),
-        None => super::volume::volume_queue(volume),
-    };
+    let q = super::volume_owner_queue(volume, vm);
     later_in_queue(c, q, "take back a lost volume", move |c| async move {
         let found = Update::of::<Volume>(volume)
             .when_eq("state", VolumeState::Lost.as_str())
             .when_eq("host_uuid", host)
             .set("state", VolumeState::Ready.as_str());
-        match c.db().commit(Batch::new().update(found)).await {
-            Ok(_) => {
-                tracing::warn!(%volume, %host, "lost volume found on its host: Ready again");
-                c.repairs.count("volume.found");
-                Ok(())
-            }
-            Err(e)
-                if matches!(
-                    e.class(),
-                    ErrorClass::ConditionFailed | ErrorClass::NotFound
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
+        if super::guarded(&c, found).await? {
+            tracing::warn!(%volume, %host, "lost volume found on its host: Ready again");
+            c.repairs.count("volume.found");
         }
+        Ok(())
     });
 }
 
@@ -539,6 +522,14 @@ async fn adopt_only_copy(
         Err(e) if e.class() == ErrorClass::ConditionFailed => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether `host` answered that it does not hold `volume` (not when it did not answer, or does
+/// not know itself yet).
+pub(super) async fn gone_from(c: &Cloud, host: Uuid, volume: Uuid) -> bool {
+    volumes_held(c, host)
+        .await
+        .is_ok_and(|held| held.is_some_and(|h| !h.contains(&volume)))
 }
 
 /// The volumes `host` says it holds; `None` when its agent does not know it is that host (it

@@ -149,9 +149,9 @@ async fn delete_on_host(c: &Cloud, v: &Row<Volume>, force: bool) -> Result<(), E
         // A failure may be reported after the host deleted it (found by the model sweep, which
         // then had a Ready volume no host held): ask.
         let gone = match &r {
-            Err(e) if e.code != ErrorCode::NotFound => super::sync::volumes_held(c, host)
-                .await
-                .is_ok_and(|held| held.is_some_and(|h| !h.contains(&v.uuid))),
+            Err(e) if e.code != ErrorCode::NotFound => {
+                super::sync::gone_from(c, host, v.uuid).await
+            }
             _ => false,
         };
         match r {
@@ -232,26 +232,14 @@ async fn deleting_undo(c: Arc<Cloud>, ctx: &mut DeleteCtx) -> Result<(), Error> 
         _ => return Ok(()),
     };
     if let Some(host) = v.host_uuid {
-        let held = super::sync::volumes_held(&c, host).await;
-        if held.is_ok_and(|h| h.is_some_and(|h| !h.contains(&v.uuid))) {
+        if super::sync::gone_from(&c, host, v.uuid).await {
             return forget_volume_row(&c, v.uuid).await;
         }
     }
     let back = Update::of::<Volume>(ctx.volume)
         .when_eq("state", VolumeState::Deleting.as_str())
         .set("state", was.as_str());
-    match c.db().commit(Batch::new().update(back)).await {
-        Ok(_) => Ok(()),
-        Err(e)
-            if matches!(
-                e.class(),
-                ErrorClass::ConditionFailed | ErrorClass::NotFound
-            ) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
+    super::guarded(&c, back).await.map(drop)
 }
 
 async fn delete_on_its_host(c: Arc<Cloud>, ctx: &mut DeleteCtx) -> Result<(), Error> {
@@ -284,16 +272,6 @@ pub(super) fn detachment(volume: Uuid) -> Update {
     Update::of::<Volume>(volume)
         .set("vm_uuid", Value::Null)
         .set("device_index", Value::Null)
-}
-
-/// Undo a recording step with `update`, guarded by what the step wrote: a guard that does not
-/// hold means the step's record is not there, and there is nothing to undo.
-async fn undo_record(c: &Cloud, update: Update) -> Result<(), Error> {
-    match c.db().commit(Batch::new().update(update)).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.class() == ErrorClass::ConditionFailed => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 fn gone() -> Error {
@@ -468,7 +446,8 @@ impl Flow<AttachCtx> for AttachStep {
                     .if_exists()
                     .when_eq("vm_uuid", ctx.vm)
                     .when_eq("device_index", ctx.device);
-                undo_record(&c, undo).await
+                // Its guard is what the step wrote: not holding, there is nothing to undo.
+                super::guarded(&c, undo).await.map(drop)
             }
             "reserve-storage" if ctx.placed => {
                 let Some(v) = c.db().get::<Volume>(ctx.volume).await? else {
@@ -585,7 +564,7 @@ impl Flow<DetachCtx> for DetachStep {
                 ))
                 .set("vm_uuid", ctx.vm)
                 .set("device_index", ctx.device);
-            return undo_record(&c, back).await;
+            return super::guarded(&c, back).await.map(drop);
         }
         if self.name == "detach-on-hypervisor" && ctx.running {
             let v = c.get::<Volume>(ctx.volume).await?;
