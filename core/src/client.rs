@@ -27,7 +27,8 @@ pub struct Submitted {
     pub resource: Option<Uuid>,
 }
 
-fn uuid_of(v: &Value, key: &str) -> Option<Uuid> {
+/// The uuid in field `key` of an API answer.
+pub fn uuid_of(v: &Value, key: &str) -> Option<Uuid> {
     v.get(key)
         .and_then(|u| u.as_str())
         .and_then(|u| Uuid::parse_str(u).ok())

@@ -177,7 +177,7 @@ async fn settle_or_say(w: &World, what: &str) -> Result<(), String> {
 }
 
 fn uuid_of(v: &Value) -> Option<Uuid> {
-    v["uuid"].as_str().and_then(|s| Uuid::parse_str(s).ok())
+    stratus_core::client::uuid_of(v, "uuid")
 }
 
 impl Runner {

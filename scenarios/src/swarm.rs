@@ -81,10 +81,7 @@ impl Runner {
 
 /// The failed checks of the report under `dir` (one scenario, one seed).
 fn failed_checks(dir: &Path) -> Verdict {
-    let summary = find_summary(dir)
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| serde_json::from_str::<Summary>(&t).ok());
-    let Some(summary) = summary else {
+    let Some(summary) = read_summary(dir) else {
         return Verdict::Failed {
             class: "failed without a readable summary.json".into(),
             detail: dir.display().to_string(),
@@ -108,11 +105,13 @@ fn failed_checks(dir: &Path) -> Verdict {
 
 /// The state-sync repairs the run under `dir` counted (none when it left no readable report).
 pub fn repairs_of(dir: &Path) -> std::collections::BTreeMap<String, u64> {
-    find_summary(dir)
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| serde_json::from_str::<Summary>(&t).ok())
-        .map(|s| s.repairs)
-        .unwrap_or_default()
+    read_summary(dir).map(|s| s.repairs).unwrap_or_default()
+}
+
+/// The report a run wrote under `dir`, if it wrote a readable one.
+fn read_summary(dir: &Path) -> Option<Summary> {
+    let text = std::fs::read_to_string(find_summary(dir)?).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// `dir/<scenario>/<seed>/summary.json`, the one report a run writes under its own directory.

@@ -46,6 +46,21 @@ pub async fn check(world: &World) -> Vec<String> {
     check_with(world, Limits::default()).await
 }
 
+/// Settle within `max`, then [`check`]: what a test reports when the world did not come to rest
+/// or broke an invariant.
+pub async fn settled_and_sound(world: &World, max: std::time::Duration) -> Result<(), String> {
+    world
+        .settle(max)
+        .await
+        .map_err(|busy| format!("not settled: {busy}"))?;
+    let bad = check(world).await;
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("invariants broken:\n{}", bad.join("\n")))
+    }
+}
+
 /// Check the books only (invariants 1–3): they balance at every moment, also while hosts are
 /// down or the management node is dead.
 pub async fn check_books(world: &World) -> Vec<String> {

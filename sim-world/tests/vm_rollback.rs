@@ -14,7 +14,7 @@ use stratus_agent_protocol::CommandKind;
 use stratus_core::error::Error;
 use stratus_core::flow::{FaultWhen, FlowInfo};
 use stratus_core::services::vm::chain_catalogue;
-use stratus_sim_world::invariants::{census, check};
+use stratus_sim_world::invariants::{census, settled_and_sound};
 use stratus_sim_world::{World, WorldSpec};
 use uuid::Uuid;
 
@@ -68,15 +68,9 @@ fn faults(chain: &'static str, forward: bool) -> Vec<Fault> {
 }
 
 async fn settle_and_check(w: &World, what: &str) {
-    w.settle(Duration::from_secs(300))
+    settled_and_sound(w, Duration::from_secs(300))
         .await
-        .unwrap_or_else(|b| panic!("{what}: not settled: {b}"));
-    let bad = check(w).await;
-    assert!(
-        bad.is_empty(),
-        "{what}: invariants broken:\n{}",
-        bad.join("\n")
-    );
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
 }
 
 /// Arm `fault`, run `op`; a failed op must leave the census as it was.
