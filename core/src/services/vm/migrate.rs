@@ -1,7 +1,6 @@
 //! Live migration within a cluster; the VM's local volumes move with it. The destination's CPU,
-//! memory and disk are held by one reservation until the switch; a migration the host finished
-//! but reported as failed is found by asking the destination; one that must be undone after it
-//! happened is migrated back.
+//! memory and disk are held by one reservation until the switch; a migration that failed, or
+//! whose answer was lost, is undone: if the VM reached the destination it is migrated back.
 
 use super::chain::{
     changed_meanwhile, l2s_of, l3s_of, probe, release_reservations, step, step_fn, Step,
@@ -15,7 +14,7 @@ use crate::services::allocator::{AllocateHost, Allocation};
 use crate::services::Cloud;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Weak};
-use stratus_agent_protocol::{DeleteVolumeCmd, DestroyVmCmd, MigrateVmCmd, PowerState};
+use stratus_agent_protocol::{MigrateVmCmd, PowerState};
 use stratus_store::Query;
 use uuid::Uuid;
 
@@ -121,47 +120,20 @@ async fn migrate(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
         dest_address: d.address.to_string(),
         dest_token: d.token.clone(),
     };
-    match agent(&c, &src, &cmd).await {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            // The answer may be lost while the VM did move: ask the destination.
-            if probe(&c, dest, ctx.vm).await == Some(PowerState::Running) {
-                tracing::info!(vm = %ctx.vm, error = %e, "migration reported failure but the VM runs on the destination");
-                // The source saw a failure and kept its copy: remove it there, or the VM would
-                // run twice (found by the model sweep: the destination received the VM, then
-                // answered with a failure).
-                remove_source_copy(&c, ctx.src, ctx.vm).await;
-                Ok(())
-            } else {
-                Err(e)
-            }
-        }
+    // Run again (a retry, a recovery): the earlier run's migration may have happened. Its
+    // command no longer runs (a taken-over chain is fenced on the source first), so the hosts'
+    // word is final.
+    c.agents.settle(&src).await?;
+    if probe(&c, dest, ctx.vm).await == Some(PowerState::Running)
+        && probe(&c, ctx.src, ctx.vm).await.is_none()
+    {
+        return Ok(());
     }
-}
-
-/// Destroy the source's copy of a VM that moved, and its local volumes there once the copy is
-/// known to be gone. Best effort: what stays behind is logged.
-async fn remove_source_copy(c: &Arc<Cloud>, src: Uuid, vm: Uuid) {
-    let Ok(target) = c.host_target(src).await else {
-        return;
-    };
-    if let Err(e) = agent(c, &target, &DestroyVmCmd { vm }).await {
-        // A failure may be reported after the work was done: ask.
-        if probe(c, src, vm).await.is_some() {
-            tracing::warn!(vm = %vm, error = %e, "cannot remove the source's copy of a migrated VM");
-            return;
-        }
-    }
-    let volumes = c
-        .db()
-        .select::<Volume>(&Query::of::<Volume>().eq("vm_uuid", vm))
-        .await
-        .unwrap_or_default();
-    for v in volumes {
-        if let Err(e) = agent(c, &target, &DeleteVolumeCmd { volume: v.uuid }).await {
-            tracing::warn!(volume = %v.uuid, error = %e, "cannot remove the source's copy of a migrated volume");
-        }
-    }
+    // A failure, even one whose VM did reach the destination, is undone by `migrate_back`,
+    // which first fences the source. Concluding here from what the destination says would act
+    // while the migration may still run on the source: its late release there deleted the
+    // disks that a migration back had just brought (swarm seed 8282).
+    agent(&c, &src, &cmd).await
 }
 
 /// If the VM already reached the destination, bring it back — once the migration command can
