@@ -8,7 +8,8 @@
 //! the context after each, and, while rolling back, which flow is next. If the management node
 //! dies mid-chain, [`recover_orphans`] on the resource's next owner finishes the job from the
 //! journal: by default it rolls back every flow that may have run (the interrupted one included),
-//! or, for chains declared [`OnInterrupt::Finish`], runs the remaining flows.
+//! or, for chains declared [`OnInterrupt::Finish`] and chains interrupted in a forward-only
+//! flow (past their point of no return), runs the remaining flows.
 //!
 //! Contract for flows (what makes replay safe):
 //! - `run` and `rollback` are idempotent: running either twice has the effect of running it once,
@@ -18,10 +19,10 @@
 //!   its rollback can find it (an id chosen in an earlier step, or a field written to the
 //!   resource's row in the same atomic batch as the side effect).
 //! - In a chain that rolls back when interrupted, the step before a flow with nothing to undo
-//!   ([`Flow::undoes`]) is not journaled: a crash during that flow is recovered as a crash
-//!   during the flow before it, from the context that flow started with. That is the case
-//!   above, and not a new one: a crash between a flow's completion and its journal write was
-//!   always recovered so.
+//!   ([`Flow::undoes`]) that is not forward-only is not journaled: a crash during that flow is
+//!   recovered as a crash during the flow before it, from the context that flow started with.
+//!   That is the case above, and not a new one: a crash between a flow's completion and its
+//!   journal write was always recovered so.
 //!
 //! Fencing: a command a chain gave up on (its answer timed out, its node died) may still run on
 //! the host. Every flow runs in a [`RunningChain`] scope that the agent client reads: its
@@ -325,26 +326,9 @@ pub struct Journal {
     faults: Arc<FaultPoints>,
 }
 
-/// Retry a journal write on transient store failures (never on logical errors).
-async fn retry<T, F, Fut>(what: &str, mut f: F) -> Result<T, Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, Error>>,
-{
-    let mut delay = Duration::from_millis(50);
-    for attempt in 0..6 {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.code == ErrorCode::StoreFailure && attempt < 5 => {
-                tracing::warn!(error = %e, attempt, "journal {what} failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    unreachable!("the last attempt returns")
-}
+/// How long a journal write or a job's outcome is retried while the store fails: bookkeeping
+/// the node must not drop while it lives (recovery only runs at a start).
+pub const BOOKKEEPING_PATIENCE: Duration = Duration::from_secs(300);
 
 impl Journal {
     pub fn new(db: Db, ids: Arc<Ids>, node: NodeId, boot: Uuid) -> Self {
@@ -372,15 +356,9 @@ impl Journal {
         self.boot
     }
 
-    async fn write(&self, what: &str, u: Update) -> Result<(), Error> {
-        retry(what, || async {
-            Ok(self
-                .db
-                .commit(Batch::new().update(u.clone()))
-                .await
-                .map(|_| ())?)
-        })
-        .await
+    async fn write(&self, b: Batch) -> Result<(), Error> {
+        self.db.commit_patiently(b, BOOKKEEPING_PATIENCE).await?;
+        Ok(())
     }
 
     async fn start(
@@ -405,26 +383,16 @@ impl Journal {
             error: None,
             rollback_errors: Json(Vec::new()),
         };
-        // A retry after a failure whose write applied finds its own row: that is success (the
-        // id is fresh, so nobody else's).
-        let tried = std::sync::atomic::AtomicBool::new(false);
-        retry("start", || async {
-            let again = tried.swap(true, std::sync::atomic::Ordering::Relaxed);
-            match self.db.insert(Row::new(id, rec.clone())).await {
-                Ok(_) => Ok(()),
-                Err(e) if again && e.class() == stratus_store::ErrorClass::AlreadyExists => Ok(()),
-                Err(e) => Err(e.into()),
-            }
-        })
-        .await
+        self.write(Batch::new().insert(&Row::new(id, rec))).await
     }
 
     async fn step(&self, id: Uuid, next: usize, ctx: JsonText) -> Result<(), Error> {
         self.write(
-            "step",
-            Update::of::<ChainRecord>(id)
-                .set("next", next as i64)
-                .set("context", Value::Json(ctx)),
+            Batch::new().update(
+                Update::of::<ChainRecord>(id)
+                    .set("next", next as i64)
+                    .set("context", Value::Json(ctx)),
+            ),
         )
         .await
     }
@@ -447,7 +415,7 @@ impl Journal {
             .set("error", error.to_string())
             .set("rollback_errors", Value::json(errors))
             .set("context", Value::Json(ctx));
-        if let Err(e) = self.write("rollback", u).await {
+        if let Err(e) = self.write(Batch::new().update(u)).await {
             tracing::error!(chain = %id, error = %e, "cannot journal rollback progress");
         }
     }
@@ -456,26 +424,21 @@ impl Journal {
     /// recovery found (`from`): two nodes never take one chain over.
     async fn take_over(&self, id: Uuid, from: Uuid, epoch: u64) -> Result<(), Error> {
         self.write(
-            "take-over",
-            Update::of::<ChainRecord>(id)
-                .when_eq("boot", from)
-                .set("node", self.node)
-                .set("boot", self.boot)
-                .set("epoch", epoch as i64),
+            Batch::new().update(
+                Update::of::<ChainRecord>(id)
+                    .when_eq("boot", from)
+                    .set("node", self.node)
+                    .set("boot", self.boot)
+                    .set("epoch", epoch as i64),
+            ),
         )
         .await
     }
 
     /// Remove the journal of a chain that ended.
     async fn remove(&self, id: Uuid) -> Result<(), Error> {
-        retry("end", || async {
-            Ok(self
-                .db
-                .commit(Batch::new().delete::<ChainRecord>(id, Expect::Maybe))
-                .await
-                .map(|_| ())?)
-        })
-        .await
+        self.write(Batch::new().delete::<ChainRecord>(id, Expect::Maybe))
+            .await
     }
 
     /// Remove the journal of a chain whose outcome is already settled (rolled back, or found
@@ -663,7 +626,10 @@ impl<C: Context> FlowChain<C> {
             // which is the crash the journal is for).
             let recorded = if i + 1 == self.flows.len() {
                 journal.remove(id).await
-            } else if self.on_interrupt == OnInterrupt::RollBack && !self.flows[i + 1].undoes() {
+            } else if self.on_interrupt == OnInterrupt::RollBack
+                && !self.flows[i + 1].undoes()
+                && !self.flows[i + 1].forward_only()
+            {
                 // The next flow has nothing to undo: a crash during it is recovered as a crash
                 // during this one (the module's contract).
                 Ok(())
@@ -814,8 +780,10 @@ impl<C: Context> FlowChain<C> {
                 journal.end(rec.uuid).await;
                 return RecoveryOutcome::Finished;
             }
+            // Interrupted past the point of no return: finished, whatever the chain's policy
+            // (rolling back there undid a migration the database had already switched: swarm).
             ChainState::Running => match self.on_interrupt {
-                OnInterrupt::RollBack => {
+                OnInterrupt::RollBack if !self.flows[rec.next as usize].forward_only() => {
                     self.roll_back(
                         journal,
                         rec.uuid,
@@ -828,7 +796,7 @@ impl<C: Context> FlowChain<C> {
                     )
                     .await
                 }
-                OnInterrupt::Finish => match self
+                _ => match self
                     .forward(journal, rec.uuid, epoch, rec.next as usize, ctx)
                     .await
                 {

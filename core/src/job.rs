@@ -154,7 +154,14 @@ impl Jobs {
             boot: self.boot,
             finished_ms: None,
         };
-        self.db.insert(Row::new(id, job)).await?;
+        // Patiently too: a job row whose insert applied but was reported failed would be
+        // Running with nobody to finish it.
+        self.db
+            .commit_patiently(
+                Batch::new().insert(&Row::new(id, job)),
+                crate::flow::BOOKKEEPING_PATIENCE,
+            )
+            .await?;
         Ok(id)
     }
 
@@ -191,7 +198,10 @@ impl Jobs {
                 .set("error_code", e.code.as_str())
                 .set("error_message", e.message),
         };
-        let res = self.db.commit(Batch::new().update(u)).await;
+        let res = self
+            .db
+            .commit_patiently(Batch::new().update(u), crate::flow::BOOKKEEPING_PATIENCE)
+            .await;
         self.wake(id);
         match res {
             Ok(_) => Ok(()),

@@ -480,7 +480,9 @@ p99_s = { create_vm = 5.0 }
             root.join("cases"),
             root.join("cases/open"),
         ];
-        for entry in dirs.iter().flat_map(|d| std::fs::read_dir(d).unwrap()) {
+        // `cases/open/` exists only while a kept failure is not fixed.
+        let present = dirs.iter().filter(|d| d.exists());
+        for entry in present.flat_map(|d| std::fs::read_dir(d).unwrap()) {
             let p = entry.unwrap().path();
             if p.extension().is_some_and(|e| e == "toml") && p.file_name().unwrap() != "Cargo.toml"
             {

@@ -137,7 +137,15 @@ pub enum Write {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Batch {
     pub writes: Vec<Write>,
+    /// The commit's idempotency key: a batch committed again with the key of one that applied
+    /// is not applied again while the store remembers the key ([`KEY_RETENTION`]); the commit
+    /// answers what the first one did. A caller retries a commit whose answer was lost with it
+    /// ([`crate::Db::commit`] keys every batch).
+    pub key: Option<Uuid>,
 }
+
+/// How long a store remembers a commit key: far longer than a caller retries a commit.
+pub const KEY_RETENTION: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl Batch {
     pub fn new() -> Self {
@@ -145,6 +153,11 @@ impl Batch {
     }
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
+    }
+    /// The batch with idempotency key `key` ([`Batch::key`]).
+    pub fn keyed(mut self, key: Uuid) -> Self {
+        self.key = Some(key);
+        self
     }
     pub fn len(&self) -> usize {
         self.writes.len()

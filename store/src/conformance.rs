@@ -461,6 +461,60 @@ pub async fn version_conflicts_are_clear(store: &Arc<dyn Store>, ids: &Ids) {
     assert_eq!(code(err), ErrorClass::Conflict);
 }
 
+/// A keyed batch applies once: committed again with its key, it answers what it answered the
+/// first time and writes nothing (an insert does not collide with itself, a counter does not
+/// move twice); a failed keyed batch is not remembered; another key applies anew.
+pub async fn keyed_batches_apply_once(store: &Arc<dyn Store>, ids: &Ids) {
+    let c = Case::new(store, ids);
+    let w = c.widget("k", 1);
+    let key = c.ids.uuid();
+    let batch = Batch::new()
+        .insert(&w)
+        .update(Update::of::<CsWidget>(w.uuid).add("counter", 1))
+        .keyed(key);
+    let first = store.commit(batch.clone()).await.unwrap();
+    let again = store.commit(batch.clone()).await.unwrap();
+    assert_eq!(again, first, "on {}", store.backend());
+    let got = c.db.must_get::<CsWidget>(w.uuid).await.unwrap();
+    assert_eq!((got.counter, got.version), (1, 2), "on {}", store.backend());
+    // Without its key, the same batch is a new one: the insert collides.
+    let unkeyed = Batch {
+        key: None,
+        ..batch.clone()
+    };
+    let err = store.commit(unkeyed).await.unwrap_err();
+    assert_eq!(
+        code(err),
+        ErrorClass::AlreadyExists,
+        "on {}",
+        store.backend()
+    );
+    // A keyed batch that fails is not remembered: once its guard holds, it applies.
+    let guarded_key = c.ids.uuid();
+    let guarded = Batch::new()
+        .update(
+            Update::of::<CsWidget>(w.uuid)
+                .add("counter", -2)
+                .at_least("counter", 0),
+        )
+        .keyed(guarded_key);
+    let err = store.commit(guarded.clone()).await.unwrap_err();
+    assert_eq!(
+        code(err),
+        ErrorClass::ConditionFailed,
+        "on {}",
+        store.backend()
+    );
+    let more = Batch::new()
+        .update(Update::of::<CsWidget>(w.uuid).add("counter", 1))
+        .keyed(c.ids.uuid());
+    assert_eq!(store.commit(more).await.unwrap(), vec![3]);
+    assert_eq!(store.commit(guarded.clone()).await.unwrap(), vec![4]);
+    assert_eq!(store.commit(guarded).await.unwrap(), vec![4]);
+    let got = c.db.must_get::<CsWidget>(w.uuid).await.unwrap();
+    assert_eq!((got.counter, got.version), (0, 4), "on {}", store.backend());
+}
+
 /// A batch that fails on any of its writes leaves the store exactly as it was.
 pub async fn failed_batch_leaves_nothing(store: &Arc<dyn Store>, ids: &Ids) {
     let c = Case::new(store, ids);
@@ -783,6 +837,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     sort_and_paging_are_stable(&store, &ids).await;
     version_conflicts_are_clear(&store, &ids).await;
     failed_batch_leaves_nothing(&store, &ids).await;
+    keyed_batches_apply_once(&store, &ids).await;
     writes_and_guards(&store, &ids).await;
     bad_requests_are_refused(&store, &ids).await;
     concurrent_decrements_never_overdraw(&store, &ids).await;

@@ -20,6 +20,7 @@ mod value;
 
 pub use batch::{
     resolve_batch, Batch, Bound, Expect, ResolvedUpdate, ResolvedWrite, Update, Write,
+    KEY_RETENTION,
 };
 pub use mem::MemStore;
 pub use meta::{
@@ -35,7 +36,9 @@ pub use value::{
 };
 
 use async_trait::async_trait;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -170,11 +173,33 @@ pub trait Store: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Db {
     inner: Arc<dyn Store>,
+    keys: Arc<CommitKeySource>,
 }
+
+/// Commit keys unique across handles and processes: a random prefix drawn per handle (seeded
+/// under madsim), then a count.
+struct CommitKeySource {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+/// Attempts of a commit that fails in the backend (an error, a timeout, an answer lost after it
+/// applied): the batch is keyed, so an attempt after one that applied is answered from it.
+const COMMIT_ATTEMPTS: u32 = 4;
+/// The wait before the second attempt; it doubles before each further one, up to
+/// [`COMMIT_BACKOFF_CAP`].
+const COMMIT_BACKOFF: Duration = Duration::from_millis(50);
+const COMMIT_BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 impl Db {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Db { inner: store }
+        Db {
+            inner: store,
+            keys: Arc::new(CommitKeySource {
+                prefix: madsim::rand::random::<u64>(),
+                next: AtomicU64::new(0),
+            }),
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -253,8 +278,60 @@ impl Db {
         self.inner.query(q).await
     }
 
+    /// Commit `b` (keyed here unless it has a key), retried when the backend fails: a commit
+    /// applies once however many attempts it takes, and a backend error reaches the caller only
+    /// after [`COMMIT_ATTEMPTS`].
     pub async fn commit(&self, b: Batch) -> Result<Vec<u64>, StoreError> {
-        self.inner.commit(b).await
+        self.commit_retried(b, None).await
+    }
+
+    /// [`Db::commit`] for bookkeeping a node must not drop while it lives (its journal, its
+    /// jobs' outcomes): retried until it applies or `patience` has passed.
+    pub async fn commit_patiently(
+        &self,
+        b: Batch,
+        patience: Duration,
+    ) -> Result<Vec<u64>, StoreError> {
+        self.commit_retried(b, Some(patience)).await
+    }
+
+    async fn commit_retried(
+        &self,
+        b: Batch,
+        patience: Option<Duration>,
+    ) -> Result<Vec<u64>, StoreError> {
+        if b.is_empty() {
+            return Ok(Vec::new());
+        }
+        let b = match b.key {
+            Some(_) => b,
+            None => {
+                let n = self.keys.next.fetch_add(1, Ordering::Relaxed);
+                b.keyed(Uuid::from_u64_pair(self.keys.prefix, n))
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let mut wait = COMMIT_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            let out = self.inner.commit(b.clone()).await;
+            let again = match &out {
+                Err(e) if e.class() == ErrorClass::Backend => match patience {
+                    None => attempt < COMMIT_ATTEMPTS,
+                    Some(p) => started.elapsed() + wait <= p,
+                },
+                _ => false,
+            };
+            if !again {
+                return out;
+            }
+            if let Err(e) = &out {
+                tracing::debug!(error = %e, attempt, "store commit failed; retrying");
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(COMMIT_BACKOFF_CAP);
+            attempt += 1;
+        }
     }
 
     /// Insert one row; returns it with its stored version.

@@ -11,10 +11,10 @@ use super::batch::{check_missing, check_version, resolve_batch, ResolvedUpdate, 
 use super::meta::{FieldRef, KindMeta, Record, Schema};
 use super::query::{op_holds, resolve, Hop, ResolvedCond, ResolvedQuery};
 use super::value::{FieldType, Value};
-use super::{Batch, Query, ReadRecord, Store, StoreError};
+use super::{Batch, Query, ReadRecord, Store, StoreError, KEY_RETENTION};
 use async_trait::async_trait;
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 use stratus_rt::clock::now_ms;
@@ -191,6 +191,37 @@ impl Table {
 
 struct Tables {
     tables: HashMap<&'static str, Table, Fixed>,
+    keys: CommitKeys,
+}
+
+/// The keys of applied batches ([`Batch::key`]) with what each commit answered, forgotten past
+/// [`KEY_RETENTION`] or beyond [`KEYS_KEPT`] (a retry comes within moments).
+#[derive(Default)]
+struct CommitKeys {
+    answers: HashMap<Uuid, Vec<u64>>,
+    order: VecDeque<(i64, Uuid)>,
+}
+
+const KEYS_KEPT: usize = 1 << 17;
+
+impl CommitKeys {
+    fn answer(&self, key: Uuid) -> Option<Vec<u64>> {
+        self.answers.get(&key).cloned()
+    }
+
+    fn remember(&mut self, key: Uuid, versions: Vec<u64>, now: i64) {
+        let keep_ms = KEY_RETENTION.as_millis() as i64;
+        while let Some(&(at, old)) = self.order.front() {
+            if now - at <= keep_ms && self.order.len() < KEYS_KEPT {
+                break;
+            }
+            self.order.pop_front();
+            self.answers.remove(&old);
+        }
+        if self.answers.insert(key, versions).is_none() {
+            self.order.push_back((now, key));
+        }
+    }
 }
 
 impl Tables {
@@ -306,7 +337,10 @@ impl MemStore {
         let tables = schema.kinds().map(|k| (k.name, Table::new(k))).collect();
         MemStore {
             schema,
-            inner: Mutex::new(Tables { tables }),
+            inner: Mutex::new(Tables {
+                tables,
+                keys: CommitKeys::default(),
+            }),
         }
     }
 
@@ -349,104 +383,121 @@ impl MemStore {
         rows.into_iter().skip(offset).take(take).for_each(read);
     }
 
-    fn commit_sync(&self, writes: Vec<ResolvedWrite>) -> Result<Vec<u64>, StoreError> {
+    fn commit_sync(
+        &self,
+        writes: Vec<ResolvedWrite>,
+        key: Option<Uuid>,
+    ) -> Result<Vec<u64>, StoreError> {
         let now = now_ms();
         let mut t = self.lock();
-        if let [ResolvedWrite::Update(u)] = writes.as_slice() {
-            return update_one(&mut t, u, now).map(|v| vec![v]);
-        }
-        // Stage every write on an overlay; the tables change only if all succeed.
-        let mut overlay: BTreeMap<(&'static str, Uuid), Option<Record>> = BTreeMap::new();
-        let mut versions = Vec::with_capacity(writes.len());
-        let current = |t: &Tables,
-                       o: &BTreeMap<(&'static str, Uuid), Option<Record>>,
-                       k: &'static str,
-                       u: Uuid| match o.get(&(k, u)) {
-            Some(x) => x.clone(),
-            None => t.table(k).rows.get(&u).cloned(),
+        let Some(key) = key else {
+            return apply(&mut t, writes, now);
         };
-        for w in writes {
-            match w {
-                ResolvedWrite::Insert { mut rec, upsert } => {
-                    let key = (rec.kind.name, rec.uuid);
-                    let existing = match overlay.get(&key) {
-                        Some(x) => x.as_ref().map(|r| (r.version, r.created_ms)),
-                        None => t
-                            .table(key.0)
-                            .rows
-                            .get(&key.1)
-                            .map(|r| (r.version, r.created_ms)),
-                    };
-                    match existing {
-                        Some(_) if !upsert => {
-                            return Err(StoreError::AlreadyExists {
-                                kind: key.0.to_string(),
-                                uuid: key.1,
-                            })
-                        }
-                        Some((version, created)) => {
-                            rec.version = version + 1;
-                            rec.created_ms = created;
-                        }
-                        None => {
-                            rec.version = 1;
-                            rec.created_ms = now;
-                        }
-                    }
-                    rec.updated_ms = now;
-                    versions.push(rec.version);
-                    overlay.insert(key, Some(rec));
-                }
-                ResolvedWrite::Update(u) => {
-                    let Some(cur) = current(&t, &overlay, u.kind.name, u.uuid) else {
-                        check_missing(u.kind, u.uuid, u.expect)?;
-                        versions.push(0);
-                        continue;
-                    };
-                    check_version(&cur, u.expect)?;
-                    let mut rec = cur;
-                    u.apply(&mut rec)?;
-                    rec.version += 1;
-                    rec.updated_ms = now;
-                    versions.push(rec.version);
-                    overlay.insert((u.kind.name, u.uuid), Some(rec));
-                }
-                ResolvedWrite::Delete { kind, uuid, expect } => {
-                    match current(&t, &overlay, kind.name, uuid) {
-                        Some(cur) => {
-                            check_version(&cur, expect)?;
-                            overlay.insert((kind.name, uuid), None);
-                        }
-                        None => check_missing(kind, uuid, expect)?,
-                    }
-                    versions.push(0);
-                }
-            }
+        if let Some(versions) = t.keys.answer(key) {
+            return Ok(versions);
         }
-        check_unique(&t, &overlay)?;
-        for ((kind, uuid), new) in overlay {
-            let table = t.tables.get_mut(kind).expect("kind resolved");
-            let Table { rows, idx } = table;
-            match (rows.get_mut(&uuid), new) {
-                (Some(row), Some(new)) => {
-                    for (i, ix) in idx.iter_mut().enumerate() {
-                        index_move(ix, &row.values[i], &new.values[i], uuid);
-                    }
-                    *row = new;
-                }
-                (Some(_), None) => {
-                    let old = rows.remove(&uuid).expect("present");
-                    table.index_remove(&old);
-                }
-                (None, Some(new)) => {
-                    table.index_insert(&new);
-                    table.rows.insert(uuid, new);
-                }
-                (None, None) => {}
-            }
-        }
+        let versions = apply(&mut t, writes, now)?;
+        t.keys.remember(key, versions.clone(), now);
         Ok(versions)
     }
+}
+
+/// Apply every write or none.
+fn apply(t: &mut Tables, writes: Vec<ResolvedWrite>, now: i64) -> Result<Vec<u64>, StoreError> {
+    if let [ResolvedWrite::Update(u)] = writes.as_slice() {
+        return update_one(t, u, now).map(|v| vec![v]);
+    }
+    // Stage every write on an overlay; the tables change only if all succeed.
+    let mut overlay: BTreeMap<(&'static str, Uuid), Option<Record>> = BTreeMap::new();
+    let mut versions = Vec::with_capacity(writes.len());
+    let current = |t: &Tables,
+                   o: &BTreeMap<(&'static str, Uuid), Option<Record>>,
+                   k: &'static str,
+                   u: Uuid| match o.get(&(k, u)) {
+        Some(x) => x.clone(),
+        None => t.table(k).rows.get(&u).cloned(),
+    };
+    for w in writes {
+        match w {
+            ResolvedWrite::Insert { mut rec, upsert } => {
+                let key = (rec.kind.name, rec.uuid);
+                let existing = match overlay.get(&key) {
+                    Some(x) => x.as_ref().map(|r| (r.version, r.created_ms)),
+                    None => t
+                        .table(key.0)
+                        .rows
+                        .get(&key.1)
+                        .map(|r| (r.version, r.created_ms)),
+                };
+                match existing {
+                    Some(_) if !upsert => {
+                        return Err(StoreError::AlreadyExists {
+                            kind: key.0.to_string(),
+                            uuid: key.1,
+                        })
+                    }
+                    Some((version, created)) => {
+                        rec.version = version + 1;
+                        rec.created_ms = created;
+                    }
+                    None => {
+                        rec.version = 1;
+                        rec.created_ms = now;
+                    }
+                }
+                rec.updated_ms = now;
+                versions.push(rec.version);
+                overlay.insert(key, Some(rec));
+            }
+            ResolvedWrite::Update(u) => {
+                let Some(cur) = current(t, &overlay, u.kind.name, u.uuid) else {
+                    check_missing(u.kind, u.uuid, u.expect)?;
+                    versions.push(0);
+                    continue;
+                };
+                check_version(&cur, u.expect)?;
+                let mut rec = cur;
+                u.apply(&mut rec)?;
+                rec.version += 1;
+                rec.updated_ms = now;
+                versions.push(rec.version);
+                overlay.insert((u.kind.name, u.uuid), Some(rec));
+            }
+            ResolvedWrite::Delete { kind, uuid, expect } => {
+                match current(t, &overlay, kind.name, uuid) {
+                    Some(cur) => {
+                        check_version(&cur, expect)?;
+                        overlay.insert((kind.name, uuid), None);
+                    }
+                    None => check_missing(kind, uuid, expect)?,
+                }
+                versions.push(0);
+            }
+        }
+    }
+    check_unique(t, &overlay)?;
+    for ((kind, uuid), new) in overlay {
+        let table = t.tables.get_mut(kind).expect("kind resolved");
+        let Table { rows, idx } = table;
+        match (rows.get_mut(&uuid), new) {
+            (Some(row), Some(new)) => {
+                for (i, ix) in idx.iter_mut().enumerate() {
+                    index_move(ix, &row.values[i], &new.values[i], uuid);
+                }
+                *row = new;
+            }
+            (Some(_), None) => {
+                let old = rows.remove(&uuid).expect("present");
+                table.index_remove(&old);
+            }
+            (None, Some(new)) => {
+                table.index_insert(&new);
+                table.rows.insert(uuid, new);
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(versions)
 }
 
 /// A batch of one update (most of them: journal steps, state changes, counters), changed in
@@ -583,7 +634,8 @@ impl Store for MemStore {
     }
 
     async fn commit(&self, batch: Batch) -> Result<Vec<u64>, StoreError> {
+        let key = batch.key;
         let writes = resolve_batch(&self.schema, batch)?;
-        self.commit_sync(writes)
+        self.commit_sync(writes, key)
     }
 }

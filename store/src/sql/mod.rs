@@ -15,7 +15,7 @@ use super::batch::{check_missing, check_version, resolve_batch, ResolvedWrite};
 use super::meta::{KindMeta, Record, Schema};
 use super::query::resolve;
 use super::value::{FieldType, JsonText, Value};
-use super::{Batch, Query, Store, StoreError};
+use super::{Batch, Query, Store, StoreError, KEY_RETENTION};
 use async_trait::async_trait;
 use gen::{Dialect, Param, Sql};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -26,6 +26,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection, Row as _, SqliteConnection}
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use stratus_rt::clock::now_ms;
 use uuid::Uuid;
@@ -43,6 +44,8 @@ enum TxWork<'a> {
         writes: Vec<ResolvedWrite>,
         now: i64,
         multi_row: bool,
+        /// The batch's idempotency key ([`Batch::key`]).
+        key: Option<Uuid>,
     },
 }
 
@@ -238,6 +241,50 @@ impl Tx<'_> {
     }
 }
 
+/// What the commit of the batch keyed `key` answered, if it applied and is remembered.
+async fn commit_answer(tx: &mut Tx<'_>, key: Uuid) -> Result<Option<Vec<u64>>, TxError> {
+    let mut sql = Sql::new(tx.dialect());
+    sql.push("SELECT versions FROM stratus_commit_keys WHERE key = ")
+        .param(Param::Text(key.to_string()));
+    match tx.fetch_strings(&sql).await?.first() {
+        Some(text) => serde_json::from_str(text)
+            .map(Some)
+            .map_err(|e| TxError::Store(StoreError::Corrupt(format!("commit key {key}: {e}")))),
+        None => Ok(None),
+    }
+}
+
+/// Remember the batch keyed `key` and its answer, in the commit's transaction; with `prune`,
+/// forget
+/// the keys past [`KEY_RETENTION`] first.
+async fn remember_commit(
+    tx: &mut Tx<'_>,
+    key: Uuid,
+    versions: &[u64],
+    now: i64,
+    prune: bool,
+) -> Result<(), TxError> {
+    let d = tx.dialect();
+    if prune {
+        let mut sql = Sql::new(d);
+        sql.push("DELETE FROM stratus_commit_keys WHERE at_ms < ")
+            .param(Param::Int(now - KEY_RETENTION.as_millis() as i64));
+        tx.execute(&sql).await?;
+    }
+    let answer = serde_json::to_string(versions)
+        .map_err(|e| TxError::Store(StoreError::Backend(format!("commit key {key}: {e}"))))?;
+    let mut sql = Sql::new(d);
+    sql.push("INSERT INTO stratus_commit_keys (key, versions, at_ms) VALUES (")
+        .param(Param::Text(key.to_string()))
+        .push(", ")
+        .param(Param::Text(answer))
+        .push(", ")
+        .param(Param::Int(now))
+        .push(")");
+    tx.execute(&sql).await?;
+    Ok(())
+}
+
 /// Commit if `out` is Ok, roll back otherwise.
 async fn finish<DB: sqlx::Database, T>(
     tx: sqlx::Transaction<'_, DB>,
@@ -278,7 +325,12 @@ pub struct SqlStore {
     pools: Pools,
     /// Unique index name → (kind, field), to turn constraint errors into `Duplicate`.
     unique_indexes: HashMap<String, (&'static str, &'static str)>,
+    /// Keyed commits so far, to prune the remembered keys every [`PRUNE_KEYS_EVERY`].
+    keyed_commits: AtomicU64,
 }
+
+/// Remembered commit keys are pruned once per this many keyed commits.
+const PRUNE_KEYS_EVERY: u64 = 256;
 
 impl SqlStore {
     /// Open by URL: `sqlite://PATH` (created if missing) or `postgres://...`.
@@ -321,6 +373,7 @@ impl SqlStore {
             .map_err(backend)?;
         let mut store = SqlStore {
             unique_indexes: HashMap::new(),
+            keyed_commits: AtomicU64::new(0),
             schema,
             pools: Pools::Sqlite {
                 write: Box::new(SqliteWriter {
@@ -349,6 +402,7 @@ impl SqlStore {
             .map_err(|e| StoreError::Backend(format!("migration failed: {e}")))?;
         let mut store = SqlStore {
             unique_indexes: HashMap::new(),
+            keyed_commits: AtomicU64::new(0),
             schema,
             pools: Pools::Postgres(pool),
         };
@@ -435,7 +489,25 @@ impl SqlStore {
                 writes,
                 now,
                 multi_row,
+                key: None,
             } => self.apply(tx, writes, now, multi_row).await,
+            TxWork::Apply {
+                writes,
+                now,
+                multi_row,
+                key: Some(key),
+            } => {
+                if let Some(versions) = commit_answer(tx, key).await? {
+                    return Ok(versions);
+                }
+                let versions = self.apply(tx, writes, now, multi_row).await?;
+                let prune = self
+                    .keyed_commits
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(PRUNE_KEYS_EVERY);
+                remember_commit(tx, key, &versions, now, prune).await?;
+                Ok(versions)
+            }
         }
     }
 
@@ -498,14 +570,22 @@ impl SqlStore {
     /// Apply `writes` in one transaction. Inserts go as multi-row statements; if one of those
     /// hits a unique violation the batch is replayed row by row (it rolled back, so nothing
     /// changed) to name the exact row and field.
-    async fn transact(&self, writes: Vec<ResolvedWrite>, now: i64) -> Result<Vec<u64>, StoreError> {
-        if let Some(r) = self.single_insert(&writes, now).await {
-            return r;
+    async fn transact(
+        &self,
+        writes: Vec<ResolvedWrite>,
+        key: Option<Uuid>,
+        now: i64,
+    ) -> Result<Vec<u64>, StoreError> {
+        if key.is_none() {
+            if let Some(r) = self.single_insert(&writes, now).await {
+                return r;
+            }
         }
         let first = TxWork::Apply {
             writes: writes.clone(),
             now,
             multi_row: true,
+            key,
         };
         match self.with_tx(first).await {
             Err(StoreError::Backend(m)) if m == UNATTRIBUTED => {
@@ -513,6 +593,7 @@ impl SqlStore {
                     writes,
                     now,
                     multi_row: false,
+                    key,
                 })
                 .await
             }
@@ -776,10 +857,11 @@ impl Store for SqlStore {
     }
 
     async fn commit(&self, batch: Batch) -> Result<Vec<u64>, StoreError> {
+        let key = batch.key;
         let writes = resolve_batch(&self.schema, batch)?;
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        self.transact(writes, now_ms()).await
+        self.transact(writes, key, now_ms()).await
     }
 }

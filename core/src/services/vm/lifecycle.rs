@@ -161,12 +161,14 @@ async fn recovered_undo(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> 
 
 async fn expunging(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
     let vm = c.get::<Vm>(ctx.vm).await?;
+    // Set before the write: a write reported failed may have applied, and the undo restores
+    // this (found by store faults: the VM stayed Expunging).
+    ctx.prev = Some(VmState::Destroyed);
     if vm.state != VmState::Expunging {
         vm.state.check(vm.uuid, VmAction::Expunge)?;
         c.engine.ext.vm_before(VmOp::Expunge, &info(&vm)).await?;
         set_state(&c, ctx.vm, Some(VmState::Destroyed), VmState::Expunging).await?;
     }
-    ctx.prev = Some(VmState::Destroyed);
     Ok(())
 }
 
