@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_core::error::Error;
 use stratus_sim_world::invariants::check;
+use stratus_sim_world::WireFaults;
 use stratus_sim_world::{FaultRates, HostProfile, StoreFaultRates, Trace, World, WorldSpec};
 use stratus_store::Query;
 use tokio::time::Instant;
@@ -581,6 +582,11 @@ async fn body(w: World, sc: Scenario, quiet: bool, started: f64) -> RunOutput {
         timeout: f.store_timeout,
         slow: Duration::from_millis(f.store_slow_ms),
     });
+    stratus_sim_world::set_wire_faults(WireFaults {
+        duplicate: f.wire_duplicate,
+        reorder: f.wire_reorder,
+        max_delay: Duration::from_millis(f.wire_delay_ms),
+    });
     let s = Arc::new(Shared {
         w,
         rec: Mutex::new(Recorder::default()),
@@ -633,6 +639,8 @@ async fn body(w: World, sc: Scenario, quiet: bool, started: f64) -> RunOutput {
     let _ = faults_task.await;
     s.w.faults.set_rates(FaultRates::default());
     s.w.store_faults.set_rates(StoreFaultRates::default());
+    let wire = stratus_sim_world::wire_faults_fired();
+    stratus_sim_world::set_wire_faults(WireFaults::default());
     let mut checks = Vec::new();
     let settle_max = Duration::from_secs_f64(sc.checks.settle_s);
     let settled = settle_all(&s.w, settle_max).await;
@@ -734,6 +742,11 @@ async fn body(w: World, sc: Scenario, quiet: bool, started: f64) -> RunOutput {
     }
     for (k, n) in s.w.store_faults.fired() {
         faults.insert(k.to_string(), n);
+    }
+    for (k, n) in [("wire_duplicated", wire.0), ("wire_held", wire.1)] {
+        if n > 0 {
+            faults.insert(k.to_string(), n);
+        }
     }
     s.trace.record(
         sim_time.as_nanos(),

@@ -191,11 +191,20 @@ pub struct FaultProfile {
     pub store_timeout: f64,
     #[serde(default)]
     pub store_slow_ms: u64,
+    /// Per request between the management node and agents (either way): delivered a second
+    /// time, up to `wire_delay_ms` later; held back up to `wire_delay_ms`, so that later
+    /// requests overtake it.
+    #[serde(default)]
+    pub wire_duplicate: f64,
+    #[serde(default)]
+    pub wire_reorder: f64,
+    #[serde(default)]
+    pub wire_delay_ms: u64,
 }
 
 impl FaultProfile {
     /// Each fault kind by name, with the rate that switches it on (0 is off).
-    pub fn kinds_mut(&mut self) -> [(&'static str, &mut f64); 15] {
+    pub fn kinds_mut(&mut self) -> [(&'static str, &mut f64); 17] {
         [
             ("agent_fail", &mut self.agent_fail),
             ("agent_fail_after", &mut self.agent_fail_after),
@@ -212,6 +221,8 @@ impl FaultProfile {
             ("store_fail", &mut self.store_fail),
             ("store_fail_after", &mut self.store_fail_after),
             ("store_timeout", &mut self.store_timeout),
+            ("wire_duplicate", &mut self.wire_duplicate),
+            ("wire_reorder", &mut self.wire_reorder),
         ]
     }
 }
@@ -382,6 +393,11 @@ impl Scenario {
             ("agent_slow", f.agent_slow),
             ("drop_callback", f.drop_callback),
             ("duplicate_callback", f.duplicate_callback),
+            ("store_fail", f.store_fail),
+            ("store_fail_after", f.store_fail_after),
+            ("store_timeout", f.store_timeout),
+            ("wire_duplicate", f.wire_duplicate),
+            ("wire_reorder", f.wire_reorder),
         ] {
             if !(0.0..=1.0).contains(&v) {
                 return bad(&format!("faults.{k}"), "a probability between 0 and 1");

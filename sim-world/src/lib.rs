@@ -10,6 +10,8 @@
 //!   callbacks);
 //! - [`invariants`]: what must hold after every operation and at quiescence;
 //! - [`store_faults`]: a store whose commits fail at a chosen rate, before or after applying;
+//! - [`WireFaults`]: requests between the management node and agents delivered twice or held
+//!   back (the simulated wire's own faults);
 //! - [`trace`]: the trace hash every run reports (same seed ⇒ same hash).
 //!
 //! The harness ([`world`], [`invariants`]) drives madsim's runtime, so it exists only in the
@@ -28,6 +30,10 @@ pub mod world;
 pub use faults::{FaultRates, SimFaults};
 pub use hypervisor::{HostProfile, LatencyProfile, SimHostState, SimHypervisor};
 pub use store_faults::{FaultyStore, StoreFaultRates};
+/// Faults of the wire between the management node and agents (duplicated and held-back
+/// requests), kept by the simulation's HTTP layer.
+#[cfg(madsim)]
+pub use stratus_rt::http::{set_wire_faults, wire_faults_fired, WireFaults};
 pub use trace::Trace;
 #[cfg(madsim)]
 pub use world::{Datacenter, SimHost, World, WorldSpec};

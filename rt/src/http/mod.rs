@@ -23,7 +23,7 @@ mod sim;
 #[cfg(madsim)]
 use sim as wire;
 #[cfg(madsim)]
-pub use sim::{clog_node, unclog_node};
+pub use sim::{clog_node, set_wire_faults, unclog_node, wire_faults_fired, WireFaults};
 #[cfg(not(madsim))]
 mod tcp;
 #[cfg(not(madsim))]

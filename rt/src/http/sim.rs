@@ -10,6 +10,9 @@
 
 mod link;
 pub use link::{clog_node, unclog_node};
+pub use wire_faults::{set_wire_faults, wire_faults_fired, WireFaults};
+
+mod wire_faults;
 
 use super::TripError;
 use axum::Router;
@@ -103,6 +106,20 @@ async fn serve_connection<X: Clone + Send + Sync + 'static>(
     // The rest goes over the links.
     drop((tx, rx));
     while let Some(req) = incoming.recv().await {
+        let fate = wire_faults::fate(req.uri().path());
+        if let Some(after) = fate.copy_after {
+            // The wire delivers the request again later; nobody reads the copy's answer.
+            let copy = wire_faults::copy(&req);
+            let (app, ext) = (app.clone(), ext.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = super::route(app, ext, copy.map(axum::body::Body::from)).await;
+            });
+        }
+        if !fate.hold.is_zero() {
+            // Held on the wire: requests on other connections overtake it.
+            tokio::time::sleep(fate.hold).await;
+        }
         let req = req.map(axum::body::Body::from);
         // The route's future is boxed: a connection spends most of its life waiting for its
         // next request, and inline the future made every waiting connection's task bigger,

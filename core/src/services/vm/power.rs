@@ -200,7 +200,11 @@ async fn stopping(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
 /// Put the state back as it was before the operation.
 pub(super) async fn restore_prev(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
     let now = c.get::<Vm>(ctx.vm).await?.state;
-    if let (true, Some(prev)) = (now.is_transitional(), ctx.prev) {
+    if now.is_transitional() {
+        // A step resumed by recovery found the state already set and cannot know the one
+        // before: Unknown, which the host's next report settles (it stayed Stopping for good:
+        // all-faults with wire faults, a stop resumed by recovery failing on the host).
+        let prev = ctx.prev.unwrap_or(VmState::Unknown);
         set_state(&c, ctx.vm, Some(now), prev).await?;
     }
     Ok(())
