@@ -178,7 +178,8 @@ pub struct FaultProfile {
     #[serde(default = "default_down")]
     pub disk_full_s: f64,
     /// Hosts' clocks differ from the management node's by up to this much (ms), each host by
-    /// its own amount. The tolerance the deadlines assume is 10 s (ARCHITECTURE.md).
+    /// its own amount. The deadlines tolerate the shorter of the hand-over (10 s) and the ping
+    /// timeout (5 s in the simulation's config): ARCHITECTURE.md.
     #[serde(default)]
     pub clock_skew_ms: f64,
     /// Per commit of the management node's store: fail without applying; apply, then report

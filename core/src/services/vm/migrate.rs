@@ -6,7 +6,7 @@ use super::chain::{
     changed_meanwhile, l2s_of, l3s_of, probe, release_reservations, step, step_fn, Step,
 };
 use super::{after, agent, info, set_state};
-use crate::error::Error;
+use crate::error::{Error, ErrorCode};
 use crate::extension::{AllocationSpec, VmOp};
 use crate::flow::FlowChain;
 use crate::model::*;
@@ -162,13 +162,20 @@ async fn migrate_back(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> 
 
 async fn switch_host(c: Arc<Cloud>, ctx: &mut MigrateCtx) -> Result<(), Error> {
     let dest = ctx.dest.expect("destination allocated");
+    // The disks the destination holds, not those the database says moved (`Moving`).
+    let Some(held) = super::sync::volumes_held(&c, dest).await? else {
+        return Err(Error::new(
+            ErrorCode::HostUnreachable,
+            format!("host {dest} does not answer as itself"),
+        ));
+    };
     super::sync::relocate(
         &c,
         ctx.vm,
         ctx.src,
         dest,
         VmState::Migrating,
-        super::sync::Moving::All,
+        super::sync::Moving::Migrated(held),
     )
     .await?;
     after(&c, VmOp::Migrate, ctx.vm).await?;

@@ -22,7 +22,7 @@
 use super::chain::{probe, release_reservations};
 use super::{agent, set_state, vm_queue, ORPHAN_POLICY};
 use crate::bus::Message;
-use crate::error::Error;
+use crate::error::{Error, ErrorCode};
 use crate::extension::AllocationSpec;
 use crate::model::*;
 use crate::services::allocator::AllocateHost;
@@ -679,15 +679,17 @@ async fn delete_copy(c: &Cloud, host: Uuid, volume: Uuid) -> Result<(), Error> {
     agent(c, &target, &DeleteVolumeCmd { volume }).await
 }
 
-/// Which of a relocated VM's volumes on `from` go with it.
+/// Why a VM is relocated, with the volumes its new host holds: those go with it. A data volume
+/// on `from` that the new host lacks stays on its host and is detached in the database, as the
+/// running copy has no such disk: a VM found running elsewhere may be a copy from before that
+/// volume was attached (found by a model case); a migration carries the disks the host's VM
+/// had, which lack one whose detach the host did and the database could not record (swarm
+/// seed 5038: moving it anyway placed it on a host that never had it).
 pub(crate) enum Moving {
-    /// All of them: a migration that just moved them.
-    All,
-    /// Those the new host holds: a VM found running elsewhere than the database says. Its copy
-    /// there may predate a data volume attached on `from` since: that volume stays on its host
-    /// and is detached in the database, as the running copy has no such disk (found by a model
-    /// case: moving it anyway placed it on a host that never had it).
-    Held(Vec<Uuid>),
+    /// A migration that just finished; the new host must hold the root volume.
+    Migrated(Vec<Uuid>),
+    /// A VM found running on another host than the database says.
+    Found(Vec<Uuid>),
 }
 
 /// Record that `vm` now runs on `to` (not `from`): the VM row, its volumes (those `moving`
@@ -713,22 +715,27 @@ pub(crate) async fn relocate(
             .set("last_host_uuid", to)
             .set("state", VmState::Running.as_str()),
     );
-    if let Moving::Held(held) = &moving {
-        let lacking = vols
-            .iter()
-            .filter(|v| v.host_uuid == Some(from) && !held.contains(&v.uuid));
-        for v in lacking {
-            if v.kind != VolumeType::Data {
-                // Its root disk is not there: not this VM's copy to follow (cannot happen while
-                // the host runs it); leave it all for the next report.
-                tracing::warn!(%vm, volume = %v.uuid, %from, %to, "VM found running on a host without its root volume; not relocated");
-                return Ok(());
-            }
-            tracing::warn!(%vm, volume = %v.uuid, %from, %to, "relocated VM's new host lacks this data volume: detached, it stays on its host");
-            b = b.update(super::volume::detachment(v.uuid));
+    let (Moving::Migrated(held) | Moving::Found(held)) = &moving;
+    let lacking = vols
+        .iter()
+        .filter(|v| v.host_uuid == Some(from) && !held.contains(&v.uuid));
+    for v in lacking {
+        if v.kind != VolumeType::Data {
+            // Its root disk is not there: not this VM's copy to follow (cannot happen while the
+            // host runs it); a found VM is left for the next report, a migration fails.
+            tracing::warn!(%vm, volume = %v.uuid, %from, %to, "VM on a host without its root volume; not relocated");
+            return match moving {
+                Moving::Found(_) => Ok(()),
+                Moving::Migrated(_) => Err(Error::new(
+                    ErrorCode::AgentError,
+                    format!("host {to} does not hold VM {vm}'s root volume {}", v.uuid),
+                )),
+            };
         }
-        vols.retain(|v| held.contains(&v.uuid));
+        tracing::warn!(%vm, volume = %v.uuid, %from, %to, "relocated VM's new host lacks this data volume: detached, it stays on its host");
+        b = b.update(super::volume::detachment(v.uuid));
     }
+    vols.retain(|v| held.contains(&v.uuid));
     let to_res = c.db().get::<Reservation>(reservation_uuid(vm, to)).await?;
     let mut moved = 0i64;
     let mut ps_used = None;
@@ -740,6 +747,8 @@ pub(crate) async fn relocate(
             ps_used = Some(ps);
         }
     }
+    // Disk the reservation on `to` counted for volumes that stayed behind (`Moving`).
+    let mut unused_on_to = None;
     let counted_on_to = match &to_res {
         Some(r) if r.disk_mib > 0 => {
             b = b.update(
@@ -747,6 +756,10 @@ pub(crate) async fn relocate(
                     .set("disk_mib", 0i64)
                     .set("ps_uuid", Value::Null),
             );
+            if let (Some(ps), true) = (r.ps_uuid, r.disk_mib > moved) {
+                b = b.update(local_storage_give_back(ps, to, r.disk_mib - moved));
+                unused_on_to = Some((ps, r.disk_mib - moved));
+            }
             false
         }
         _ => {
@@ -769,6 +782,9 @@ pub(crate) async fn relocate(
         if counted_on_to {
             c.allocator.disk_changed(to, ps, moved);
         }
+    }
+    if let Some((ps, unused)) = unused_on_to {
+        c.allocator.disk_changed(to, ps, -unused);
     }
     c.allocator.release(c, vm, from).await?;
     if to_res.is_none() && !take_capacity(c, vm, &row, to).await {
@@ -853,7 +869,7 @@ async fn relocate_found(c: &Cloud, vm: &Row<Vm>, from: Uuid, host: Uuid) -> Resu
     let Some(held) = volumes_held(c, host).await? else {
         return Ok("host does not know itself yet".into());
     };
-    relocate(c, vm.uuid, from, host, vm.state, Moving::Held(held)).await?;
+    relocate(c, vm.uuid, from, host, vm.state, Moving::Found(held)).await?;
     Ok("relocated".into())
 }
 
