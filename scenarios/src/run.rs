@@ -586,6 +586,8 @@ async fn body(w: World, sc: Scenario, quiet: bool, started: f64) -> RunOutput {
         duplicate: f.wire_duplicate,
         reorder: f.wire_reorder,
         max_delay: Duration::from_millis(f.wire_delay_ms),
+        // The API's clients are the workload; the wire faults are the agent protocol's.
+        spare: Some("/v1/"),
     });
     let s = Arc::new(Shared {
         w,

@@ -1,7 +1,7 @@
-//! Faults of the simulated wire between management nodes and agents: a request delivered a
-//! second time, later (a retransmission, a proxy's retry), or held back so that requests sent
-//! after it on other connections arrive first. The API (`/v1/...`) is left alone: its clients
-//! are people and tools, and their retries are theirs.
+//! Faults of the simulated wire: a request delivered a second time, later (a retransmission, a
+//! proxy's retry), or held back so that requests sent after it on other connections arrive
+//! first. Requests under a path prefix the caller names are left alone (Stratus spares its
+//! API: its clients are people and tools, and their retries are theirs).
 //!
 //! One setting per process, as the simulation runs one datacenter at a time; the draws come
 //! from madsim's seeded generator, and none is made while every rate is 0, so a run without
@@ -14,18 +14,20 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Per request: the chance it is delivered again, and the chance it is held back, each by up to
-/// `max_delay`.
+/// `max_delay`; requests whose path starts with `spare` are left alone.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct WireFaults {
     pub duplicate: f64,
     pub reorder: f64,
     pub max_delay: Duration,
+    pub spare: Option<&'static str>,
 }
 
 static FAULTS: Mutex<WireFaults> = Mutex::new(WireFaults {
     duplicate: 0.0,
     reorder: 0.0,
     max_delay: Duration::ZERO,
+    spare: None,
 });
 static DUPLICATED: AtomicU64 = AtomicU64::new(0);
 static HELD: AtomicU64 = AtomicU64::new(0);
@@ -63,7 +65,7 @@ pub(super) fn fate(path: &str) -> Fate {
         copy_after: None,
         hold: Duration::ZERO,
     };
-    if (f.duplicate <= 0.0 && f.reorder <= 0.0) || path.starts_with("/v1/") {
+    if (f.duplicate <= 0.0 && f.reorder <= 0.0) || f.spare.is_some_and(|p| path.starts_with(p)) {
         return fate;
     }
     let delay = || f.max_delay.mul_f64(madsim::rand::random::<f64>());
