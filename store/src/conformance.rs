@@ -90,23 +90,7 @@ impl Case {
     }
 
     fn widget(&self, name: &str, size: i64) -> Row<CsWidget> {
-        Row::new(
-            self.ids.uuid(),
-            CsWidget {
-                run: self.run.clone(),
-                name: self.name(name),
-                size,
-                weight: size as f64 / 4.0,
-                active: size % 2 == 0,
-                label: None,
-                tag: None,
-                seen: None,
-                doc: None,
-                list: Json(Vec::new()),
-                rack_uuid: None,
-                counter: 0,
-            },
-        )
+        widget(self.ids.uuid(), &self.run, &self.name(name), size)
     }
 
     fn q(&self) -> Query {
@@ -828,6 +812,27 @@ pub async fn concurrent_decrements_never_overdraw(store: &Arc<dyn Store>, ids: &
 }
 
 /// Run every case against `store` (which must include [`schema`]).
+/// A widget of run `run`: its other fields follow from `size`, lists and options empty.
+pub fn widget(uuid: Uuid, run: &str, name: &str, size: i64) -> Row<CsWidget> {
+    Row::new(
+        uuid,
+        CsWidget {
+            run: run.to_string(),
+            name: name.to_string(),
+            size,
+            weight: size as f64 / 4.0,
+            active: size % 2 == 0,
+            label: None,
+            tag: None,
+            seen: None,
+            doc: None,
+            list: Json(Vec::new()),
+            rack_uuid: None,
+            counter: 0,
+        },
+    )
+}
+
 pub async fn run_all(store: Arc<dyn Store>) {
     let seed = madsim::rand::random::<u64>();
     let ids = Ids(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed))));

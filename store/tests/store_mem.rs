@@ -3,9 +3,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use stratus_store::conformance::{self, CsWidget};
-use stratus_store::{
-    Batch, Db, Json, MemStore, Query, Record, Row, Schema, Store, StoreError, Update,
-};
+use stratus_store::{Batch, Db, MemStore, Query, Record, Schema, Store, StoreError, Update};
 use uuid::Uuid;
 
 #[tokio::test]
@@ -65,23 +63,7 @@ async fn a_commit_whose_answer_is_lost_is_retried_and_applies_once() {
     });
     let db = Db::new(store.clone());
     let uuid = Uuid::from_u128(7);
-    let row = Row::new(
-        uuid,
-        CsWidget {
-            run: "retry".into(),
-            name: "w".into(),
-            size: 1,
-            weight: 0.25,
-            active: false,
-            label: None,
-            tag: None,
-            seen: None,
-            doc: None,
-            list: Json(Vec::new()),
-            rack_uuid: None,
-            counter: 0,
-        },
-    );
+    let row = conformance::widget(uuid, "retry", "w", 1);
     // Refused once, then applied with its answer lost twice: the fourth attempt is answered
     // from the key, and the insert does not collide with itself.
     let v = db
