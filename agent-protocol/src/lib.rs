@@ -11,6 +11,9 @@
 //!
 //! Errors are JSON [`AgentError`]s with a stable code.
 
+mod address;
+
+pub use address::{AgentAddress, BadAgentAddress};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -359,7 +362,7 @@ impl Command for DestroyVmCmd {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrateVmCmd {
     pub vm: Uuid,
-    /// `IP:PORT` of the destination agent.
+    /// The destination agent's [`AgentAddress`].
     pub dest_address: String,
     pub dest_token: String,
 }

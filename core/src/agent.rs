@@ -17,13 +17,12 @@ use crate::flow::{current_chain, RunningChain};
 use crate::ids::Ids;
 use serde::Serialize;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_agent_protocol::{
-    AgentError, AgentErrorCode, Command, CommandKind, FenceCmd, FenceToken, TaskResult,
-    AGENT_IDLE_TIMEOUT, H_CALLBACK, H_DEADLINE, H_FENCE, H_TASK, H_TOKEN, H_WAIT_UNTIL,
+    AgentAddress, AgentError, AgentErrorCode, Command, CommandKind, FenceCmd, FenceToken,
+    TaskResult, AGENT_IDLE_TIMEOUT, H_CALLBACK, H_DEADLINE, H_FENCE, H_TASK, H_TOKEN, H_WAIT_UNTIL,
 };
 use stratus_rt::http::{HttpClient, HttpError};
 use tokio::sync::oneshot;
@@ -89,15 +88,13 @@ pub const FENCE_WAIT: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostTarget {
     pub uuid: Uuid,
-    pub address: SocketAddr,
+    pub address: AgentAddress,
     pub token: String,
 }
 
 impl HostTarget {
     pub fn new(uuid: Uuid, address: &str, token: &str) -> Result<Self, Error> {
-        let address = address
-            .parse()
-            .map_err(|_| Error::invalid(format!("host address {address:?} is not IP:PORT")))?;
+        let address = AgentAddress::parse(address).map_err(|e| Error::invalid(e.to_string()))?;
         Ok(HostTarget {
             uuid,
             address,
@@ -282,7 +279,13 @@ impl AgentClient {
         headers.extend(fence.map(|f| (H_FENCE, f)));
         let r = self
             .http
-            .post(host.address, C::PATH, &headers, body, timeout)
+            .post(
+                host.address.addr,
+                &host.address.path(C::PATH),
+                &headers,
+                body,
+                timeout,
+            )
             .await
             .map_err(map_http)?;
         decode_reply::<C>(r.status, &r.body)
@@ -346,7 +349,13 @@ impl AgentClient {
         headers.extend(fence.as_deref().map(|f| (H_FENCE, f)));
         let r = self
             .http
-            .post(host.address, C::PATH, &headers, body, submit)
+            .post(
+                host.address.addr,
+                &host.address.path(C::PATH),
+                &headers,
+                body,
+                submit,
+            )
             .await
             .map_err(map_http)?;
         if r.status != 202 {

@@ -16,6 +16,8 @@ use uuid::Uuid;
 pub struct StratusClient {
     http: HttpClient,
     addr: SocketAddr,
+    /// `Bearer <token>`, sent with every request when set.
+    authorization: Option<std::sync::Arc<str>>,
     /// How long mutations wait for their job (`?wait=`).
     pub wait: Duration,
 }
@@ -41,8 +43,27 @@ impl StratusClient {
             // idle ones close after `IDLE_TIMEOUT` anyway.
             http: HttpClient::new(1024),
             addr,
+            authorization: None,
             wait: Duration::from_secs(3600),
         }
+    }
+
+    /// A client for the node at `url` (`http://IP:PORT`).
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        let (addr, path) = stratus_rt::http::parse_url(url.trim_end_matches('/'))
+            .map_err(|_| Error::invalid(format!("{url:?} is not http://IP:PORT")))?;
+        if path != "/" {
+            return Err(Error::invalid(format!(
+                "{url:?}: give the node's address without a path"
+            )));
+        }
+        Ok(Self::new(addr))
+    }
+
+    /// Send `token` as the bearer of every request.
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.authorization = Some(format!("Bearer {token}").into());
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -58,15 +79,33 @@ impl StratusClient {
         timeout: Duration,
     ) -> Result<(u16, Bytes), Error> {
         let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let auth = self.authorization.as_deref().map(|a| ("authorization", a));
+        let headers: &[(&'static str, &str)] = match &auth {
+            Some(h) => std::slice::from_ref(h),
+            None => &[],
+        };
         let r = self
             .http
-            .request(method, self.addr, path, &[], bytes, timeout)
+            .request(method, self.addr, path, headers, bytes, timeout)
             .await
             .map_err(|e| match e {
                 HttpError::Timeout(..) => Error::timeout(e.to_string()),
                 other => Error::new(ErrorCode::NodeUnavailable, other.to_string()),
             })?;
         Ok((r.status, r.body))
+    }
+
+    /// One request as it is: the answer's status and body (`null` when not JSON). For callers
+    /// that read answers themselves (the CLI tells a refusal from a failed job).
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<(u16, Value), Error> {
+        let (s, answer) = self.call(method, path, body, timeout).await?;
+        Ok((s, tree(&answer)))
     }
 
     /// A plain API answer: the body of a 2xx, or its `{code, message}` as an error.

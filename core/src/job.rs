@@ -7,6 +7,7 @@ use crate::hashring::NodeId;
 use crate::ids::Ids;
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_store::ErrorClass;
@@ -109,6 +110,24 @@ pub struct Jobs {
     node: NodeId,
     boot: Uuid,
     waiters: Waiters,
+    /// Jobs of this node whose body has not ended yet (a node that stops waits for them).
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a job's body as in flight until it is dropped, however the task ends.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        InFlight(n.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Handed to a job's body to report progress.
@@ -135,7 +154,13 @@ impl Jobs {
             node,
             boot,
             waiters: Arc::default(),
+            in_flight: Arc::default(),
         }
+    }
+
+    /// Jobs submitted on this node whose body is still running.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Record a new running job.
@@ -287,6 +312,7 @@ impl Jobs {
         Fut: Future<Output = Result<JsonText, Error>> + Send + 'static,
     {
         let id = self.create(operation, resource).await?;
+        let in_flight = InFlight::new(&self.in_flight);
         let jobs = self.clone();
         let handle = JobHandle {
             jobs: self.clone(),
@@ -297,6 +323,7 @@ impl Jobs {
             if let Err(e) = jobs.finish(id, outcome).await {
                 tracing::error!(job = %id, error = %e, "cannot record job outcome");
             }
+            drop(in_flight);
         });
         Ok(id)
     }

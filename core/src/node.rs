@@ -9,7 +9,9 @@ use crate::services::host::TrackOwnedHosts;
 use crate::services::vm::SyncRepairs;
 use crate::services::{self, Cloud};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 use stratus_store::Store;
 use uuid::Uuid;
 
@@ -93,5 +95,20 @@ impl ManagementNode {
             addr,
             recovery,
         })
+    }
+
+    /// Stop taking new work and wait up to `grace` for this node's running jobs to end. Returns
+    /// how many still run: their chains stay in the journal, and the next start of a node on
+    /// the same store finishes or rolls them back (the journal contract).
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.cloud.draining.store(true, Ordering::SeqCst);
+        let until = tokio::time::Instant::now() + grace;
+        loop {
+            let left = self.cloud.engine.jobs.in_flight();
+            if left == 0 || tokio::time::Instant::now() >= until {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }

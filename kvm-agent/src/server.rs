@@ -257,6 +257,20 @@ impl<H: Hypervisor> Agent<H> {
     pub async fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
         let bound =
             stratus_rt::http::spawn_server_with(addr, Self::router(), self.inner.clone()).await?;
+        self.forward_reports();
+        Ok(bound)
+    }
+
+    /// This agent's routes alone, for a server that serves several agents, each under a path
+    /// prefix (`Router::nest`; the simulated agent process). Whoever serves them also calls
+    /// [`Agent::forward_reports`].
+    pub fn routes(&self) -> Router {
+        Self::router().layer(Extension(self.inner.clone()))
+    }
+
+    /// Forward the hypervisor's events to the management node as reports, from a task that
+    /// lives as long as the agent. The first call takes the events; later calls do nothing.
+    pub fn forward_reports(&self) {
         if let Some(mut events) = self.inner.hv.take_events() {
             let inner = self.inner.clone();
             tokio::spawn(async move {
@@ -266,7 +280,6 @@ impl<H: Hypervisor> Agent<H> {
                 }
             });
         }
-        Ok(bound)
     }
 
     /// The HTTP routes of the protocol, built once per hypervisor type and shared by every agent
@@ -663,12 +676,8 @@ impl<H: Hypervisor> Inner<H> {
         wait_until: Option<i64>,
     ) -> Result<(), AgentError> {
         let spec = inner.hv.vm_spec(c.vm).await?;
-        let dest: SocketAddr = c.dest_address.parse().map_err(|_| {
-            AgentError::new(
-                AgentErrorCode::InvalidArgument,
-                format!("bad destination {:?}", c.dest_address),
-            )
-        })?;
+        let dest = AgentAddress::parse(&c.dest_address)
+            .map_err(|e| AgentError::new(AgentErrorCode::InvalidArgument, e.to_string()))?;
         let body = serde_json::to_vec(&ReceiveVmCmd { spec })
             .map_err(|e| AgentError::failed(e.to_string()))?;
         let now = inner.now_ms();
@@ -685,7 +694,13 @@ impl<H: Hypervisor> Inner<H> {
         ];
         let r = match inner
             .client
-            .post(dest, ReceiveVmCmd::PATH, &headers, body, timeout)
+            .post(
+                dest.addr,
+                &dest.path(ReceiveVmCmd::PATH),
+                &headers,
+                body,
+                timeout,
+            )
             .await
         {
             Ok(r) => r,

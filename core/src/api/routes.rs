@@ -296,7 +296,11 @@ async fn list(State(c): Api, Path(res): Path<String>, RawQuery(raw): RawQuery) -
     json(200, &body)
 }
 
-async fn get_one(State(c): Api, Path((res, id)): Path<(String, String)>) -> Response {
+async fn get_one(
+    State(c): Api,
+    Path((res, id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Response {
     let Some(kind) = kind_of_path(&res) else {
         return not_found_path(&format!("/v1/{res}"));
     };
@@ -304,7 +308,17 @@ async fn get_one(State(c): Api, Path((res, id)): Path<(String, String)>) -> Resp
         return error(&Error::invalid(format!("{id:?} is not a uuid")));
     };
     if kind == "job" {
-        return match c.engine.jobs.get(uuid).await {
+        // `?wait=S`: answer when the job has ended, or as it is after S seconds.
+        let jobs = &c.engine.jobs;
+        let job = match wait_of(&query_pairs(&raw)) {
+            Err(e) => Err(e),
+            Ok(None) => jobs.get(uuid).await,
+            Ok(Some(wait)) => match jobs.wait(uuid, wait).await {
+                Err(e) if e.code == ErrorCode::Timeout => jobs.get(uuid).await,
+                other => other,
+            },
+        };
+        return match job {
             Ok(j) => json(200, &job_view(j)),
             Err(e) => error(&e),
         };
@@ -833,6 +847,22 @@ async fn metrics(State(c): Api) -> Response {
         .into_response()
 }
 
+/// A stopping node refuses new changes; reads, and agents' callbacks and reports, go on.
+async fn gate(
+    State(c): Api,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let stopping = c.draining.load(std::sync::atomic::Ordering::SeqCst);
+    if stopping && req.uri().path().starts_with("/v1/") && req.method() != axum::http::Method::GET {
+        return error(&Error::new(
+            ErrorCode::NodeUnavailable,
+            "the management node is stopping; send the request to another node or retry later",
+        ));
+    }
+    next.run(req).await
+}
+
 async fn fallback(uri: axum::http::Uri) -> Response {
     not_found_path(uri.path())
 }
@@ -850,6 +880,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/agent/callback/{task}", post(callback))
         .route("/agent/report", post(report))
         .fallback(fallback)
+        .layer(axum::middleware::from_fn_with_state(cloud.clone(), gate))
         .with_state(cloud)
 }
 

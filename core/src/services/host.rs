@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use stratus_agent_protocol::{CommandKind, ConnectCmd, HostFacts, PingCmd};
+use stratus_agent_protocol::{AgentAddress, CommandKind, ConnectCmd, HostFacts, PingCmd};
 use stratus_store::ErrorClass;
 use stratus_store::{Batch, Db, Expect, Millis, Query, Row, Update, Value};
 use tokio::task::JoinHandle;
@@ -163,16 +163,9 @@ fn info(h: &Row<Host>) -> HostInfo {
 }
 
 fn normalize_address(a: &str) -> Result<String, Error> {
-    let a = a.trim();
-    let with_port = if a.contains(':') {
-        a.to_string()
-    } else {
-        format!("{a}:7070")
-    };
-    with_port
-        .parse::<std::net::SocketAddr>()
-        .map(|s| s.to_string())
-        .map_err(|_| Error::invalid(format!("host address {a:?} is not IP or IP:PORT")))
+    AgentAddress::parse(a)
+        .map(|a| a.to_string())
+        .map_err(|e| Error::invalid(e.to_string()))
 }
 
 async fn publish_status(c: &Cloud, h: &Row<Host>, old: HostStatus, new: HostStatus) {

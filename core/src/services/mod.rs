@@ -34,6 +34,9 @@ pub struct Cloud {
     pub tracker: host::Tracker,
     /// The corrections state sync made, by kind.
     pub repairs: Arc<vm::SyncRepairs>,
+    /// Set when the node is stopping: the API takes no new work (`node_unavailable`), while the
+    /// running work and the agents' callbacks it waits for go on.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Cloud {
@@ -142,6 +145,7 @@ pub async fn start(
         tracker: host::Tracker::new(),
         agents,
         repairs: repairs.unwrap_or_default(),
+        draining: Default::default(),
         api_url,
         engine,
     });

@@ -1,0 +1,1067 @@
+//! Every command of the CLI and what it sends.
+
+use super::output::{self, Format};
+use super::session::{Failure, Login, Session, Wait};
+use super::Cli;
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use stratus_core::client::encode;
+use stratus_core::Error;
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a management node.
+    Serve(crate::serve::ServeArgs),
+    /// Log in to a node and save its URL and a token in ~/.config/stratus/config.toml (0600).
+    Login(LoginArgs),
+    /// Forget the saved login.
+    Logout,
+    /// One resource: `stratus get vm web1`.
+    Get { kind: String, id: String },
+    /// Resources of a kind: `stratus list vm -q state=Running`.
+    List(ListArgs),
+    /// Delete a resource (with everything that depends on it).
+    Delete {
+        kind: String,
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+    #[command(subcommand)]
+    Zone(ZoneCmd),
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    #[command(subcommand)]
+    Host(HostCmd),
+    #[command(subcommand, name = "backup-storage")]
+    BackupStorage(BackupStorageCmd),
+    #[command(subcommand, name = "primary-storage")]
+    PrimaryStorage(PrimaryStorageCmd),
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Instance offerings (CPU and memory of a VM).
+    #[command(subcommand)]
+    Offering(OfferingCmd),
+    #[command(subcommand, name = "disk-offering")]
+    DiskOffering(DiskOfferingCmd),
+    #[command(subcommand)]
+    L2(L2Cmd),
+    #[command(subcommand)]
+    L3(L3Cmd),
+    #[command(subcommand, name = "ip-range")]
+    IpRange(IpRangeCmd),
+    #[command(subcommand)]
+    Vm(VmCmd),
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Global configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The node's URL, `http://IP:PORT`.
+    pub url: String,
+    #[arg(long, default_value = "admin")]
+    pub user: String,
+    /// A file holding the password (else it is read from standard input).
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    pub kind: String,
+    /// A condition, `field=value` (operators = != > >= < <= ?= !?= ~= !~=); repeatable.
+    #[arg(short = 'q', long = "query")]
+    pub conds: Vec<String>,
+    /// Sort by a field (`-field`: descending).
+    #[arg(long)]
+    pub sort: Option<String>,
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u64,
+    #[arg(long, default_value_t = 0)]
+    pub offset: u64,
+    /// Also count all matches.
+    #[arg(long)]
+    pub count: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ZoneCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    Enable {
+        zone: String,
+    },
+    Disable {
+        zone: String,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        zone: String,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCmd {
+    /// Add a host: its agent's URL and token.
+    Add {
+        /// The host's name [default: its URL].
+        name: Option<String>,
+        #[arg(long)]
+        cluster: String,
+        /// `http://IP:PORT[/PATH]` of the host's agent.
+        #[arg(long)]
+        url: String,
+        /// A file holding the agent's token.
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        #[arg(long, env = "STRATUS_AGENT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    Reconnect {
+        host: String,
+    },
+    Enable {
+        host: String,
+    },
+    Disable {
+        host: String,
+    },
+    /// Move its VMs away and take it out of service.
+    Maintenance {
+        host: String,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupStorageCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 0)]
+        total_mib: i64,
+        /// Attach it to these zones.
+        #[arg(long)]
+        zone: Vec<String>,
+    },
+    Attach {
+        bs: String,
+        #[arg(long)]
+        zone: String,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PrimaryStorageCmd {
+    /// Local storage of each host of the clusters it is attached to.
+    Create {
+        name: String,
+        #[arg(long)]
+        zone: String,
+        /// The path on each host.
+        #[arg(long)]
+        url: Option<String>,
+        /// Attach it to these clusters.
+        #[arg(long)]
+        cluster: Vec<String>,
+    },
+    Attach {
+        ps: String,
+        #[arg(long)]
+        cluster: String,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    Add {
+        name: String,
+        #[arg(long)]
+        url: String,
+        /// The backup storage that keeps it [default: the only one].
+        #[arg(long)]
+        bs: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        size_mib: i64,
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+        #[arg(long)]
+        checksum: Option<String>,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OfferingCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        cpu: i64,
+        #[arg(long)]
+        memory_mib: i64,
+    },
+    Enable {
+        offering: String,
+    },
+    Disable {
+        offering: String,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskOfferingCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        size_mib: i64,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum L2Cmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        zone: String,
+        /// NoVlan, Vlan or Vxlan.
+        #[arg(long, default_value = "NoVlan")]
+        kind: String,
+        #[arg(long, default_value = "eth0")]
+        interface: String,
+        #[arg(long)]
+        vlan: Option<i64>,
+        #[arg(long)]
+        vni: Option<i64>,
+        /// Attach it to these clusters.
+        #[arg(long)]
+        cluster: Vec<String>,
+    },
+    Attach {
+        l2: String,
+        #[arg(long)]
+        cluster: String,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum L3Cmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        l2: String,
+        #[arg(long)]
+        dns: Vec<String>,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IpRangeCmd {
+    Add {
+        #[arg(long)]
+        l3: String,
+        #[arg(long)]
+        start: String,
+        #[arg(long)]
+        end: String,
+        #[arg(long)]
+        gateway: String,
+        /// Prefix length (24).
+        #[arg(long, conflicts_with = "netmask")]
+        prefix: Option<u32>,
+        #[arg(long)]
+        netmask: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        offering: String,
+        #[arg(long)]
+        image: String,
+        /// L3 networks, the first the default; repeatable.
+        #[arg(long = "l3", required = true)]
+        l3: Vec<String>,
+        /// Disk offerings of data volumes to create with it; repeatable.
+        #[arg(long = "data-disk")]
+        data_disks: Vec<String>,
+    },
+    Start {
+        vm: String,
+    },
+    Stop {
+        vm: String,
+        #[arg(long)]
+        force: bool,
+    },
+    Reboot {
+        vm: String,
+    },
+    /// Stop and release it (recoverable until expunged).
+    Destroy {
+        vm: String,
+        #[arg(long)]
+        force: bool,
+    },
+    Recover {
+        vm: String,
+    },
+    Expunge {
+        vm: String,
+        #[arg(long)]
+        force: bool,
+    },
+    Migrate {
+        vm: String,
+        /// The destination [default: chosen by the allocator].
+        #[arg(long)]
+        host: Option<String>,
+    },
+    Get {
+        vm: String,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    Create {
+        name: String,
+        #[arg(long, required_unless_present = "size_mib")]
+        disk_offering: Option<String>,
+        #[arg(long)]
+        size_mib: Option<i64>,
+        /// Attach it to this VM at once.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    Attach {
+        volume: String,
+        #[arg(long)]
+        vm: String,
+    },
+    Detach {
+        volume: String,
+    },
+    Delete {
+        volume: String,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCmd {
+    Get {
+        job: String,
+    },
+    /// Wait for a job to end; its result.
+    Wait {
+        job: String,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    List,
+    Get { name: String },
+    Set { name: String, value: String },
+}
+
+/// `-q COND` filters of a noun's `list`.
+#[derive(Debug, Args)]
+pub struct Filter {
+    #[arg(short = 'q', long = "query")]
+    pub conds: Vec<String>,
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u64,
+}
+
+/// How a command failed: at the node (coded) or here.
+pub enum Outcome {
+    Failed(Failure),
+    Local(anyhow::Error),
+}
+
+impl From<Failure> for Outcome {
+    fn from(f: Failure) -> Self {
+        Outcome::Failed(f)
+    }
+}
+impl From<Error> for Outcome {
+    fn from(e: Error) -> Self {
+        Outcome::Failed(e.into())
+    }
+}
+impl From<anyhow::Error> for Outcome {
+    fn from(e: anyhow::Error) -> Self {
+        Outcome::Local(e)
+    }
+}
+
+/// A kind's API path from what a person types: `vm`, `vms`, `ip-range`, `l3`, ...
+pub fn kind_path(kind: &str) -> Result<&'static str, Error> {
+    let k = kind.trim().to_ascii_lowercase().replace('_', "-");
+    let alias = match k.as_str() {
+        "l2" | "l2s" | "l2-network" => "l2-networks",
+        "l3" | "l3s" | "l3-network" => "l3-networks",
+        "offering" | "offerings" => "instance-offerings",
+        "nic" | "nics" => "vm-nics",
+        other => other,
+    };
+    stratus_core::api::RESOURCE_PATHS
+        .iter()
+        .map(|(p, _)| *p)
+        .find(|p| *p == alias || p.strip_suffix('s') == Some(alias))
+        .ok_or_else(|| Error::invalid(format!("no kind {kind:?}")))
+}
+
+fn login_path() -> anyhow::Result<PathBuf> {
+    Login::path()
+}
+
+fn session(cli: &Cli) -> Result<Session, Outcome> {
+    let saved = Login::load()?;
+    let url = cli
+        .server
+        .clone()
+        .or_else(|| saved.as_ref().map(|l| l.url.clone()))
+        .ok_or_else(|| {
+            anyhow::anyhow!("not logged in: run `stratus login URL` or give --server")
+        })?;
+    let token = cli
+        .token
+        .clone()
+        .or_else(|| saved.map(|l| l.token).filter(|t| !t.is_empty()));
+    let wait = if cli.async_ {
+        Wait::No
+    } else if cli.wait {
+        Wait::Progress
+    } else {
+        Wait::Quiet
+    };
+    Ok(Session::new(&url, token.as_deref(), wait)?)
+}
+
+fn print(format: Format, kind: &str, v: &Value) {
+    println!("{}", output::render(format, kind, v));
+}
+
+/// Run the command.
+pub async fn run(cli: Cli) -> Result<(), Outcome> {
+    match &cli.command {
+        Command::Serve(args) => return Ok(crate::serve::run(args.clone()).await?),
+        Command::Completions { shell } => {
+            let mut cmd = super::command_for_completions();
+            clap_complete::generate(*shell, &mut cmd, "stratus", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Logout => {
+            let p = login_path()?;
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(anyhow::Error::from)?;
+            }
+            return Ok(());
+        }
+        Command::Login(a) => return login(a).await,
+        _ => {}
+    }
+    let s = session(&cli)?;
+    let f = cli.output;
+    match cli.command {
+        Command::Serve(_) | Command::Completions { .. } | Command::Logout | Command::Login(_) => {
+            unreachable!("handled above")
+        }
+        Command::Get { kind, id } => {
+            let path = kind_path(&kind)?;
+            let uuid = s.resolve(path, &id).await?;
+            print(f, path, &s.get(&format!("/v1/{path}/{uuid}")).await?);
+        }
+        Command::List(a) => {
+            let path = kind_path(&a.kind)?;
+            let mut q = format!("/v1/{path}?limit={}&offset={}", a.limit, a.offset);
+            for c in &a.conds {
+                q.push_str(&format!("&q={}", encode(c)));
+            }
+            if let Some(sort) = &a.sort {
+                q.push_str(&format!("&sort={}", encode(sort)));
+            }
+            if a.count {
+                q.push_str("&count=true");
+            }
+            print(f, path, &s.get(&q).await?);
+        }
+        Command::Delete { kind, id, force } => {
+            let path = kind_path(&kind)?;
+            let uuid = s.resolve(path, &id).await?;
+            let v = s
+                .mutate("DELETE", &format!("/v1/{path}/{uuid}?force={force}"), None)
+                .await?;
+            print(f, path, &v);
+        }
+        Command::Zone(c) => zone(&s, f, c).await?,
+        Command::Cluster(c) => cluster(&s, f, c).await?,
+        Command::Host(c) => host(&s, f, c).await?,
+        Command::BackupStorage(c) => backup_storage(&s, f, c).await?,
+        Command::PrimaryStorage(c) => primary_storage(&s, f, c).await?,
+        Command::Image(c) => image(&s, f, c).await?,
+        Command::Offering(c) => offering(&s, f, c).await?,
+        Command::DiskOffering(c) => match c {
+            DiskOfferingCmd::Create { name, size_mib } => {
+                let body = json!({"name": name, "size_mib": size_mib});
+                create(&s, f, "disk-offerings", body).await?;
+            }
+            DiskOfferingCmd::List(q) => list(&s, f, "disk-offerings", q).await?,
+        },
+        Command::L2(c) => l2(&s, f, c).await?,
+        Command::L3(c) => match c {
+            L3Cmd::Create { name, l2, dns } => {
+                let l2 = s.resolve("l2-networks", &l2).await?;
+                let body = json!({"name": name, "l2_uuid": l2, "dns": dns});
+                create(&s, f, "l3-networks", body).await?;
+            }
+            L3Cmd::List(q) => list(&s, f, "l3-networks", q).await?,
+        },
+        Command::IpRange(c) => match c {
+            IpRangeCmd::Add {
+                l3,
+                start,
+                end,
+                gateway,
+                prefix,
+                netmask,
+                name,
+            } => {
+                let l3 = s.resolve("l3-networks", &l3).await?;
+                let body = json!({"l3_uuid": l3, "start_ip": start, "end_ip": end,
+                    "gateway": gateway, "prefix_len": prefix, "netmask": netmask, "name": name});
+                create(&s, f, "ip-ranges", body).await?;
+            }
+            IpRangeCmd::List(q) => list(&s, f, "ip-ranges", q).await?,
+        },
+        Command::Vm(c) => vm(&s, f, c).await?,
+        Command::Volume(c) => volume(&s, f, c).await?,
+        Command::Job(c) => match c {
+            JobCmd::Get { job } => {
+                let u = s.resolve("jobs", &job).await?;
+                print(f, "jobs", &s.get(&format!("/v1/jobs/{u}")).await?);
+            }
+            JobCmd::Wait { job } => {
+                let u = s.resolve("jobs", &job).await?;
+                print(f, "jobs", &s.wait_job(u).await?);
+            }
+            JobCmd::List(q) => list(&s, f, "jobs", q).await?,
+        },
+        Command::Config(c) => match c {
+            ConfigCmd::List => {
+                let v = s.get("/v1/config").await?;
+                let items = v.get("items").cloned().unwrap_or(v);
+                print(f, "config", &json!({ "items": items }));
+            }
+            ConfigCmd::Get { name } => {
+                print(f, "config", &s.get(&format!("/v1/config/{name}")).await?)
+            }
+            ConfigCmd::Set { name, value } => {
+                let (status, v) = s
+                    .client
+                    .raw(
+                        "PUT",
+                        &format!("/v1/config/{name}"),
+                        Some(&json!({ "value": value })),
+                        std::time::Duration::from_secs(60),
+                    )
+                    .await?;
+                if !(200..300).contains(&status) {
+                    let e = serde_json::from_value::<Error>(v.clone())
+                        .unwrap_or_else(|_| Error::internal(format!("HTTP {status}: {v}")));
+                    return Err(e.into());
+                }
+                print(f, "config", &v);
+            }
+        },
+    }
+    Ok(())
+}
+
+async fn login(a: &LoginArgs) -> Result<(), Outcome> {
+    let password = match &a.password_file {
+        Some(p) => crate::files::read_line(p)?,
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(anyhow::Error::from)?;
+            line.trim().to_string()
+        }
+    };
+    let s = Session::new(&a.url, None, Wait::Quiet)?;
+    let (status, v) = s
+        .client
+        .raw(
+            "POST",
+            "/v1/auth/login",
+            Some(&json!({"user": a.user, "password": password})),
+            std::time::Duration::from_secs(60),
+        )
+        .await?;
+    if !(200..300).contains(&status) {
+        let e = serde_json::from_value::<Error>(v.clone())
+            .unwrap_or_else(|_| Error::internal(format!("HTTP {status}: {v}")));
+        return Err(e.into());
+    }
+    let token = v["token"]
+        .as_str()
+        .ok_or_else(|| Error::internal(format!("no token in the answer: {v}")))?;
+    let login = Login {
+        url: a.url.trim_end_matches('/').to_string(),
+        token: token.to_string(),
+        user: a.user.clone(),
+    };
+    let p = login.save()?;
+    eprintln!(
+        "logged in to {} as {}; saved in {}",
+        login.url,
+        a.user,
+        p.display()
+    );
+    Ok(())
+}
+
+async fn create(s: &Session, f: Format, path: &str, body: Value) -> Result<Value, Failure> {
+    let v = s
+        .mutate("POST", &format!("/v1/{path}"), Some(&body))
+        .await?;
+    print(f, path, &v);
+    Ok(v)
+}
+
+/// Run `action` on a resource and print its result.
+async fn act(
+    s: &Session,
+    f: Format,
+    path: &str,
+    id: &str,
+    action: &str,
+    body: Value,
+) -> Result<(), Failure> {
+    let uuid = s.resolve(path, id).await?;
+    let v = s
+        .mutate(
+            "POST",
+            &format!("/v1/{path}/{uuid}/actions/{action}"),
+            Some(&body),
+        )
+        .await?;
+    if !v.is_null() {
+        print(f, path, &v);
+    }
+    Ok(())
+}
+
+async fn list(s: &Session, f: Format, path: &str, q: Filter) -> Result<(), Failure> {
+    let mut url = format!("/v1/{path}?limit={}", q.limit);
+    for c in &q.conds {
+        url.push_str(&format!("&q={}", encode(c)));
+    }
+    print(f, path, &s.get(&url).await?);
+    Ok(())
+}
+
+/// The uuid of a created resource, from a job's result.
+fn created(v: &Value) -> Result<String, Failure> {
+    v["uuid"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::internal(format!("no uuid in {v}")).into())
+}
+
+async fn zone(s: &Session, f: Format, c: ZoneCmd) -> Result<(), Failure> {
+    match c {
+        ZoneCmd::Create { name, description } => {
+            let body = json!({"name": name, "description": description});
+            create(s, f, "zones", body).await?;
+        }
+        ZoneCmd::Enable { zone } => act(s, f, "zones", &zone, "enable", json!({})).await?,
+        ZoneCmd::Disable { zone } => act(s, f, "zones", &zone, "disable", json!({})).await?,
+        ZoneCmd::List(q) => list(s, f, "zones", q).await?,
+    }
+    Ok(())
+}
+
+async fn cluster(s: &Session, f: Format, c: ClusterCmd) -> Result<(), Failure> {
+    match c {
+        ClusterCmd::Create { name, zone } => {
+            let zone = s.resolve("zones", &zone).await?;
+            create(s, f, "clusters", json!({"name": name, "zone_uuid": zone})).await?;
+        }
+        ClusterCmd::List(q) => list(s, f, "clusters", q).await?,
+    }
+    Ok(())
+}
+
+async fn host(s: &Session, f: Format, c: HostCmd) -> Result<(), Failure> {
+    let simple = |h: String, a: &'static str| (h, a);
+    let (h, action) = match c {
+        HostCmd::Add {
+            name,
+            cluster,
+            url,
+            token_file,
+            token,
+        } => {
+            let token = match (token_file, token) {
+                (Some(p), _) => {
+                    crate::files::read_line(&p).map_err(|e| Error::invalid(format!("{e:#}")))?
+                }
+                (None, Some(t)) => t,
+                (None, None) => {
+                    return Err(Error::invalid("give the agent's --token-file or --token").into())
+                }
+            };
+            let cluster = s.resolve("clusters", &cluster).await?;
+            let name = name.unwrap_or_else(|| url.clone());
+            let body =
+                json!({"name": name, "cluster_uuid": cluster, "address": url, "token": token});
+            create(s, f, "hosts", body).await?;
+            return Ok(());
+        }
+        HostCmd::List(q) => return list(s, f, "hosts", q).await,
+        HostCmd::Reconnect { host } => simple(host, "reconnect"),
+        HostCmd::Enable { host } => simple(host, "enable"),
+        HostCmd::Disable { host } => simple(host, "disable"),
+        HostCmd::Maintenance { host } => simple(host, "maintenance"),
+    };
+    act(s, f, "hosts", &h, action, json!({})).await
+}
+
+async fn backup_storage(s: &Session, f: Format, c: BackupStorageCmd) -> Result<(), Failure> {
+    match c {
+        BackupStorageCmd::Create {
+            name,
+            url,
+            total_mib,
+            zone,
+        } => {
+            let body = json!({"name": name, "url": url, "total_mib": total_mib});
+            let v = s.mutate("POST", "/v1/backup-storages", Some(&body)).await?;
+            for z in zone {
+                let z = s.resolve("zones", &z).await?;
+                act(
+                    s,
+                    f,
+                    "backup-storages",
+                    &created(&v)?,
+                    "attach-zone",
+                    json!({"zone_uuid": z}),
+                )
+                .await?;
+            }
+            print(f, "backup-storages", &v);
+        }
+        BackupStorageCmd::Attach { bs, zone } => {
+            let z = s.resolve("zones", &zone).await?;
+            act(
+                s,
+                f,
+                "backup-storages",
+                &bs,
+                "attach-zone",
+                json!({"zone_uuid": z}),
+            )
+            .await?;
+        }
+        BackupStorageCmd::List(q) => list(s, f, "backup-storages", q).await?,
+    }
+    Ok(())
+}
+
+async fn primary_storage(s: &Session, f: Format, c: PrimaryStorageCmd) -> Result<(), Failure> {
+    match c {
+        PrimaryStorageCmd::Create {
+            name,
+            zone,
+            url,
+            cluster,
+        } => {
+            let zone = s.resolve("zones", &zone).await?;
+            let mut body = json!({"name": name, "zone_uuid": zone});
+            if let Some(u) = url {
+                body["url"] = u.into();
+            }
+            let v = s
+                .mutate("POST", "/v1/primary-storages", Some(&body))
+                .await?;
+            for c in cluster {
+                let c = s.resolve("clusters", &c).await?;
+                let ps = created(&v)?;
+                act(
+                    s,
+                    f,
+                    "primary-storages",
+                    &ps,
+                    "attach-cluster",
+                    json!({"cluster_uuid": c}),
+                )
+                .await?;
+            }
+            print(f, "primary-storages", &v);
+        }
+        PrimaryStorageCmd::Attach { ps, cluster } => {
+            let c = s.resolve("clusters", &cluster).await?;
+            act(
+                s,
+                f,
+                "primary-storages",
+                &ps,
+                "attach-cluster",
+                json!({"cluster_uuid": c}),
+            )
+            .await?;
+        }
+        PrimaryStorageCmd::List(q) => list(s, f, "primary-storages", q).await?,
+    }
+    Ok(())
+}
+
+async fn image(s: &Session, f: Format, c: ImageCmd) -> Result<(), Failure> {
+    match c {
+        ImageCmd::Add {
+            name,
+            url,
+            bs,
+            size_mib,
+            format,
+            checksum,
+        } => {
+            let bs = match bs {
+                Some(b) => s.resolve("backup-storages", &b).await?,
+                None => only(s, "backup-storages").await?,
+            };
+            let body = json!({"name": name, "url": url, "bs_uuid": bs, "size_mib": size_mib,
+                "format": format, "checksum": checksum});
+            create(s, f, "images", body).await?;
+        }
+        ImageCmd::List(q) => list(s, f, "images", q).await?,
+    }
+    Ok(())
+}
+
+/// The one resource of a kind (for a flag that may be left out when there is one).
+async fn only(s: &Session, path: &str) -> Result<uuid::Uuid, Failure> {
+    let v = s.get(&format!("/v1/{path}?limit=2")).await?;
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    match items.as_slice() {
+        [one] => Ok(s.resolve(path, one["uuid"].as_str().unwrap_or("")).await?),
+        _ => Err(Error::invalid(format!(
+            "there are {} {path}; name one",
+            if items.is_empty() { "no" } else { "several" }
+        ))
+        .into()),
+    }
+}
+
+async fn offering(s: &Session, f: Format, c: OfferingCmd) -> Result<(), Failure> {
+    let p = "instance-offerings";
+    match c {
+        OfferingCmd::Create {
+            name,
+            cpu,
+            memory_mib,
+        } => {
+            let body = json!({"name": name, "cpu": cpu, "memory_mib": memory_mib});
+            create(s, f, p, body).await?;
+        }
+        OfferingCmd::Enable { offering } => act(s, f, p, &offering, "enable", json!({})).await?,
+        OfferingCmd::Disable { offering } => act(s, f, p, &offering, "disable", json!({})).await?,
+        OfferingCmd::List(q) => list(s, f, p, q).await?,
+    }
+    Ok(())
+}
+
+async fn l2(s: &Session, f: Format, c: L2Cmd) -> Result<(), Failure> {
+    match c {
+        L2Cmd::Create {
+            name,
+            zone,
+            kind,
+            interface,
+            vlan,
+            vni,
+            cluster,
+        } => {
+            let zone = s.resolve("zones", &zone).await?;
+            let body = json!({"name": name, "zone_uuid": zone, "kind": kind,
+                "physical_interface": interface, "vlan": vlan, "vni": vni});
+            let v = s.mutate("POST", "/v1/l2-networks", Some(&body)).await?;
+            for c in cluster {
+                let c = s.resolve("clusters", &c).await?;
+                let l2 = created(&v)?;
+                act(
+                    s,
+                    f,
+                    "l2-networks",
+                    &l2,
+                    "attach-cluster",
+                    json!({"cluster_uuid": c}),
+                )
+                .await?;
+            }
+            print(f, "l2-networks", &v);
+        }
+        L2Cmd::Attach { l2, cluster } => {
+            let c = s.resolve("clusters", &cluster).await?;
+            act(
+                s,
+                f,
+                "l2-networks",
+                &l2,
+                "attach-cluster",
+                json!({"cluster_uuid": c}),
+            )
+            .await?;
+        }
+        L2Cmd::List(q) => list(s, f, "l2-networks", q).await?,
+    }
+    Ok(())
+}
+
+async fn vm(s: &Session, f: Format, c: VmCmd) -> Result<(), Failure> {
+    let p = "vms";
+    match c {
+        VmCmd::Create {
+            name,
+            offering,
+            image,
+            l3,
+            data_disks,
+        } => {
+            let offering = s.resolve("instance-offerings", &offering).await?;
+            let image = s.resolve("images", &image).await?;
+            let mut l3s = Vec::new();
+            for n in &l3 {
+                l3s.push(s.resolve("l3-networks", n).await?);
+            }
+            let mut disks = Vec::new();
+            for d in &data_disks {
+                disks.push(s.resolve("disk-offerings", d).await?);
+            }
+            let body = json!({"name": name, "instance_offering_uuid": offering,
+                "image_uuid": image, "l3_network_uuids": l3s,
+                "data_disk_offering_uuids": disks});
+            create(s, f, p, body).await?;
+        }
+        VmCmd::Start { vm } => act(s, f, p, &vm, "start", json!({})).await?,
+        VmCmd::Stop { vm, force } => act(s, f, p, &vm, "stop", json!({"force": force})).await?,
+        VmCmd::Reboot { vm } => act(s, f, p, &vm, "reboot", json!({})).await?,
+        VmCmd::Destroy { vm, force } => {
+            act(s, f, p, &vm, "destroy", json!({"force": force})).await?
+        }
+        VmCmd::Recover { vm } => act(s, f, p, &vm, "recover", json!({})).await?,
+        VmCmd::Expunge { vm, force } => {
+            act(s, f, p, &vm, "expunge", json!({"force": force})).await?
+        }
+        VmCmd::Migrate { vm, host } => {
+            let host = match host {
+                Some(h) => Some(s.resolve("hosts", &h).await?),
+                None => None,
+            };
+            act(s, f, p, &vm, "migrate", json!({"host_uuid": host})).await?
+        }
+        VmCmd::Get { vm } => {
+            let u = s.resolve(p, &vm).await?;
+            print(f, p, &s.get(&format!("/v1/vms/{u}")).await?);
+        }
+        VmCmd::List(q) => list(s, f, p, q).await?,
+    }
+    Ok(())
+}
+
+async fn volume(s: &Session, f: Format, c: VolumeCmd) -> Result<(), Failure> {
+    let p = "volumes";
+    match c {
+        VolumeCmd::Create {
+            name,
+            disk_offering,
+            size_mib,
+            vm,
+        } => {
+            let offering = match disk_offering {
+                Some(d) => Some(s.resolve("disk-offerings", &d).await?),
+                None => None,
+            };
+            let vm = match vm {
+                Some(v) => Some(s.resolve("vms", &v).await?),
+                None => None,
+            };
+            let body = json!({"name": name, "disk_offering_uuid": offering,
+                "size_mib": size_mib, "vm_uuid": vm});
+            create(s, f, p, body).await?;
+        }
+        VolumeCmd::Attach { volume, vm } => {
+            let vm = s.resolve("vms", &vm).await?;
+            act(s, f, p, &volume, "attach", json!({"vm_uuid": vm})).await?
+        }
+        VolumeCmd::Detach { volume } => act(s, f, p, &volume, "detach", json!({})).await?,
+        VolumeCmd::Delete { volume } => {
+            let u = s.resolve(p, &volume).await?;
+            let v = s
+                .mutate("DELETE", &format!("/v1/volumes/{u}"), None)
+                .await?;
+            print(f, p, &v);
+        }
+        VolumeCmd::List(q) => list(s, f, p, q).await?,
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_read_as_people_write_them() {
+        for (typed, path) in [
+            ("vm", "vms"),
+            ("VMs", "vms"),
+            ("l3", "l3-networks"),
+            ("ip_range", "ip-ranges"),
+            ("offering", "instance-offerings"),
+            ("disk-offering", "disk-offerings"),
+            ("job", "jobs"),
+        ] {
+            assert_eq!(kind_path(typed).unwrap(), path, "{typed}");
+        }
+        assert!(kind_path("vmz").is_err());
+    }
+}
