@@ -38,8 +38,11 @@ pub enum ErrorCode {
     AgentError,
     /// The host is unreachable.
     HostUnreachable,
-    /// The caller is not allowed to do this.
+    /// The request carries no valid credentials (no token, an unknown or expired one, a wrong
+    /// password or agent token).
     Unauthorized,
+    /// The caller is known but not allowed to do this (an admin-only kind or operation).
+    Forbidden,
     /// The storage backend failed.
     StoreFailure,
     /// An internal invariant broke (a bug); never expected.
@@ -47,7 +50,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::InvalidArgument,
         ErrorCode::NotFound,
         ErrorCode::AlreadyExists,
@@ -62,6 +65,7 @@ impl ErrorCode {
         ErrorCode::AgentError,
         ErrorCode::HostUnreachable,
         ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
         ErrorCode::StoreFailure,
         ErrorCode::Internal,
     ];
@@ -82,6 +86,7 @@ impl ErrorCode {
             ErrorCode::AgentError => "agent_error",
             ErrorCode::HostUnreachable => "host_unreachable",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::StoreFailure => "store_failure",
             ErrorCode::Internal => "internal",
         }
@@ -92,6 +97,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidArgument => 400,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::AlreadyExists
             | ErrorCode::InvalidState

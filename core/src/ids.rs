@@ -53,6 +53,13 @@ impl Ids {
         uuid::Builder::from_unix_timestamp_millis(ms, &bytes).into_uuid()
     }
 
+    /// 32 bytes for a secret (a token, a salt): from the operating system's generator in the std
+    /// build (the seeded one must not make secrets guessable from a seed), from the simulation's
+    /// under madsim (so a run repeats).
+    pub fn secret(&self) -> [u8; 32] {
+        madsim::rand::random::<[u8; 32]>()
+    }
+
     pub fn next_u64(&self) -> u64 {
         self.lock().next_u64()
     }

@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod auth;
 pub mod bus;
 pub mod cascade;
 pub mod client;

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Seconds running jobs get to end after SIGTERM or SIGINT [default: 30].
     #[arg(long, env = "STRATUS_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
+    /// The first start's `admin` password, from this file [default: a random one, written to
+    /// DATA_DIR/admin-password (mode 0600)].
+    #[arg(long, env = "STRATUS_ADMIN_PASSWORD_FILE")]
+    pub admin_password_file: Option<PathBuf>,
 }
 
 /// What a `--config` file may hold.
@@ -58,6 +62,7 @@ struct ConfigFile {
     advertise: Option<String>,
     log_format: Option<LogFormat>,
     shutdown_timeout: Option<u64>,
+    admin_password_file: Option<PathBuf>,
     #[serde(default)]
     settings: BTreeMap<String, String>,
 }
@@ -71,6 +76,7 @@ pub struct Settings {
     pub advertise: String,
     pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
+    pub admin_password_file: Option<PathBuf>,
     /// Global configuration to set at start (name → value).
     pub config: BTreeMap<String, String>,
 }
@@ -119,6 +125,7 @@ impl Settings {
                     .or(file.shutdown_timeout)
                     .unwrap_or(30),
             ),
+            admin_password_file: args.admin_password_file.or(file.admin_password_file),
             config: file.settings,
         })
     }
@@ -148,6 +155,33 @@ fn node_id(data_dir: &Path) -> anyhow::Result<Uuid> {
     Uuid::parse_str(&text).context("the node-id file does not hold a uuid")
 }
 
+/// On the first start, the `admin` user: its password from `--admin-password-file`, or a
+/// random one written to `DATA_DIR/admin-password` (0600) before the user is made (so a crash
+/// between the two loses nothing), and never logged.
+async fn first_admin(node: &ManagementNode, s: &Settings) -> anyhow::Result<()> {
+    let auth = &node.cloud.auth;
+    let fail = |e: stratus_core::Error| anyhow::anyhow!("cannot create the admin user: {e}");
+    if auth
+        .has_user(stratus_core::auth::ADMIN)
+        .await
+        .map_err(fail)?
+    {
+        return Ok(());
+    }
+    let (password, from) = match &s.admin_password_file {
+        Some(p) => (files::read_line(p)?, p.clone()),
+        None => {
+            let written = s.data_dir.join("admin-password");
+            let p = files::read_or_create(&written, || files::random_secret()[..24].to_string())?;
+            (p, written)
+        }
+    };
+    if auth.bootstrap_admin(Some(&password)).await.map_err(fail)? {
+        tracing::info!(password_file = %from.display(), "created user admin");
+    }
+    Ok(())
+}
+
 /// Run a node until SIGTERM or SIGINT.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let s = Settings::resolve(args)?;
@@ -164,6 +198,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let node = ManagementNode::start(store, cfg)
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the management node: {e}"))?;
+    first_admin(&node, &s).await?;
     for (name, value) in &s.config {
         node.cloud
             .engine

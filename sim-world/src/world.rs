@@ -16,10 +16,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use stratus_core::auth::{Auth, ADMIN};
 use stratus_core::client::StratusClient;
 use stratus_core::error::Error;
 use stratus_core::extension::Extensions;
 use stratus_core::flow::FaultPoints;
+use stratus_core::ids::Ids;
 use stratus_core::model::{self, VmState, VolumeState};
 use stratus_core::node::{ManagementNode, NodeConfig};
 use stratus_core::services::vm::SyncRepairs;
@@ -334,7 +336,17 @@ impl World {
             extensions,
         )
         .id();
-        let mut client = StratusClient::new(SocketAddr::new(MGMT_IP.into(), API_PORT));
+        // The harness acts as the admin, with a token it makes in the store (no password).
+        let auth = Auth::new(
+            Db::new(store.clone()),
+            Arc::new(Ids::from_seed(spec.seed ^ 0xa5)),
+        );
+        auth.bootstrap_admin(None).await?;
+        let admin = auth
+            .issue_for(ADMIN, Duration::from_secs(10 * 365 * 86_400), "harness")
+            .await?;
+        let mut client =
+            StratusClient::new(SocketAddr::new(MGMT_IP.into(), API_PORT)).with_token(&admin.token);
         client.wait = Duration::from_secs(3600);
         // Wait for the API.
         for _ in 0..100 {

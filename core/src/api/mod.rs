@@ -10,10 +10,13 @@
 //!   /v1/jobs/<uuid>` shows a job.
 //! - `GET/PUT /v1/config[/<name>]`: global configuration.
 //! - `POST /agent/callback/<task>`, `POST /agent/report`: from agents (token-checked).
+//! - `POST /v1/auth/login` (a bearer token), `/v1/auth/logout`, `/v1/auth/tokens`,
+//!   `GET /v1/auth/whoami`; every other path but `/v1/health` and `/agent/*` needs the token.
 //! - `GET /metrics`: Prometheus text.
 //!
 //! A bad request is a 4xx with `{code, message}`; nothing here panics on input.
 
+mod auth;
 mod routes;
 
 pub use routes::{kind_of_path, router, RESOURCE_PATHS};

@@ -7,6 +7,7 @@ use crate::job::{Job, JobState};
 use crate::model::*;
 use crate::services::cascade::DeleteResource;
 use crate::services::host::{AddHost, ChangeHostState, HostAction, ReconnectHost};
+use crate::services::identity::{CreateAccount, CreateUser};
 use crate::services::network::{AddIpRange, AttachL2ToCluster, CreateL2Network, CreateL3Network};
 use crate::services::offering::{CreateDiskOffering, CreateInstanceOffering, SetOfferingState};
 use crate::services::storage::{
@@ -53,6 +54,9 @@ pub const RESOURCE_PATHS: &[(&str, &str)] = &[
     ("vms", "vm"),
     ("jobs", "job"),
     ("flow-chains", "flow_chain"),
+    ("accounts", "account"),
+    ("users", "user"),
+    ("api-tokens", "api_token"),
 ];
 
 pub fn kind_of_path(path: &str) -> Option<&'static str> {
@@ -108,7 +112,8 @@ fn param<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Error> {
+/// A JSON body (an empty one reads as `{}`).
+pub(super) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Error> {
     let b: &[u8] = if body.iter().all(|c| c.is_ascii_whitespace()) {
         b"{}"
     } else {
@@ -360,6 +365,23 @@ async fn create(
         "l2-networks" => go!(CreateL2Network),
         "l3-networks" => go!(CreateL3Network),
         "ip-ranges" => go!(AddIpRange),
+        "accounts" => go!(CreateAccount),
+        "users" => match parse_body::<NewUser>(&body) {
+            Ok(u) => match crate::auth::check_password(&u.password)
+                .and_then(|()| crate::auth::hash_password(&c.engine.ids, &u.password))
+            {
+                Ok(password_hash) => {
+                    let m = CreateUser {
+                        name: u.name,
+                        account_uuid: u.account_uuid,
+                        password_hash,
+                    };
+                    submit(&c, None, m, wait).await
+                }
+                Err(e) => error(&e),
+            },
+            Err(e) => error(&e),
+        },
         "hosts" => match parse_body::<AddHost>(&body) {
             Ok(mut m) => {
                 let id = *m.uuid.get_or_insert_with(|| c.engine.ids.uuid());
@@ -388,6 +410,15 @@ async fn create(
             None => not_found_path(&format!("/v1/{other}")),
         },
     }
+}
+
+/// `POST /v1/users`: the password is hashed here, before any message carries it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    name: String,
+    account_uuid: Uuid,
+    password: String,
 }
 
 async fn update(
@@ -871,6 +902,10 @@ async fn fallback(uri: axum::http::Uri) -> Response {
 pub fn router(cloud: Arc<Cloud>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/auth/login", post(super::auth::login))
+        .route("/v1/auth/logout", post(super::auth::logout))
+        .route("/v1/auth/whoami", get(super::auth::whoami))
+        .route("/v1/auth/tokens", post(super::auth::new_token))
         .route("/metrics", get(metrics))
         .route("/v1/config", get(config_list))
         .route("/v1/config/{name}", get(config_get).put(config_set))
@@ -881,6 +916,10 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/agent/report", post(report))
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(cloud.clone(), gate))
+        .layer(axum::middleware::from_fn_with_state(
+            cloud.clone(),
+            super::auth::authenticate,
+        ))
         .with_state(cloud)
 }
 

@@ -2,11 +2,13 @@
 //! its query fields and relations, and its CLI columns come from that one declaration.
 
 mod compute;
+mod identity;
 mod infra;
 mod network;
 mod storage;
 
 pub use compute::*;
+pub use identity::*;
 pub use infra::*;
 pub use network::*;
 pub use storage::*;
@@ -44,6 +46,9 @@ pub fn kinds() -> Vec<&'static KindMeta> {
         InstanceOffering::META,
         DiskOffering::META,
         Vm::META,
+        Account::META,
+        User::META,
+        ApiToken::META,
     ]
 }
 

@@ -5,6 +5,7 @@
 pub mod allocator;
 pub mod cascade;
 pub mod host;
+pub mod identity;
 pub mod network;
 pub mod offering;
 pub mod storage;
@@ -32,6 +33,8 @@ pub struct Cloud {
     pub cascade: Cascade,
     pub allocator: allocator::Allocator,
     pub tracker: host::Tracker,
+    /// Who calls the API.
+    pub auth: crate::auth::Auth,
     /// The corrections state sync made, by kind.
     pub repairs: Arc<vm::SyncRepairs>,
     /// Set when the node is stopping: the API takes no new work (`node_unavailable`), while the
@@ -114,6 +117,7 @@ pub(crate) fn agent_access(host: &Record) -> Result<(String, String), StoreError
 /// All global config entries of the services.
 pub fn config_defs() -> Vec<&'static ConfigDef> {
     let mut v = crate::agent::config_defs();
+    v.extend(crate::auth::config_defs());
     v.extend(allocator::config_defs());
     v.extend(host::config_defs());
     v.extend(vm::config_defs());
@@ -143,6 +147,7 @@ pub async fn start(
         cascade: Cascade::new(&participants),
         allocator: allocator::Allocator::new(),
         tracker: host::Tracker::new(),
+        auth: crate::auth::Auth::new(engine.db.clone(), engine.ids.clone()),
         agents,
         repairs: repairs.unwrap_or_default(),
         draining: Default::default(),
@@ -150,6 +155,7 @@ pub async fn start(
         engine,
     });
     zone::register(&cloud)?;
+    identity::register(&cloud)?;
     cascade::register(&cloud)?;
     storage::register(&cloud)?;
     network::register(&cloud)?;

@@ -1,0 +1,145 @@
+//! Authentication at the API: every request but health, login and the agents' own endpoints
+//! carries `Authorization: Bearer <token>`; the token becomes the request's [`Caller`].
+//! Agents authenticate with their host's token on `/agent/*` (checked there), which is never
+//! a user token, and a user token opens nothing on `/agent/*`.
+
+use super::routes::parse_body;
+use super::{error, json};
+use crate::auth::{Caller, TOKEN_TTL};
+use crate::error::{Error, ErrorCode};
+use crate::services::Cloud;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::Extension;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Paths open without a token.
+fn open(path: &str) -> bool {
+    path == "/v1/health" || path == "/v1/auth/login" || path.starts_with("/agent/")
+}
+
+/// The bearer token of a request, if it has one.
+fn bearer(req: &Request) -> Option<&str> {
+    let v = req.headers().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Middleware: authenticate, then let through what the caller may reach.
+pub(super) async fn authenticate(
+    State(c): State<Arc<Cloud>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    if open(path) {
+        return next.run(req).await;
+    }
+    let caller = match bearer(&req) {
+        None => Err(Error::new(
+            ErrorCode::Unauthorized,
+            "send `Authorization: Bearer <token>`; POST /v1/auth/login gives one",
+        )),
+        Some(t) => c.auth.authenticate(t).await,
+    };
+    let caller = match caller {
+        Ok(c) => c,
+        Err(e) => return error(&e),
+    };
+    // Resources do not have owners yet: an account that is not an admin reaches only its own
+    // session.
+    if !caller.admin && !path.starts_with("/v1/auth/") {
+        return error(&Error::new(
+            ErrorCode::Forbidden,
+            "only an admin account's users may use this",
+        ));
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    user: String,
+    password: String,
+}
+
+/// `POST /v1/auth/login {user, password}`: a token valid for `auth.token.ttl`.
+pub(super) async fn login(State(c): State<Arc<Cloud>>, body: Bytes) -> Response {
+    let b: LoginBody = match parse_body(&body) {
+        Ok(b) => b,
+        Err(e) => return error(&e),
+    };
+    let ttl: Duration = c.engine.config.get(&TOKEN_TTL.key());
+    match c.auth.login(&b.user, &b.password, ttl).await {
+        Ok(issued) => json(200, &issued),
+        Err(e) => error(&e),
+    }
+}
+
+/// `POST /v1/auth/logout`: the request's token ends.
+pub(super) async fn logout(
+    State(c): State<Arc<Cloud>>,
+    Extension(me): Extension<Caller>,
+) -> Response {
+    match c.auth.revoke(me.token).await {
+        Ok(()) => json(200, &serde_json::json!({})),
+        Err(e) => error(&e),
+    }
+}
+
+/// `GET /v1/auth/whoami`.
+pub(super) async fn whoami(Extension(me): Extension<Caller>) -> Response {
+    json(
+        200,
+        &serde_json::json!({"user_uuid": me.user, "account_uuid": me.account, "admin": me.admin}),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    #[serde(default)]
+    note: Option<String>,
+    /// Seconds (default `auth.token.ttl`).
+    #[serde(default)]
+    ttl_s: Option<u64>,
+}
+
+/// `POST /v1/auth/tokens {note, ttl_s}`: another token for the caller (for a program).
+pub(super) async fn new_token(
+    State(c): State<Arc<Cloud>>,
+    Extension(me): Extension<Caller>,
+    body: Bytes,
+) -> Response {
+    let b: TokenBody = match parse_body(&body) {
+        Ok(b) => b,
+        Err(e) => return error(&e),
+    };
+    let ttl = match b.ttl_s {
+        Some(s) if (60..=365 * 86_400).contains(&s) => Duration::from_secs(s),
+        Some(s) => {
+            return error(&Error::invalid(format!(
+                "ttl_s must be 60 to 31536000; got {s}"
+            )))
+        }
+        None => c.engine.config.get(&TOKEN_TTL.key()),
+    };
+    let note = b.note.unwrap_or_else(|| "api".into());
+    if note.len() > 255 {
+        return error(&Error::invalid("note is longer than 255 characters"));
+    }
+    let user = match c.get::<crate::model::User>(me.user).await {
+        Ok(u) => u,
+        Err(e) => return error(&e),
+    };
+    match c.auth.issue(&user, ttl, &note).await {
+        Ok(issued) => json(200, &issued),
+        Err(e) => error(&e),
+    }
+}

@@ -1,0 +1,223 @@
+//! Authentication at the API of a real node (std build, TCP on loopback, MemStore): who may
+//! reach what, and how a bad credential is answered.
+#![cfg(not(madsim))]
+
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use stratus_core::auth::ADMIN;
+use stratus_core::node::{ManagementNode, NodeConfig};
+use stratus_rt::http::HttpClient;
+use stratus_store::{MemStore, Store};
+use uuid::Uuid;
+
+struct Api {
+    http: HttpClient,
+    node: ManagementNode,
+}
+
+impl Api {
+    async fn start() -> Api {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new(stratus_core::model::schema()));
+        let cfg = NodeConfig::new(Uuid::from_u128(1), "127.0.0.1:0".parse().unwrap());
+        let node = ManagementNode::start(store, cfg).await.unwrap();
+        assert!(node
+            .cloud
+            .auth
+            .bootstrap_admin(Some("correct horse"))
+            .await
+            .unwrap());
+        Api {
+            http: HttpClient::new(4),
+            node,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&'static str, &str)],
+        body: &str,
+    ) -> (u16, Value) {
+        let r = self
+            .http
+            .request(
+                method,
+                self.node.addr,
+                path,
+                headers,
+                body.to_string(),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        (
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn login(&self, user: &str, password: &str) -> (u16, Value) {
+        let body = json!({"user": user, "password": password}).to_string();
+        self.call("POST", "/v1/auth/login", &[], &body).await
+    }
+
+    async fn as_bearer(&self, token: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let h = format!("Bearer {token}");
+        self.call(method, path, &[("authorization", &h)], body)
+            .await
+    }
+}
+
+fn code(v: &Value) -> &str {
+    v["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_path_but_health_login_and_agents_needs_a_valid_token() {
+    let api = Api::start().await;
+    assert_eq!(api.call("GET", "/v1/health", &[], "").await.0, 200);
+    for path in [
+        "/v1/zones",
+        "/v1/config",
+        "/metrics",
+        "/v1/auth/whoami",
+        "/nowhere",
+    ] {
+        let (s, v) = api.call("GET", path, &[], "").await;
+        assert_eq!((s, code(&v)), (401, "unauthorized"), "{path}");
+    }
+    let forged = "ab".repeat(32);
+    for t in [forged.as_str(), "short", "", "' OR 1=1 --"] {
+        let (s, v) = api.as_bearer(t, "GET", "/v1/zones", "").await;
+        assert_eq!((s, code(&v)), (401, "unauthorized"), "{t:?}");
+    }
+    // An agent's token is not a user's.
+    let (s, _) = api
+        .call(
+            "GET",
+            "/v1/zones",
+            &[("x-stratus-token", "agent-secret")],
+            "",
+        )
+        .await;
+    assert_eq!(s, 401);
+
+    let (s, v) = api.login(ADMIN, "wrong password").await;
+    assert_eq!((s, code(&v)), (401, "unauthorized"));
+    let (s, v) = api.login("nobody", "correct horse").await;
+    assert_eq!((s, code(&v)), (401, "unauthorized"));
+    for bad in [
+        "{",
+        "[]",
+        r#"{"user": "admin"}"#,
+        r#"{"user": "admin", "password": "correct horse", "admin": true}"#,
+        r#"{"user": 7, "password": "correct horse"}"#,
+    ] {
+        let (s, v) = api.call("POST", "/v1/auth/login", &[], bad).await;
+        assert_eq!((s, code(&v)), (400, "invalid_argument"), "{bad}");
+    }
+
+    let (s, v) = api.login(ADMIN, "correct horse").await;
+    assert_eq!(s, 200, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    let (s, me) = api.as_bearer(&token, "GET", "/v1/auth/whoami", "").await;
+    assert_eq!((s, me["admin"].as_bool()), (200, Some(true)));
+    assert_eq!(api.as_bearer(&token, "GET", "/metrics", "").await.0, 200);
+    // The store keeps only the token's hash, and the API shows neither.
+    let (s, list) = api.as_bearer(&token, "GET", "/v1/api-tokens", "").await;
+    assert_eq!(s, 200);
+    let text = list.to_string();
+    assert!(
+        !text.contains(&token) && !text.contains("token_hash"),
+        "{text}"
+    );
+    let (_, users) = api.as_bearer(&token, "GET", "/v1/users", "").await;
+    assert!(!users.to_string().contains("argon2"), "{users}");
+
+    // A user's token opens nothing on the agents' endpoints.
+    let h = format!("Bearer {token}");
+    let report = json!({"host_uuid": Uuid::from_u128(9), "event": "host_stopping"}).to_string();
+    let (s, _) = api
+        .call(
+            "POST",
+            "/agent/report",
+            &[("authorization", &h), ("x-stratus-token", &token)],
+            &report,
+        )
+        .await;
+    assert!(
+        s == 401 || s == 404,
+        "a report with a user token answered {s}"
+    );
+    let (s, _) = api
+        .call(
+            "POST",
+            &format!("/agent/callback/{}", Uuid::from_u128(5)),
+            &[("authorization", &h), ("x-stratus-token", &token)],
+            "{}",
+        )
+        .await;
+    assert!(
+        (400..500).contains(&s),
+        "a callback with a user token answered {s}"
+    );
+
+    // Logged out: the token ends.
+    assert_eq!(
+        api.as_bearer(&token, "POST", "/v1/auth/logout", "").await.0,
+        200
+    );
+    assert_eq!(api.as_bearer(&token, "GET", "/v1/zones", "").await.0, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_refused_and_a_plain_account_reaches_only_its_session() {
+    let api = Api::start().await;
+    let auth = &api.node.cloud.auth;
+    let expired = auth.issue_for(ADMIN, Duration::ZERO, "test").await.unwrap();
+    let (s, v) = api.as_bearer(&expired.token, "GET", "/v1/zones", "").await;
+    assert_eq!((s, code(&v)), (401, "unauthorized"));
+
+    let admin = auth
+        .issue_for(ADMIN, Duration::from_secs(600), "test")
+        .await
+        .unwrap()
+        .token;
+    let (s, acct) = api
+        .as_bearer(
+            &admin,
+            "POST",
+            "/v1/accounts?wait=30",
+            r#"{"name": "tenant"}"#,
+        )
+        .await;
+    assert_eq!(s, 200, "{acct}");
+    let acct = acct["result"]["uuid"].as_str().unwrap().to_string();
+    let short = json!({"name": "bob", "account_uuid": acct, "password": "short"}).to_string();
+    let (s, v) = api
+        .as_bearer(&admin, "POST", "/v1/users?wait=30", &short)
+        .await;
+    assert_eq!((s, code(&v)), (400, "invalid_argument"));
+    let user = json!({"name": "bob", "account_uuid": acct, "password": "bob's long password"});
+    let (s, v) = api
+        .as_bearer(&admin, "POST", "/v1/users?wait=30", &user.to_string())
+        .await;
+    assert_eq!(s, 200, "{v}");
+
+    let (s, v) = api.login("bob", "bob's long password").await;
+    assert_eq!(s, 200, "{v}");
+    let bob = v["token"].as_str().unwrap();
+    let (s, me) = api.as_bearer(bob, "GET", "/v1/auth/whoami", "").await;
+    assert_eq!((s, me["admin"].as_bool()), (200, Some(false)));
+    assert_eq!(me["account_uuid"], acct);
+    for (method, path) in [
+        ("GET", "/v1/zones"),
+        ("GET", "/v1/users"),
+        ("POST", "/v1/accounts"),
+    ] {
+        let (s, v) = api.as_bearer(bob, method, path, "{}").await;
+        assert_eq!((s, code(&v)), (403, "forbidden"), "{method} {path}");
+    }
+}

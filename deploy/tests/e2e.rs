@@ -1,0 +1,533 @@
+//! The real deployment as processes over loopback: `stratus serve` (SQLite; PostgreSQL too when
+//! `STRATUS_TEST_PG_URL` is set, as `ci/test` does) and `stratus-sim-agent`, driven through the
+//! `stratus` CLI and the API: the walk-through of the README, every VM action, a `kill -9` of
+//! `serve` while VMs are being created, a restart that finishes or rolls back what it left, the
+//! books checked through the API, and a graceful stop. Every wait is bounded.
+
+#![cfg(not(madsim))]
+
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use stratus_core::client::StratusClient;
+use stratus_core::model::VmState;
+
+const STRATUS: &str = env!("CARGO_BIN_EXE_stratus");
+const SIM_AGENT: &str = env!("CARGO_BIN_EXE_stratus-sim-agent");
+const HOSTS: usize = 20;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `cmd` dies with the test process, even when that is killed outright.
+fn tied(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Deployment {
+    dir: PathBuf,
+    api: String,
+    agent: String,
+    database: Option<String>,
+    serve: Option<Proc>,
+    _agent: Proc,
+}
+
+impl Deployment {
+    fn start(name: &str, database: Option<String>) -> Deployment {
+        let dir = std::env::temp_dir().join(format!("stratus-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let agent = format!("127.0.0.1:{}", free_port());
+        let agent_proc = tied(&mut Command::new(SIM_AGENT))
+            .args([
+                "--hosts",
+                &HOSTS.to_string(),
+                "--listen",
+                &agent,
+                "--token-file",
+            ])
+            .arg(dir.join("agent-token"))
+            .args(["--latency", "sim"])
+            .stdout(Stdio::null())
+            .stderr(log(&dir, "agent.log"))
+            .spawn()
+            .expect("stratus-sim-agent starts");
+        let mut d = Deployment {
+            api: format!("http://127.0.0.1:{}", free_port()),
+            agent,
+            database,
+            serve: None,
+            _agent: Proc(agent_proc),
+            dir,
+        };
+        d.start_serve();
+        d
+    }
+
+    fn start_serve(&mut self) {
+        assert!(self.serve.is_none());
+        let mut cmd = Command::new(STRATUS);
+        cmd.args(["serve", "--listen", self.api.trim_start_matches("http://")])
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .args(["--shutdown-timeout", "20"])
+            .stdout(Stdio::null())
+            .stderr(log(&self.dir, "serve.log"));
+        if let Some(db) = &self.database {
+            cmd.args(["--database", db]);
+        }
+        self.serve = Some(Proc(tied(&mut cmd).spawn().expect("stratus serve starts")));
+        let until = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < until {
+            let out = self.cli_raw(&["--server", &self.api, "config", "list"]);
+            // 401 (not logged in yet) or 0: the API answers.
+            if matches!(out.status.code(), Some(0 | 7)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "stratus serve did not answer in 60 s; see {}",
+            self.dir.display()
+        );
+    }
+
+    fn kill9_serve(&mut self) {
+        let mut p = self.serve.take().expect("serve runs");
+        p.0.kill().unwrap();
+        p.0.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status (bounded).
+    fn stop_serve(&mut self) -> std::process::ExitStatus {
+        let mut p = self.serve.take().expect("serve runs");
+        let pid = p.0.id() as libc::pid_t;
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let until = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < until {
+            if let Some(s) = p.0.try_wait().unwrap() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("serve did not stop within 40 s of SIGTERM");
+    }
+
+    fn cli_raw(&self, args: &[&str]) -> Output {
+        Command::new(STRATUS)
+            .args(args)
+            .env("STRATUS_CLI_CONFIG", self.dir.join("cli.toml"))
+            .env_remove("STRATUS_URL")
+            .env_remove("STRATUS_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .expect("the stratus CLI runs")
+    }
+
+    /// Run the CLI; its standard output, or a panic with what it said.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = self.cli_raw(args);
+        assert!(
+            out.status.success(),
+            "stratus {args:?} exited {:?}: {}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn cli_json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.cli(&a)).expect("JSON output")
+    }
+
+    fn client(&self) -> StratusClient {
+        let text = std::fs::read_to_string(self.dir.join("cli.toml")).unwrap();
+        let login: toml::Value = toml::from_str(&text).unwrap();
+        StratusClient::from_url(&self.api)
+            .unwrap()
+            .with_token(login["token"].as_str().unwrap())
+    }
+}
+
+fn log(dir: &Path, name: &str) -> Stdio {
+    Stdio::from(std::fs::File::create(dir.join(name)).unwrap())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The walk-through: log in, build the datacenter, create a VM and run every action on it.
+fn walk_through(d: &Deployment) {
+    let password = d.dir.join("data").join("admin-password");
+    d.cli(&[
+        "login",
+        &d.api,
+        "--user",
+        "admin",
+        "--password-file",
+        password.to_str().unwrap(),
+    ]);
+    let token = d.dir.join("agent-token");
+    let token = token.to_str().unwrap();
+    d.cli(&["zone", "create", "z1"]);
+    d.cli(&["cluster", "create", "c1", "--zone", "z1"]);
+    for i in 0..HOSTS {
+        let url = format!("http://{}/h/{i}", d.agent);
+        d.cli(&[
+            "host",
+            "add",
+            &format!("h{i}"),
+            "--cluster",
+            "c1",
+            "--url",
+            &url,
+            "--token-file",
+            token,
+        ]);
+    }
+    d.cli(&[
+        "backup-storage",
+        "create",
+        "bs",
+        "--url",
+        "file:///srv/images",
+        "--zone",
+        "z1",
+    ]);
+    d.cli(&[
+        "primary-storage",
+        "create",
+        "local",
+        "--zone",
+        "z1",
+        "--cluster",
+        "c1",
+    ]);
+    d.cli(&[
+        "image",
+        "add",
+        "tiny",
+        "--url",
+        "file:///srv/images/tiny.qcow2",
+        "--size-mib",
+        "16",
+    ]);
+    d.cli(&[
+        "offering",
+        "create",
+        "small",
+        "--cpu",
+        "1",
+        "--memory-mib",
+        "256",
+    ]);
+    d.cli(&["disk-offering", "create", "d10", "--size-mib", "10"]);
+    d.cli(&["l2", "create", "l2a", "--zone", "z1", "--cluster", "c1"]);
+    d.cli(&["l3", "create", "net1", "--l2", "l2a", "--dns", "10.20.0.1"]);
+    d.cli(&[
+        "ip-range",
+        "add",
+        "--l3",
+        "net1",
+        "--start",
+        "10.20.0.10",
+        "--end",
+        "10.20.3.250",
+        "--gateway",
+        "10.20.0.1",
+        "--prefix",
+        "22",
+    ]);
+    let hosts = d.cli_json(&["host", "list", "-q", "status=Connected"]);
+    assert_eq!(hosts["items"].as_array().unwrap().len(), HOSTS);
+
+    let vm = d.cli_json(&[
+        "vm",
+        "create",
+        "web1",
+        "--offering",
+        "small",
+        "--image",
+        "tiny",
+        "--l3",
+        "net1",
+        "--data-disk",
+        "d10",
+    ]);
+    assert_eq!(vm["state"], "Running", "{vm}");
+    let running = d.cli_json(&["vm", "list", "-q", "state=Running"]);
+    assert_eq!(running["items"][0]["name"], "web1");
+    for action in [
+        &["vm", "stop", "web1"][..],
+        &["vm", "start", "web1"],
+        &["vm", "reboot", "web1"],
+        &["vm", "migrate", "web1"],
+        &[
+            "volume",
+            "create",
+            "extra",
+            "--size-mib",
+            "20",
+            "--vm",
+            "web1",
+        ],
+        &["volume", "detach", "extra"],
+        &["volume", "attach", "extra", "--vm", "web1"],
+        &["volume", "detach", "extra"],
+        &["volume", "delete", "extra"],
+        &["vm", "destroy", "web1"],
+        &["vm", "recover", "web1"],
+        &["vm", "start", "web1"],
+    ] {
+        d.cli(action);
+    }
+    assert_eq!(d.cli_json(&["vm", "get", "web1"])["state"], "Running");
+    // A refused action exits with the conflict code and says why.
+    let out = d.cli_raw(&["vm", "start", "web1"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_state"));
+    let out = d.cli_raw(&["vm", "get", "nosuchvm"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = d.cli_raw(&["vm", "frobnicate", "web1"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    d.cli(&["vm", "destroy", "web1"]);
+    d.cli(&["vm", "expunge", "web1"]);
+}
+
+/// Submit `n` VM creations through the API at once; their job uuids.
+async fn submit_vms(c: &StratusClient, prefix: &str, n: usize) -> Vec<String> {
+    let find = |kind: &'static str, name: &'static str| {
+        let c = c.clone();
+        async move {
+            let items = c.list(kind, &[&format!("name={name}")]).await.unwrap();
+            items[0]["uuid"].as_str().unwrap().to_string()
+        }
+    };
+    let offering = find("instance-offerings", "small").await;
+    let image = find("images", "tiny").await;
+    let l3 = find("l3-networks", "net1").await;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let c = c.clone();
+        let body = json!({"name": format!("{prefix}-{i}"), "instance_offering_uuid": offering,
+            "image_uuid": image, "l3_network_uuids": [l3]});
+        tasks.push(tokio::spawn(async move {
+            c.submit("POST", "/v1/vms", Some(&body)).await
+        }));
+    }
+    let mut jobs = Vec::new();
+    for t in tasks {
+        if let Ok(Ok(s)) = t.await {
+            jobs.push(s.job.to_string());
+        }
+    }
+    jobs
+}
+
+/// Wait (bounded) until no job runs and no VM or volume is in a transitional state.
+async fn settle(c: &StratusClient) {
+    let until = Instant::now() + Duration::from_secs(300);
+    loop {
+        let running = c
+            .count("jobs", &["state=Running"])
+            .await
+            .unwrap_or(u64::MAX);
+        let vms = c.list("vms", &[]).await.unwrap_or_default();
+        let moving = vms.iter().any(|v| {
+            v["state"]
+                .as_str()
+                .and_then(|s| s.parse::<VmState>().ok())
+                .is_none_or(VmState::is_transitional)
+        });
+        if running == 0 && !moving {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "not settled in 300 s: {running} jobs running"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The books, read through the API: host counters equal their reservations, each reservation
+/// belongs to a VM on that host that holds capacity and each such VM has one, every address is
+/// counted by its range and belongs to a NIC of an existing VM.
+async fn check_books(c: &StratusClient) {
+    let vms: HashMap<String, Value> = c
+        .list("vms", &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| (v["uuid"].as_str().unwrap().to_string(), v))
+        .collect();
+    let reservations = c.list("reservations", &[]).await.unwrap();
+    let mut used: HashMap<String, (i64, i64)> = HashMap::new();
+    let mut held: HashMap<String, usize> = HashMap::new();
+    for r in &reservations {
+        let vm = vms
+            .get(r["vm_uuid"].as_str().unwrap())
+            .unwrap_or_else(|| panic!("reservation {r} of no VM"));
+        assert_eq!(vm["host_uuid"], r["host_uuid"], "reservation {r} of {vm}");
+        let e = used
+            .entry(r["host_uuid"].as_str().unwrap().into())
+            .or_default();
+        e.0 += r["cpu"].as_i64().unwrap();
+        e.1 += r["memory_mib"].as_i64().unwrap();
+        *held
+            .entry(r["vm_uuid"].as_str().unwrap().into())
+            .or_default() += 1;
+    }
+    for h in c.list("hosts", &[]).await.unwrap() {
+        let (cpu, mem) = used
+            .get(h["uuid"].as_str().unwrap())
+            .copied()
+            .unwrap_or((0, 0));
+        assert_eq!(
+            (
+                h["cpu_used"].as_i64().unwrap(),
+                h["memory_used_mib"].as_i64().unwrap()
+            ),
+            (cpu, mem),
+            "host {h}"
+        );
+    }
+    for (u, vm) in &vms {
+        let state: VmState = vm["state"].as_str().unwrap().parse().unwrap();
+        let n = held.get(u).copied().unwrap_or(0);
+        assert_eq!(
+            n,
+            usize::from(state.holds_capacity()),
+            "VM {vm} holds {n} reservations"
+        );
+    }
+    let nics = c.list("vm-nics", &[]).await.unwrap();
+    for n in &nics {
+        assert!(
+            vms.contains_key(n["vm_uuid"].as_str().unwrap()),
+            "NIC {n} of no VM"
+        );
+    }
+    let used_ips = c.count("used-ips", &[]).await.unwrap();
+    let counted: i64 = c
+        .list("ip-ranges", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r["used"].as_i64().unwrap())
+        .sum();
+    let addressed = nics.iter().filter(|n| !n["ip"].is_null()).count() as u64;
+    assert_eq!(
+        (used_ips, counted as u64),
+        (addressed, addressed),
+        "addresses"
+    );
+}
+
+fn deployment_survives_kill_and_restart(name: &str, database: Option<String>) {
+    let mut d = Deployment::start(name, database);
+    walk_through(&d);
+    let rt = rt();
+    rt.block_on(async {
+        let c = d.client();
+        let first = submit_vms(&c, "batch", 60).await;
+        assert_eq!(first.len(), 60);
+        settle(&c).await;
+        assert_eq!(c.count("vms", &["state=Running"]).await.unwrap(), 60);
+        check_books(&c).await;
+    });
+    // kill -9 while creations run: the restart finishes or rolls back each.
+    let jobs = rt.block_on(async {
+        let c = d.client();
+        let jobs = submit_vms(&c, "killed", 60).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        jobs
+    });
+    d.kill9_serve();
+    d.start_serve();
+    rt.block_on(async {
+        let c = d.client();
+        settle(&c).await;
+        let mut ended = 0;
+        for j in &jobs {
+            let v = c.get(&format!("/v1/jobs/{j}")).await.unwrap();
+            assert!(
+                matches!(v["state"].as_str(), Some("Succeeded" | "Failed")),
+                "job {v}"
+            );
+            ended += 1;
+        }
+        assert_eq!(ended, jobs.len());
+        check_books(&c).await;
+        // The node works on after its restart.
+        let more = submit_vms(&c, "after", 10).await;
+        assert_eq!(more.len(), 10);
+        settle(&c).await;
+        check_books(&c).await;
+    });
+    // A graceful stop exits 0, and a refused change meanwhile is `node_unavailable`.
+    let status = d.stop_serve();
+    assert!(status.success(), "serve exited {status:?}");
+    let _ = std::fs::remove_dir_all(&d.dir);
+}
+
+#[test]
+fn sqlite_deployment_walk_through_kill_and_restart() {
+    deployment_survives_kill_and_restart("sqlite", None);
+}
+
+#[test]
+fn postgres_deployment_walk_through_kill_and_restart() {
+    let Ok(url) = std::env::var("STRATUS_TEST_PG_URL") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI is set but STRATUS_TEST_PG_URL is not: ci/test must start PostgreSQL"
+        );
+        eprintln!("STRATUS_TEST_PG_URL not set; skipping the PostgreSQL deployment test");
+        return;
+    };
+    let db = format!("stratus_e2e_{}", std::process::id());
+    rt().block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {db}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    });
+    let (base, _) = url.rsplit_once('/').unwrap();
+    deployment_survives_kill_and_restart("postgres", Some(format!("{base}/{db}")));
+}
