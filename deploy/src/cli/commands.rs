@@ -698,6 +698,57 @@ async fn list(s: &Session, f: Format, path: &str, q: Filter) -> Result<(), Failu
     Ok(())
 }
 
+/// How a resource attaches to another: the action, the body's key, the other's kind.
+struct Link {
+    action: &'static str,
+    key: &'static str,
+    kind: &'static str,
+}
+
+const TO_CLUSTER: Link = Link {
+    action: "attach-cluster",
+    key: "cluster_uuid",
+    kind: "clusters",
+};
+const TO_ZONE: Link = Link {
+    action: "attach-zone",
+    key: "zone_uuid",
+    kind: "zones",
+};
+
+/// Attach `id` (of `path`) to `target` (a name or uuid) by `link`.
+async fn attach(
+    s: &Session,
+    f: Format,
+    path: &str,
+    id: &str,
+    link: &Link,
+    target: &str,
+) -> Result<(), Failure> {
+    let t = s.resolve(link.kind, target).await?;
+    act(s, f, path, id, link.action, json!({ link.key: t })).await
+}
+
+/// Create a resource, attach it to each of `targets`, print it.
+async fn create_attached(
+    s: &Session,
+    f: Format,
+    path: &str,
+    body: Value,
+    link: &Link,
+    targets: &[String],
+) -> Result<(), Failure> {
+    let v = s
+        .mutate("POST", &format!("/v1/{path}"), Some(&body))
+        .await?;
+    let id = created(&v)?;
+    for t in targets {
+        attach(s, f, path, &id, link, t).await?;
+    }
+    print(f, path, &v);
+    Ok(())
+}
+
 /// The uuid of a created resource, from a job's result.
 fn created(v: &Value) -> Result<String, Failure> {
     v["uuid"]
@@ -766,6 +817,7 @@ async fn host(s: &Session, f: Format, c: HostCmd) -> Result<(), Failure> {
 }
 
 async fn backup_storage(s: &Session, f: Format, c: BackupStorageCmd) -> Result<(), Failure> {
+    let p = "backup-storages";
     match c {
         BackupStorageCmd::Create {
             name,
@@ -774,39 +826,15 @@ async fn backup_storage(s: &Session, f: Format, c: BackupStorageCmd) -> Result<(
             zone,
         } => {
             let body = json!({"name": name, "url": url, "total_mib": total_mib});
-            let v = s.mutate("POST", "/v1/backup-storages", Some(&body)).await?;
-            for z in zone {
-                let z = s.resolve("zones", &z).await?;
-                act(
-                    s,
-                    f,
-                    "backup-storages",
-                    &created(&v)?,
-                    "attach-zone",
-                    json!({"zone_uuid": z}),
-                )
-                .await?;
-            }
-            print(f, "backup-storages", &v);
+            create_attached(s, f, p, body, &TO_ZONE, &zone).await
         }
-        BackupStorageCmd::Attach { bs, zone } => {
-            let z = s.resolve("zones", &zone).await?;
-            act(
-                s,
-                f,
-                "backup-storages",
-                &bs,
-                "attach-zone",
-                json!({"zone_uuid": z}),
-            )
-            .await?;
-        }
-        BackupStorageCmd::List(q) => list(s, f, "backup-storages", q).await?,
+        BackupStorageCmd::Attach { bs, zone } => attach(s, f, p, &bs, &TO_ZONE, &zone).await,
+        BackupStorageCmd::List(q) => list(s, f, p, q).await,
     }
-    Ok(())
 }
 
 async fn primary_storage(s: &Session, f: Format, c: PrimaryStorageCmd) -> Result<(), Failure> {
+    let p = "primary-storages";
     match c {
         PrimaryStorageCmd::Create {
             name,
@@ -819,39 +847,13 @@ async fn primary_storage(s: &Session, f: Format, c: PrimaryStorageCmd) -> Result
             if let Some(u) = url {
                 body["url"] = u.into();
             }
-            let v = s
-                .mutate("POST", "/v1/primary-storages", Some(&body))
-                .await?;
-            for c in cluster {
-                let c = s.resolve("clusters", &c).await?;
-                let ps = created(&v)?;
-                act(
-                    s,
-                    f,
-                    "primary-storages",
-                    &ps,
-                    "attach-cluster",
-                    json!({"cluster_uuid": c}),
-                )
-                .await?;
-            }
-            print(f, "primary-storages", &v);
+            create_attached(s, f, p, body, &TO_CLUSTER, &cluster).await
         }
         PrimaryStorageCmd::Attach { ps, cluster } => {
-            let c = s.resolve("clusters", &cluster).await?;
-            act(
-                s,
-                f,
-                "primary-storages",
-                &ps,
-                "attach-cluster",
-                json!({"cluster_uuid": c}),
-            )
-            .await?;
+            attach(s, f, p, &ps, &TO_CLUSTER, &cluster).await
         }
-        PrimaryStorageCmd::List(q) => list(s, f, "primary-storages", q).await?,
+        PrimaryStorageCmd::List(q) => list(s, f, p, q).await,
     }
-    Ok(())
 }
 
 async fn image(s: &Session, f: Format, c: ImageCmd) -> Result<(), Failure> {
@@ -910,6 +912,7 @@ async fn offering(s: &Session, f: Format, c: OfferingCmd) -> Result<(), Failure>
 }
 
 async fn l2(s: &Session, f: Format, c: L2Cmd) -> Result<(), Failure> {
+    let p = "l2-networks";
     match c {
         L2Cmd::Create {
             name,
@@ -923,37 +926,11 @@ async fn l2(s: &Session, f: Format, c: L2Cmd) -> Result<(), Failure> {
             let zone = s.resolve("zones", &zone).await?;
             let body = json!({"name": name, "zone_uuid": zone, "kind": kind,
                 "physical_interface": interface, "vlan": vlan, "vni": vni});
-            let v = s.mutate("POST", "/v1/l2-networks", Some(&body)).await?;
-            for c in cluster {
-                let c = s.resolve("clusters", &c).await?;
-                let l2 = created(&v)?;
-                act(
-                    s,
-                    f,
-                    "l2-networks",
-                    &l2,
-                    "attach-cluster",
-                    json!({"cluster_uuid": c}),
-                )
-                .await?;
-            }
-            print(f, "l2-networks", &v);
+            create_attached(s, f, p, body, &TO_CLUSTER, &cluster).await
         }
-        L2Cmd::Attach { l2, cluster } => {
-            let c = s.resolve("clusters", &cluster).await?;
-            act(
-                s,
-                f,
-                "l2-networks",
-                &l2,
-                "attach-cluster",
-                json!({"cluster_uuid": c}),
-            )
-            .await?;
-        }
-        L2Cmd::List(q) => list(s, f, "l2-networks", q).await?,
+        L2Cmd::Attach { l2, cluster } => attach(s, f, p, &l2, &TO_CLUSTER, &cluster).await,
+        L2Cmd::List(q) => list(s, f, p, q).await,
     }
-    Ok(())
 }
 
 async fn vm(s: &Session, f: Format, c: VmCmd) -> Result<(), Failure> {
