@@ -5,7 +5,7 @@
 use crate::config::ConfigDef;
 use crate::error::{Error, ErrorCode};
 use crate::ids::Ids;
-use crate::model::{Account, ApiToken, User};
+use crate::model::{root_account, Account, ApiToken, User};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use sha2::{Digest, Sha256};
@@ -118,13 +118,7 @@ impl Auth {
             }
             None => None,
         };
-        let account = Row::new(
-            self.ids.uuid(),
-            Account {
-                name: ADMIN.into(),
-                admin: true,
-            },
-        );
+        let account = Row::new(root_account(), Account::new(ADMIN, true));
         let user = Row::new(
             self.ids.uuid(),
             User {
@@ -152,6 +146,32 @@ impl Auth {
             .await?
             .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("no user named {name:?}")))?;
         self.issue(&u, ttl, note).await
+    }
+
+    /// A user of `account` (with no password, it can only be given tokens: the simulation's
+    /// harness does so).
+    pub async fn create_user(
+        &self,
+        name: &str,
+        account: Uuid,
+        password: Option<&str>,
+    ) -> Result<Row<User>, Error> {
+        let hash = match password {
+            Some(p) => {
+                check_password(p)?;
+                Some(hash_password(&self.ids, p)?)
+            }
+            None => None,
+        };
+        let user = Row::new(
+            self.ids.uuid(),
+            User {
+                name: name.into(),
+                account_uuid: account,
+                password_hash: hash,
+            },
+        );
+        Ok(self.db.insert(user).await?)
     }
 
     /// Whether a user of this name exists.

@@ -26,6 +26,8 @@ pub enum ErrorCode {
     ConditionFailed,
     /// Not enough capacity (hosts, IP addresses, storage) to satisfy the request.
     CapacityExhausted,
+    /// The account's quota has no room for the request.
+    QuotaExceeded,
     /// The resource is used by others and cannot be deleted without force.
     InUse,
     /// The operation did not finish in time.
@@ -50,7 +52,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::InvalidArgument,
         ErrorCode::NotFound,
         ErrorCode::AlreadyExists,
@@ -58,6 +60,7 @@ impl ErrorCode {
         ErrorCode::Conflict,
         ErrorCode::ConditionFailed,
         ErrorCode::CapacityExhausted,
+        ErrorCode::QuotaExceeded,
         ErrorCode::InUse,
         ErrorCode::Timeout,
         ErrorCode::NodeUnavailable,
@@ -79,6 +82,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::ConditionFailed => "condition_failed",
             ErrorCode::CapacityExhausted => "capacity_exhausted",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::InUse => "in_use",
             ErrorCode::Timeout => "timeout",
             ErrorCode::NodeUnavailable => "node_unavailable",
@@ -104,7 +108,8 @@ impl ErrorCode {
             | ErrorCode::Conflict
             | ErrorCode::ConditionFailed
             | ErrorCode::InUse
-            | ErrorCode::CapacityExhausted => 409,
+            | ErrorCode::CapacityExhausted
+            | ErrorCode::QuotaExceeded => 409,
             ErrorCode::Timeout => 504,
             ErrorCode::NodeUnavailable
             | ErrorCode::HostUnreachable

@@ -44,6 +44,8 @@ stratus_store::resource! {
         /// (found by `state`).
         boot: Uuid,
         finished_ms: Option<Millis>,
+        /// The account of the caller that submitted it.
+        account_uuid: Option<Uuid> [index, column],
     }
 }
 
@@ -165,6 +167,16 @@ impl Jobs {
 
     /// Record a new running job.
     pub async fn create(&self, operation: &str, resource: Option<Uuid>) -> Result<Uuid, Error> {
+        self.create_for(None, operation, resource).await
+    }
+
+    /// Record a new running job submitted by a caller of `account`.
+    pub async fn create_for(
+        &self,
+        account: Option<Uuid>,
+        operation: &str,
+        resource: Option<Uuid>,
+    ) -> Result<Uuid, Error> {
         let id = self.ids.uuid();
         let job = Job {
             operation: operation.to_string(),
@@ -178,6 +190,7 @@ impl Jobs {
             node: self.node,
             boot: self.boot,
             finished_ms: None,
+            account_uuid: account,
         };
         // Patiently too: a job row whose insert applied but was reported failed would be
         // Running with nobody to finish it.
@@ -311,7 +324,22 @@ impl Jobs {
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: Future<Output = Result<JsonText, Error>> + Send + 'static,
     {
-        let id = self.create(operation, resource).await?;
+        self.submit_for(None, operation, resource, body).await
+    }
+
+    /// [`Jobs::submit`] for a caller of `account`.
+    pub async fn submit_for<F, Fut>(
+        &self,
+        account: Option<Uuid>,
+        operation: &str,
+        resource: Option<Uuid>,
+        body: F,
+    ) -> Result<Uuid, Error>
+    where
+        F: FnOnce(JobHandle) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<JsonText, Error>> + Send + 'static,
+    {
+        let id = self.create_for(account, operation, resource).await?;
         let in_flight = InFlight::new(&self.in_flight);
         let jobs = self.clone();
         let handle = JobHandle {

@@ -56,6 +56,17 @@ impl ManagementNode {
     /// Start a node on `store`: load config, start the services and the API, finish the work
     /// an earlier run of this (or a dead) node left in the journal, start tracking hosts.
     pub async fn start(store: Arc<dyn Store>, cfg: NodeConfig) -> Result<ManagementNode, Error> {
+        let url = match cfg.advertise {
+            Some(u) => u,
+            // Agents would be told to call back port 0.
+            None if cfg.listen.port() == 0 => {
+                return Err(Error::invalid(format!(
+                    "listening on {} (any port) needs the URL to advertise to agents",
+                    cfg.listen
+                )))
+            }
+            None => format!("http://{}", cfg.listen),
+        };
         let engine = Engine::start(
             store,
             EngineOptions {
@@ -67,9 +78,6 @@ impl ManagementNode {
             },
         )
         .await?;
-        let url = cfg
-            .advertise
-            .unwrap_or_else(|| format!("http://{}", cfg.listen));
         let cloud = services::start(engine, url, cfg.repairs).await?;
         // Config changed on a peer: apply it here too.
         let mut changes = cloud.bus().subscribe("/config/change")?;

@@ -19,7 +19,11 @@ struct Api {
 impl Api {
     async fn start() -> Api {
         let store: Arc<dyn Store> = Arc::new(MemStore::new(stratus_core::model::schema()));
-        let cfg = NodeConfig::new(Uuid::from_u128(1), "127.0.0.1:0".parse().unwrap());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let cfg = NodeConfig::new(Uuid::from_u128(1), ([127, 0, 0, 1], port).into());
         let node = ManagementNode::start(store, cfg).await.unwrap();
         assert!(node
             .cloud

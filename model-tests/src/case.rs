@@ -46,7 +46,7 @@ impl Case {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::{Offering, VmAction};
+    use crate::ops::{Offering, Tenant, VmAction};
     use stratus_agent_protocol::CommandKind;
 
     #[test]
@@ -64,10 +64,12 @@ mod tests {
                 Op::CreateVm {
                     offering: Offering::Small,
                     static_ip: Some(3),
+                    tenant: Tenant::A,
                 },
                 Op::Vm {
                     vm: 0,
                     action: VmAction::Stop,
+                    foreign: true,
                 },
             ],
             failure: Some("x".into()),

@@ -6,7 +6,9 @@
 //! crashed host decide that); the runner keeps the expected state of each resource and checks
 //! every outcome against it.
 
-use crate::ops::{AgentFault, HostAction, Member, Offering, Op, VmAction, FAILABLE, GROUP_MAX};
+use crate::ops::{
+    AgentFault, HostAction, Member, Offering, Op, Tenant, VmAction, FAILABLE, GROUP_MAX,
+};
 use proptest::prelude::*;
 use proptest::strategy::Union;
 use proptest_state_machine::ReferenceStateMachine;
@@ -53,7 +55,7 @@ impl ModelState {
     pub fn allows(&self, op: &Op) -> bool {
         match op {
             Op::Vm { vm, .. } => *vm < self.vms,
-            Op::CreateVolume { attach } => attach.is_none_or(|v| v < self.vms),
+            Op::CreateVolume { attach, .. } => attach.is_none_or(|v| v < self.vms),
             Op::AttachVolume { volume, vm } => *volume < self.volumes && *vm < self.vms,
             Op::DetachVolume { volume } | Op::DeleteVolume { volume } => *volume < self.volumes,
             Op::Host { host, .. } | Op::DeleteHost { host } => *host < ALL_HOSTS,
@@ -92,7 +94,7 @@ impl ModelState {
         for m in members {
             let names_new = match &m.op {
                 Op::Vm { vm, .. } => *vm >= before.vms,
-                Op::CreateVolume { attach } => attach.is_some_and(|v| v >= before.vms),
+                Op::CreateVolume { attach, .. } => attach.is_some_and(|v| v >= before.vms),
                 Op::AttachVolume { volume, vm } => *volume >= before.volumes || *vm >= before.vms,
                 Op::DetachVolume { volume } | Op::DeleteVolume { volume } => {
                     *volume >= before.volumes
@@ -150,17 +152,19 @@ impl ModelState {
                         1 => Just(Offering::Huge)
                     ],
                     prop::option::weighted(0.2, 0..IPS + 2),
+                    tenant(),
                 )
-                    .prop_map(|(offering, static_ip)| Op::CreateVm {
+                    .prop_map(|(offering, static_ip, tenant)| Op::CreateVm {
                         offering,
                         static_ip,
+                        tenant,
                     })
                     .boxed(),
             ),
             (
                 15,
-                prop::option::of(0..self.vms.max(1))
-                    .prop_map(|attach| Op::CreateVolume { attach })
+                (prop::option::of(0..self.vms.max(1)), tenant())
+                    .prop_map(|(attach, tenant)| Op::CreateVolume { attach, tenant })
                     .boxed(),
             ),
             (
@@ -231,8 +235,16 @@ impl ModelState {
         if self.vms > 0 {
             arms.push((
                 110,
-                (0..self.vms, prop::sample::select(VmAction::ALL.to_vec()))
-                    .prop_map(|(vm, action)| Op::Vm { vm, action })
+                (
+                    0..self.vms,
+                    prop::sample::select(VmAction::ALL.to_vec()),
+                    prop::bool::weighted(0.05),
+                )
+                    .prop_map(|(vm, action, foreign)| Op::Vm {
+                        vm,
+                        action,
+                        foreign,
+                    })
                     .boxed(),
             ));
         }
@@ -304,10 +316,14 @@ impl ModelState {
         let (vms, vols) = (self.vms, self.volumes);
         let mut api: Vec<(u32, BoxedStrategy<Op>)> = vec![(
             2,
-            prop_oneof![Just(Offering::Small), Just(Offering::Medium)]
-                .prop_map(|offering| Op::CreateVm {
+            (
+                prop_oneof![Just(Offering::Small), Just(Offering::Medium)],
+                tenant(),
+            )
+                .prop_map(|(offering, tenant)| Op::CreateVm {
                     offering,
                     static_ip: None,
+                    tenant,
                 })
                 .boxed(),
         )];
@@ -315,13 +331,20 @@ impl ModelState {
             api.push((
                 8,
                 (0..vms, prop::sample::select(VmAction::ALL.to_vec()))
-                    .prop_map(|(vm, action)| Op::Vm { vm, action })
+                    .prop_map(|(vm, action)| Op::Vm {
+                        vm,
+                        action,
+                        foreign: false,
+                    })
                     .boxed(),
             ));
             api.push((
                 1,
                 (0..vms)
-                    .prop_map(|vm| Op::CreateVolume { attach: Some(vm) })
+                    .prop_map(|vm| Op::CreateVolume {
+                        attach: Some(vm),
+                        tenant: Tenant::Admin,
+                    })
                     .boxed(),
             ));
         }
@@ -425,6 +448,16 @@ pub fn valid_sequence(seed: u64, ops: &[Op]) -> Result<(), String> {
     Ok(())
 }
 
+/// Who sends a create: mostly the admin, now and then one of the two capped accounts.
+fn tenant() -> BoxedStrategy<Tenant> {
+    prop_oneof![
+        4 => Just(Tenant::Admin),
+        1 => Just(Tenant::A),
+        1 => Just(Tenant::B)
+    ]
+    .boxed()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,7 +486,8 @@ mod tests {
         assert!(!s.allows(&Op::CrashHost { host: 0 }));
         assert!(!s.allows(&Op::Vm {
             vm: 0,
-            action: VmAction::Start
+            action: VmAction::Start,
+            foreign: false,
         }));
         assert!(valid_sequence(1, &[Op::KillMgmt, Op::KillMgmt]).is_err());
     }
@@ -461,8 +495,13 @@ mod tests {
     #[test]
     fn a_group_names_what_existed_before_it_and_has_one_fault_at_most() {
         let m = |op| Member { after_ms: 0, op };
-        let vm = |vm, action| Op::Vm { vm, action };
+        let vm = |vm, action| Op::Vm {
+            vm,
+            action,
+            foreign: false,
+        };
         let create = Op::CreateVm {
+            tenant: Tenant::Admin,
             offering: Offering::Small,
             static_ip: None,
         };

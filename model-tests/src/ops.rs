@@ -127,6 +127,23 @@ impl AgentFault {
     }
 }
 
+/// Who sends an API operation: the admin (the case's own client), or one of two accounts with
+/// small quotas, which see and touch only their own VMs and volumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tenant {
+    #[default]
+    Admin,
+    A,
+    B,
+}
+
+impl Tenant {
+    pub fn is_admin(&self) -> bool {
+        *self == Tenant::Admin
+    }
+}
+
 /// One step of a case.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -135,14 +152,22 @@ pub enum Op {
     CreateVm {
         offering: Offering,
         static_ip: Option<u16>,
+        #[serde(default, skip_serializing_if = "Tenant::is_admin")]
+        tenant: Tenant,
     },
+    /// An action on a VM, sent by its owner — or, `foreign`, by an account that does not own
+    /// it, which must be answered `not_found`.
     Vm {
         vm: usize,
         action: VmAction,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        foreign: bool,
     },
     /// Create a data volume, attached to a VM of the case or detached.
     CreateVolume {
         attach: Option<usize>,
+        #[serde(default, skip_serializing_if = "Tenant::is_admin")]
+        tenant: Tenant,
     },
     AttachVolume {
         volume: usize,

@@ -14,12 +14,13 @@
 
 use crate::case::Case;
 use crate::model::{BASE_HOSTS, IPS, SPARE_HOSTS};
-use crate::ops::{AgentFault, HostAction, Member, Op, VmAction};
+use crate::ops::{AgentFault, HostAction, Member, Op, Tenant, VmAction};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use stratus_core::client::StratusClient;
 use stratus_core::error::{Error, ErrorCode};
 use stratus_core::flow::ROLLBACK_FAILED_NOTE;
 use stratus_core::model::{
@@ -27,7 +28,7 @@ use stratus_core::model::{
 };
 use stratus_sim_world::invariants::{census, check, check_books, Census};
 use stratus_sim_world::{HostProfile, Trace, World, WorldSpec};
-use stratus_store::{Query, Row};
+use stratus_store::{Query, Resource, Row};
 use uuid::Uuid;
 
 /// Simulated time one `Settle` (and the final settle) may take.
@@ -159,6 +160,8 @@ struct Runner {
     /// The last API operation succeeded where the expected state forbids it (checked while
     /// expectations hold).
     forbidden: Option<String>,
+    /// An account reached a resource of another (always a violation).
+    breach: Option<String>,
     crashed: BTreeSet<usize>,
     partitioned: BTreeSet<usize>,
     trace: Trace,
@@ -199,6 +202,7 @@ impl Runner {
             mgmt_up: true,
             interrupted: false,
             forbidden: None,
+            breach: None,
             crashed: BTreeSet::new(),
             partitioned: BTreeSet::new(),
             trace: Trace::new(),
@@ -210,6 +214,20 @@ impl Runner {
 
     async fn run(&mut self, case: &Case) -> Outcome {
         self.t0 = tokio::time::Instant::now();
+        // Two accounts with small quotas beside the admin (`Tenant`); invariant 8 keeps their
+        // books.
+        for (name, limits) in [
+            ("tenant-a", json!({"vm_limit": 3, "vcpu_limit": 6})),
+            (
+                "tenant-b",
+                json!({"memory_mib_limit": 6144, "volume_limit": 5}),
+            ),
+        ] {
+            match self.w.tenant(name, limits).await {
+                Ok(t) => self.w.tenants.push(t),
+                Err(e) => return self.violated(0, format!("cannot make {name}: {e}")),
+            }
+        }
         for (i, op) in case.ops.iter().enumerate() {
             let before = match census(&self.w).await {
                 Ok(c) => c,
@@ -315,6 +333,11 @@ impl Runner {
                     _ => self.vms.len(),
                 };
                 let (res, created) = call_api(&self.w, &self.vms, &self.volumes, op, name).await;
+                if let (Op::Vm { foreign: true, .. }, Res::Ok) = (op, &res) {
+                    self.breach = Some(format!(
+                        "{op} succeeded, sent by an account that does not own the VM"
+                    ));
+                }
                 match op {
                     Op::CreateVm { .. } => self.vms.push(created),
                     Op::CreateVolume { .. } => self.volumes.push(created),
@@ -732,6 +755,9 @@ impl Runner {
             }
             _ => {}
         }
+        if let Some(why) = self.breach.take() {
+            return Err(why);
+        }
         let forbidden = self.forbidden.take();
         if self.tainted {
             return Ok(());
@@ -923,7 +949,6 @@ async fn call_api(
     op: &Op,
     name: usize,
 ) -> (Res, Option<Uuid>) {
-    let c = &w.client;
     let done = |r: Result<Value, Error>| match r {
         Ok(_) => Res::Ok,
         Err(e) => Res::Failed(e),
@@ -936,6 +961,7 @@ async fn call_api(
         Op::CreateVm {
             offering,
             static_ip,
+            tenant,
         } => {
             let mut body = w.vm_request(&format!("vm-{name}"), offering.name());
             if let Some(o) = static_ip {
@@ -943,16 +969,22 @@ async fn call_api(
                 body["static_ips"] =
                     json!({ w.dc.zones[0].l3.to_string(): Ipv4Addr::from(ip).to_string() });
             }
-            created(c.create("vms", body).await)
+            created(client_for(w, *tenant).create("vms", body).await)
         }
-        Op::Vm { vm, action } => match vms[*vm] {
-            Some(id) => (
-                done(c.action("vms", id, action.name(), json!({})).await),
-                None,
-            ),
+        Op::Vm {
+            vm,
+            action,
+            foreign,
+        } => match vms[*vm] {
+            Some(id) => {
+                let c = owner_client::<Vm>(w, id, *foreign).await;
+                let r = c.action("vms", id, action.name(), json!({})).await;
+                (done(r), None)
+            }
             None => (Res::Skipped, None),
         },
-        Op::CreateVolume { attach } => {
+        Op::CreateVolume { attach, tenant } => {
+            let c = client_for(w, *tenant);
             let vm = match attach {
                 Some(i) => match vms[*i] {
                     Some(u) => Some(u),
@@ -966,20 +998,27 @@ async fn call_api(
         }
         Op::AttachVolume { volume, vm } => match (volumes[*volume], vms[*vm]) {
             (Some(vol), Some(vm)) => {
+                let c = owner_client::<Volume>(w, vol, false).await;
                 let r = c.action("volumes", vol, "attach", json!({ "vm_uuid": vm }));
                 (done(r.await), None)
             }
             _ => (Res::Skipped, None),
         },
         Op::DetachVolume { volume } => match volumes[*volume] {
-            Some(vol) => (
-                done(c.action("volumes", vol, "detach", json!({})).await),
-                None,
-            ),
+            Some(vol) => {
+                let c = owner_client::<Volume>(w, vol, false).await;
+                (
+                    done(c.action("volumes", vol, "detach", json!({})).await),
+                    None,
+                )
+            }
             None => (Res::Skipped, None),
         },
         Op::DeleteVolume { volume } => match volumes[*volume] {
-            Some(vol) => (done(c.delete("volumes", vol, false).await), None),
+            Some(vol) => {
+                let c = owner_client::<Volume>(w, vol, false).await;
+                (done(c.delete("volumes", vol, false).await), None)
+            }
             None => (Res::Skipped, None),
         },
         other => (
@@ -987,6 +1026,36 @@ async fn call_api(
             None,
         ),
     }
+}
+
+/// The client that sends as `t` (the admin's until the tenants are made).
+fn client_for(w: &World, t: Tenant) -> &StratusClient {
+    let i = match t {
+        Tenant::Admin => return &w.client,
+        Tenant::A => 0,
+        Tenant::B => 1,
+    };
+    w.tenants.get(i).map_or(&w.client, |(_, c)| c)
+}
+
+/// The client of the account that owns row `id` of `T` (the admin's for the cloud's own rows
+/// and for rows gone); with `foreign`, one of an account that does not own it.
+async fn owner_client<T: Resource>(w: &World, id: Uuid, foreign: bool) -> &StratusClient {
+    let owner =
+        w.db.peek::<T, _>(id, |r| r.decode::<Option<Uuid>>("account_uuid"))
+            .await
+            .ok()
+            .flatten()
+            .flatten();
+    let mine = owner.and_then(|o| w.tenants.iter().position(|(a, _)| *a == o));
+    let pick = match (mine, foreign) {
+        (Some(i), false) => Some(i),
+        (None, false) => None,
+        (Some(i), true) => Some(1 - i),
+        (None, true) => Some(0),
+    };
+    pick.and_then(|i| w.tenants.get(i))
+        .map_or(&w.client, |(_, c)| c)
 }
 
 /// Inject fault `op` (one that [`Op::is_group_fault`]) into the world.
@@ -1032,7 +1101,7 @@ fn effect(
             e.vms.insert(id, "Running".into());
             Ok(())
         }
-        Op::Vm { vm, action } => {
+        Op::Vm { vm, action, .. } => {
             let id = vms[*vm].ok_or("an action on a VM never created")?;
             let allowed = vm_allows(e, id, core_action(*action));
             match action {
@@ -1058,7 +1127,7 @@ fn effect(
             }
             allowed
         }
-        Op::CreateVolume { attach } => {
+        Op::CreateVolume { attach, .. } => {
             let id = created.ok_or("a created volume without its uuid")?;
             let vm = attach.and_then(|i| vms[i]);
             let allowed = match vm {
@@ -1156,15 +1225,18 @@ mod tests {
         let create = Op::CreateVm {
             offering: Offering::Small,
             static_ip: None,
+            tenant: Tenant::A,
         };
         effect(&mut e, &create, &vms, &volumes, Some(a)).unwrap();
         let stop = Op::Vm {
             vm: 0,
             action: VmAction::Stop,
+            foreign: false,
         };
         let destroy = Op::Vm {
             vm: 0,
             action: VmAction::Destroy,
+            foreign: false,
         };
         // Destroy, then stop: the stop is not allowed from Destroyed.
         let mut first = Expect {

@@ -90,6 +90,10 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
         Ok(t) => t,
         Err(e) => return vec![e],
     };
+    let accounts = match all::<Account>(db).await {
+        Ok(a) => a,
+        Err(e) => return vec![e],
+    };
     let vm_by: BTreeMap<Uuid, &Row<Vm>> = vms.iter().map(|v| (v.uuid, v)).collect();
     // Sums and counts grouped once: the scale runs check 30,000 hosts and 100,000 VMs.
     let mut host_sums: BTreeMap<Uuid, (i64, i64)> = BTreeMap::new();
@@ -270,10 +274,72 @@ async fn check_parts(world: &World, lim: Limits, with_hosts: bool) -> Vec<String
         }
     }
 
+    quotas(&accounts, &vms, &volumes, &mut bad);
     if with_hosts {
         hosts_agree(world, &hosts, &vms, &volumes, &vm_by, &mut bad);
     }
     bad
+}
+
+/// Invariant 8, quotas: each account's use is the sum over the VMs and volumes it owns,
+/// within its limits.
+fn quotas(
+    accounts: &[Row<Account>],
+    vms: &[Row<Vm>],
+    volumes: &[Row<Volume>],
+    bad: &mut Vec<String>,
+) {
+    let mut sums: BTreeMap<Uuid, [i64; 5]> = BTreeMap::new();
+    for v in vms {
+        if let Some(a) = v.account_uuid {
+            let e = sums.entry(a).or_default();
+            e[0] += 1;
+            e[1] += v.cpu;
+            e[2] += v.memory_mib;
+        }
+    }
+    for v in volumes {
+        if let Some(a) = v.account_uuid {
+            let e = sums.entry(a).or_default();
+            e[3] += 1;
+            e[4] += v.size_mib;
+        }
+    }
+    for a in accounts {
+        let used = [
+            a.vms_used,
+            a.vcpus_used,
+            a.memory_mib_used,
+            a.volumes_used,
+            a.volume_mib_used,
+        ];
+        let owned = sums.remove(&a.uuid).unwrap_or_default();
+        if used != owned {
+            bad.push(format!(
+                "account {}: in use (VMs, vCPUs, MiB, volumes, volume MiB) {used:?}, but it owns {owned:?}",
+                a.name
+            ));
+        }
+        let limits = [
+            a.vm_limit,
+            a.vcpu_limit,
+            a.memory_mib_limit,
+            a.volume_limit,
+            a.volume_mib_limit,
+        ];
+        for (u, l) in used.iter().zip(limits) {
+            if l.is_some_and(|l| *u > l) {
+                bad.push(format!(
+                    "account {}: {used:?} in use is over its limits {limits:?}",
+                    a.name
+                ));
+                break;
+            }
+        }
+    }
+    for (a, owned) in sums {
+        bad.push(format!("account {a} owns {owned:?} but does not exist"));
+    }
 }
 
 /// 5. The database and the hosts agree.

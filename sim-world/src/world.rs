@@ -188,6 +188,8 @@ pub struct World {
     pub store: Arc<MemStore>,
     pub db: Db,
     pub client: StratusClient,
+    /// Accounts made with [`World::tenant`] and a client acting as each.
+    pub tenants: Vec<(Uuid, StratusClient)>,
     pub mgmt: madsim::task::NodeId,
     pub hosts: Vec<SimHost>,
     pub faults: Arc<SimFaults>,
@@ -426,6 +428,7 @@ impl World {
             store,
             db,
             client,
+            tenants: Vec::new(),
             mgmt,
             hosts,
             faults,
@@ -446,6 +449,29 @@ impl World {
             "address": format!("{}:7070", h.ip),
             "token": h.token,
         })
+    }
+
+    /// An account named `name` with quota `limits` (`{"vm_limit": 3, ...}`), made through the
+    /// API, and a client acting as its one user (the user and its token are made in the store:
+    /// no password to hash).
+    pub async fn tenant(&self, name: &str, limits: Value) -> Result<(Uuid, StratusClient), Error> {
+        let mut body = json!({ "name": name });
+        if let (Some(b), Some(l)) = (body.as_object_mut(), limits.as_object()) {
+            b.extend(l.clone());
+        }
+        let account = self.client.create("accounts", body).await?;
+        let account = uuid(&account["uuid"]).ok_or_else(|| Error::internal("no account uuid"))?;
+        let auth = Auth::new(
+            self.db.clone(),
+            Arc::new(Ids::from_seed(self.spec.seed ^ 0x7e)),
+        );
+        auth.create_user(name, account, None).await?;
+        let t = auth
+            .issue_for(name, Duration::from_secs(10 * 365 * 86_400), "harness")
+            .await?;
+        let mut c = StratusClient::new(self.client.addr()).with_token(&t.token);
+        c.wait = self.client.wait;
+        Ok((account, c))
     }
 
     /// Add host `i` (a spare, or one a cascade deleted) to `cluster` through the API.

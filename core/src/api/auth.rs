@@ -50,9 +50,9 @@ pub(super) async fn authenticate(
         Ok(c) => c,
         Err(e) => return error(&e),
     };
-    // Resources do not have owners yet: an account that is not an admin reaches only its own
-    // session.
-    if !caller.admin && !path.starts_with("/v1/auth/") {
+    // Configuration and metrics are the operator's; what else a plain account may reach, the
+    // routes decide per kind (`scope`).
+    if !caller.admin && (path == "/metrics" || path.starts_with("/v1/config")) {
         return error(&Error::new(
             ErrorCode::Forbidden,
             "only an admin account's users may use this",

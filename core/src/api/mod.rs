@@ -18,6 +18,7 @@
 
 mod auth;
 mod routes;
+mod scope;
 
 pub use routes::{kind_of_path, router, RESOURCE_PATHS};
 

@@ -1,13 +1,14 @@
 //! Routes of the API. See the module docs of [`crate::api`].
 
-use super::{error, json, not_found_path};
+use super::{error, json, not_found_path, scope};
+use crate::auth::Caller;
 use crate::bus::Message;
 use crate::error::{Error, ErrorCode};
 use crate::job::{Job, JobState};
 use crate::model::*;
 use crate::services::cascade::DeleteResource;
 use crate::services::host::{AddHost, ChangeHostState, HostAction, ReconnectHost};
-use crate::services::identity::{CreateAccount, CreateUser};
+use crate::services::identity::{CreateAccount, CreateUser, SetQuotas};
 use crate::services::network::{AddIpRange, AttachL2ToCluster, CreateL2Network, CreateL3Network};
 use crate::services::offering::{CreateDiskOffering, CreateInstanceOffering, SetOfferingState};
 use crate::services::storage::{
@@ -23,7 +24,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -189,6 +190,7 @@ plain_view!(
 /// Run `msg` as a job; answer at once or, with `wait`, when it ends.
 async fn submit<M>(
     c: &Arc<Cloud>,
+    me: &Caller,
     resource: Option<Uuid>,
     msg: M,
     wait: Option<Duration>,
@@ -201,7 +203,7 @@ where
     let job = c
         .engine
         .jobs
-        .submit(M::NAME, resource, move |_h| async move {
+        .submit_for(Some(me.account), M::NAME, resource, move |_h| async move {
             let reply = bus.send(msg).await?;
             Ok(reply.view())
         })
@@ -232,7 +234,12 @@ where
     }
 }
 
-async fn list(State(c): Api, Path(res): Path<String>, RawQuery(raw): RawQuery) -> Response {
+async fn list(
+    State(c): Api,
+    Extension(me): Extension<Caller>,
+    Path(res): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Response {
     let Some(kind) = kind_of_path(&res) else {
         return not_found_path(&format!("/v1/{res}"));
     };
@@ -274,6 +281,11 @@ async fn list(State(c): Api, Path(res): Path<String>, RawQuery(raw): RawQuery) -
             }
         }
     }
+    match scope::list_condition(&me, kind) {
+        Ok(Some(cond)) => q = q.cond(cond),
+        Ok(None) => {}
+        Err(e) => return error(&e),
+    }
     if q.limit.is_none() {
         q = q.limit(1000);
     }
@@ -303,6 +315,7 @@ async fn list(State(c): Api, Path(res): Path<String>, RawQuery(raw): RawQuery) -
 
 async fn get_one(
     State(c): Api,
+    Extension(me): Extension<Caller>,
     Path((res, id)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Response {
@@ -323,10 +336,16 @@ async fn get_one(
                 other => other,
             },
         };
-        return match job {
+        return match job.and_then(|j| {
+            scope::check_read(&me, kind, uuid, j.account_uuid)?;
+            Ok(j)
+        }) {
             Ok(j) => json(200, &job_view(j)),
             Err(e) => error(&e),
         };
+    }
+    if let Err(e) = scope::check_use(&c, &me, kind, uuid).await {
+        return error(&e);
     }
     match c.db().store().get(kind, uuid).await {
         Ok(Some(r)) => json(200, &r.api_json()),
@@ -337,6 +356,7 @@ async fn get_one(
 
 async fn create(
     State(c): Api,
+    Extension(me): Extension<Caller>,
     Path(res): Path<String>,
     RawQuery(raw): RawQuery,
     body: Bytes,
@@ -349,21 +369,44 @@ async fn create(
     macro_rules! go {
         ($t:ty) => {
             match parse_body::<$t>(&body) {
-                Ok(m) => submit(&c, None, m, wait).await,
+                Ok(m) => submit(&c, &me, None, m, wait).await,
                 Err(e) => error(&e),
             }
         };
+    }
+    if let Some(kind) = kind_of_path(&res) {
+        if let Err(e) = scope::check_create(&me, kind) {
+            return error(&e);
+        }
     }
     match res.as_str() {
         "zones" => go!(CreateZone),
         "clusters" => go!(CreateCluster),
         "primary-storages" => go!(CreatePrimaryStorage),
         "backup-storages" => go!(CreateBackupStorage),
-        "images" => go!(AddImage),
+        "images" => match parse_body::<AddImage>(&body) {
+            Ok(mut m) => match scope::new_owner(&c, &me, m.account_uuid).await {
+                Ok(a) => {
+                    m.account_uuid = Some(a);
+                    submit(&c, &me, None, m, wait).await
+                }
+                Err(e) => error(&e),
+            },
+            Err(e) => error(&e),
+        },
         "instance-offerings" => go!(CreateInstanceOffering),
         "disk-offerings" => go!(CreateDiskOffering),
         "l2-networks" => go!(CreateL2Network),
-        "l3-networks" => go!(CreateL3Network),
+        "l3-networks" => match parse_body::<CreateL3Network>(&body) {
+            Ok(mut m) => match scope::new_owner(&c, &me, m.account_uuid).await {
+                Ok(a) => {
+                    m.account_uuid = Some(a);
+                    submit(&c, &me, None, m, wait).await
+                }
+                Err(e) => error(&e),
+            },
+            Err(e) => error(&e),
+        },
         "ip-ranges" => go!(AddIpRange),
         "accounts" => go!(CreateAccount),
         "users" => match parse_body::<NewUser>(&body) {
@@ -376,7 +419,7 @@ async fn create(
                         account_uuid: u.account_uuid,
                         password_hash,
                     };
-                    submit(&c, None, m, wait).await
+                    submit(&c, &me, None, m, wait).await
                 }
                 Err(e) => error(&e),
             },
@@ -385,21 +428,36 @@ async fn create(
         "hosts" => match parse_body::<AddHost>(&body) {
             Ok(mut m) => {
                 let id = *m.uuid.get_or_insert_with(|| c.engine.ids.uuid());
-                submit(&c, Some(id), m, wait).await
+                submit(&c, &me, Some(id), m, wait).await
             }
             Err(e) => error(&e),
         },
         "vms" => match parse_body::<CreateVm>(&body) {
-            Ok(mut m) => {
-                let id = *m.uuid.get_or_insert_with(|| c.engine.ids.uuid());
-                submit(&c, Some(id), m, wait).await
-            }
+            Ok(mut m) => match vm_request_scope(&c, &me, &mut m).await {
+                Ok(()) => {
+                    let id = *m.uuid.get_or_insert_with(|| c.engine.ids.uuid());
+                    submit(&c, &me, Some(id), m, wait).await
+                }
+                Err(e) => error(&e),
+            },
             Err(e) => error(&e),
         },
         "volumes" => match parse_body::<CreateDataVolume>(&body) {
             Ok(mut m) => {
-                let id = *m.uuid.get_or_insert_with(|| c.engine.ids.uuid());
-                submit(&c, Some(id), m, wait).await
+                let scoped = async {
+                    m.account_uuid = Some(scope::new_owner(&c, &me, m.account_uuid).await?);
+                    if let Some(vm) = m.vm_uuid {
+                        scope::check_write(&c, &me, "vm", vm).await?;
+                    }
+                    Ok::<_, Error>(())
+                };
+                match scoped.await {
+                    Ok(()) => {
+                        let id = *m.uuid.get_or_insert_with(|| c.engine.ids.uuid());
+                        submit(&c, &me, Some(id), m, wait).await
+                    }
+                    Err(e) => error(&e),
+                }
             }
             Err(e) => error(&e),
         },
@@ -410,6 +468,26 @@ async fn create(
             None => not_found_path(&format!("/v1/{other}")),
         },
     }
+}
+
+/// A VM request as `me` may make it: owned by its account, naming only images and networks it
+/// may use, and leaving placement to the allocator unless an admin chooses.
+async fn vm_request_scope(c: &Cloud, me: &Caller, m: &mut CreateVm) -> Result<(), Error> {
+    m.account_uuid = Some(scope::new_owner(c, me, m.account_uuid).await?);
+    if me.admin {
+        return Ok(());
+    }
+    if m.zone_uuid.is_some() || m.cluster_uuid.is_some() || m.host_uuid.is_some() {
+        return Err(Error::new(
+            ErrorCode::Forbidden,
+            "only an admin may choose a VM's zone, cluster or host",
+        ));
+    }
+    scope::check_use(c, me, "image", m.image_uuid).await?;
+    for l3 in &m.l3_network_uuids {
+        scope::check_use(c, me, "l3_network", *l3).await?;
+    }
+    Ok(())
 }
 
 /// `POST /v1/users`: the password is hashed here, before any message carries it.
@@ -423,6 +501,7 @@ struct NewUser {
 
 async fn update(
     State(c): Api,
+    Extension(me): Extension<Caller>,
     Path((res, id)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
     body: Bytes,
@@ -440,12 +519,18 @@ async fn update(
         Ok(_) => return error(&Error::invalid("the body must be a JSON object")),
         Err(e) => return error(&e),
     };
+    if !me.admin {
+        return error(&Error::new(
+            ErrorCode::Forbidden,
+            "only an admin account's users may update resources",
+        ));
+    }
     obj.insert("uuid".into(), uuid.to_string().into());
     let v = serde_json::Value::Object(obj);
     macro_rules! go {
         ($t:ty) => {
             match serde_json::from_value::<$t>(v) {
-                Ok(m) => submit(&c, Some(uuid), m, wait).await,
+                Ok(m) => submit(&c, &me, Some(uuid), m, wait).await,
                 Err(e) => error(&Error::invalid(format!("bad request body: {e}"))),
             }
         };
@@ -453,6 +538,7 @@ async fn update(
     match res.as_str() {
         "zones" => go!(UpdateZone),
         "clusters" => go!(UpdateCluster),
+        "accounts" => go!(SetQuotas),
         other => error(&Error::invalid(format!(
             "{other} cannot be updated through the API"
         ))),
@@ -461,6 +547,7 @@ async fn update(
 
 async fn delete(
     State(c): Api,
+    Extension(me): Extension<Caller>,
     Path((res, id)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Response {
@@ -473,9 +560,14 @@ async fn delete(
         return error(&Error::invalid(format!("{id:?} is not a uuid")));
     };
     let force = param(&pairs, "force") == Some("true");
+    if let Some(kind) = kind_of_path(&res) {
+        if let Err(e) = scope::check_write(&c, &me, kind, uuid).await {
+            return error(&e);
+        }
+    }
     match res.as_str() {
-        "vms" => submit(&c, Some(uuid), DestroyVm { uuid, force }, wait).await,
-        "volumes" => submit(&c, Some(uuid), DeleteVolume { uuid, force }, wait).await,
+        "vms" => submit(&c, &me, Some(uuid), DestroyVm { uuid, force }, wait).await,
+        "volumes" => submit(&c, &me, Some(uuid), DeleteVolume { uuid, force }, wait).await,
         other => match kind_of_path(other) {
             Some(kind)
                 if !matches!(
@@ -488,7 +580,7 @@ async fn delete(
                     uuid,
                     force,
                 };
-                submit(&c, Some(uuid), m, wait).await
+                submit(&c, &me, Some(uuid), m, wait).await
             }
             Some(_) => error(&Error::invalid(format!(
                 "{other} cannot be deleted through the API"
@@ -496,6 +588,34 @@ async fn delete(
             None => not_found_path(&format!("/v1/{other}")),
         },
     }
+}
+
+/// `me` may run an action on `uuid` of `res` with body `b`: it owns the resource and anything
+/// the body names; only an admin chooses a host.
+async fn action_scope(
+    c: &Cloud,
+    me: &Caller,
+    res: &str,
+    uuid: Uuid,
+    b: &ActionBody,
+) -> Result<(), Error> {
+    if me.admin {
+        return Ok(());
+    }
+    let Some(kind) = kind_of_path(res) else {
+        return Ok(());
+    };
+    scope::check_write(c, me, kind, uuid).await?;
+    if b.host_uuid.is_some() || b.cluster_uuid.is_some() || b.zone_uuid.is_some() {
+        return Err(Error::new(
+            ErrorCode::Forbidden,
+            "only an admin may name a host, cluster or zone",
+        ));
+    }
+    if let Some(vm) = b.vm_uuid {
+        scope::check_write(c, me, "vm", vm).await?;
+    }
+    Ok(())
 }
 
 #[derive(Deserialize, Default)]
@@ -514,6 +634,7 @@ struct ActionBody {
 
 async fn action(
     State(c): Api,
+    Extension(me): Extension<Caller>,
     Path((res, id, act)): Path<(String, String, String)>,
     RawQuery(raw): RawQuery,
     body: Bytes,
@@ -533,12 +654,16 @@ async fn action(
     let need = |what: &str, v: Option<Uuid>| {
         v.ok_or_else(|| Error::invalid(format!("{act} needs {what}")))
     };
+    if let Err(e) = action_scope(&c, &me, &res, uuid, &b).await {
+        return error(&e);
+    }
     let s = Some(uuid);
     match (res.as_str(), act.as_str()) {
-        ("vms", "start") => submit(&c, s, StartVm { uuid }, wait).await,
+        ("vms", "start") => submit(&c, &me, s, StartVm { uuid }, wait).await,
         ("vms", "stop") => {
             submit(
                 &c,
+                &me,
                 s,
                 StopVm {
                     uuid,
@@ -548,10 +673,11 @@ async fn action(
             )
             .await
         }
-        ("vms", "reboot") => submit(&c, s, RebootVm { uuid }, wait).await,
+        ("vms", "reboot") => submit(&c, &me, s, RebootVm { uuid }, wait).await,
         ("vms", "destroy") => {
             submit(
                 &c,
+                &me,
                 s,
                 DestroyVm {
                     uuid,
@@ -561,10 +687,11 @@ async fn action(
             )
             .await
         }
-        ("vms", "recover") => submit(&c, s, RecoverVm { uuid }, wait).await,
+        ("vms", "recover") => submit(&c, &me, s, RecoverVm { uuid }, wait).await,
         ("vms", "expunge") => {
             submit(
                 &c,
+                &me,
                 s,
                 ExpungeVm {
                     uuid,
@@ -577,6 +704,7 @@ async fn action(
         ("vms", "migrate") => {
             submit(
                 &c,
+                &me,
                 s,
                 MigrateVm {
                     uuid,
@@ -586,15 +714,16 @@ async fn action(
             )
             .await
         }
-        ("hosts", "reconnect") => submit(&c, s, ReconnectHost { uuid }, wait).await,
+        ("hosts", "reconnect") => submit(&c, &me, s, ReconnectHost { uuid }, wait).await,
         ("hosts", a @ ("enable" | "disable" | "maintenance")) => {
             let action: HostAction = a.parse().expect("matched");
-            submit(&c, s, ChangeHostState { uuid, action }, wait).await
+            submit(&c, &me, s, ChangeHostState { uuid, action }, wait).await
         }
         ("volumes", "attach") => match need("vm_uuid", b.vm_uuid) {
             Ok(vm) => {
                 submit(
                     &c,
+                    &me,
                     s,
                     AttachVolume {
                         volume_uuid: uuid,
@@ -611,6 +740,7 @@ async fn action(
                 Some(vm) => {
                     submit(
                         &c,
+                        &me,
                         s,
                         DetachVolume {
                             volume_uuid: uuid,
@@ -632,6 +762,7 @@ async fn action(
             Ok(cl) => {
                 submit(
                     &c,
+                    &me,
                     s,
                     AttachL2ToCluster {
                         l2_uuid: uuid,
@@ -647,6 +778,7 @@ async fn action(
             Ok(cl) => {
                 submit(
                     &c,
+                    &me,
                     s,
                     AttachPrimaryStorage {
                         ps_uuid: uuid,
@@ -662,6 +794,7 @@ async fn action(
             Ok(z) => {
                 submit(
                     &c,
+                    &me,
                     s,
                     AttachBackupStorage {
                         bs_uuid: uuid,
@@ -679,7 +812,7 @@ async fn action(
             } else {
                 EnableState::Disabled
             };
-            submit(&c, s, SetOfferingState { uuid, state }, wait).await
+            submit(&c, &me, s, SetOfferingState { uuid, state }, wait).await
         }
         ("zones", a @ ("enable" | "disable")) => {
             let state = Some(if a == "enable" {
@@ -689,6 +822,7 @@ async fn action(
             });
             submit(
                 &c,
+                &me,
                 s,
                 UpdateZone {
                     uuid,
@@ -708,6 +842,7 @@ async fn action(
             });
             submit(
                 &c,
+                &me,
                 s,
                 UpdateCluster {
                     uuid,

@@ -168,6 +168,8 @@ stratus_store::resource! {
         cpu: i64 [column],
         memory_mib: i64 [column],
         description: Option<String>,
+        /// The account it belongs to (none: the cloud's own).
+        account_uuid: Option<Uuid> [index, column],
     }
     relations {
         zone: "zone" (zone_uuid = uuid),

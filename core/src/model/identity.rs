@@ -5,10 +5,22 @@ use stratus_store::Millis;
 use uuid::Uuid;
 
 stratus_store::resource! {
-    /// An account: resources belong to one; an admin account's users run the cloud.
+    /// An account: resources belong to one; an admin account's users run the cloud. Its quotas
+    /// (`*_limit`, none: unlimited) bound what its VMs and volumes hold (`*_used`), taken and
+    /// given back in the batch that creates or removes each VM or volume row.
     pub struct Account: "account" {
         name: String [unique, column],
         admin: bool [column],
+        vm_limit: Option<i64>,
+        vcpu_limit: Option<i64>,
+        memory_mib_limit: Option<i64>,
+        volume_limit: Option<i64>,
+        volume_mib_limit: Option<i64>,
+        vms_used: i64 [column],
+        vcpus_used: i64,
+        memory_mib_used: i64,
+        volumes_used: i64,
+        volume_mib_used: i64,
     }
     relations {
         users: "user" (uuid = account_uuid),
@@ -40,5 +52,31 @@ stratus_store::resource! {
     }
     relations {
         user: "user" (user_uuid = uuid),
+    }
+}
+
+/// The account `admin` belongs to, made at the first start: what it owns (images, L3
+/// networks) every account may use.
+pub fn root_account() -> Uuid {
+    crate::ids::name_uuid("account", "admin")
+}
+
+impl Account {
+    /// A new account with no quota limits and nothing in use.
+    pub fn new(name: impl Into<String>, admin: bool) -> Account {
+        Account {
+            name: name.into(),
+            admin,
+            vm_limit: None,
+            vcpu_limit: None,
+            memory_mib_limit: None,
+            volume_limit: None,
+            volume_mib_limit: None,
+            vms_used: 0,
+            vcpus_used: 0,
+            memory_mib_used: 0,
+            volumes_used: 0,
+            volume_mib_used: 0,
+        }
     }
 }

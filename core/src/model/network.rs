@@ -46,6 +46,8 @@ stratus_store::resource! {
         zone_uuid: Uuid [index],
         dns: Json<Vec<String>>,
         state: EnableState [column],
+        /// The account it belongs to (none: the cloud's own).
+        account_uuid: Option<Uuid> [index, column],
     }
     relations {
         l2: "l2_network" (l2_uuid = uuid),

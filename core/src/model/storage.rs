@@ -123,6 +123,8 @@ stratus_store::resource! {
         url: String,
         checksum: Option<String>,
         state: EnableState [column],
+        /// The account it belongs to (none: the cloud's own).
+        account_uuid: Option<Uuid> [index, column],
     }
     relations {
         backup_storage: "backup_storage" (bs_uuid = uuid),
@@ -175,6 +177,8 @@ stratus_store::resource! {
         image_uuid: Option<Uuid>,
         /// Extra tags, free-form.
         tags: Json<Vec<String>>,
+        /// The account it belongs to (none: the cloud's own).
+        account_uuid: Option<Uuid> [index, column],
     }
     relations {
         vm: "vm" (vm_uuid = uuid),

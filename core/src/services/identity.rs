@@ -7,7 +7,7 @@ use crate::error::Error;
 use crate::model::{Account, User};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use stratus_store::Row;
+use stratus_store::{Batch, Row, Update, Value};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -17,6 +17,50 @@ pub struct CreateAccount {
     /// Whether its users run the cloud.
     #[serde(default)]
     pub admin: bool,
+    #[serde(default)]
+    pub vm_limit: Option<i64>,
+    #[serde(default)]
+    pub vcpu_limit: Option<i64>,
+    #[serde(default)]
+    pub memory_mib_limit: Option<i64>,
+    #[serde(default)]
+    pub volume_limit: Option<i64>,
+    #[serde(default)]
+    pub volume_mib_limit: Option<i64>,
+}
+
+/// `PUT /v1/accounts/<uuid>`: an account's quota limits, all of them (one left out or null is
+/// unlimited). A limit below what is in use stops new use; nothing is taken away.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetQuotas {
+    pub uuid: Uuid,
+    #[serde(default)]
+    pub vm_limit: Option<i64>,
+    #[serde(default)]
+    pub vcpu_limit: Option<i64>,
+    #[serde(default)]
+    pub memory_mib_limit: Option<i64>,
+    #[serde(default)]
+    pub volume_limit: Option<i64>,
+    #[serde(default)]
+    pub volume_mib_limit: Option<i64>,
+}
+impl Message for SetQuotas {
+    type Reply = Row<Account>;
+    const NAME: &'static str = "account.set-quotas";
+    fn routing_key(&self) -> Option<Uuid> {
+        Some(self.uuid)
+    }
+}
+
+fn check_limits(limits: [Option<i64>; 5]) -> Result<(), Error> {
+    match limits.into_iter().flatten().find(|l| *l < 0) {
+        Some(l) => Err(Error::invalid(format!(
+            "a quota limit is 0 or more (none: unlimited); got {l}"
+        ))),
+        None => Ok(()),
+    }
 }
 impl Message for CreateAccount {
     type Reply = Row<Account>;
@@ -48,14 +92,46 @@ impl std::fmt::Debug for CreateUser {
 pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
     cloud.handle(|c: Arc<Cloud>, m: CreateAccount| async move {
         check_name("account", &m.name)?;
+        let limits = [
+            m.vm_limit,
+            m.vcpu_limit,
+            m.memory_mib_limit,
+            m.volume_limit,
+            m.volume_mib_limit,
+        ];
+        check_limits(limits)?;
         let row = Row::new(
             c.engine.ids.uuid(),
             Account {
-                name: m.name,
-                admin: m.admin,
+                vm_limit: m.vm_limit,
+                vcpu_limit: m.vcpu_limit,
+                memory_mib_limit: m.memory_mib_limit,
+                volume_limit: m.volume_limit,
+                volume_mib_limit: m.volume_mib_limit,
+                ..Account::new(m.name, m.admin)
             },
         );
         Ok(c.db().insert(row).await?)
+    })?;
+    cloud.handle(|c: Arc<Cloud>, m: SetQuotas| async move {
+        let limits = [
+            m.vm_limit,
+            m.vcpu_limit,
+            m.memory_mib_limit,
+            m.volume_limit,
+            m.volume_mib_limit,
+        ];
+        check_limits(limits)?;
+        c.must_exist::<Account>(m.uuid).await?;
+        let opt = |v: Option<i64>| v.map_or(Value::Null, Value::from);
+        let u = Update::of::<Account>(m.uuid)
+            .set("vm_limit", opt(m.vm_limit))
+            .set("vcpu_limit", opt(m.vcpu_limit))
+            .set("memory_mib_limit", opt(m.memory_mib_limit))
+            .set("volume_limit", opt(m.volume_limit))
+            .set("volume_mib_limit", opt(m.volume_mib_limit));
+        c.db().commit(Batch::new().update(u)).await?;
+        c.get::<Account>(m.uuid).await
     })?;
     cloud.handle(|c: Arc<Cloud>, m: CreateUser| async move {
         check_name("user", &m.name)?;

@@ -8,6 +8,7 @@ pub mod host;
 pub mod identity;
 pub mod network;
 pub mod offering;
+pub mod quota;
 pub mod storage;
 pub mod vm;
 pub mod zone;

@@ -65,6 +65,9 @@ pub struct CreateL3Network {
     pub name: String,
     #[serde(default)]
     pub dns: Vec<String>,
+    /// The account it belongs to, set by the API from the caller (none: the cloud's own).
+    #[serde(default)]
+    pub account_uuid: Option<Uuid>,
 }
 impl Message for CreateL3Network {
     type Reply = Row<L3Network>;
@@ -561,6 +564,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
                 zone_uuid: l2.zone_uuid,
                 dns: Json(m.dns),
                 state: EnableState::Enabled,
+                account_uuid: m.account_uuid,
             },
         );
         Ok(c.db().insert(row).await?)

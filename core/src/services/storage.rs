@@ -93,6 +93,9 @@ pub struct AddImage {
     pub size_mib: i64,
     #[serde(default)]
     pub checksum: Option<String>,
+    /// The account it belongs to, set by the API from the caller (none: the cloud's own).
+    #[serde(default)]
+    pub account_uuid: Option<Uuid>,
 }
 fn qcow2() -> ImageFormat {
     ImageFormat::Qcow2
@@ -360,6 +363,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
                 url: m.url,
                 checksum: m.checksum,
                 state: EnableState::Enabled,
+                account_uuid: m.account_uuid,
             },
         );
         Ok(c.db().insert(row).await?)

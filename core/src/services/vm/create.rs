@@ -11,6 +11,7 @@ use crate::flow::FlowChain;
 use crate::model::*;
 use crate::services::allocator::{AllocateHost, Allocation};
 use crate::services::network::{AllocateIp, ReleaseIps};
+use crate::services::quota::{self, Charge};
 use crate::services::{check_name, Cloud};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,9 @@ pub(super) struct CreateCtx {
     l2s: Vec<Uuid>,
     host: Option<Uuid>,
     ps: Option<Uuid>,
+    /// The owner, charged for the VM and its volumes.
+    #[serde(default)]
+    account: Option<Uuid>,
 }
 
 impl CreateCtx {
@@ -104,20 +108,29 @@ async fn vm_record(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
             cpu: ctx.cpu,
             memory_mib: ctx.memory_mib,
             description: ctx.description.clone(),
+            account_uuid: ctx.account,
         },
     );
-    match c.db().insert(row).await {
+    // The VM and its owner's quota together: both or neither.
+    let charge = Charge::vm(ctx.cpu, ctx.memory_mib);
+    let mut b = Batch::new().insert(&row);
+    if let Some(u) = quota::take(c.db(), ctx.account, &charge).await? {
+        b = b.update(u);
+    }
+    match c.db().commit(b).await {
         Ok(_) => Ok(()),
         Err(e) if e.class() == ErrorClass::AlreadyExists => Ok(()),
+        Err(e) if e.class() == ErrorClass::ConditionFailed => {
+            Err(quota::exceeded(c.db(), ctx.account, &charge)
+                .await
+                .unwrap_or_else(|| e.into()))
+        }
         Err(e) => Err(e.into()),
     }
 }
 
 async fn vm_record_undo(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
-    c.db()
-        .commit(Batch::new().delete::<Vm>(ctx.vm, Expect::Maybe))
-        .await?;
-    Ok(())
+    super::lifecycle::forget_vm_row(&c, ctx.vm).await
 }
 
 async fn select_backup_storage(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
@@ -233,21 +246,31 @@ async fn allocate_volumes(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Erro
                 disk_offering_uuid: v.offering,
                 image_uuid: root.then_some(ctx.image),
                 tags: Json(vec![]),
+                account_uuid: ctx.account,
             },
         ));
         total += v.size_mib;
     }
     b = b.update(local_storage_take(ps, host, total));
+    let charge = Charge::volumes(ctx.volumes().count() as i64, total);
+    if let Some(u) = quota::take(c.db(), ctx.account, &charge).await? {
+        b = b.update(u);
+    }
     match c.db().commit(b).await {
         Ok(_) => {
             c.allocator.disk_changed(host, ps, total);
             Ok(())
         }
         Err(e) if e.class() == ErrorClass::AlreadyExists => Ok(()),
-        Err(e) if e.class() == ErrorClass::ConditionFailed => Err(Error::new(
-            ErrorCode::CapacityExhausted,
-            format!("local storage of host {host} has no room for {total} MiB"),
-        )),
+        Err(e) if e.class() == ErrorClass::ConditionFailed => {
+            match quota::exceeded(c.db(), ctx.account, &charge).await {
+                Some(q) => Err(q),
+                None => Err(Error::new(
+                    ErrorCode::CapacityExhausted,
+                    format!("local storage of host {host} has no room for {total} MiB"),
+                )),
+            }
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -509,5 +532,6 @@ pub(super) async fn plan(c: &Cloud, m: &CreateVm, vm: Uuid) -> Result<CreateCtx,
         l2s: l2s_of(c, &m.l3_network_uuids).await?,
         host: None,
         ps: None,
+        account: m.account_uuid,
     })
 }

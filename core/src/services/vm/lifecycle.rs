@@ -10,10 +10,12 @@ use crate::extension::VmOp;
 use crate::flow::{FlowChain, OnInterrupt};
 use crate::model::*;
 use crate::services::network::{AllocateIp, ReleaseIps};
+use crate::services::quota::{self, Charge};
 use crate::services::Cloud;
 use std::sync::{Arc, Weak};
 use stratus_agent_protocol::DestroyVmCmd;
-use stratus_store::{Batch, Expect, Query};
+use stratus_store::{Batch, ErrorClass, Expect, Query};
+use uuid::Uuid;
 
 fn s(w: &Weak<Cloud>, name: &'static str, run: super::chain::StepFn<PowerCtx>) -> Step<PowerCtx> {
     step(w, name, run)
@@ -201,10 +203,35 @@ async fn delete_vm(c: Arc<Cloud>, ctx: &mut PowerCtx) -> Result<(), Error> {
     let b = nics.iter().fold(Batch::new(), |b, n| {
         b.delete::<VmNic>(n.uuid, Expect::Maybe)
     });
-    c.db().commit(b.delete::<Vm>(ctx.vm, Expect::Maybe)).await?;
+    forget_vm_row_with(&c, ctx.vm, b).await?;
     c.bus().publish(
         "/vm/state/change",
         || serde_json::json!({"uuid": ctx.vm, "old": "Expunging", "new": "Expunged"}),
     );
     Ok(())
+}
+
+/// Delete a VM's row and give its owner's quota back, in one batch (idempotent: a VM already
+/// gone is fine).
+pub(super) async fn forget_vm_row(c: &Cloud, vm: Uuid) -> Result<(), Error> {
+    forget_vm_row_with(c, vm, Batch::new()).await
+}
+
+/// [`forget_vm_row`] with other writes of `b` in the same batch.
+async fn forget_vm_row_with(c: &Cloud, vm: Uuid, b: Batch) -> Result<(), Error> {
+    let Some(v) = c.db().get::<Vm>(vm).await? else {
+        if !b.writes.is_empty() {
+            c.db().commit(b).await?;
+        }
+        return Ok(());
+    };
+    let mut b = b.delete::<Vm>(vm, Expect::Exists);
+    if let Some(u) = quota::give_back(v.account_uuid, &Charge::vm(v.cpu, v.memory_mib)) {
+        b = b.update(u);
+    }
+    match c.db().commit(b).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.class() == ErrorClass::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }

@@ -111,6 +111,9 @@ pub struct CreateVm {
     pub host_uuid: Option<Uuid>,
     #[serde(default)]
     pub description: Option<String>,
+    /// The account it belongs to, set by the API from the caller (none: the cloud's own).
+    #[serde(default)]
+    pub account_uuid: Option<Uuid>,
 }
 
 macro_rules! vm_message {

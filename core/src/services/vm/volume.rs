@@ -7,6 +7,7 @@ use crate::cascade::CascadeParticipant;
 use crate::error::{Error, ErrorCode};
 use crate::flow::{ChainTarget, Flow, FlowChain};
 use crate::model::*;
+use crate::services::quota::{self, Charge};
 use crate::services::{check_name, give_back_err, Cloud};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,9 @@ pub struct CreateDataVolume {
     /// Attach to this VM right away (placing the volume on the VM's host).
     #[serde(default)]
     pub vm_uuid: Option<Uuid>,
+    /// The account it belongs to, set by the API from the caller (none: the cloud's own).
+    #[serde(default)]
+    pub account_uuid: Option<Uuid>,
 }
 impl Message for CreateDataVolume {
     type Reply = Row<Volume>;
@@ -93,6 +97,9 @@ pub(crate) async fn forget_volume_row(c: &Cloud, volume: Uuid) -> Result<(), Err
     let mut b = Batch::new().delete::<Volume>(volume, Expect::Version(v.version));
     if let (Some(ps), Some(host)) = (v.ps_uuid, v.host_uuid) {
         b = b.update(local_storage_give_back(ps, host, v.size_mib));
+    }
+    if let Some(u) = quota::give_back(v.account_uuid, &Charge::volumes(1, v.size_mib)) {
+        b = b.update(u);
     }
     match c.db().commit(b).await {
         Ok(_) => {
@@ -732,9 +739,24 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
                     disk_offering_uuid: offering,
                     image_uuid: None,
                     tags: Json(vec![]),
+                    account_uuid: m.account_uuid,
                 },
             );
-            c.db().insert(row).await?;
+            // The volume and its owner's quota together.
+            let charge = Charge::volumes(1, size);
+            let mut b = Batch::new().insert(&row);
+            if let Some(u) = quota::take(c.db(), m.account_uuid, &charge).await? {
+                b = b.update(u);
+            }
+            if let Err(e) = c.db().commit(b).await {
+                let quota = match e.class() {
+                    ErrorClass::ConditionFailed => {
+                        quota::exceeded(c.db(), m.account_uuid, &charge).await
+                    }
+                    _ => None,
+                };
+                return Err(quota.unwrap_or_else(|| e.into()));
+            }
             match m.vm_uuid {
                 None => c.get::<Volume>(uuid).await,
                 Some(vm) => match attach(&c, &ch, uuid, vm).await {
