@@ -136,6 +136,7 @@ pub struct AgentClient {
     callback_base: String,
     pending: Arc<Mutex<HashMap<Uuid, Pending>>>,
     stats: Arc<AgentStats>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn map_http(e: HttpError) -> Error {
@@ -180,7 +181,14 @@ impl AgentClient {
             callback_base,
             pending: Arc::default(),
             stats: Arc::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Count commands in `metrics` (the node's).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn stats(&self) -> &AgentStats {
@@ -211,6 +219,8 @@ impl AgentClient {
     ) -> Result<C::Reply, Error> {
         self.stats.commands.fetch_add(1, Ordering::Relaxed);
         let out = self.call_inner(host, cmd, timeout).await;
+        let how = out.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
+        self.metrics.agent_command(C::KIND.as_str(), how);
         if let Err(e) = &out {
             match e.code {
                 ErrorCode::Timeout => self.stats.timeouts.fetch_add(1, Ordering::Relaxed),

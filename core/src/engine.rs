@@ -59,6 +59,7 @@ pub struct Engine {
     pub jobs: Jobs,
     pub config: GlobalConfig,
     pub ext: Arc<Extensions>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Engine {
@@ -77,12 +78,14 @@ impl Engine {
         config.load().await?;
         let timeout: Duration = config.get(&BUS_TIMEOUT.key());
         let bus = Bus::new(opts.node, timeout);
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         let engine = Arc::new(Engine {
             node: opts.node,
             boot,
             journal: Journal::new(db.clone(), ids.clone(), opts.node, boot)
                 .with_faults(opts.faults.unwrap_or_default()),
-            jobs: Jobs::new(db.clone(), ids.clone(), opts.node, boot),
+            jobs: Jobs::new(db.clone(), ids.clone(), opts.node, boot).with_metrics(metrics.clone()),
+            metrics,
             ext: opts.extensions,
             queues: Queues::new(),
             chains: ChainRegistry::new(),

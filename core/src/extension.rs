@@ -98,10 +98,30 @@ pub trait AllocatorFilter: Send + Sync + 'static {
     fn filter(&self, spec: &AllocationSpec, candidates: Vec<HostCandidate>) -> Vec<HostCandidate>;
 }
 
-/// An audit sink sees every finished API operation.
+/// One API request that asked for a change, as it was answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub at_ms: i64,
+    /// Who asked (none: nobody authenticated, as at a login).
+    pub account: Option<Uuid>,
+    pub user: Option<Uuid>,
+    pub method: String,
+    pub path: String,
+    /// The resource the answer names, and the job it started.
+    pub resource: Option<Uuid>,
+    pub job: Option<Uuid>,
+    /// The HTTP status of the answer, and its error code when it refused or failed.
+    pub status: u16,
+    pub code: Option<String>,
+    /// The client's address.
+    pub client: Option<String>,
+}
+
+/// An audit sink sees every API request that asks for a change, once it is answered (the
+/// built-in one, `services::audit::StoreAudit`, keeps them as `audit` rows).
 #[async_trait]
 pub trait AuditSink: Send + Sync + 'static {
-    async fn record(&self, operation: &str, resource: Option<Uuid>, outcome: Result<(), &Error>);
+    async fn record(&self, record: &AuditRecord);
 }
 
 /// The frozen registry of all plugins.
@@ -186,14 +206,9 @@ impl Extensions {
         Ok(candidates)
     }
 
-    pub async fn audit(
-        &self,
-        operation: &str,
-        resource: Option<Uuid>,
-        outcome: Result<(), &Error>,
-    ) {
+    pub async fn audit(&self, record: &AuditRecord) {
         for a in &self.audit {
-            a.record(operation, resource, outcome).await;
+            a.record(record).await;
         }
     }
 }

@@ -114,6 +114,7 @@ pub struct Jobs {
     waiters: Waiters,
     /// Jobs of this node whose body has not ended yet (a node that stops waits for them).
     in_flight: Arc<AtomicUsize>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Counts a job's body as in flight until it is dropped, however the task ends.
@@ -157,7 +158,14 @@ impl Jobs {
             boot,
             waiters: Arc::default(),
             in_flight: Arc::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Count job durations in `metrics` (the node's).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Jobs submitted on this node whose body is still running.
@@ -341,6 +349,7 @@ impl Jobs {
     {
         let id = self.create_for(account, operation, resource).await?;
         let in_flight = InFlight::new(&self.in_flight);
+        let (started, operation) = (tokio::time::Instant::now(), operation.to_string());
         let jobs = self.clone();
         let handle = JobHandle {
             jobs: self.clone(),
@@ -348,6 +357,9 @@ impl Jobs {
         };
         tokio::spawn(async move {
             let outcome = body(handle).await;
+            let how = outcome.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
+            let took = started.elapsed().as_secs_f64();
+            jobs.metrics.job_ended(&operation, how, took);
             if let Err(e) = jobs.finish(id, outcome).await {
                 tracing::error!(job = %id, error = %e, "cannot record job outcome");
             }

@@ -30,6 +30,7 @@ pub mod flow;
 pub mod hashring;
 pub mod ids;
 pub mod job;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod queue;

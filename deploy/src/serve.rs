@@ -16,9 +16,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use stratus_core::extension::Extensions;
 use stratus_core::node::{ManagementNode, NodeConfig};
+use stratus_core::services::audit::StoreAudit;
 use stratus_store::sql::SqlStore;
-use stratus_store::Store;
+use stratus_store::{Db, Store};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -46,6 +48,9 @@ pub struct ServeArgs {
     /// Seconds running jobs get to end after SIGTERM or SIGINT [default: 30].
     #[arg(long, env = "STRATUS_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
+    /// Days the audit log keeps a record [default: 90].
+    #[arg(long, env = "STRATUS_AUDIT_RETENTION_DAYS")]
+    pub audit_retention_days: Option<u64>,
     /// The first start's `admin` password, from this file [default: a random one, written to
     /// DATA_DIR/admin-password (mode 0600)].
     #[arg(long, env = "STRATUS_ADMIN_PASSWORD_FILE")]
@@ -62,6 +67,7 @@ struct ConfigFile {
     advertise: Option<String>,
     log_format: Option<LogFormat>,
     shutdown_timeout: Option<u64>,
+    audit_retention_days: Option<u64>,
     admin_password_file: Option<PathBuf>,
     #[serde(default)]
     settings: BTreeMap<String, String>,
@@ -77,6 +83,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
     pub admin_password_file: Option<PathBuf>,
+    pub audit_retention: Duration,
     /// Global configuration to set at start (name → value).
     pub config: BTreeMap<String, String>,
 }
@@ -126,6 +133,13 @@ impl Settings {
                     .unwrap_or(30),
             ),
             admin_password_file: args.admin_password_file.or(file.admin_password_file),
+            audit_retention: Duration::from_secs(
+                86_400
+                    * args
+                        .audit_retention_days
+                        .or(file.audit_retention_days)
+                        .unwrap_or(90),
+            ),
             config: file.settings,
         })
     }
@@ -195,6 +209,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = sql.clone();
     let mut cfg = NodeConfig::new(node_id, s.listen);
     cfg.advertise = Some(s.advertise.clone());
+    // Every change asked of the API goes to the audit log in the store.
+    let audit = StoreAudit::new(Db::new(store.clone()), s.audit_retention);
+    cfg.extensions = Extensions::builder().audit(audit).build();
     let node = ManagementNode::start(store, cfg)
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the management node: {e}"))?;

@@ -325,6 +325,28 @@ fn walk_through(d: &Deployment) {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     d.cli(&["vm", "destroy", "web1"]);
     d.cli(&["vm", "expunge", "web1"]);
+    // The audit log: the login and every change, never a token.
+    let logins = d.cli_json(&[
+        "list",
+        "audit",
+        "-q",
+        "path=/v1/auth/login",
+        "-q",
+        "status=200",
+    ]);
+    assert_eq!(logins["items"].as_array().unwrap().len(), 1, "{logins}");
+    let all = d.cli(&["list", "audit", "-o", "json", "--limit", "100000"]);
+    let login = std::fs::read_to_string(d.dir.join("cli.toml")).unwrap();
+    let token: toml::Value = toml::from_str(&login).unwrap();
+    assert!(!all.contains(token["token"].as_str().unwrap()));
+    let expunges = d.cli_json(&["list", "audit", "-q", "path~=%/actions/expunge"]);
+    // The CLI submits and then waits for the job: the request was accepted with a job.
+    let e = &expunges["items"][0];
+    assert_eq!(e["status"], 202, "{expunges}");
+    assert!(
+        e["job_uuid"].is_string() && e["user_uuid"].is_string(),
+        "{expunges}"
+    );
 }
 
 /// Submit `n` VM creations through the API at once; their job uuids.

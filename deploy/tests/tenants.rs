@@ -9,18 +9,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_core::auth::ADMIN;
 use stratus_core::client::StratusClient;
+use stratus_core::extension::Extensions;
 use stratus_core::model::root_account;
 use stratus_core::node::{ManagementNode, NodeConfig};
+use stratus_core::services::audit::StoreAudit;
 use stratus_core::ErrorCode;
 use stratus_kvm_agent::{Agent, AgentConfig, NoFaults};
 use stratus_sim_world::{HostProfile, LatencyProfile, SimHostState, SimHypervisor};
 use stratus_store::sql::SqlStore;
+use stratus_store::{Db, Store};
 use uuid::Uuid;
 
 const HOSTS: usize = 4;
 
 struct Cloud {
     admin: StratusClient,
+    admin_token: String,
     node: ManagementNode,
     _dir: TempDir,
 }
@@ -47,8 +51,11 @@ async fn start(name: &str) -> Cloud {
         .and_then(|l| l.local_addr())
         .unwrap()
         .port();
-    let cfg = NodeConfig::new(Uuid::from_u128(1), ([127, 0, 0, 1], port).into());
-    let node = ManagementNode::start(Arc::new(store), cfg).await.unwrap();
+    let store: Arc<dyn Store> = Arc::new(store);
+    let mut cfg = NodeConfig::new(Uuid::from_u128(1), ([127, 0, 0, 1], port).into());
+    let audit = StoreAudit::new(Db::new(store.clone()), Duration::from_secs(86_400));
+    cfg.extensions = Extensions::builder().audit(audit).build();
+    let node = ManagementNode::start(store, cfg).await.unwrap();
     node.cloud.auth.bootstrap_admin(None).await.unwrap();
     let t = node
         .cloud
@@ -150,6 +157,7 @@ async fn start(name: &str) -> Cloud {
     .unwrap();
     Cloud {
         admin,
+        admin_token: t.token.clone(),
         node,
         _dir: TempDir(dir),
     }
@@ -205,7 +213,7 @@ impl Cloud {
 async fn each_account_sees_and_touches_only_its_own() {
     let cloud = start("isolation").await;
     let (a_acct, a) = cloud.tenant("alice", json!({})).await;
-    let (_b_acct, b) = cloud.tenant("bob", json!({})).await;
+    let (b_acct, b) = cloud.tenant("bob", json!({})).await;
     // The root account's image and network are shared: both may use them.
     let image = cloud.uuid_of("images", "img").await;
     assert_eq!(
@@ -285,6 +293,77 @@ async fn each_account_sees_and_touches_only_its_own() {
     b.action("volumes", vol, "attach", json!({"vm_uuid": bob_vm}))
         .await
         .unwrap();
+
+    // The audit log has each change asked for, who asked, and how it was answered; only an
+    // admin reads it.
+    assert_eq!(
+        a.list("audit", &[]).await.unwrap_err().code,
+        ErrorCode::Forbidden
+    );
+    let stop = format!("/v1/vms/{bob_vm}/actions/stop");
+    let rows = cloud
+        .admin
+        .list("audit", &[&format!("path={stop}")])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let r = &rows[0];
+    assert_eq!(
+        (r["method"].as_str(), r["status"].as_i64()),
+        (Some("POST"), Some(200))
+    );
+    assert_eq!(r["account_uuid"], json!(b_acct));
+    assert_eq!(r["resource_uuid"], json!(bob_vm));
+    assert!(r["job_uuid"].is_string(), "{r}");
+    assert!(
+        r["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{r}"
+    );
+    let refused = cloud
+        .admin
+        .list("audit", &["code=not_found", "method=DELETE"])
+        .await
+        .unwrap();
+    assert_eq!(refused.len(), 1, "bob's delete of alice's VM: {refused:?}");
+    assert_eq!(refused[0]["status"], 404);
+    // Reads are not changes.
+    assert_eq!(
+        cloud.admin.count("audit", &["method=GET"]).await.unwrap(),
+        0
+    );
+
+    // The metrics count what happened; only an admin reads them.
+    let http = stratus_rt::http::HttpClient::new(1);
+    let scrape = |token: &str| {
+        let (http, addr) = (http.clone(), cloud.node.addr);
+        let auth = format!("Bearer {token}");
+        async move {
+            let h = [("authorization", auth.as_str())];
+            let r = http
+                .get(addr, "/metrics", &h, Duration::from_secs(30))
+                .await;
+            let r = r.unwrap();
+            (r.status, String::from_utf8(r.body.to_vec()).unwrap())
+        }
+    };
+    let (status, text) = scrape(&cloud.admin_token).await;
+    assert_eq!(status, 200);
+    for line in [
+        r#"stratus_api_requests_total{route="/v1/vms",method="POST",status="200"} 6"#,
+        r#"stratus_api_requests_total{route="/v1/vms/{id}",method="GET",status="404"} 1"#,
+        r#"stratus_job_seconds_count{operation="vm.create",outcome="ok"} 6"#,
+        r#"stratus_agent_commands_total{command="vm_start",outcome="ok"} 6"#,
+        "stratus_hosts_tracked 4",
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
+    let auth = &cloud.node.cloud.auth;
+    let bob_token = auth
+        .issue_for("bob", Duration::from_secs(60), "t")
+        .await
+        .unwrap()
+        .token;
+    assert_eq!(scrape(&bob_token).await.0, 403);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

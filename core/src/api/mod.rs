@@ -16,6 +16,7 @@
 //!
 //! A bad request is a 4xx with `{code, message}`; nothing here panics on input.
 
+mod audit;
 mod auth;
 mod routes;
 mod scope;

@@ -58,6 +58,7 @@ pub const RESOURCE_PATHS: &[(&str, &str)] = &[
     ("accounts", "account"),
     ("users", "user"),
     ("api-tokens", "api_token"),
+    ("audit", "audit"),
 ];
 
 pub fn kind_of_path(path: &str) -> Option<&'static str> {
@@ -971,46 +972,42 @@ async fn health(State(c): Api) -> Response {
 }
 
 async fn metrics(State(c): Api) -> Response {
-    use std::sync::atomic::Ordering::Relaxed;
-    let b = c.bus().stats();
-    let q = c.engine.queues.stats();
-    let a = c.agents.stats();
-    let mut text = format!(
-        "# TYPE stratus_bus_messages_total counter\nstratus_bus_messages_total {}\n\
-         # TYPE stratus_bus_remote_total counter\nstratus_bus_remote_total {}\n\
-         # TYPE stratus_bus_timeouts_total counter\nstratus_bus_timeouts_total {}\n\
-         # TYPE stratus_bus_panics_total counter\nstratus_bus_panics_total {}\n\
-         # TYPE stratus_queue_running gauge\nstratus_queue_running {}\n\
-         # TYPE stratus_queue_waiting gauge\nstratus_queue_waiting {}\n\
-         # TYPE stratus_queue_completed_total counter\nstratus_queue_completed_total {}\n\
-         # TYPE stratus_agent_commands_total counter\nstratus_agent_commands_total {}\n\
-         # TYPE stratus_agent_timeouts_total counter\nstratus_agent_timeouts_total {}\n\
-         # TYPE stratus_agent_waiting gauge\nstratus_agent_waiting {}\n\
-         # TYPE stratus_hosts_tracked gauge\nstratus_hosts_tracked {}\n",
-        b.sent.load(Relaxed),
-        b.remote.load(Relaxed),
-        b.timeouts.load(Relaxed),
-        b.panics.load(Relaxed),
-        q.running,
-        q.waiting,
-        q.completed,
-        a.commands.load(Relaxed),
-        a.timeouts.load(Relaxed),
-        c.agents.waiting(),
-        c.tracker.tracking(),
-    );
-    text.push_str("# TYPE stratus_sync_repairs_total counter\n");
-    for (what, n) in c.repairs.snapshot() {
-        text.push_str(&format!(
-            "stratus_sync_repairs_total{{repair=\"{what}\"}} {n}\n"
-        ));
-    }
     (
         axum::http::StatusCode::OK,
-        [("content-type", "text/plain; version=0.0.4")],
-        text,
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        c.engine.metrics.encode(),
     )
         .into_response()
+}
+
+/// Count each answered request by its route (the kind's path in place of `{res}`), method
+/// and status.
+async fn count_requests(
+    State(c): Api,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().to_string();
+    let route = match req.extensions().get::<axum::extract::MatchedPath>() {
+        Some(m) => {
+            let res = req.uri().path().split('/').nth(2).unwrap_or("");
+            let kind = if kind_of_path(res).is_some() {
+                res
+            } else {
+                "?"
+            };
+            m.as_str().replacen("{res}", kind, 1)
+        }
+        None => "unmatched".to_string(),
+    };
+    let resp = next.run(req).await;
+    c.engine
+        .metrics
+        .api_request(&route, &method, resp.status().as_u16());
+    resp
 }
 
 /// A stopping node refuses new changes; reads, and agents' callbacks and reports, go on.
@@ -1051,6 +1048,14 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/agent/report", post(report))
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(cloud.clone(), gate))
+        .layer(axum::middleware::from_fn_with_state(
+            cloud.clone(),
+            count_requests,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            cloud.clone(),
+            super::audit::audit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             cloud.clone(),
             super::auth::authenticate,

@@ -1,12 +1,14 @@
 //! The resource kinds of the cloud, each declared once (`resource!`): the struct, its storage,
 //! its query fields and relations, and its CLI columns come from that one declaration.
 
+mod audit;
 mod compute;
 mod identity;
 mod infra;
 mod network;
 mod storage;
 
+pub use audit::*;
 pub use compute::*;
 pub use identity::*;
 pub use infra::*;
@@ -49,6 +51,7 @@ pub fn kinds() -> Vec<&'static KindMeta> {
         Account::META,
         User::META,
         ApiToken::META,
+        Audit::META,
     ]
 }
 

@@ -3,6 +3,7 @@
 //! kinds' rows go to the store directly; changes to them go through their owner's messages).
 
 pub mod allocator;
+pub mod audit;
 pub mod cascade;
 pub mod host;
 pub mod identity;
@@ -143,7 +144,8 @@ pub async fn start(
     participants.extend(host::participants(&db, &bus));
     participants.extend(vm::participants(&db, &bus));
     participants.extend(engine.ext.cascade.iter().cloned());
-    let agents = AgentClient::new(engine.ids.clone(), format!("{api_url}/agent/callback"));
+    let agents = AgentClient::new(engine.ids.clone(), format!("{api_url}/agent/callback"))
+        .with_metrics(engine.metrics.clone());
     let cloud = Arc::new(Cloud {
         cascade: Cascade::new(&participants),
         allocator: allocator::Allocator::new(),
@@ -164,7 +166,106 @@ pub async fn start(
     allocator::register(&cloud)?;
     host::register(&cloud)?;
     vm::register(&cloud)?;
+    cloud
+        .engine
+        .metrics
+        .register_collector(Readings(Arc::downgrade(&cloud)));
     Ok(cloud)
+}
+
+/// What `/metrics` reads from the node at each scrape.
+struct Readings(std::sync::Weak<Cloud>);
+
+impl std::fmt::Debug for Readings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Readings")
+    }
+}
+
+impl prometheus_client::collector::Collector for Readings {
+    fn encode(
+        &self,
+        enc: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use crate::metrics::Reading::*;
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(c) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let (b, q, a) = (c.bus().stats(), c.engine.queues.stats(), c.agents.stats());
+        let n = |v: usize| v as i64;
+        crate::metrics::encode_readings(
+            enc,
+            &[
+                Counter(
+                    "stratus_bus_messages",
+                    "Bus messages sent",
+                    b.sent.load(Relaxed),
+                ),
+                Counter(
+                    "stratus_bus_remote",
+                    "Bus messages sent to another node",
+                    b.remote.load(Relaxed),
+                ),
+                Counter(
+                    "stratus_bus_timeouts",
+                    "Bus messages without a reply in time",
+                    b.timeouts.load(Relaxed),
+                ),
+                Counter(
+                    "stratus_bus_panics",
+                    "Bus handlers that panicked",
+                    b.panics.load(Relaxed),
+                ),
+                Gauge(
+                    "stratus_queue_running",
+                    "Tasks running in resource queues",
+                    n(q.running),
+                ),
+                Gauge(
+                    "stratus_queue_waiting",
+                    "Tasks waiting in resource queues",
+                    n(q.waiting),
+                ),
+                Gauge(
+                    "stratus_queues_active",
+                    "Resource queues with work",
+                    n(q.active_queues),
+                ),
+                Counter(
+                    "stratus_queue_completed",
+                    "Queued tasks finished",
+                    q.completed,
+                ),
+                Counter(
+                    "stratus_agent_timeouts",
+                    "Agent commands that timed out",
+                    a.timeouts.load(Relaxed),
+                ),
+                Gauge(
+                    "stratus_agent_waiting",
+                    "Agent callbacks awaited",
+                    n(c.agents.waiting()),
+                ),
+                Gauge(
+                    "stratus_hosts_tracked",
+                    "Hosts this node pings",
+                    n(c.tracker.tracking()),
+                ),
+                Gauge(
+                    "stratus_jobs_in_flight",
+                    "Jobs of this node still running",
+                    n(c.engine.jobs.in_flight()),
+                ),
+                Counters(
+                    "stratus_sync_repairs",
+                    "Corrections state sync made, by kind",
+                    "repair",
+                    c.repairs.snapshot().into_iter().collect(),
+                ),
+            ],
+        )
+    }
 }
 
 /// The error of a batch that gives back what was taken from a counter (capacity, local storage,

@@ -45,13 +45,19 @@ pub async fn spawn_server_with<X: Clone + Send + Sync + 'static>(
     wire::listen(addr, app, ext).await
 }
 
-/// Run one request through `app`, with `ext` added as an extension.
+/// The address a request came from: an extension of every request a server takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Run one request through `app`, with `ext` and the [`PeerAddr`] added as extensions.
 async fn route<X: Clone + Send + Sync + 'static>(
     app: Router,
     ext: X,
+    peer: SocketAddr,
     mut req: Request<axum::body::Body>,
 ) -> axum::response::Response {
     req.extensions_mut().insert(ext);
+    req.extensions_mut().insert(PeerAddr(peer));
     match app.oneshot(req).await {
         Ok(resp) => resp,
         Err(never) => match never {},

@@ -66,8 +66,8 @@ async fn accept_loop<X: Clone + Send + Sync + 'static>(ep: Endpoint, app: Router
     let mut accepts: FuturesUnordered<_> = (0..ACCEPTS).map(|_| accept(ep.clone())).collect();
     while let Some(accepted) = accepts.next().await {
         match accepted {
-            Ok((tx, rx, _peer)) => {
-                tokio::spawn(serve_connection(tx, rx, app.clone(), ext.clone()));
+            Ok((tx, rx, peer)) => {
+                tokio::spawn(serve_connection(tx, rx, app.clone(), ext.clone(), peer));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -87,6 +87,7 @@ async fn serve_connection<X: Clone + Send + Sync + 'static>(
     mut rx: Receiver,
     app: Router,
     ext: X,
+    peer: SocketAddr,
 ) {
     let Ok(hello) = rx.recv().await else { return };
     let Ok(hello) = hello.downcast::<Hello>() else {
@@ -113,7 +114,7 @@ async fn serve_connection<X: Clone + Send + Sync + 'static>(
             let (app, ext) = (app.clone(), ext.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(after).await;
-                let _ = super::route(app, ext, copy.map(axum::body::Body::from)).await;
+                let _ = super::route(app, ext, peer, copy.map(axum::body::Body::from)).await;
             });
         }
         if !fate.hold.is_zero() {
@@ -129,7 +130,7 @@ async fn serve_connection<X: Clone + Send + Sync + 'static>(
         // madsim does not seed (same seed, different runs, found by running `churn` twice).
         let resp = tokio::select! {
             biased;
-            resp = Box::pin(super::route(app.clone(), ext.clone(), req)) => resp,
+            resp = Box::pin(super::route(app.clone(), ext.clone(), peer, req)) => resp,
             _ = answers.closed() => return,
         };
         let status = resp.status().as_u16();

@@ -26,7 +26,7 @@ pub(super) async fn listen<X: Clone + Send + Sync + 'static>(
 
 async fn accept_loop<X: Clone + Send + Sync + 'static>(listener: TcpListener, app: Router, ext: X) {
     loop {
-        let (stream, _peer) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -38,7 +38,7 @@ async fn accept_loop<X: Clone + Send + Sync + 'static>(listener: TcpListener, ap
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (app, ext) = (app.clone(), ext.clone());
             async move {
-                let resp = super::route(app, ext, req.map(axum::body::Body::new)).await;
+                let resp = super::route(app, ext, peer, req.map(axum::body::Body::new)).await;
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
