@@ -43,6 +43,8 @@ pub enum ErrorCode {
     /// The request carries no valid credentials (no token, an unknown or expired one, a wrong
     /// password or agent token).
     Unauthorized,
+    /// The request is larger than the API takes.
+    TooLarge,
     /// The caller is known but not allowed to do this (an admin-only kind or operation).
     Forbidden,
     /// The storage backend failed.
@@ -52,7 +54,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::InvalidArgument,
         ErrorCode::NotFound,
         ErrorCode::AlreadyExists,
@@ -69,6 +71,7 @@ impl ErrorCode {
         ErrorCode::HostUnreachable,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
+        ErrorCode::TooLarge,
         ErrorCode::StoreFailure,
         ErrorCode::Internal,
     ];
@@ -91,6 +94,7 @@ impl ErrorCode {
             ErrorCode::HostUnreachable => "host_unreachable",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooLarge => "too_large",
             ErrorCode::StoreFailure => "store_failure",
             ErrorCode::Internal => "internal",
         }
@@ -102,6 +106,7 @@ impl ErrorCode {
             ErrorCode::InvalidArgument => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
+            ErrorCode::TooLarge => 413,
             ErrorCode::NotFound => 404,
             ErrorCode::AlreadyExists
             | ErrorCode::InvalidState

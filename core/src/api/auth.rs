@@ -4,11 +4,10 @@
 //! a user token, and a user token opens nothing on `/agent/*`.
 
 use super::routes::parse_body;
-use super::{error, json};
+use super::{error, json, RawBody};
 use crate::auth::{Caller, TOKEN_TTL};
 use crate::error::{Error, ErrorCode};
 use crate::services::Cloud;
-use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -70,7 +69,7 @@ struct LoginBody {
 }
 
 /// `POST /v1/auth/login {user, password}`: a token valid for `auth.token.ttl`.
-pub(super) async fn login(State(c): State<Arc<Cloud>>, body: Bytes) -> Response {
+pub(super) async fn login(State(c): State<Arc<Cloud>>, RawBody(body): RawBody) -> Response {
     let b: LoginBody = match parse_body(&body) {
         Ok(b) => b,
         Err(e) => return error(&e),
@@ -115,7 +114,7 @@ struct TokenBody {
 pub(super) async fn new_token(
     State(c): State<Arc<Cloud>>,
     Extension(me): Extension<Caller>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Response {
     let b: TokenBody = match parse_body(&body) {
         Ok(b) => b,

@@ -49,3 +49,28 @@ pub fn not_found_path(path: &str) -> Response {
         format!("no such API path: {path}"),
     ))
 }
+
+/// The largest request body the API reads.
+pub const BODY_LIMIT: usize = 1 << 20;
+
+/// A request's body, at most [`BODY_LIMIT`] bytes; a body refused is a coded error like any
+/// other (`too_large`, 413), not the framework's plain text.
+pub struct RawBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for RawBody {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => Ok(RawBody(b)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(error(&Error::new(
+                ErrorCode::TooLarge,
+                format!("the request body is over {BODY_LIMIT} bytes"),
+            ))),
+            Err(e) => Err(error(&Error::invalid(format!(
+                "cannot read the request body: {}",
+                e.body_text()
+            )))),
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Routes of the API. See the module docs of [`crate::api`].
 
-use super::{error, json, not_found_path, scope};
+use super::{error, json, not_found_path, scope, RawBody};
 use crate::auth::Caller;
 use crate::bus::Message;
 use crate::error::{Error, ErrorCode};
@@ -360,7 +360,7 @@ async fn create(
     Extension(me): Extension<Caller>,
     Path(res): Path<String>,
     RawQuery(raw): RawQuery,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Response {
     let pairs = query_pairs(&raw);
     let wait = match wait_of(&pairs) {
@@ -505,7 +505,7 @@ async fn update(
     Extension(me): Extension<Caller>,
     Path((res, id)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Response {
     let pairs = query_pairs(&raw);
     let wait = match wait_of(&pairs) {
@@ -620,6 +620,7 @@ async fn action_scope(
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct ActionBody {
     #[serde(default)]
     force: bool,
@@ -638,7 +639,7 @@ async fn action(
     Extension(me): Extension<Caller>,
     Path((res, id, act)): Path<(String, String, String)>,
     RawQuery(raw): RawQuery,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Response {
     let pairs = query_pairs(&raw);
     let wait = match wait_of(&pairs) {
@@ -870,11 +871,12 @@ async fn config_get(State(c): Api, Path(name): Path<String>) -> Response {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ConfigSet {
     value: serde_json::Value,
 }
 
-async fn config_set(State(c): Api, Path(name): Path<String>, body: Bytes) -> Response {
+async fn config_set(State(c): Api, Path(name): Path<String>, RawBody(body): RawBody) -> Response {
     let b: ConfigSet = match parse_body(&body) {
         Ok(b) => b,
         Err(e) => return error(&e),
@@ -899,7 +901,7 @@ async fn callback(
     State(c): Api,
     Path(task): Path<String>,
     TakeHeaders(headers): TakeHeaders,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Response {
     let token = header(&headers, H_TOKEN).unwrap_or("");
     let result: TaskResult = match serde_json::from_slice(&body) {
@@ -922,7 +924,11 @@ async fn callback(
     }
 }
 
-async fn report(State(c): Api, TakeHeaders(headers): TakeHeaders, body: Bytes) -> Response {
+async fn report(
+    State(c): Api,
+    TakeHeaders(headers): TakeHeaders,
+    RawBody(body): RawBody,
+) -> Response {
     let token = header(&headers, H_TOKEN).unwrap_or("");
     let r: Report = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -1047,6 +1053,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/agent/callback/{task}", post(callback))
         .route("/agent/report", post(report))
         .fallback(fallback)
+        .layer(axum::extract::DefaultBodyLimit::max(super::BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(cloud.clone(), gate))
         .layer(axum::middleware::from_fn_with_state(
             cloud.clone(),

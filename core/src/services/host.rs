@@ -51,6 +51,7 @@ pub fn config_defs() -> Vec<&'static ConfigDef> {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AddHost {
     pub cluster_uuid: Uuid,
     pub name: String,

@@ -23,6 +23,7 @@ use stratus_store::{Batch, Db, Expect, Json, Query, Row, Update, Value};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateL2Network {
     pub zone_uuid: Uuid,
     pub name: String,
@@ -60,6 +61,7 @@ impl Message for AttachL2ToCluster {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateL3Network {
     pub l2_uuid: Uuid,
     pub name: String,
@@ -75,6 +77,7 @@ impl Message for CreateL3Network {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AddIpRange {
     pub l3_uuid: Uuid,
     #[serde(default)]

@@ -13,6 +13,7 @@ use stratus_store::{Batch, Db, Query, Resource, Row, Update};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateInstanceOffering {
     pub name: String,
     pub cpu: i64,
@@ -24,6 +25,7 @@ impl Message for CreateInstanceOffering {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateDiskOffering {
     pub name: String,
     pub size_mib: i64,

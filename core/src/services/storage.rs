@@ -14,6 +14,7 @@ use stratus_store::{Batch, Db, Query, Row, Update};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreatePrimaryStorage {
     pub zone_uuid: Uuid,
     pub name: String,
@@ -59,6 +60,7 @@ impl Message for SyncLocalStorage {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateBackupStorage {
     pub name: String,
     pub url: String,
@@ -84,6 +86,7 @@ impl Message for AttachBackupStorage {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AddImage {
     pub bs_uuid: Uuid,
     pub name: String,

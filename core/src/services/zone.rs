@@ -12,6 +12,7 @@ use stratus_store::{Batch, Db, Row, Update};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateZone {
     pub name: String,
     #[serde(default)]
@@ -23,6 +24,7 @@ impl Message for CreateZone {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UpdateZone {
     pub uuid: Uuid,
     #[serde(default)]
@@ -41,6 +43,7 @@ impl Message for UpdateZone {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateCluster {
     pub zone_uuid: Uuid,
     pub name: String,
@@ -58,6 +61,7 @@ impl Message for CreateCluster {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UpdateCluster {
     pub uuid: Uuid,
     #[serde(default)]

@@ -20,6 +20,7 @@ use stratus_store::{Batch, Db, Expect, Json, Query, Row, Update, Value};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateDataVolume {
     #[serde(default)]
     pub uuid: Option<Uuid>,
