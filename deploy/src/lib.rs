@@ -2,13 +2,16 @@
 //!
 //! The programs a deployment runs, in the std build: `stratus` ([`serve`]: one management node
 //! on SQLite or PostgreSQL; [`cli`]: the command line that drives a node through its API) and
-//! `stratus-sim-agent` ([`sim_agent`]: simulated hosts over real HTTP). Under `--cfg madsim`
+//! `stratus-sim-agent` ([`sim_agent`]: simulated hosts over real HTTP), and `stratus-load`
+//! ([`load`]: VM creation through the API, measured). Under `--cfg madsim`
 //! the crate is empty and the binaries say so.
 
 #[cfg(not(madsim))]
 pub mod cli;
 #[cfg(not(madsim))]
 pub mod files;
+#[cfg(not(madsim))]
+pub mod load;
 #[cfg(not(madsim))]
 pub mod logging;
 #[cfg(not(madsim))]
