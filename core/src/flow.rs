@@ -833,12 +833,16 @@ impl crate::queue::QueuedOutput for RecoveryOutcome {
 #[async_trait]
 trait Resumable: Send + Sync {
     async fn resume(&self, journal: &Journal, rec: &Row<ChainRecord>) -> RecoveryOutcome;
+    fn flow_names(&self) -> Vec<&'static str>;
 }
 
 #[async_trait]
 impl<C: Context> Resumable for FlowChain<C> {
     async fn resume(&self, journal: &Journal, rec: &Row<ChainRecord>) -> RecoveryOutcome {
         FlowChain::resume(self, journal, rec).await
+    }
+    fn flow_names(&self) -> Vec<&'static str> {
+        self.flows().iter().map(|f| f.name).collect()
     }
 }
 
@@ -858,6 +862,27 @@ impl ChainRegistry {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(chain.name, chain);
+    }
+
+    /// Where a journaled chain is, for people: the flow it runs or rolls back, and the share
+    /// of its flows done (percent).
+    pub fn position(&self, rec: &ChainRecord) -> Option<(String, i64)> {
+        let names = self.get(&rec.chain)?.flow_names();
+        let n = names.len().max(1) as i64;
+        let at = |i: i64| names.get(usize::try_from(i).ok()?).copied();
+        match rec.state {
+            ChainState::RollingBack => {
+                let name = at(rec.cursor).unwrap_or("done");
+                Some((
+                    format!("rolling back {name}"),
+                    100 * (rec.cursor + 1).max(0) / n,
+                ))
+            }
+            _ => Some((
+                at(rec.next).unwrap_or("finishing").to_string(),
+                100 * rec.next / n,
+            )),
+        }
     }
 
     fn get(&self, name: &str) -> Option<Arc<dyn Resumable>> {

@@ -162,6 +162,18 @@ fn the_management_node_killed_mid_create_finishes_the_rollback_after_restart() {
                 .await
                 .unwrap();
         assert_eq!(chains, 1, "the create chain is in flight");
+        // The job shows the step its workflow is at (the CLI's progress bar names it).
+        let job = w
+            .client
+            .get(&format!("/v1/jobs/{}", sub.job))
+            .await
+            .unwrap();
+        assert_eq!(
+            (job["state"].as_str(), job["step"].as_str()),
+            (Some("Running"), Some("start-on-hypervisor")),
+            "{job}"
+        );
+        assert!(job["progress"].as_i64().unwrap() >= 50, "{job}");
         w.kill_mgmt();
         tokio::time::sleep(Duration::from_secs(2)).await;
         w.restart_mgmt();

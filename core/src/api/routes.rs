@@ -150,6 +150,9 @@ pub struct JobView {
     pub result: Option<stratus_store::JsonText>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<Error>,
+    /// While it runs: the step of its workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
 }
 
 /// Takes the row: its result moves into the view instead of being copied.
@@ -163,7 +166,35 @@ fn job_view(j: Row<Job>) -> JobView {
         error,
         result: j.data.result,
         operation: j.data.operation,
+        step: None,
     }
+}
+
+/// A running job's view with the step its workflow is at (from the journal).
+async fn running_job_view(c: &Cloud, j: Row<Job>) -> JobView {
+    let (id, resource) = (j.uuid, j.resource_uuid);
+    let operation = j.operation.clone();
+    let mut v = job_view(j);
+    if v.state != JobState::Running.as_str() {
+        return v;
+    }
+    let Some(resource) = resource else { return v };
+    let q = Query::of::<crate::flow::ChainRecord>().eq("resource_uuid", resource);
+    let Ok(chains) = c.db().select::<crate::flow::ChainRecord>(&q).await else {
+        return v;
+    };
+    // The chain of this job: its own, or (chains started by a service do not know the job)
+    // the one of the same operation on the resource, whose queue runs one at a time.
+    let mine = |r: &&Row<crate::flow::ChainRecord>| {
+        r.job == Some(id) || (r.job.is_none() && r.chain == operation)
+    };
+    if let Some(rec) = chains.iter().find(mine) {
+        if let Some((step, percent)) = c.engine.chains.position(rec) {
+            v.step = Some(step);
+            v.progress = v.progress.max(percent);
+        }
+    }
+    v
 }
 
 /// Render a reply for the API (rows without their secret fields).
@@ -341,7 +372,7 @@ async fn get_one(
             scope::check_read(&me, kind, uuid, j.account_uuid)?;
             Ok(j)
         }) {
-            Ok(j) => json(200, &job_view(j)),
+            Ok(j) => json(200, &running_job_view(&c, j).await),
             Err(e) => error(&e),
         };
     }
