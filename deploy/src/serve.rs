@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use stratus_core::auth::Auth;
 use stratus_core::extension::Extensions;
+use stratus_core::ids::Ids;
 use stratus_core::node::{ManagementNode, NodeConfig};
 use stratus_core::services::audit::StoreAudit;
 use stratus_store::sql::SqlStore;
@@ -171,9 +173,10 @@ fn node_id(data_dir: &Path) -> anyhow::Result<Uuid> {
 
 /// On the first start, the `admin` user: its password from `--admin-password-file`, or a
 /// random one written to `DATA_DIR/admin-password` (0600) before the user is made (so a crash
-/// between the two loses nothing), and never logged.
-async fn first_admin(node: &ManagementNode, s: &Settings) -> anyhow::Result<()> {
-    let auth = &node.cloud.auth;
+/// between the two loses nothing), and never logged. Done before the API listens, so a login
+/// as soon as it answers finds the user.
+async fn first_admin(store: &Arc<dyn Store>, s: &Settings) -> anyhow::Result<()> {
+    let auth = &Auth::new(Db::new(store.clone()), Arc::new(Ids::new()));
     let fail = |e: stratus_core::Error| anyhow::anyhow!("cannot create the admin user: {e}");
     if auth
         .has_user(stratus_core::auth::ADMIN)
@@ -212,10 +215,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Every change asked of the API goes to the audit log in the store.
     let audit = StoreAudit::new(Db::new(store.clone()), s.audit_retention);
     cfg.extensions = Extensions::builder().audit(audit).build();
+    first_admin(&store, &s).await?;
     let node = ManagementNode::start(store, cfg)
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the management node: {e}"))?;
-    first_admin(&node, &s).await?;
     for (name, value) in &s.config {
         node.cloud
             .engine
