@@ -32,6 +32,10 @@ async fn sqlite_store_passes_the_conformance_suite() {
     .await
     .unwrap();
     conformance::run_all(Arc::new(again)).await;
+    // The directory is this process's own: it goes with the test.
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
