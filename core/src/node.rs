@@ -56,17 +56,12 @@ impl ManagementNode {
     /// Start a node on `store`: load config, start the services and the API, finish the work
     /// an earlier run of this (or a dead) node left in the journal, start tracking hosts.
     pub async fn start(store: Arc<dyn Store>, cfg: NodeConfig) -> Result<ManagementNode, Error> {
-        let url = match cfg.advertise {
-            Some(u) => u,
-            // Agents would be told to call back port 0.
-            None if cfg.listen.port() == 0 => {
-                return Err(Error::invalid(format!(
-                    "listening on {} (any port) needs the URL to advertise to agents",
-                    cfg.listen
-                )))
-            }
-            None => format!("http://{}", cfg.listen),
-        };
+        // Bound first: with port 0 the system chooses, and agents are told the port it chose.
+        let listener = stratus_rt::http::Listener::bind(cfg.listen)
+            .await
+            .map_err(|e| Error::internal(format!("cannot listen on {}: {e}", cfg.listen)))?;
+        let addr = listener.addr();
+        let url = cfg.advertise.unwrap_or_else(|| format!("http://{addr}"));
         let engine = Engine::start(
             store,
             EngineOptions {
@@ -92,9 +87,7 @@ impl ManagementNode {
                 }
             }
         });
-        let addr = stratus_rt::http::spawn_server(cfg.listen, crate::api::router(cloud.clone()))
-            .await
-            .map_err(|e| Error::internal(format!("cannot listen on {}: {e}", cfg.listen)))?;
+        listener.serve(crate::api::router(cloud.clone()));
         let recovery = cloud.engine.recover(&[]).await?;
         cloud.bus().send(TrackOwnedHosts).await?;
         tracing::info!(node = %cloud.engine.node, %addr, ?recovery, "management node started");

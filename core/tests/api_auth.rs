@@ -2,76 +2,25 @@
 //! reach what, and how a bad credential is answered.
 #![cfg(not(madsim))]
 
+mod support;
+
 use serde_json::{json, Value};
-use std::sync::Arc;
 use std::time::Duration;
 use stratus_core::auth::ADMIN;
-use stratus_core::node::{ManagementNode, NodeConfig};
-use stratus_rt::http::HttpClient;
-use stratus_store::{MemStore, Store};
+use support::Api;
 use uuid::Uuid;
 
-struct Api {
-    http: HttpClient,
-    node: ManagementNode,
+/// A node whose admin has a password.
+async fn start() -> Api {
+    let api = Api::start().await;
+    let auth = &api.node.cloud.auth;
+    assert!(auth.bootstrap_admin(Some("correct horse")).await.unwrap());
+    api
 }
 
-impl Api {
-    async fn start() -> Api {
-        let store: Arc<dyn Store> = Arc::new(MemStore::new(stratus_core::model::schema()));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        let cfg = NodeConfig::new(Uuid::from_u128(1), ([127, 0, 0, 1], port).into());
-        let node = ManagementNode::start(store, cfg).await.unwrap();
-        assert!(node
-            .cloud
-            .auth
-            .bootstrap_admin(Some("correct horse"))
-            .await
-            .unwrap());
-        Api {
-            http: HttpClient::new(4),
-            node,
-        }
-    }
-
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&'static str, &str)],
-        body: &str,
-    ) -> (u16, Value) {
-        let r = self
-            .http
-            .request(
-                method,
-                self.node.addr,
-                path,
-                headers,
-                body.to_string(),
-                Duration::from_secs(30),
-            )
-            .await
-            .unwrap();
-        (
-            r.status,
-            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-        )
-    }
-
-    async fn login(&self, user: &str, password: &str) -> (u16, Value) {
-        let body = json!({"user": user, "password": password}).to_string();
-        self.call("POST", "/v1/auth/login", &[], &body).await
-    }
-
-    async fn as_bearer(&self, token: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
-        let h = format!("Bearer {token}");
-        self.call(method, path, &[("authorization", &h)], body)
-            .await
-    }
+async fn login(api: &Api, user: &str, password: &str) -> (u16, Value) {
+    let body = json!({"user": user, "password": password}).to_string();
+    api.call("POST", "/v1/auth/login", &[], body).await
 }
 
 fn code(v: &Value) -> &str {
@@ -80,7 +29,7 @@ fn code(v: &Value) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_path_but_health_login_and_agents_needs_a_valid_token() {
-    let api = Api::start().await;
+    let api = start().await;
     assert_eq!(api.call("GET", "/v1/health", &[], "").await.0, 200);
     for path in [
         "/v1/zones",
@@ -108,9 +57,9 @@ async fn every_path_but_health_login_and_agents_needs_a_valid_token() {
         .await;
     assert_eq!(s, 401);
 
-    let (s, v) = api.login(ADMIN, "wrong password").await;
+    let (s, v) = login(&api, ADMIN, "wrong password").await;
     assert_eq!((s, code(&v)), (401, "unauthorized"));
-    let (s, v) = api.login("nobody", "correct horse").await;
+    let (s, v) = login(&api, "nobody", "correct horse").await;
     assert_eq!((s, code(&v)), (401, "unauthorized"));
     for bad in [
         "{",
@@ -123,13 +72,27 @@ async fn every_path_but_health_login_and_agents_needs_a_valid_token() {
         assert_eq!((s, code(&v)), (400, "invalid_argument"), "{bad}");
     }
 
-    let (s, v) = api.login(ADMIN, "correct horse").await;
+    let (s, v) = login(&api, ADMIN, "correct horse").await;
     assert_eq!(s, 200, "{v}");
     let token = v["token"].as_str().unwrap().to_string();
     let (s, me) = api.as_bearer(&token, "GET", "/v1/auth/whoami", "").await;
     assert_eq!((s, me["admin"].as_bool()), (200, Some(true)));
     assert_eq!(api.as_bearer(&token, "GET", "/metrics", "").await.0, 200);
     // The store keeps only the token's hash, and the API shows neither.
+    let rows = api
+        .store
+        .query(&stratus_store::Query::new("api_token"))
+        .await
+        .unwrap();
+    let hashes: Vec<String> = rows
+        .iter()
+        .map(|r| r.decode("token_hash").unwrap())
+        .collect();
+    assert!(
+        hashes.contains(&stratus_core::auth::token_hash(&token)),
+        "{hashes:?}"
+    );
+    assert!(!hashes.contains(&token));
     let (s, list) = api.as_bearer(&token, "GET", "/v1/api-tokens", "").await;
     assert_eq!(s, 200);
     let text = list.to_string();
@@ -178,7 +141,7 @@ async fn every_path_but_health_login_and_agents_needs_a_valid_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_token_is_refused_and_a_plain_account_reaches_only_its_session() {
-    let api = Api::start().await;
+    let api = start().await;
     let auth = &api.node.cloud.auth;
     let expired = auth.issue_for(ADMIN, Duration::ZERO, "test").await.unwrap();
     let (s, v) = api.as_bearer(&expired.token, "GET", "/v1/zones", "").await;
@@ -210,7 +173,7 @@ async fn an_expired_token_is_refused_and_a_plain_account_reaches_only_its_sessio
         .await;
     assert_eq!(s, 200, "{v}");
 
-    let (s, v) = api.login("bob", "bob's long password").await;
+    let (s, v) = login(&api, "bob", "bob's long password").await;
     assert_eq!(s, 200, "{v}");
     let bob = v["token"].as_str().unwrap();
     let (s, me) = api.as_bearer(bob, "GET", "/v1/auth/whoami", "").await;

@@ -4,71 +4,40 @@
 //! nothing written.
 #![cfg(not(madsim))]
 
+mod support;
+
 use serde_json::Value;
-use std::sync::Arc;
 use std::time::Duration;
 use stratus_core::api::RESOURCE_PATHS;
 use stratus_core::auth::ADMIN;
-use stratus_core::node::{ManagementNode, NodeConfig};
-use stratus_rt::http::HttpClient;
-use stratus_store::{MemStore, Query, Store};
+use stratus_store::Query;
 use uuid::Uuid;
 
-struct Api {
-    http: HttpClient,
-    node: ManagementNode,
-    store: Arc<dyn Store>,
-    auth: String,
+/// A node and an admin token.
+struct Admin {
+    api: support::Api,
+    token: String,
 }
 
-impl Api {
-    async fn start() -> Api {
-        let store: Arc<dyn Store> = Arc::new(MemStore::new(stratus_core::model::schema()));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        let cfg = NodeConfig::new(Uuid::from_u128(1), ([127, 0, 0, 1], port).into());
-        let node = ManagementNode::start(store.clone(), cfg).await.unwrap();
-        let auth = &node.cloud.auth;
+impl Admin {
+    async fn start() -> Admin {
+        let api = support::Api::start().await;
+        let auth = &api.node.cloud.auth;
         auth.bootstrap_admin(None).await.unwrap();
-        let t = auth
-            .issue_for(ADMIN, Duration::from_secs(600), "test")
-            .await
-            .unwrap();
-        Api {
-            http: HttpClient::new(4),
-            node,
-            store,
-            auth: format!("Bearer {}", t.token),
-        }
+        let ttl = Duration::from_secs(600);
+        let token = auth.issue_for(ADMIN, ttl, "test").await.unwrap().token;
+        Admin { api, token }
     }
 
-    async fn call(&self, method: &str, path: &str, body: impl Into<bytes::Bytes>) -> (u16, Value) {
-        let h = [("authorization", self.auth.as_str())];
-        let r = self
-            .http
-            .request(
-                method,
-                self.node.addr,
-                path,
-                &h,
-                body,
-                Duration::from_secs(30),
-            )
-            .await
-            .unwrap();
-        (
-            r.status,
-            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-        )
+    async fn call(&self, method: &str, path: &str, body: impl AsRef<[u8]>) -> (u16, Value) {
+        self.api.as_bearer(&self.token, method, path, body).await
     }
 
     /// Rows of every kind.
     async fn rows(&self) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         for (_, kind) in RESOURCE_PATHS {
-            let n = self.store.count(&Query::new(*kind)).await.unwrap();
+            let n = self.api.store.count(&Query::new(*kind)).await.unwrap();
             out.push((kind.to_string(), n));
         }
         out
@@ -90,7 +59,7 @@ fn refused(what: &str, (status, v): (u16, Value)) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_refuses_bad_input_with_a_code_and_writes_nothing() {
-    let api = Api::start().await;
+    let api = Admin::start().await;
     let before = api.rows().await;
     let big = vec![b' '; stratus_core::api::BODY_LIMIT + 1];
     for (path, _) in RESOURCE_PATHS {

@@ -47,12 +47,8 @@ async fn start(name: &str) -> Cloud {
     let store = SqlStore::open_sqlite(&dir.join("db.sqlite"), stratus_core::model::schema())
         .await
         .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
     let store: Arc<dyn Store> = Arc::new(store);
-    let mut cfg = NodeConfig::new(Uuid::from_u128(1), ([127, 0, 0, 1], port).into());
+    let mut cfg = NodeConfig::new(Uuid::from_u128(1), "127.0.0.1:0".parse().unwrap());
     let audit = StoreAudit::new(Db::new(store.clone()), Duration::from_secs(86_400));
     cfg.extensions = Extensions::builder().audit(audit).build();
     let node = ManagementNode::start(store, cfg).await.unwrap();

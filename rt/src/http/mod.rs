@@ -42,7 +42,39 @@ pub async fn spawn_server_with<X: Clone + Send + Sync + 'static>(
     app: Router,
     ext: X,
 ) -> std::io::Result<SocketAddr> {
-    wire::listen(addr, app, ext).await
+    let listener = Listener::bind(addr).await?;
+    let local = listener.addr();
+    listener.serve_with(app, ext);
+    Ok(local)
+}
+
+/// A bound address whose server is not running yet: what it is (port 0 chosen by the system)
+/// is known before the app that will serve it is made — a management node tells agents its
+/// address when it builds its services.
+pub struct Listener {
+    bound: wire::Bound,
+    addr: SocketAddr,
+}
+
+impl Listener {
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
+        let (bound, addr) = wire::bind(addr).await?;
+        Ok(Listener { bound, addr })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serve `app` in a background task until the node stops.
+    pub fn serve(self, app: Router) {
+        self.serve_with(app, ());
+    }
+
+    /// [`Listener::serve`] with a clone of `ext` added to every request as an extension.
+    pub fn serve_with<X: Clone + Send + Sync + 'static>(self, app: Router, ext: X) {
+        wire::serve(self.bound, app, ext);
+    }
 }
 
 /// The address a request came from: an extension of every request a server takes.

@@ -45,16 +45,19 @@ struct Welcome {
     answers: Rx<Answer>,
 }
 
-/// Bind `addr` and serve `app` in a background task; returns the bound address.
-pub(super) async fn listen<X: Clone + Send + Sync + 'static>(
-    addr: SocketAddr,
-    app: Router,
-    ext: X,
-) -> std::io::Result<SocketAddr> {
+/// A bound endpoint, not yet accepting.
+pub(super) type Bound = Endpoint;
+
+/// Bind `addr`; returns the endpoint and its address.
+pub(super) async fn bind(addr: SocketAddr) -> std::io::Result<(Bound, SocketAddr)> {
     let ep = Endpoint::bind(addr).await?;
     let local = ep.local_addr()?;
+    Ok((ep, local))
+}
+
+/// Serve `app` on `ep` in a background task.
+pub(super) fn serve<X: Clone + Send + Sync + 'static>(ep: Bound, app: Router, ext: X) {
     tokio::spawn(accept_loop(ep, app, ext));
-    Ok(local)
 }
 
 /// Accepts a listener waits for at once. madsim's accept sleeps at least 1 ms (its shortest

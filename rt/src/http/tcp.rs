@@ -12,16 +12,19 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
-/// Bind `addr` and serve `app` in a background task; returns the bound address.
-pub(super) async fn listen<X: Clone + Send + Sync + 'static>(
-    addr: SocketAddr,
-    app: Router,
-    ext: X,
-) -> std::io::Result<SocketAddr> {
+/// A bound socket, not yet accepting.
+pub(super) type Bound = TcpListener;
+
+/// Bind `addr`; returns the socket and its address.
+pub(super) async fn bind(addr: SocketAddr) -> std::io::Result<(Bound, SocketAddr)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+/// Serve `app` on `listener` in a background task.
+pub(super) fn serve<X: Clone + Send + Sync + 'static>(listener: Bound, app: Router, ext: X) {
     tokio::spawn(accept_loop(listener, app, ext));
-    Ok(local)
 }
 
 async fn accept_loop<X: Clone + Send + Sync + 'static>(listener: TcpListener, app: Router, ext: X) {
