@@ -173,13 +173,8 @@ impl Jobs {
         self.in_flight.load(Ordering::SeqCst)
     }
 
-    /// Record a new running job.
-    pub async fn create(&self, operation: &str, resource: Option<Uuid>) -> Result<Uuid, Error> {
-        self.create_for(None, operation, resource).await
-    }
-
-    /// Record a new running job submitted by a caller of `account`.
-    pub async fn create_for(
+    /// Record a new running job submitted by a caller of `account` (none: the node's own).
+    pub async fn create(
         &self,
         account: Option<Uuid>,
         operation: &str,
@@ -324,20 +319,6 @@ impl Jobs {
     /// Create a job, run `body` in its own task, record its outcome. Returns the job id at once.
     pub async fn submit<F, Fut>(
         &self,
-        operation: &str,
-        resource: Option<Uuid>,
-        body: F,
-    ) -> Result<Uuid, Error>
-    where
-        F: FnOnce(JobHandle) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<JsonText, Error>> + Send + 'static,
-    {
-        self.submit_for(None, operation, resource, body).await
-    }
-
-    /// [`Jobs::submit`] for a caller of `account`.
-    pub async fn submit_for<F, Fut>(
-        &self,
         account: Option<Uuid>,
         operation: &str,
         resource: Option<Uuid>,
@@ -347,7 +328,7 @@ impl Jobs {
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: Future<Output = Result<JsonText, Error>> + Send + 'static,
     {
-        let id = self.create_for(account, operation, resource).await?;
+        let id = self.create(account, operation, resource).await?;
         let in_flight = InFlight::new(&self.in_flight);
         let (started, operation) = (tokio::time::Instant::now(), operation.to_string());
         let jobs = self.clone();
@@ -453,10 +434,15 @@ mod tests {
     async fn submitted_job_records_progress_and_result() {
         let j = jobs();
         let id = j
-            .submit("vm.create", Some(Uuid::from_u128(5)), |h| async move {
-                h.progress(40, "allocated host").await;
-                Ok(JsonText::of(&serde_json::json!({"vm": "ok"})))
-            })
+            .submit(
+                None,
+                "vm.create",
+                Some(Uuid::from_u128(5)),
+                |h| async move {
+                    h.progress(40, "allocated host").await;
+                    Ok(JsonText::of(&serde_json::json!({"vm": "ok"})))
+                },
+            )
             .await
             .unwrap();
         let done = j.wait(id, Duration::from_secs(5)).await.unwrap();
@@ -474,7 +460,7 @@ mod tests {
     async fn failed_job_keeps_its_coded_error_and_first_outcome_wins() {
         let j = jobs();
         let id = j
-            .submit("vm.start", None, |_| async move {
+            .submit(None, "vm.start", None, |_| async move {
                 Err(Error::new(ErrorCode::CapacityExhausted, "no host fits"))
             })
             .await
@@ -489,12 +475,12 @@ mod tests {
     #[tokio::test]
     async fn finished_jobs_past_retention_are_purged_and_others_kept() {
         let j = jobs();
-        let running = j.create("vm.stop", None).await.unwrap();
-        let recent = j.create("vm.start", None).await.unwrap();
+        let running = j.create(None, "vm.stop", None).await.unwrap();
+        let recent = j.create(None, "vm.start", None).await.unwrap();
         j.finish(recent, Ok(JsonText::of(&()))).await.unwrap();
         let mut old = Vec::new();
         for _ in 0..3 {
-            let id = j.create("vm.reboot", None).await.unwrap();
+            let id = j.create(None, "vm.reboot", None).await.unwrap();
             j.finish(id, Err(Error::timeout("x"))).await.unwrap();
             let two_hours_ago = stratus_rt::clock::now_ms() - 2 * 3_600_000;
             j.db.commit(
@@ -523,7 +509,7 @@ mod tests {
         let waiting = || j.waiters.lock().unwrap().len();
         // Woken by the finish, then reading the finished job.
         let woken = j
-            .submit("vm.start", None, |_| async move {
+            .submit(None, "vm.start", None, |_| async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 Ok(JsonText::of(&()))
             })
@@ -535,7 +521,7 @@ mod tests {
         j.wait(woken, Duration::from_secs(5)).await.unwrap();
         assert_eq!(waiting(), 0, "after finding it finished");
         // Timed out, the job still running.
-        let running = j.create("vm.stop", None).await.unwrap();
+        let running = j.create(None, "vm.stop", None).await.unwrap();
         j.wait(running, Duration::from_millis(20))
             .await
             .unwrap_err();
@@ -564,7 +550,7 @@ mod tests {
     #[tokio::test]
     async fn orphaned_jobs_are_failed_and_waiting_times_out_cleanly() {
         let j = jobs();
-        let id = j.create("vm.stop", None).await.unwrap();
+        let id = j.create(None, "vm.stop", None).await.unwrap();
         let err = j.wait(id, Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::Timeout);
         assert_eq!(

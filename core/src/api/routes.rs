@@ -235,7 +235,7 @@ where
     let job = c
         .engine
         .jobs
-        .submit_for(Some(me.account), M::NAME, resource, move |_h| async move {
+        .submit(Some(me.account), M::NAME, resource, move |_h| async move {
             let reply = bus.send(msg).await?;
             Ok(reply.view())
         })
@@ -406,6 +406,21 @@ async fn create(
             }
         };
     }
+    // A resource an account owns: the caller's account, or one an admin names.
+    macro_rules! owned {
+        ($t:ty) => {
+            match parse_body::<$t>(&body) {
+                Ok(mut m) => match scope::new_owner(&c, &me, m.account_uuid).await {
+                    Ok(a) => {
+                        m.account_uuid = Some(a);
+                        submit(&c, &me, None, m, wait).await
+                    }
+                    Err(e) => error(&e),
+                },
+                Err(e) => error(&e),
+            }
+        };
+    }
     if let Some(kind) = kind_of_path(&res) {
         if let Err(e) = scope::check_create(&me, kind) {
             return error(&e);
@@ -416,29 +431,11 @@ async fn create(
         "clusters" => go!(CreateCluster),
         "primary-storages" => go!(CreatePrimaryStorage),
         "backup-storages" => go!(CreateBackupStorage),
-        "images" => match parse_body::<AddImage>(&body) {
-            Ok(mut m) => match scope::new_owner(&c, &me, m.account_uuid).await {
-                Ok(a) => {
-                    m.account_uuid = Some(a);
-                    submit(&c, &me, None, m, wait).await
-                }
-                Err(e) => error(&e),
-            },
-            Err(e) => error(&e),
-        },
+        "images" => owned!(AddImage),
         "instance-offerings" => go!(CreateInstanceOffering),
         "disk-offerings" => go!(CreateDiskOffering),
         "l2-networks" => go!(CreateL2Network),
-        "l3-networks" => match parse_body::<CreateL3Network>(&body) {
-            Ok(mut m) => match scope::new_owner(&c, &me, m.account_uuid).await {
-                Ok(a) => {
-                    m.account_uuid = Some(a);
-                    submit(&c, &me, None, m, wait).await
-                }
-                Err(e) => error(&e),
-            },
-            Err(e) => error(&e),
-        },
+        "l3-networks" => owned!(CreateL3Network),
         "ip-ranges" => go!(AddIpRange),
         "accounts" => go!(CreateAccount),
         "users" => match parse_body::<NewUser>(&body) {

@@ -247,7 +247,7 @@ fn registry(log: &Log, on_interrupt: OnInterrupt) -> ChainRegistry {
 async fn recovery_rolls_back_an_interrupted_chain_once_per_flow_and_fails_its_job() {
     let (e, _) = env(10);
     let log = Log::default();
-    let job = e.jobs.create("vm.create", None).await.unwrap();
+    let job = e.jobs.create(None, "vm.create", None).await.unwrap();
     // Make the job look orphaned too: it belongs to the dead boot's chain.
     orphan(&e, "test.recover", ChainState::Running, 2, -1, Some(job)).await;
     let reg = registry(&log, OnInterrupt::RollBack);
