@@ -109,7 +109,7 @@ impl StratusClient {
     }
 
     /// A plain API answer: the body of a 2xx, or its `{code, message}` as an error.
-    fn body(status: u16, v: Value) -> Result<Value, Error> {
+    pub fn answer(status: u16, v: Value) -> Result<Value, Error> {
         if (200..300).contains(&status) {
             return Ok(v);
         }
@@ -141,7 +141,7 @@ impl StratusClient {
 
     /// [`StratusClient::job_outcome`] of an answer already read as a tree.
     fn outcome_of<T: DeserializeOwned>(status: u16, v: Value) -> Result<T, Error> {
-        let mut v = Self::body(status, v)?;
+        let mut v = Self::answer(status, v)?;
         if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
             return Err(serde_json::from_value(e.clone())
                 .unwrap_or_else(|_| Error::internal(e.to_string())));
@@ -159,7 +159,7 @@ impl StratusClient {
         let (s, answer) = self
             .call("GET", path, None, Duration::from_secs(60))
             .await?;
-        Self::body(s, tree(&answer))
+        Self::answer(s, tree(&answer))
     }
 
     /// Items of `resource` matching `conds` (`field=value` forms).
@@ -275,7 +275,7 @@ impl StratusClient {
             .await?;
         let v = tree(&answer);
         if s != 202 {
-            return Self::body(s, v)
+            return Self::answer(s, v)
                 .and_then(|v| Err(Error::internal(format!("expected 202, got {s}: {v}"))));
         }
         Ok(Submitted {
@@ -313,7 +313,7 @@ impl StratusClient {
                 Duration::from_secs(60),
             )
             .await?;
-        Self::body(s, tree(&answer))
+        Self::answer(s, tree(&answer))
     }
 }
 

@@ -37,35 +37,33 @@ impl Charge {
         }
     }
 
-    /// (used field, limit, amount, name) of each quota.
-    fn parts(&self, a: &Account) -> [(&'static str, Option<i64>, i64, &'static str); 5] {
+    /// (used field, amount) of each quota.
+    fn amounts(&self) -> [(&'static str, i64); 5] {
         [
-            ("vms_used", a.vm_limit, self.vms, "VMs"),
-            ("vcpus_used", a.vcpu_limit, self.vcpus, "vCPUs"),
-            (
-                "memory_mib_used",
-                a.memory_mib_limit,
-                self.memory_mib,
-                "MiB of memory",
-            ),
-            ("volumes_used", a.volume_limit, self.volumes, "volumes"),
-            (
-                "volume_mib_used",
-                a.volume_mib_limit,
-                self.volume_mib,
-                "MiB of volumes",
-            ),
+            ("vms_used", self.vms),
+            ("vcpus_used", self.vcpus),
+            ("memory_mib_used", self.memory_mib),
+            ("volumes_used", self.volumes),
+            ("volume_mib_used", self.volume_mib),
         ]
     }
 
-    fn used(a: &Account, field: &str) -> i64 {
-        match field {
-            "vms_used" => a.vms_used,
-            "vcpus_used" => a.vcpus_used,
-            "memory_mib_used" => a.memory_mib_used,
-            "volumes_used" => a.volumes_used,
-            _ => a.volume_mib_used,
-        }
+    /// (used field, amount, in use, limit, name) of each quota of `a`, in [`Charge::amounts`]'
+    /// order.
+    #[allow(clippy::type_complexity)]
+    fn parts(&self, a: &Account) -> [(&'static str, i64, i64, Option<i64>, &'static str); 5] {
+        let of_a = [
+            (a.vms_used, a.vm_limit, "VMs"),
+            (a.vcpus_used, a.vcpu_limit, "vCPUs"),
+            (a.memory_mib_used, a.memory_mib_limit, "MiB of memory"),
+            (a.volumes_used, a.volume_limit, "volumes"),
+            (a.volume_mib_used, a.volume_mib_limit, "MiB of volumes"),
+        ];
+        let amounts = self.amounts();
+        std::array::from_fn(|i| {
+            let ((field, n), (used, limit, what)) = (amounts[i], of_a[i]);
+            (field, n, used, limit, what)
+        })
     }
 }
 
@@ -81,7 +79,7 @@ pub async fn take(db: &Db, account: Option<Uuid>, c: &Charge) -> Result<Option<U
         .await?
         .ok_or_else(|| Error::not_found("account", uuid))?;
     let mut u = Update::of::<Account>(uuid);
-    for (field, limit, n, _) in c.parts(&a) {
+    for (field, n, _, limit, _) in c.parts(&a) {
         if n == 0 {
             continue;
         }
@@ -101,13 +99,7 @@ pub async fn take(db: &Db, account: Option<Uuid>, c: &Charge) -> Result<Option<U
 pub fn give_back(account: Option<Uuid>, c: &Charge) -> Option<Update> {
     let uuid = account?;
     let mut u = Update::of::<Account>(uuid).if_exists();
-    for (field, n) in [
-        ("vms_used", c.vms),
-        ("vcpus_used", c.vcpus),
-        ("memory_mib_used", c.memory_mib),
-        ("volumes_used", c.volumes),
-        ("volume_mib_used", c.volume_mib),
-    ] {
+    for (field, n) in c.amounts() {
         if n != 0 {
             u = u.add(field, -n).at_least(field, 0);
         }
@@ -119,16 +111,18 @@ pub fn give_back(account: Option<Uuid>, c: &Charge) -> Option<Update> {
 /// that has no room, or `None` when every quota had room (another condition failed).
 pub async fn exceeded(db: &Db, account: Option<Uuid>, c: &Charge) -> Option<Error> {
     let a: Row<Account> = db.get::<Account>(account?).await.ok()??;
-    c.parts(&a).into_iter().find_map(|(field, limit, n, what)| {
-        let (l, used) = (limit?, Charge::used(&a, field));
-        (n > 0 && used + n > l).then(|| {
-            Error::new(
-                ErrorCode::QuotaExceeded,
-                format!(
-                    "account {} has {used} of its {l} {what} in use; {n} more do not fit",
-                    a.name
-                ),
-            )
+    c.parts(&a)
+        .into_iter()
+        .find_map(|(_, n, used, limit, what)| {
+            let l = limit?;
+            (n > 0 && used + n > l).then(|| {
+                Error::new(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "account {} has {used} of its {l} {what} in use; {n} more do not fit",
+                        a.name
+                    ),
+                )
+            })
         })
-    })
 }

@@ -452,18 +452,7 @@ fn login_path() -> anyhow::Result<PathBuf> {
 }
 
 fn session(cli: &Cli) -> Result<Session, Outcome> {
-    let saved = Login::load()?;
-    let url = cli
-        .server
-        .clone()
-        .or_else(|| saved.as_ref().map(|l| l.url.clone()))
-        .ok_or_else(|| {
-            anyhow::anyhow!("not logged in: run `stratus login URL` or give --server")
-        })?;
-    let token = cli
-        .token
-        .clone()
-        .or_else(|| saved.map(|l| l.token).filter(|t| !t.is_empty()));
+    let (url, token) = Login::resolve(cli.server.clone(), cli.token.clone())?;
     let wait = if cli.async_ {
         Wait::No
     } else if cli.wait {
@@ -593,20 +582,10 @@ pub async fn run(cli: Cli) -> Result<(), Outcome> {
                 print(f, "config", &s.get(&format!("/v1/config/{name}")).await?)
             }
             ConfigCmd::Set { name, value } => {
-                let (status, v) = s
-                    .client
-                    .raw(
-                        "PUT",
-                        &format!("/v1/config/{name}"),
-                        Some(&json!({ "value": value })),
-                        std::time::Duration::from_secs(60),
-                    )
+                let path = format!("/v1/config/{name}");
+                let v = s
+                    .send("PUT", &path, Some(&json!({ "value": value })))
                     .await?;
-                if !(200..300).contains(&status) {
-                    let e = serde_json::from_value::<Error>(v.clone())
-                        .unwrap_or_else(|_| Error::internal(format!("HTTP {status}: {v}")));
-                    return Err(e.into());
-                }
                 print(f, "config", &v);
             }
         },
@@ -626,20 +605,8 @@ async fn login(a: &LoginArgs) -> Result<(), Outcome> {
         }
     };
     let s = Session::new(&a.url, None, Wait::Quiet)?;
-    let (status, v) = s
-        .client
-        .raw(
-            "POST",
-            "/v1/auth/login",
-            Some(&json!({"user": a.user, "password": password})),
-            std::time::Duration::from_secs(60),
-        )
-        .await?;
-    if !(200..300).contains(&status) {
-        let e = serde_json::from_value::<Error>(v.clone())
-            .unwrap_or_else(|_| Error::internal(format!("HTTP {status}: {v}")));
-        return Err(e.into());
-    }
+    let body = json!({"user": a.user, "password": password});
+    let v = s.send("POST", "/v1/auth/login", Some(&body)).await?;
     let token = v["token"]
         .as_str()
         .ok_or_else(|| Error::internal(format!("no token in the answer: {v}")))?;
@@ -884,7 +851,10 @@ async fn only(s: &Session, path: &str) -> Result<uuid::Uuid, Failure> {
     let v = s.get(&format!("/v1/{path}?limit=2")).await?;
     let items = v["items"].as_array().cloned().unwrap_or_default();
     match items.as_slice() {
-        [one] => Ok(s.resolve(path, one["uuid"].as_str().unwrap_or("")).await?),
+        [one] => one["uuid"]
+            .as_str()
+            .and_then(|u| uuid::Uuid::parse_str(u).ok())
+            .ok_or_else(|| Error::internal(format!("no uuid in {one}")).into()),
         _ => Err(Error::invalid(format!(
             "there are {} {path}; name one",
             if items.is_empty() { "no" } else { "several" }

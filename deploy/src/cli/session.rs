@@ -84,6 +84,22 @@ pub struct Login {
 }
 
 impl Login {
+    /// The node's URL and token: from `server` and `token` when given, else from the saved
+    /// login.
+    pub fn resolve(
+        server: Option<String>,
+        token: Option<String>,
+    ) -> anyhow::Result<(String, Option<String>)> {
+        let saved = Login::load()?;
+        let url = server
+            .or_else(|| saved.as_ref().map(|l| l.url.clone()))
+            .ok_or_else(|| {
+                anyhow::anyhow!("not logged in: run `stratus login URL` or give --server")
+            })?;
+        let token = token.or_else(|| saved.map(|l| l.token).filter(|t| !t.is_empty()));
+        Ok((url, token))
+    }
+
     pub fn path() -> anyhow::Result<PathBuf> {
         if let Some(p) = std::env::var_os("STRATUS_CLI_CONFIG") {
             return Ok(PathBuf::from(p));
@@ -149,8 +165,19 @@ impl Session {
 
     /// A read: the body of a 2xx, or the coded error.
     pub async fn get(&self, path: &str) -> Result<Value, Failure> {
-        let (status, v) = self.client.raw("GET", path, None, REQUEST_TIMEOUT).await?;
-        ok_body(status, v)
+        self.send("GET", path, None).await
+    }
+
+    /// A request that is not a job (a login, a configuration change): the body of a 2xx, or
+    /// the coded error.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, Failure> {
+        let (status, v) = self.client.raw(method, path, body, REQUEST_TIMEOUT).await?;
+        Ok(StratusClient::answer(status, v)?)
     }
 
     /// The uuid of `name_or_uuid` among `kind` (a resource path such as `zones`).
@@ -193,7 +220,7 @@ impl Session {
         let job = uuid_field(&v, "job_uuid");
         let Some(job) = job else {
             // Refused before a job was made.
-            return ok_body(status, v);
+            return Ok(StratusClient::answer(status, v)?);
         };
         if self.wait == Wait::No {
             return Ok(serde_json::json!({"job_uuid": job, "resource_uuid": v["resource_uuid"]}));
@@ -242,13 +269,4 @@ impl Session {
 
 fn uuid_field(v: &Value, key: &str) -> Option<Uuid> {
     v.get(key)?.as_str().and_then(|u| Uuid::parse_str(u).ok())
-}
-
-fn ok_body(status: u16, v: Value) -> Result<Value, Failure> {
-    if (200..300).contains(&status) {
-        return Ok(v);
-    }
-    let e = serde_json::from_value::<Error>(v.clone())
-        .unwrap_or_else(|_| Error::internal(format!("HTTP {status}: {v}")));
-    Err(e.into())
 }
