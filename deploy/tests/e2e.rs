@@ -387,12 +387,14 @@ async fn settle(c: &StratusClient) {
             .count("jobs", &["state=Running"])
             .await
             .unwrap_or(u64::MAX);
-        let vms = c.list("vms", &[]).await.unwrap_or_default();
-        let moving = vms.iter().any(|v| {
-            v["state"]
-                .as_str()
-                .and_then(|s| s.parse::<VmState>().ok())
-                .is_none_or(VmState::is_transitional)
+        // A read that fails is "not settled yet", never "nothing there".
+        let moving = c.list("vms", &[]).await.map_or(true, |vms| {
+            vms.iter().any(|v| {
+                v["state"]
+                    .as_str()
+                    .and_then(|s| s.parse::<VmState>().ok())
+                    .is_none_or(VmState::is_transitional)
+            })
         });
         if running == 0 && !moving {
             return;
@@ -495,7 +497,15 @@ fn deployment_survives_kill_and_restart(name: &str, database: Option<String>) {
     let jobs = rt.block_on(async {
         let c = d.client();
         let jobs = submit_vms(&c, "killed", 60).await;
+        assert_eq!(jobs.len(), 60, "every create was accepted before the kill");
         tokio::time::sleep(Duration::from_millis(700)).await;
+        // The kill must land on work in flight, or the restart proves nothing.
+        let mut running = 0;
+        for j in &jobs {
+            let v = c.get(&format!("/v1/jobs/{j}")).await.unwrap();
+            running += usize::from(v["state"] == "Running");
+        }
+        assert!(running > 0, "no create was still running at the kill");
         jobs
     });
     d.kill9_serve();

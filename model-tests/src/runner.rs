@@ -977,7 +977,10 @@ async fn call_api(
             foreign,
         } => match vms[*vm] {
             Some(id) => {
-                let c = owner_client::<Vm>(w, id, *foreign).await;
+                let c = match owner_client::<Vm>(w, id, *foreign).await {
+                    Ok(c) => c,
+                    Err(e) => return (Res::Failed(e), None),
+                };
                 let r = c.action("vms", id, action.name(), json!({})).await;
                 (done(r), None)
             }
@@ -998,7 +1001,10 @@ async fn call_api(
         }
         Op::AttachVolume { volume, vm } => match (volumes[*volume], vms[*vm]) {
             (Some(vol), Some(vm)) => {
-                let c = owner_client::<Volume>(w, vol, false).await;
+                let c = match owner_client::<Volume>(w, vol, false).await {
+                    Ok(c) => c,
+                    Err(e) => return (Res::Failed(e), None),
+                };
                 let r = c.action("volumes", vol, "attach", json!({ "vm_uuid": vm }));
                 (done(r.await), None)
             }
@@ -1006,7 +1012,10 @@ async fn call_api(
         },
         Op::DetachVolume { volume } => match volumes[*volume] {
             Some(vol) => {
-                let c = owner_client::<Volume>(w, vol, false).await;
+                let c = match owner_client::<Volume>(w, vol, false).await {
+                    Ok(c) => c,
+                    Err(e) => return (Res::Failed(e), None),
+                };
                 (
                     done(c.action("volumes", vol, "detach", json!({})).await),
                     None,
@@ -1016,7 +1025,10 @@ async fn call_api(
         },
         Op::DeleteVolume { volume } => match volumes[*volume] {
             Some(vol) => {
-                let c = owner_client::<Volume>(w, vol, false).await;
+                let c = match owner_client::<Volume>(w, vol, false).await {
+                    Ok(c) => c,
+                    Err(e) => return (Res::Failed(e), None),
+                };
                 (done(c.delete("volumes", vol, false).await), None)
             }
             None => (Res::Skipped, None),
@@ -1039,13 +1051,17 @@ fn client_for(w: &World, t: Tenant) -> &StratusClient {
 }
 
 /// The client of the account that owns row `id` of `T` (the admin's for the cloud's own rows
-/// and for rows gone); with `foreign`, one of an account that does not own it.
-async fn owner_client<T: Resource>(w: &World, id: Uuid, foreign: bool) -> &StratusClient {
+/// and for rows gone); with `foreign`, one of an account that does not own it. A row the
+/// runner cannot read is an `internal` failure of the operation (a violation), not "no owner".
+async fn owner_client<T: Resource>(
+    w: &World,
+    id: Uuid,
+    foreign: bool,
+) -> Result<&StratusClient, Error> {
     let owner =
         w.db.peek::<T, _>(id, |r| r.decode::<Option<Uuid>>("account_uuid"))
             .await
-            .ok()
-            .flatten()
+            .map_err(|e| Error::internal(format!("the runner cannot read {id}'s owner: {e}")))?
             .flatten();
     let mine = owner.and_then(|o| w.tenants.iter().position(|(a, _)| *a == o));
     let pick = match (mine, foreign) {
@@ -1054,8 +1070,9 @@ async fn owner_client<T: Resource>(w: &World, id: Uuid, foreign: bool) -> &Strat
         (Some(i), true) => Some(1 - i),
         (None, true) => Some(0),
     };
-    pick.and_then(|i| w.tenants.get(i))
-        .map_or(&w.client, |(_, c)| c)
+    Ok(pick
+        .and_then(|i| w.tenants.get(i))
+        .map_or(&w.client, |(_, c)| c))
 }
 
 /// Inject fault `op` (one that [`Op::is_group_fault`]) into the world.

@@ -86,7 +86,7 @@ async fn owner(c: &Cloud, kind: &str, uuid: Uuid) -> Result<Option<Uuid>, Error>
         .get(kind, uuid)
         .await?
         .ok_or_else(|| Error::not_found(kind, uuid))?;
-    Ok(row.decode::<Option<Uuid>>("account_uuid").unwrap_or(None))
+    Ok(row.decode::<Option<Uuid>>("account_uuid")?)
 }
 
 /// `me` may use row `uuid` of `kind` in a request (read it, name it in a body): else
