@@ -172,7 +172,7 @@ fn a_node_killed_mid_chain_rolls_the_chain_back_once_per_flow_after_restart() {
                         if boot == 0 {
                             let job = engine
                                 .jobs
-                                .create("sim.take-four", Some(RESOURCE))
+                                .create(None, "sim.take-four", Some(RESOURCE))
                                 .await
                                 .unwrap();
                             jobs.lock().unwrap().push(job);
