@@ -319,7 +319,7 @@ pub struct GlobalConfig {
 }
 
 /// One entry as shown by the API.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
 pub struct ConfigView {
     pub name: &'static str,
     pub category: &'static str,

@@ -23,6 +23,7 @@ pub fn engine_kinds() -> Vec<&'static KindMeta> {
         Job::META,
         ChainRecord::META,
         crate::config::ConfigEntry::META,
+        crate::events::Event::META,
     ]
 }
 
@@ -43,6 +44,9 @@ pub struct EngineOptions {
     pub config: Vec<&'static ConfigDef>,
     /// Fault points to arm in tests (kept outside the node so they survive its restarts).
     pub faults: Option<Arc<FaultPoints>>,
+    /// Keep the event log ([`crate::events`]): every change of an evented kind then commits
+    /// with its events, in this node's turn.
+    pub events: bool,
 }
 
 /// Everything a service needs from the engine.
@@ -60,6 +64,8 @@ pub struct Engine {
     pub config: GlobalConfig,
     pub ext: Arc<Extensions>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The event log, when the node keeps one.
+    pub events: Option<Arc<crate::events::EventLog>>,
 }
 
 impl Engine {
@@ -70,10 +76,17 @@ impl Engine {
             None => Ids::new(),
         });
         let boot = ids.uuid();
-        let db = Db::new(store);
+        let events = opts
+            .events
+            .then(|| crate::events::EventLog::new(Db::new(store.clone())));
+        let db = match &events {
+            Some(log) => Db::new(store).with_hook(log.clone()),
+            None => Db::new(store),
+        };
         let mut defs = opts.config;
         defs.push(&BUS_TIMEOUT);
         defs.push(&crate::job::RETENTION);
+        defs.push(&crate::events::RETENTION);
         let config = GlobalConfig::new(db.clone(), &defs);
         config.load().await?;
         let timeout: Duration = config.get(&BUS_TIMEOUT.key());
@@ -93,8 +106,12 @@ impl Engine {
             bus,
             ids,
             db,
+            events,
         });
         tokio::spawn(purge_jobs(Arc::downgrade(&engine)));
+        if engine.events.is_some() {
+            tokio::spawn(prune_events(Arc::downgrade(&engine)));
+        }
         Ok(engine)
     }
 
@@ -133,6 +150,21 @@ async fn purge_jobs(engine: std::sync::Weak<Engine>) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(purged = n, "finished jobs purged"),
             Err(err) => tracing::warn!(error = %err, "cannot purge finished jobs"),
+        }
+    }
+}
+
+/// Every `PURGE_EVERY`, delete the events older than `event.retention`; ends with the engine.
+async fn prune_events(engine: std::sync::Weak<Engine>) {
+    loop {
+        tokio::time::sleep(crate::job::PURGE_EVERY).await;
+        let Some(e) = engine.upgrade() else { return };
+        let Some(log) = &e.events else { return };
+        let keep: Duration = e.config.get(&crate::events::RETENTION.key());
+        match log.prune(keep).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(pruned = n, "old events pruned"),
+            Err(err) => tracing::warn!(error = %err, "cannot prune old events"),
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod extension;
 pub mod flow;
 pub mod hashring;

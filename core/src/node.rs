@@ -28,6 +28,8 @@ pub struct NodeConfig {
     pub faults: Option<Arc<FaultPoints>>,
     /// Where state sync counts its corrections (the node's own when `None`).
     pub repairs: Option<Arc<SyncRepairs>>,
+    /// Keep the event log (`/v1/events`, webhooks); on by default.
+    pub events: bool,
 }
 
 impl NodeConfig {
@@ -40,6 +42,7 @@ impl NodeConfig {
             extensions: Extensions::builder().build(),
             faults: None,
             repairs: None,
+            events: true,
         }
     }
 }
@@ -70,6 +73,7 @@ impl ManagementNode {
                 extensions: cfg.extensions,
                 config: services::config_defs(),
                 faults: cfg.faults,
+                events: cfg.events,
             },
         )
         .await?;

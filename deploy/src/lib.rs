@@ -3,7 +3,7 @@
 //! The programs a deployment runs, in the std build: `stratus` ([`serve`]: one management node
 //! on SQLite or PostgreSQL; [`cli`]: the command line that drives a node through its API) and
 //! `stratus-sim-agent` ([`sim_agent`]: simulated hosts over real HTTP), and `stratus-load`
-//! ([`load`]: VM creation through the API, measured). Under `--cfg madsim`
+//! ([`load`]: VM creation through the API, measured); [`sse`] follows a node's event stream. Under `--cfg madsim`
 //! the crate is empty and the binaries say so.
 
 #[cfg(not(madsim))]
@@ -20,3 +20,5 @@ pub mod serve;
 pub mod signal;
 #[cfg(not(madsim))]
 pub mod sim_agent;
+#[cfg(not(madsim))]
+pub mod sse;

@@ -1,23 +1,31 @@
 //! The real deployment as processes over loopback: `stratus serve` (SQLite; PostgreSQL too when
-//! `STRATUS_TEST_PG_URL` is set, as `ci/test` does) and `stratus-sim-agent`, driven through the
-//! `stratus` CLI and the API: the walk-through of the README, every VM action, a `kill -9` of
-//! `serve` while VMs are being created, a restart that finishes or rolls back what it left, the
-//! books checked through the API, and a graceful stop. Every wait is bounded.
+//! `STRATUS_TEST_PG_URL` is set, as `ci/e2e` does) and `stratus-sim-agent` with 200 hosts,
+//! driven through the `stratus` CLI and the API: the walk-through of the README, every VM
+//! action, 500 VMs, a `kill -9` of `serve` while 200 VMs are being created, a restart that
+//! finishes or rolls back what it left, the books checked through the API, the event log
+//! followed over SSE across the kill (every number from 1, none twice) and delivered to a
+//! webhook receiver here (every event, signed), and a graceful stop. Every wait is bounded.
+//! Run by `ci/e2e` (ignored by a plain `cargo test`: it takes minutes).
 
 #![cfg(not(madsim))]
 
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use stratus_core::client::StratusClient;
 use stratus_core::model::VmState;
+use stratus_core::services::webhook::{signature, H_SIGNATURE};
 
 const STRATUS: &str = env!("CARGO_BIN_EXE_stratus");
 const SIM_AGENT: &str = env!("CARGO_BIN_EXE_stratus-sim-agent");
-const HOSTS: usize = 20;
+const HOSTS: usize = 200;
+/// Hosts added through the CLI, one process each; the API adds the others.
+const CLI_HOSTS: usize = 10;
+const WEBHOOK_SECRET: &str = "an e2e webhook secret";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -168,12 +176,17 @@ impl Deployment {
         serde_json::from_str(&self.cli(&a)).expect("JSON output")
     }
 
-    fn client(&self) -> StratusClient {
+    /// The token of the CLI's saved login.
+    fn token(&self) -> String {
         let text = std::fs::read_to_string(self.dir.join("cli.toml")).unwrap();
         let login: toml::Value = toml::from_str(&text).unwrap();
+        login["token"].as_str().unwrap().to_string()
+    }
+
+    fn client(&self) -> StratusClient {
         StratusClient::from_url(&self.api)
             .unwrap()
-            .with_token(login["token"].as_str().unwrap())
+            .with_token(&self.token())
     }
 }
 
@@ -204,7 +217,7 @@ fn walk_through(d: &Deployment) {
     let token = token.to_str().unwrap();
     d.cli(&["zone", "create", "z1"]);
     d.cli(&["cluster", "create", "c1", "--zone", "z1"]);
-    for i in 0..HOSTS {
+    for i in 0..CLI_HOSTS {
         let url = format!("http://{}/h/{i}", d.agent);
         d.cli(&[
             "host",
@@ -272,7 +285,7 @@ fn walk_through(d: &Deployment) {
         "22",
     ]);
     let hosts = d.cli_json(&["host", "list", "-q", "status=Connected"]);
-    assert_eq!(hosts["items"].as_array().unwrap().len(), HOSTS);
+    assert_eq!(hosts["items"].as_array().unwrap().len(), CLI_HOSTS);
 
     let vm = d.cli_json(&[
         "vm",
@@ -325,6 +338,17 @@ fn walk_through(d: &Deployment) {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     d.cli(&["vm", "destroy", "web1"]);
     d.cli(&["vm", "expunge", "web1"]);
+    // The event log through the CLI: web1's life, in order.
+    let events = d.cli_json(&["events", "--filter", "vm.*", "--last", "1000"]);
+    let topics: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(topics.first(), Some(&"vm.created"), "{topics:?}");
+    assert_eq!(topics.last(), Some(&"vm.deleted"), "{topics:?}");
+    assert!(topics.contains(&"vm.state_changed"), "{topics:?}");
     // The audit log: the login and every change, never a token.
     let logins = d.cli_json(&[
         "list",
@@ -481,23 +505,151 @@ async fn check_books(c: &StratusClient) {
     );
 }
 
+/// The hosts the CLI did not add, through the API.
+async fn add_hosts(d: &Deployment, c: &StratusClient) {
+    let token = std::fs::read_to_string(d.dir.join("agent-token")).unwrap();
+    let cluster = c.list("clusters", &["name=c1"]).await.unwrap()[0]["uuid"].clone();
+    let mut tasks = Vec::new();
+    for i in CLI_HOSTS..HOSTS {
+        let c = c.clone();
+        let body = json!({"name": format!("h{i}"), "cluster_uuid": cluster,
+            "address": format!("http://{}/h/{i}", d.agent), "token": token.trim()});
+        tasks.push(tokio::spawn(async move {
+            c.submit("POST", "/v1/hosts", Some(&body)).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().expect("host add accepted");
+    }
+    settle(c).await;
+    assert_eq!(
+        c.count("hosts", &["status=Connected"]).await.unwrap(),
+        HOSTS as u64
+    );
+}
+
+/// What the event readers got: the SSE follower's numbers in arrival order, and the
+/// webhook's (at least once each).
+struct Readers {
+    followed: Arc<Mutex<Vec<i64>>>,
+    hooked: Arc<Mutex<BTreeSet<i64>>>,
+    /// The webhook gets the events after this one.
+    hook_from: i64,
+    follower: tokio::task::JoinHandle<anyhow::Result<i64>>,
+}
+
+/// Follow the event log from its start over SSE, and register a webhook (every event) with a
+/// receiver that checks each signature.
+async fn start_readers(d: &Deployment, c: &StratusClient) -> Readers {
+    let followed = Arc::new(Mutex::new(Vec::new()));
+    let f = followed.clone();
+    let follow = stratus_deploy::sse::Follow {
+        addr: d.api.trim_start_matches("http://").parse().unwrap(),
+        token: d.token(),
+        filter: String::new(),
+        after: Some(0),
+        reconnect_for: Duration::from_secs(120),
+    };
+    let follower = tokio::spawn(async move {
+        stratus_deploy::sse::follow(&follow, |m| {
+            f.lock().unwrap().push(m.seq);
+            true
+        })
+        .await
+    });
+    let hooked = Arc::new(Mutex::new(BTreeSet::new()));
+    let h = hooked.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |hs: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let h = h.clone();
+            async move {
+                let sig = hs.get(H_SIGNATURE).and_then(|v| v.to_str().ok());
+                assert_eq!(sig, Some(signature(WEBHOOK_SECRET, &body).as_str()));
+                let e: Value = serde_json::from_slice(&body).unwrap();
+                h.lock().unwrap().insert(e["seq"].as_i64().unwrap());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let l = stratus_rt::http::Listener::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}/hook", l.addr());
+    l.serve(app);
+    let body = json!({"url": url, "secret": WEBHOOK_SECRET});
+    let hook = c.submit("POST", "/v1/webhooks", Some(&body)).await.unwrap();
+    let v = c
+        .get(&format!("/v1/jobs/{}?wait=30", hook.job))
+        .await
+        .unwrap();
+    let hook_from = v["result"]["cursor"]
+        .as_i64()
+        .expect("the webhook's cursor");
+    Readers {
+        followed,
+        hooked,
+        hook_from,
+        follower,
+    }
+}
+
+/// Every event so far reached both readers: the follower got 1..=last in order, each once;
+/// the webhook every one after its start (bounded wait).
+async fn check_readers(c: &StratusClient, r: &Readers) -> i64 {
+    let top = c.get("/v1/events?sort=-seq&limit=1").await.unwrap();
+    let last = top["items"][0]["seq"]
+        .as_i64()
+        .expect("events were written");
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let followed = r.followed.lock().unwrap().clone();
+        let hooked = r.hooked.lock().unwrap().clone();
+        let follower_done = followed.last().is_some_and(|s| *s >= last);
+        let hook_done = ((r.hook_from + 1)..=last).all(|s| hooked.contains(&s));
+        if follower_done && hook_done {
+            let want: Vec<i64> = (1..=followed.len() as i64).collect();
+            assert_eq!(
+                followed, want,
+                "the SSE follower missed or repeated an event"
+            );
+            return last;
+        }
+        assert!(
+            !r.follower.is_finished(),
+            "the follower ended: {:?}",
+            followed.last()
+        );
+        assert!(
+            Instant::now() < until,
+            "not every event arrived in 120 s: last {last}, followed up to {:?}, webhook missing {:?}",
+            followed.last(),
+            ((r.hook_from + 1)..=last).find(|s| !hooked.contains(s))
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn deployment_survives_kill_and_restart(name: &str, database: Option<String>) {
     let mut d = Deployment::start(name, database);
     walk_through(&d);
     let rt = rt();
-    rt.block_on(async {
+    let readers = rt.block_on(async {
         let c = d.client();
-        let first = submit_vms(&c, "batch", 60).await;
-        assert_eq!(first.len(), 60);
+        add_hosts(&d, &c).await;
+        let readers = start_readers(&d, &c).await;
+        let first = submit_vms(&c, "batch", 280).await;
+        assert_eq!(first.len(), 280);
         settle(&c).await;
-        assert_eq!(c.count("vms", &["state=Running"]).await.unwrap(), 60);
+        assert_eq!(c.count("vms", &["state=Running"]).await.unwrap(), 280);
         check_books(&c).await;
+        readers
     });
     // kill -9 while creations run: the restart finishes or rolls back each.
     let jobs = rt.block_on(async {
         let c = d.client();
-        let jobs = submit_vms(&c, "killed", 60).await;
-        assert_eq!(jobs.len(), 60, "every create was accepted before the kill");
+        let jobs = submit_vms(&c, "killed", 200).await;
+        assert_eq!(jobs.len(), 200, "every create was accepted before the kill");
         tokio::time::sleep(Duration::from_millis(700)).await;
         // The kill must land on work in flight, or the restart proves nothing.
         let mut running = 0;
@@ -525,10 +677,14 @@ fn deployment_survives_kill_and_restart(name: &str, database: Option<String>) {
         assert_eq!(ended, jobs.len());
         check_books(&c).await;
         // The node works on after its restart.
-        let more = submit_vms(&c, "after", 10).await;
-        assert_eq!(more.len(), 10);
+        let more = submit_vms(&c, "after", 19).await;
+        assert_eq!(more.len(), 19);
         settle(&c).await;
         check_books(&c).await;
+        // No event lost across the kill, none repeated to the follower.
+        let last = check_readers(&c, &readers).await;
+        eprintln!("{name}: {last} events followed over SSE and delivered to the webhook");
+        readers.follower.abort();
     });
     // A graceful stop exits 0, and a refused change meanwhile is `node_unavailable`.
     let status = d.stop_serve();
@@ -537,16 +693,18 @@ fn deployment_survives_kill_and_restart(name: &str, database: Option<String>) {
 }
 
 #[test]
+#[ignore = "minutes long: run by ci/e2e"]
 fn sqlite_deployment_walk_through_kill_and_restart() {
     deployment_survives_kill_and_restart("sqlite", None);
 }
 
 #[test]
+#[ignore = "minutes long: run by ci/e2e"]
 fn postgres_deployment_walk_through_kill_and_restart() {
     let Ok(url) = std::env::var("STRATUS_TEST_PG_URL") else {
         assert!(
             std::env::var("CI").is_err(),
-            "CI is set but STRATUS_TEST_PG_URL is not: ci/test must start PostgreSQL"
+            "CI is set but STRATUS_TEST_PG_URL is not: ci/e2e must start PostgreSQL"
         );
         eprintln!("STRATUS_TEST_PG_URL not set; skipping the PostgreSQL deployment test");
         return;

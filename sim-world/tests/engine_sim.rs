@@ -159,6 +159,7 @@ fn a_node_killed_mid_chain_rolls_the_chain_back_once_per_flow_after_restart() {
                                 extensions: Extensions::builder().build(),
                                 config: vec![],
                                 faults: None,
+                                events: false,
                             },
                         )
                         .await
@@ -324,6 +325,7 @@ async fn workload() -> (u64, u64) {
             extensions: Extensions::builder().build(),
             config: vec![],
             faults: None,
+            events: false,
         },
     )
     .await

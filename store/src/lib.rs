@@ -35,6 +35,9 @@ pub use value::{
     decode_field, FieldType, FieldValue, Json, JsonText, Millis, UnknownVariant, Value,
 };
 
+/// For [`text_enum!`]'s JSON schemas (the API's OpenAPI document).
+pub use schemars;
+
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -174,7 +177,23 @@ pub trait Store: Send + Sync + 'static {
 pub struct Db {
     inner: Arc<dyn Store>,
     keys: Arc<CommitKeySource>,
+    hook: Option<Arc<dyn CommitHook>>,
 }
+
+/// How a [`CommitHook`] commits a batch: with the [`Db`]'s key and retries, without the hook.
+pub type CommitFn<'a> = &'a (dyn Fn(Batch) -> BoxedCommit<'a> + Send + Sync);
+
+/// What a [`Db`] runs every commit through (an event log that adds its rows to the batch whose
+/// change they describe). It commits the batch, with what it adds, through `commit`; a batch
+/// it adds nothing to it passes on as it is.
+#[async_trait]
+pub trait CommitHook: Send + Sync + 'static {
+    async fn commit(&self, b: Batch, commit: CommitFn<'_>) -> Result<Vec<u64>, StoreError>;
+}
+
+/// The boxed future of a [`CommitFn`].
+pub type BoxedCommit<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u64>, StoreError>> + Send + 'a>>;
 
 /// Commit keys unique across handles and processes: a random prefix drawn per handle (seeded
 /// under madsim), then a count.
@@ -199,7 +218,14 @@ impl Db {
                 prefix: madsim::rand::random::<u64>(),
                 next: AtomicU64::new(0),
             }),
+            hook: None,
         }
+    }
+
+    /// This handle (and its clones) with every commit going through `hook`.
+    pub fn with_hook(mut self, hook: Arc<dyn CommitHook>) -> Self {
+        self.hook = Some(hook);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -303,6 +329,21 @@ impl Db {
         if b.is_empty() {
             return Ok(Vec::new());
         }
+        match &self.hook {
+            None => self.attempts(b, patience).await,
+            Some(hook) => {
+                let n = b.len();
+                let commit = |b| -> BoxedCommit<'_> { Box::pin(self.attempts(b, patience)) };
+                let mut versions = hook.commit(b, &commit).await?;
+                // The caller's writes come first; what the hook added is its own.
+                versions.truncate(n);
+                Ok(versions)
+            }
+        }
+    }
+
+    /// Commit `b`, keyed here unless it has a key, attempting again while the backend fails.
+    async fn attempts(&self, b: Batch, patience: Option<Duration>) -> Result<Vec<u64>, StoreError> {
         let b = match b.key {
             Some(_) => b,
             None => {

@@ -466,6 +466,14 @@ macro_rules! text_enum {
                 s.parse().map_err(|e: $crate::UnknownVariant| <D::Error as ::serde::de::Error>::custom(e.0))
             }
         }
+        impl $crate::schemars::JsonSchema for $name {
+            fn schema_name() -> ::std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+            fn json_schema(_: &mut $crate::schemars::SchemaGenerator) -> $crate::schemars::Schema {
+                $crate::schemars::json_schema!({"type": "string", "enum": [$($text),+]})
+            }
+        }
         impl $crate::FieldValue for $name {
             const TYPE: $crate::FieldType = $crate::FieldType::Text;
             fn to_value(&self) -> $crate::Value {

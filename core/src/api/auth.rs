@@ -61,9 +61,9 @@ pub(super) async fn authenticate(
     next.run(req).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct LoginBody {
+pub(super) struct LoginBody {
     user: String,
     password: String,
 }
@@ -100,9 +100,9 @@ pub(super) async fn whoami(Extension(me): Extension<Caller>) -> Response {
     )
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct TokenBody {
+pub(super) struct TokenBody {
     #[serde(default)]
     note: Option<String>,
     /// Seconds (default `auth.token.ttl`).

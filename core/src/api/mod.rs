@@ -8,6 +8,9 @@
 //!   `202 {job_uuid, resource_uuid}` at once; `?wait=SECONDS` waits for the outcome and answers
 //!   like the job ended (200 with the result, or the error's status with its code). `GET
 //!   /v1/jobs/<uuid>` shows a job.
+//! - `GET /v1/events` with `Accept: text/event-stream`: the event log as Server-Sent Events,
+//!   resumed after `Last-Event-ID`, narrowed by `?filter=GLOBS` (without that header, the
+//!   ordinary list of the `event` kind). `POST /v1/webhooks` delivers it out of process.
 //! - `GET/PUT /v1/config[/<name>]`: global configuration.
 //! - `POST /agent/callback/<task>`, `POST /agent/report`: from agents (token-checked).
 //! - `POST /v1/auth/login` (a bearer token), `/v1/auth/logout`, `/v1/auth/tokens`,
@@ -18,6 +21,8 @@
 
 mod audit;
 mod auth;
+mod events;
+pub mod openapi;
 mod routes;
 mod scope;
 

@@ -18,6 +18,7 @@ use crate::services::vm::{
     AttachVolume, CreateDataVolume, CreateVm, DeleteVolume, DestroyVm, DetachVolume, ExpungeVm,
     MigrateVm, RebootVm, RecoverVm, StartVm, StopVm, VmStateReport,
 };
+use crate::services::webhook::{CreateWebhook, DeleteWebhook};
 use crate::services::zone::{CreateCluster, CreateZone, UpdateCluster, UpdateZone};
 use crate::services::Cloud;
 use axum::body::Bytes;
@@ -59,6 +60,8 @@ pub const RESOURCE_PATHS: &[(&str, &str)] = &[
     ("users", "user"),
     ("api-tokens", "api_token"),
     ("audit", "audit"),
+    ("events", "event"),
+    ("webhooks", "webhook"),
 ];
 
 pub fn kind_of_path(path: &str) -> Option<&'static str> {
@@ -437,6 +440,7 @@ async fn create(
         "l2-networks" => go!(CreateL2Network),
         "l3-networks" => owned!(CreateL3Network),
         "ip-ranges" => go!(AddIpRange),
+        "webhooks" => owned!(CreateWebhook),
         "accounts" => go!(CreateAccount),
         "users" => match parse_body::<NewUser>(&body) {
             Ok(u) => match crate::auth::check_password(&u.password)
@@ -520,9 +524,9 @@ async fn vm_request_scope(c: &Cloud, me: &Caller, m: &mut CreateVm) -> Result<()
 }
 
 /// `POST /v1/users`: the password is hashed here, before any message carries it.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct NewUser {
+pub(super) struct NewUser {
     name: String,
     account_uuid: Uuid,
     password: String,
@@ -597,11 +601,12 @@ async fn delete(
     match res.as_str() {
         "vms" => submit(&c, &me, Some(uuid), DestroyVm { uuid, force }, wait).await,
         "volumes" => submit(&c, &me, Some(uuid), DeleteVolume { uuid, force }, wait).await,
+        "webhooks" => submit(&c, &me, Some(uuid), DeleteWebhook { uuid }, wait).await,
         other => match kind_of_path(other) {
             Some(kind)
                 if !matches!(
                     kind,
-                    "job" | "flow_chain" | "reservation" | "used_ip" | "local_storage"
+                    "job" | "flow_chain" | "reservation" | "used_ip" | "local_storage" | "event"
                 ) =>
             {
                 let m = DeleteResource {
@@ -647,9 +652,9 @@ async fn action_scope(
     Ok(())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ActionBody {
+pub(super) struct ActionBody {
     #[serde(default)]
     force: bool,
     #[serde(default)]
@@ -898,9 +903,9 @@ async fn config_get(State(c): Api, Path(name): Path<String>) -> Response {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ConfigSet {
+pub(super) struct ConfigSet {
     value: serde_json::Value,
 }
 
@@ -998,6 +1003,66 @@ async fn report(
     json(200, &serde_json::json!({"ok": true}))
 }
 
+/// `GET /v1/events`: with `Accept: text/event-stream`, the event log as Server-Sent Events
+/// from after `Last-Event-ID` (or `?after=N`; default: from now), narrowed by `?filter=GLOBS`
+/// and, for a non-admin, to its account's resources; otherwise the ordinary list of `event`.
+async fn events(
+    State(c): Api,
+    Extension(me): Extension<Caller>,
+    headers: axum::http::HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let streaming = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if !streaming {
+        return list(
+            State(c),
+            Extension(me),
+            Path("events".into()),
+            RawQuery(raw),
+        )
+        .await;
+    }
+    let pairs = query_pairs(&raw);
+    if let Some((k, _)) = pairs.iter().find(|(k, _)| k != "filter" && k != "after") {
+        return error(&Error::invalid(format!(
+            "unknown query parameter {k:?}; use filter, after"
+        )));
+    }
+    let filter = match crate::events::Filter::parse(param(&pairs, "filter").unwrap_or("")) {
+        Ok(f) => f,
+        Err(e) => return error(&e),
+    };
+    let Some(log) = c.engine.events.clone() else {
+        return error(&Error::new(
+            ErrorCode::NotFound,
+            "this node keeps no event log",
+        ));
+    };
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| param(&pairs, "after"));
+    let after = match resume {
+        Some(v) => match v.trim().parse::<i64>() {
+            Ok(n) if n >= 0 => n,
+            _ => {
+                return error(&Error::invalid(format!(
+                    "Last-Event-ID / after must be an event number (0 or more); got {v:?}"
+                )))
+            }
+        },
+        None => match log.last_seq().await {
+            Ok(n) => n,
+            Err(e) => return error(&e.into()),
+        },
+    };
+    let account = (!me.admin).then_some(me.account);
+    super::events::stream(log, after, account, filter).into_response()
+}
+
 async fn health(State(c): Api) -> Response {
     json(
         200,
@@ -1073,6 +1138,12 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/auth/whoami", get(super::auth::whoami))
         .route("/v1/auth/tokens", post(super::auth::new_token))
         .route("/metrics", get(metrics))
+        .route(
+            "/v1/events",
+            get(events).post(|| async {
+                error(&Error::invalid("events cannot be created through the API"))
+            }),
+        )
         .route("/v1/config", get(config_list))
         .route("/v1/config/{name}", get(config_get).put(config_set))
         .route("/v1/{res}", get(list).post(create))

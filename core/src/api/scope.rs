@@ -1,5 +1,6 @@
 //! What a caller may see and touch. An admin account's users reach everything. Any other
-//! account reaches its own VMs, volumes, images and L3 networks (and their jobs and NICs), uses
+//! account reaches its own VMs, volumes, images, L3 networks and webhooks (and their jobs, events
+//! and NICs), uses
 //! the images and L3 networks of the root account and the offerings, and nothing else: the
 //! infrastructure kinds, configuration, accounts and users answer `forbidden`. Another
 //! account's resource answers `not_found`, as a missing one does, so its existence does not
@@ -14,7 +15,9 @@ use stratus_store::{Cond, Op, Value};
 use uuid::Uuid;
 
 /// Kinds an account owns rows of.
-const OWNED: &[&str] = &["vm", "volume", "image", "l3_network"];
+const OWNED: &[&str] = &["vm", "volume", "image", "l3_network", "webhook"];
+/// Kinds an account reads its own rows of but does not make directly (the API's own records).
+const RECORDS: &[&str] = &["job", "event"];
 /// Kinds whose root-account rows every account may use.
 const SHARED: &[&str] = &["image", "l3_network"];
 /// Kinds every account may read.
@@ -50,7 +53,7 @@ pub fn list_condition(me: &Caller, kind: &str) -> Result<Option<Cond>, Error> {
         return Ok(None);
     }
     match kind {
-        "job" => Ok(Some(in_accounts("account_uuid", &[me.account]))),
+        k if RECORDS.contains(&k) => Ok(Some(in_accounts("account_uuid", &[me.account]))),
         "vm_nic" => Ok(Some(in_accounts("vm.account_uuid", &[me.account]))),
         k if OWNED.contains(&k) => Ok(Some(in_accounts("account_uuid", &readable(me, k)))),
         k => Err(forbidden(k)),
@@ -63,7 +66,7 @@ pub fn check_read(me: &Caller, kind: &str, uuid: Uuid, owner: Option<Uuid>) -> R
     if me.admin || CATALOG.contains(&kind) {
         return Ok(());
     }
-    if !OWNED.contains(&kind) && kind != "job" && kind != "vm_nic" {
+    if !OWNED.contains(&kind) && !RECORDS.contains(&kind) && kind != "vm_nic" {
         return Err(forbidden(kind));
     }
     match owner {
@@ -95,7 +98,7 @@ pub async fn check_use(c: &Cloud, me: &Caller, kind: &str, uuid: Uuid) -> Result
     if me.admin || CATALOG.contains(&kind) {
         return Ok(());
     }
-    if !OWNED.contains(&kind) && kind != "vm_nic" {
+    if !OWNED.contains(&kind) && !RECORDS.contains(&kind) && kind != "vm_nic" {
         return Err(forbidden(kind));
     }
     let o = owner(c, kind, uuid).await?;

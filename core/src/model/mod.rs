@@ -7,6 +7,7 @@ mod identity;
 mod infra;
 mod network;
 mod storage;
+mod webhook;
 
 pub use audit::*;
 pub use compute::*;
@@ -14,6 +15,7 @@ pub use identity::*;
 pub use infra::*;
 pub use network::*;
 pub use storage::*;
+pub use webhook::*;
 
 use stratus_store::{KindMeta, Resource, Schema};
 
@@ -52,6 +54,7 @@ pub fn kinds() -> Vec<&'static KindMeta> {
         User::META,
         ApiToken::META,
         Audit::META,
+        Webhook::META,
     ]
 }
 

@@ -50,7 +50,7 @@ pub fn config_defs() -> Vec<&'static ConfigDef> {
     vec![&PING_INTERVAL, &PING_TIMEOUT, &PING_FAILURES]
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddHost {
     pub cluster_uuid: Uuid,

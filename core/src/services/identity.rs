@@ -10,7 +10,7 @@ use std::sync::Arc;
 use stratus_store::{Batch, Row, Update, Value};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAccount {
     pub name: String,
@@ -31,9 +31,11 @@ pub struct CreateAccount {
 
 /// `PUT /v1/accounts/<uuid>`: an account's quota limits, all of them (one left out or null is
 /// unlimited). A limit below what is in use stops new use; nothing is taken away.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetQuotas {
+    /// From the request's path, not its body.
+    #[schemars(skip)]
     pub uuid: Uuid,
     #[serde(default)]
     pub vm_limit: Option<i64>,

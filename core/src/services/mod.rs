@@ -12,6 +12,7 @@ pub mod offering;
 pub mod quota;
 pub mod storage;
 pub mod vm;
+pub mod webhook;
 pub mod zone;
 
 use crate::agent::{AgentClient, HostTarget};
@@ -166,6 +167,8 @@ pub async fn start(
     allocator::register(&cloud)?;
     host::register(&cloud)?;
     vm::register(&cloud)?;
+    webhook::register(&cloud)?;
+    tokio::spawn(webhook::deliver_forever(Arc::downgrade(&cloud)));
     cloud
         .engine
         .metrics

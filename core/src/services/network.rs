@@ -22,7 +22,7 @@ use stratus_store::ErrorClass;
 use stratus_store::{Batch, Db, Expect, Json, Query, Row, Update, Value};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateL2Network {
     pub zone_uuid: Uuid,
@@ -60,7 +60,7 @@ impl Message for AttachL2ToCluster {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateL3Network {
     pub l2_uuid: Uuid,
@@ -76,7 +76,7 @@ impl Message for CreateL3Network {
     const NAME: &'static str = "l3.create";
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddIpRange {
     pub l3_uuid: Uuid,

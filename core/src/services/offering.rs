@@ -12,7 +12,7 @@ use std::sync::Arc;
 use stratus_store::{Batch, Db, Query, Resource, Row, Update};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateInstanceOffering {
     pub name: String,
@@ -24,7 +24,7 @@ impl Message for CreateInstanceOffering {
     const NAME: &'static str = "instance-offering.create";
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateDiskOffering {
     pub name: String,

@@ -13,7 +13,7 @@ use stratus_store::ErrorClass;
 use stratus_store::{Batch, Db, Query, Row, Update};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePrimaryStorage {
     pub zone_uuid: Uuid,
@@ -59,7 +59,7 @@ impl Message for SyncLocalStorage {
     const NAME: &'static str = "local-storage.sync";
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBackupStorage {
     pub name: String,
@@ -85,7 +85,7 @@ impl Message for AttachBackupStorage {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddImage {
     pub bs_uuid: Uuid,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use stratus_store::{Batch, Db, Row, Update};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateZone {
     pub name: String,
@@ -23,9 +23,11 @@ impl Message for CreateZone {
     const NAME: &'static str = "zone.create";
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateZone {
+    /// From the request's path, not its body.
+    #[schemars(skip)]
     pub uuid: Uuid,
     #[serde(default)]
     pub name: Option<String>,
@@ -42,7 +44,7 @@ impl Message for UpdateZone {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCluster {
     pub zone_uuid: Uuid,
@@ -60,9 +62,11 @@ impl Message for CreateCluster {
     const NAME: &'static str = "cluster.create";
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateCluster {
+    /// From the request's path, not its body.
+    #[schemars(skip)]
     pub uuid: Uuid,
     #[serde(default)]
     pub name: Option<String>,

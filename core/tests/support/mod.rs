@@ -12,6 +12,7 @@ use uuid::Uuid;
 pub struct Api {
     pub http: HttpClient,
     pub node: ManagementNode,
+    #[allow(dead_code)] // not every test reads the store
     pub store: Arc<dyn Store>,
 }
 

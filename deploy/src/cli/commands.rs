@@ -60,8 +60,21 @@ pub enum Command {
     /// Global configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// The event log: the latest events, or `--follow` them as they happen.
+    Events(EventsArgs),
+    /// Endpoints the event log is delivered to (signed POSTs).
+    #[command(subcommand)]
+    Webhook(WebhookCmd),
+    /// Accounts (owners of resources) and their quotas.
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Users of an account.
+    #[command(subcommand)]
+    User(UserCmd),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+    /// Print the OpenAPI 3.1 document of the API (what `openapi.json` holds).
+    Openapi,
 }
 
 #[derive(Debug, Args)]
@@ -399,6 +412,96 @@ pub enum ConfigCmd {
     Set { name: String, value: String },
 }
 
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep printing events as they happen (connecting again after a drop).
+    #[arg(long)]
+    pub follow: bool,
+    /// Comma-separated globs over the topic (`vm.*,job.finished`).
+    #[arg(long, default_value = "")]
+    pub filter: String,
+    /// With `--follow`: start after this event number (default: from now).
+    #[arg(long)]
+    pub after: Option<i64>,
+    /// Without `--follow`: how many of the latest events.
+    #[arg(long, default_value_t = 50)]
+    pub last: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhookCmd {
+    Create {
+        /// `http://IP:PORT/PATH`.
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value = "")]
+        filter: String,
+        /// A file holding the HMAC secret (16 to 256 characters).
+        #[arg(long)]
+        secret_file: PathBuf,
+    },
+    List(Filter),
+}
+
+/// The quota limits of an account (left out: unlimited).
+#[derive(Debug, Args)]
+pub struct Limits {
+    #[arg(long)]
+    pub vm_limit: Option<i64>,
+    #[arg(long)]
+    pub vcpu_limit: Option<i64>,
+    #[arg(long)]
+    pub memory_mib_limit: Option<i64>,
+    #[arg(long)]
+    pub volume_limit: Option<i64>,
+    #[arg(long)]
+    pub volume_mib_limit: Option<i64>,
+}
+
+impl Limits {
+    fn json(&self) -> Value {
+        json!({
+            "vm_limit": self.vm_limit,
+            "vcpu_limit": self.vcpu_limit,
+            "memory_mib_limit": self.memory_mib_limit,
+            "volume_limit": self.volume_limit,
+            "volume_mib_limit": self.volume_mib_limit,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCmd {
+    Create {
+        name: String,
+        /// Its users run the cloud.
+        #[arg(long)]
+        admin: bool,
+        #[command(flatten)]
+        limits: Limits,
+    },
+    /// Set an account's quota limits (all of them; one left out is unlimited).
+    Quota {
+        account: String,
+        #[command(flatten)]
+        limits: Limits,
+    },
+    List(Filter),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        account: String,
+        /// A file holding the password.
+        #[arg(long)]
+        password_file: PathBuf,
+    },
+    List(Filter),
+}
+
 /// `-q COND` filters of a noun's `list`.
 #[derive(Debug, Args)]
 pub struct Filter {
@@ -476,6 +579,10 @@ pub async fn run(cli: Cli) -> Result<(), Outcome> {
             clap_complete::generate(*shell, &mut cmd, "stratus", &mut std::io::stdout());
             return Ok(());
         }
+        Command::Openapi => {
+            print!("{}", stratus_core::api::openapi::document_text());
+            return Ok(());
+        }
         Command::Logout => {
             let p = login_path()?;
             if p.exists() {
@@ -484,12 +591,17 @@ pub async fn run(cli: Cli) -> Result<(), Outcome> {
             return Ok(());
         }
         Command::Login(a) => return login(a).await,
+        Command::Events(a) if a.follow => return follow(&cli, a).await,
         _ => {}
     }
     let s = session(&cli)?;
     let f = cli.output;
     match cli.command {
-        Command::Serve(_) | Command::Completions { .. } | Command::Logout | Command::Login(_) => {
+        Command::Serve(_)
+        | Command::Completions { .. }
+        | Command::Openapi
+        | Command::Logout
+        | Command::Login(_) => {
             unreachable!("handled above")
         }
         Command::Get { kind, id } => {
@@ -572,6 +684,61 @@ pub async fn run(cli: Cli) -> Result<(), Outcome> {
             }
             JobCmd::List(q) => list(&s, f, "jobs", q).await?,
         },
+        Command::Events(a) => {
+            let url = format!("/v1/events?sort=-seq&limit={}", a.last);
+            let mut v = s.get(&url).await?;
+            let filter = stratus_core::events::Filter::parse(&a.filter)?;
+            if let Some(items) = v["items"].as_array_mut() {
+                items.retain(|e| filter.matches(e["topic"].as_str().unwrap_or("")));
+                items.reverse();
+            }
+            print(f, "events", &v);
+        }
+        Command::Webhook(c) => match c {
+            WebhookCmd::Create {
+                url,
+                filter,
+                secret_file,
+            } => {
+                let secret = crate::files::read_line(&secret_file)?;
+                let body = json!({"url": url, "filter": filter, "secret": secret});
+                create(&s, f, "webhooks", body).await?;
+            }
+            WebhookCmd::List(q) => list(&s, f, "webhooks", q).await?,
+        },
+        Command::Account(c) => match c {
+            AccountCmd::Create {
+                name,
+                admin,
+                limits,
+            } => {
+                let mut body = limits.json();
+                body["name"] = json!(name);
+                body["admin"] = json!(admin);
+                create(&s, f, "accounts", body).await?;
+            }
+            AccountCmd::Quota { account, limits } => {
+                let uuid = s.resolve("accounts", &account).await?;
+                let v = s
+                    .mutate("PUT", &format!("/v1/accounts/{uuid}"), Some(&limits.json()))
+                    .await?;
+                print(f, "accounts", &v);
+            }
+            AccountCmd::List(q) => list(&s, f, "accounts", q).await?,
+        },
+        Command::User(c) => match c {
+            UserCmd::Create {
+                name,
+                account,
+                password_file,
+            } => {
+                let password = crate::files::read_line(&password_file)?;
+                let account = s.resolve("accounts", &account).await?;
+                let body = json!({"name": name, "account_uuid": account, "password": password});
+                create(&s, f, "users", body).await?;
+            }
+            UserCmd::List(q) => list(&s, f, "users", q).await?,
+        },
         Command::Config(c) => match c {
             ConfigCmd::List => {
                 let v = s.get("/v1/config").await?;
@@ -590,6 +757,36 @@ pub async fn run(cli: Cli) -> Result<(), Outcome> {
             }
         },
     }
+    Ok(())
+}
+
+/// `stratus events --follow`: one line per event (a JSON object per line with `-o json`).
+async fn follow(cli: &Cli, a: &EventsArgs) -> Result<(), Outcome> {
+    let (url, token) = Login::resolve(cli.server.clone(), cli.token.clone())?;
+    let (addr, _) = stratus_rt::http::parse_url(&url)
+        .map_err(|e| Error::invalid(format!("bad server URL {url:?}: {e}")))?;
+    let follow = crate::sse::Follow {
+        addr,
+        token: token.unwrap_or_default(),
+        filter: a.filter.clone(),
+        after: a.after,
+        reconnect_for: std::time::Duration::from_secs(60),
+    };
+    let json_lines = cli.output != Format::Table;
+    crate::sse::follow(&follow, |m| {
+        if json_lines {
+            println!("{}", m.data);
+        } else {
+            println!(
+                "{:>8}  {:<28} {}",
+                m.seq,
+                m.topic,
+                m.data["resource_uuid"].as_str().unwrap_or("")
+            );
+        }
+        true
+    })
+    .await?;
     Ok(())
 }
 

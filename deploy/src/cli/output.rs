@@ -26,6 +26,18 @@ fn columns(kind: &str) -> &'static [&'static str] {
         "ip-ranges" => &["uuid", "name", "start_ip", "end_ip", "gateway", "used"],
         "vm-nics" => &["uuid", "vm_uuid", "ip", "mac", "l3_network_uuid"],
         "config" => &["name", "value", "default", "description"],
+        "events" => &["seq", "topic", "resource_kind", "resource_uuid"],
+        "webhooks" => &[
+            "uuid",
+            "url",
+            "filter",
+            "cursor",
+            "delivered",
+            "attempts",
+            "last_error",
+        ],
+        "accounts" => &["uuid", "name", "admin", "vms_used", "vm_limit"],
+        "users" => &["uuid", "name", "account_uuid"],
         _ => &["uuid", "name", "state", "status"],
     }
 }

@@ -88,7 +88,7 @@ fn planted_ip_leak(c: &Cloud) -> bool {
 
 /// Create a VM: host, volumes, NICs and IPs allocated, volumes created and the VM started on
 /// the host; any failure rolls all of it back and the VM row disappears.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     /// Chosen by the API so the message reaches the VM's owner.
