@@ -126,6 +126,11 @@ impl EventLog {
         self.latest.subscribe()
     }
 
+    /// The last number committed through this node (0: none yet).
+    pub fn latest(&self) -> i64 {
+        *self.latest.borrow()
+    }
+
     /// The highest number in the store (0: none yet).
     pub async fn last_seq(&self) -> Result<i64, StoreError> {
         let q = Query::of::<Event>().sort_desc("seq").limit(1);

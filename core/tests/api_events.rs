@@ -158,6 +158,23 @@ async fn events_are_numbered_without_gaps_scoped_and_delivered_to_webhooks_again
     assert_eq!(n("job.started"), 4);
     assert_eq!(n("job.finished"), 4);
 
+    // The log's position and the webhooks' backlog are metrics.
+    let h = format!("Bearer {admin}");
+    let m = api
+        .http
+        .get(
+            api.node.addr,
+            "/metrics",
+            &[("authorization", &h)],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&m.body);
+    let seq_line = format!("stratus_event_seq {}", items.len());
+    assert!(text.contains(&seq_line), "{seq_line} not in\n{text}");
+    assert!(text.contains("stratus_webhook_backlog "), "{text}");
+
     // Another account sees its own events only; an admin's is not found.
     let (s, acc) = call(
         &admin,

@@ -1063,6 +1063,12 @@ async fn events(
     super::events::stream(log, after, account, filter).into_response()
 }
 
+/// Events are written only with the changes they describe. The body is read (and so held to
+/// the size limit) like every other.
+async fn events_post(RawBody(_body): RawBody) -> Response {
+    error(&Error::invalid("events cannot be created through the API"))
+}
+
 async fn health(State(c): Api) -> Response {
     json(
         200,
@@ -1138,12 +1144,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/auth/whoami", get(super::auth::whoami))
         .route("/v1/auth/tokens", post(super::auth::new_token))
         .route("/metrics", get(metrics))
-        .route(
-            "/v1/events",
-            get(events).post(|| async {
-                error(&Error::invalid("events cannot be created through the API"))
-            }),
-        )
+        .route("/v1/events", get(events).post(events_post))
         .route("/v1/config", get(config_list))
         .route("/v1/config/{name}", get(config_get).put(config_set))
         .route("/v1/{res}", get(list).post(create))

@@ -43,6 +43,8 @@ pub struct Cloud {
     /// Set when the node is stopping: the API takes no new work (`node_unavailable`), while the
     /// running work and the agents' callbacks it waits for go on.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Events not yet delivered to the webhooks this node delivers, as of its last round.
+    pub webhook_backlog: std::sync::atomic::AtomicI64,
 }
 
 impl Cloud {
@@ -155,6 +157,7 @@ pub async fn start(
         agents,
         repairs: repairs.unwrap_or_default(),
         draining: Default::default(),
+        webhook_backlog: Default::default(),
         api_url,
         engine,
     });
@@ -219,6 +222,16 @@ impl prometheus_client::collector::Collector for Readings {
                     "stratus_bus_panics",
                     "Bus handlers that panicked",
                     b.panics.load(Relaxed),
+                ),
+                Gauge(
+                    "stratus_event_seq",
+                    "The last event number committed through this node",
+                    c.engine.events.as_ref().map_or(0, |l| l.latest()),
+                ),
+                Gauge(
+                    "stratus_webhook_backlog",
+                    "Events not yet delivered to this node's webhooks (at its last delivery round)",
+                    c.webhook_backlog.load(Relaxed),
                 ),
                 Gauge(
                     "stratus_queue_running",

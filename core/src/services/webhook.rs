@@ -153,9 +153,17 @@ async fn round(c: &Arc<Cloud>, http: &HttpClient) -> Result<(), Error> {
         .db()
         .select::<Webhook>(&Query::of::<Webhook>().limit(10_000))
         .await?;
-    let due = hooks
+    let mine: Vec<Row<Webhook>> = hooks
         .into_iter()
-        .filter(|h| c.bus().owns(&h.uuid) && h.next_attempt_ms.0 <= now);
+        .filter(|h| c.bus().owns(&h.uuid))
+        .collect();
+    if let Some(log) = &c.engine.events {
+        let last = log.last_seq().await?;
+        let backlog = mine.iter().map(|h| (last - h.cursor).max(0)).sum();
+        c.webhook_backlog
+            .store(backlog, std::sync::atomic::Ordering::Relaxed);
+    }
+    let due = mine.into_iter().filter(|h| h.next_attempt_ms.0 <= now);
     let runs = due.map(|h| deliver(c, http, h));
     for r in futures::future::join_all(runs).await {
         r?;
