@@ -11,6 +11,9 @@ use std::time::Duration;
 use stratus_rt::http::{HttpClient, HttpError};
 use uuid::Uuid;
 
+/// The longest wait of one job poll (well inside [`StratusClient::get`]'s minute).
+const JOB_POLL: Duration = Duration::from_secs(20);
+
 /// Talks to one management node's API.
 #[derive(Clone)]
 pub struct StratusClient {
@@ -155,6 +158,7 @@ impl StratusClient {
         self.wait + Duration::from_secs(30)
     }
 
+    /// `GET`, answered within a minute.
     pub async fn get(&self, path: &str) -> Result<Value, Error> {
         let (s, answer) = self
             .call("GET", path, None, Duration::from_secs(60))
@@ -170,7 +174,11 @@ impl StratusClient {
             q.push_str(&encode(c));
         }
         let v = self.get(&format!("/v1/{resource}?{q}")).await?;
-        Ok(v["items"].as_array().cloned().unwrap_or_default())
+        // An answer without its items is a broken answer, never an empty list.
+        v["items"]
+            .as_array()
+            .cloned()
+            .ok_or_else(|| Error::internal(format!("no items in the answer: {v}")))
     }
 
     pub async fn count(&self, resource: &str, conds: &[&str]) -> Result<u64, Error> {
@@ -180,7 +188,9 @@ impl StratusClient {
             q.push_str(&encode(c));
         }
         let v = self.get(&format!("/v1/{resource}?{q}")).await?;
-        Ok(v["total"].as_u64().unwrap_or(0))
+        v["total"]
+            .as_u64()
+            .ok_or_else(|| Error::internal(format!("no total in the answer: {v}")))
     }
 
     pub async fn one(&self, resource: &str, uuid: Uuid) -> Result<Value, Error> {
@@ -293,13 +303,16 @@ impl StratusClient {
     async fn wait_job_as<T: DeserializeOwned>(&self, job: Uuid) -> Result<T, Error> {
         let deadline = tokio::time::Instant::now() + self.wait;
         loop {
-            let v = self.get(&format!("/v1/jobs/{job}")).await?;
+            // The node answers when the job ends, or after the wait as it is then.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let wait = left.min(JOB_POLL).as_secs_f64();
+            let v = self.get(&format!("/v1/jobs/{job}?wait={wait:.3}")).await?;
             match v["state"].as_str() {
                 Some("Succeeded") | Some("Failed") => return Self::outcome_of(200, v),
                 _ if tokio::time::Instant::now() >= deadline => {
                     return Err(Error::timeout(format!("job {job} did not finish in time")))
                 }
-                _ => tokio::time::sleep(Duration::from_millis(500)).await,
+                _ => {}
             }
         }
     }

@@ -72,24 +72,6 @@ const EVENTED: &[&str] = &[
     "webhook",
 ];
 
-/// Fields whose change alone is not an event (progress and delivery bookkeeping).
-fn quiet(kind: &str, field: &str) -> bool {
-    matches!(
-        (kind, field),
-        ("job", "progress" | "progress_note")
-            | ("host", "last_seen_ms" | "fails")
-            | (
-                "webhook",
-                "cursor"
-                    | "attempts"
-                    | "next_attempt_ms"
-                    | "delivered"
-                    | "last_status"
-                    | "last_error"
-            )
-    )
-}
-
 /// An event before it has its number.
 #[derive(Debug, Clone)]
 struct Draft {
@@ -105,7 +87,9 @@ pub struct EventLog {
     /// Without the hook: the log's own reads and its prune commits.
     db: Db,
     /// The number the next event gets; `None`: read it from the store first. Held across the
-    /// commit of each batch with events.
+    /// commit of each batch with events, its retries included: a batch whose answer was lost
+    /// is committed again under the same key, and must carry the same numbers then (the store
+    /// answers a key it applied from what it applied).
     next: Mutex<Option<i64>>,
     /// The last number committed through this node.
     latest: watch::Sender<i64>,
@@ -173,6 +157,11 @@ impl EventLog {
             if !EVENTED.contains(&kind) {
                 continue;
             }
+            // A job's events are its start and its end; its purge is retention, not a change
+            // (and a purge batch of a thousand jobs would be a thousand owner reads).
+            if kind == "job" && matches!(w, Write::Delete { .. }) {
+                continue;
+            }
             let meta = self.db.schema().kind(kind)?;
             let owned = meta.field("account_uuid").is_some();
             let maybe = matches!(
@@ -197,14 +186,14 @@ impl EventLog {
                     ),
                     kind,
                     uuid,
-                    account: owned_by(r),
+                    account: if owned { owned_by(r)? } else { None },
                     data: Some(JsonText::of(&created(r))),
                 },
                 Write::Update(u) => {
                     let mut set = Map::new();
                     for (f, v) in &u.set {
-                        let secret = meta.field(f).is_some_and(|m| m.secret);
-                        if !secret && !quiet(kind, f) {
+                        let told = meta.field(f).is_some_and(|m| !m.secret && !m.quiet);
+                        if told {
                             set.insert((*f).to_string(), v.to_json());
                         }
                     }
@@ -260,18 +249,24 @@ impl EventLog {
         let mut found = None;
         self.db
             .store()
-            .get_with(kind, uuid, &mut |r| found = Some(owned_by(r)))
+            .get_with(kind, uuid, &mut |r| {
+                found = Some(if owned { owned_by(r) } else { Ok(None) })
+            })
             .await?;
-        Ok(found)
+        found.transpose()
     }
 
-    /// Delete the events older than `retention`, a page at a time. Returns how many.
+    /// Delete the events older than `retention`, a page at a time, but never the newest: the
+    /// numbering goes on from it after a restart (were it gone, numbers would start again at 1
+    /// and readers resuming after a higher one would miss what follows). Returns how many.
     pub async fn prune(&self, retention: std::time::Duration) -> Result<usize, StoreError> {
         let cutoff = now_ms() - retention.as_millis() as i64;
+        let newest = self.last_seq().await?;
         let mut pruned = 0;
         loop {
             let q = Query::of::<Event>()
                 .cond(Cond::new("created_ms", Op::Lt(Value::Int(cutoff))))
+                .cond(Cond::new("seq", Op::Lt(Value::Int(newest))))
                 .limit(1000);
             let old = self.db.uuids(&q).await?;
             if old.is_empty() {
@@ -306,8 +301,10 @@ fn created(r: &Record) -> J {
     v
 }
 
-fn owned_by(r: &Record) -> Option<Uuid> {
-    r.decode::<Option<Uuid>>("account_uuid").ok().flatten()
+/// The owner of a row of a kind with `account_uuid` (a field that does not decode is a
+/// corrupt row, not an unowned one).
+fn owned_by(r: &Record) -> Result<Option<Uuid>, StoreError> {
+    r.decode::<Option<Uuid>>("account_uuid")
 }
 
 /// An event as readers get it (the SSE `data`, a webhook's body).
@@ -419,6 +416,118 @@ impl Filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::Job;
+    use crate::model::{EnableState, Zone};
+    use stratus_store::{MemStore, Schema, Update};
+
+    fn logged() -> (Db, Arc<EventLog>) {
+        let store: Arc<dyn stratus_store::Store> = Arc::new(MemStore::new(
+            Schema::new()
+                .with(Zone::META)
+                .with(Job::META)
+                .with(Event::META),
+        ));
+        let log = EventLog::new(Db::new(store.clone()));
+        (Db::new(store).with_hook(log.clone()), log)
+    }
+
+    fn zone(name: &str) -> Zone {
+        Zone {
+            name: name.into(),
+            description: None,
+            state: EnableState::Enabled,
+        }
+    }
+
+    async fn topics(log: &EventLog) -> Vec<(i64, String)> {
+        let all = log.after(0, 1000, None).await.unwrap();
+        all.iter().map(|e| (e.seq, e.topic.clone())).collect()
+    }
+
+    #[tokio::test]
+    async fn changes_commit_with_their_events_numbered_without_gaps() {
+        let (db, log) = logged();
+        let z = Row::new(Uuid::from_u128(1), zone("z1"));
+        db.insert(z.clone()).await.unwrap();
+        // A batch that fails (the uuid is taken) writes no event and gives its number back.
+        assert!(db.insert(z.clone()).await.is_err());
+        let set = Update::of::<Zone>(z.uuid).set("state", "Disabled");
+        db.commit(Batch::new().update(set)).await.unwrap();
+        let renamed = Update::of::<Zone>(z.uuid).set("description", "d");
+        db.commit(Batch::new().update(renamed)).await.unwrap();
+        // A quiet field's change alone, and a delete that finds no row, are no events.
+        let job = Row::new(
+            Uuid::from_u128(2),
+            Job {
+                operation: "x".into(),
+                resource_uuid: None,
+                state: crate::job::JobState::Running,
+                progress: 0,
+                progress_note: None,
+                result: None,
+                error_code: None,
+                error_message: None,
+                node: Uuid::nil(),
+                boot: Uuid::nil(),
+                finished_ms: None,
+                account_uuid: None,
+            },
+        );
+        db.insert(job.clone()).await.unwrap();
+        let progress = Update::of::<Job>(job.uuid).set("progress", 50i64);
+        db.commit(Batch::new().update(progress)).await.unwrap();
+        let done = Update::of::<Job>(job.uuid).set("state", "Succeeded");
+        db.commit(Batch::new().update(done)).await.unwrap();
+        // A job's purge is no event either.
+        db.commit(Batch::new().delete::<Job>(job.uuid, Expect::Exists))
+            .await
+            .unwrap();
+        let gone = Batch::new().delete::<Zone>(Uuid::from_u128(9), Expect::Maybe);
+        db.commit(gone).await.unwrap();
+        db.commit(Batch::new().delete::<Zone>(z.uuid, Expect::Exists))
+            .await
+            .unwrap();
+        let want = [
+            "zone.created",
+            "zone.state_changed",
+            "zone.updated",
+            "job.started",
+            "job.finished",
+            "zone.deleted",
+        ];
+        let got = topics(&log).await;
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for (i, ((seq, t), w)) in got.iter().zip(want).enumerate() {
+            assert_eq!((*seq, t.as_str()), (i as i64 + 1, w));
+        }
+        assert_eq!(log.latest(), 6);
+        assert_eq!(log.last_seq().await.unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn pruning_deletes_only_events_older_than_the_retention() {
+        let (db, log) = logged();
+        db.insert(Row::new(Uuid::from_u128(1), zone("z1")))
+            .await
+            .unwrap();
+        let day = std::time::Duration::from_secs(86_400);
+        assert_eq!(log.prune(day).await.unwrap(), 0);
+        assert_eq!(topics(&log).await.len(), 1);
+        db.insert(Row::new(Uuid::from_u128(2), zone("z2")))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        // Everything is old, but the newest event stays.
+        assert_eq!(log.prune(std::time::Duration::ZERO).await.unwrap(), 1);
+        assert_eq!(topics(&log).await, [(2, "zone.created".to_string())]);
+        // A log started again on the store (a restart) numbers on from it.
+        let again = EventLog::new(Db::new(db.store().clone()));
+        let db = Db::new(db.store().clone()).with_hook(again.clone());
+        db.insert(Row::new(Uuid::from_u128(3), zone("z3")))
+            .await
+            .unwrap();
+        assert_eq!(topics(&again).await.last().unwrap().0, 3);
+    }
 
     #[test]
     fn filters_are_globs_over_topics() {

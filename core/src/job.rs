@@ -33,8 +33,8 @@ stratus_store::resource! {
         resource_uuid: Option<Uuid> [index, column],
         state: JobState [index, column],
         /// 0..=100.
-        progress: i64 [column],
-        progress_note: Option<String>,
+        progress: i64 [column, quiet],
+        progress_note: Option<String> [quiet],
         result: Option<JsonText>,
         error_code: Option<String>,
         error_message: Option<String>,

@@ -6,7 +6,7 @@ mod support;
 
 use serde_json::json;
 use stratus_core::api::openapi::{document, document_text, ACTIONS, CREATES, UPDATES};
-use stratus_core::api::RESOURCE_PATHS;
+use stratus_core::api::{RESOURCE_PATHS, UNDELETABLE};
 use support::Api;
 
 #[test]
@@ -70,6 +70,7 @@ async fn every_documented_operation_is_routed_and_every_other_is_refused() {
     let (_, v) = api.call("POST", "/v1/auth/login", &[], body).await;
     let token = v["token"].as_str().unwrap().to_string();
     let nobody = uuid::Uuid::from_u128(7);
+    let d = document();
     // An empty body: a create or update that exists answers about the body, never as an
     // unknown path; one that does not exist says it cannot.
     for (path, _) in RESOURCE_PATHS {
@@ -94,6 +95,24 @@ async fn every_documented_operation_is_routed_and_every_other_is_refused() {
             .unwrap_or("")
             .contains("cannot be updated");
         assert_eq!(updates, !refused, "PUT /v1/{path}: {s} {v}");
+        assert!(
+            !unrouted(&v) && (400..500).contains(&s),
+            "PUT /v1/{path}: {s} {v}"
+        );
+        let documented = d["paths"][format!("/v1/{path}/{{id}}")]["delete"].is_object();
+        let (s, v) = api
+            .as_bearer(&token, "DELETE", &format!("/v1/{path}/{nobody}?wait=5"), "")
+            .await;
+        let refused = v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cannot be deleted");
+        assert_eq!(documented, !refused, "DELETE /v1/{path}: {s} {v}");
+        assert!(
+            !unrouted(&v) && (400..500).contains(&s),
+            "DELETE /v1/{path}: {s} {v}"
+        );
+        assert_eq!(UNDELETABLE.contains(path), refused, "DELETE /v1/{path}");
     }
     for (path, action, _, _) in ACTIONS {
         let (s, v) = api
@@ -104,7 +123,10 @@ async fn every_documented_operation_is_routed_and_every_other_is_refused() {
                 "{}",
             )
             .await;
-        assert!(!unrouted(&v), "POST {path}/actions/{action}: {s} {v}");
+        assert!(
+            !unrouted(&v) && (400..500).contains(&s),
+            "POST {path}/actions/{action}: {s} {v}"
+        );
     }
     let (_, v) = api
         .as_bearer(

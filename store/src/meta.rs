@@ -25,6 +25,8 @@ pub struct FieldMeta {
     pub column: bool,
     /// Never shown by the API (tokens, passwords).
     pub secret: bool,
+    /// Bookkeeping whose change alone is no event (progress, heartbeats, delivery state).
+    pub quiet: bool,
 }
 
 /// A named path from one kind to related rows of another: the rows of `target` whose field
@@ -473,6 +475,9 @@ macro_rules! __field_flag {
     (secret, secret) => {
         true
     };
+    (quiet, quiet) => {
+        true
+    };
     ($want:ident, $have:ident) => {
         false
     };
@@ -493,7 +498,8 @@ macro_rules! __field_flag {
 /// }
 /// ```
 /// Field options: `index` (kept in an index), `unique` (no two rows share a non-null value,
-/// implies an index), `column` (shown by the CLI list view), `secret` (never shown by the API).
+/// implies an index), `column` (shown by the CLI list view), `secret` (never shown by the API),
+/// `quiet` (a change of it alone is no event: progress, heartbeats, delivery bookkeeping).
 #[macro_export]
 macro_rules! resource {
     (
@@ -521,6 +527,7 @@ macro_rules! resource {
                         unique: false $( $( || $crate::__field_flag!(unique, $opt) )* )?,
                         column: false $( $( || $crate::__field_flag!(column, $opt) )* )?,
                         secret: false $( $( || $crate::__field_flag!(secret, $opt) )* )?,
+                        quiet: false $( $( || $crate::__field_flag!(quiet, $opt) )* )?,
                     }
                 ),* ],
                 relations: &[ $( $(

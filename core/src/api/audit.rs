@@ -6,7 +6,7 @@
 use crate::auth::Caller;
 use crate::extension::AuditRecord;
 use crate::services::Cloud;
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::{Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
@@ -16,7 +16,8 @@ use std::sync::Arc;
 use stratus_rt::http::PeerAddr;
 use uuid::Uuid;
 
-/// Answers of the API are small JSON documents; a larger one is passed on unread.
+/// Answers of the API are small JSON documents; a larger one, or one of unknown length (a
+/// stream), is passed on unread.
 const READ_AT_MOST: usize = 4 << 20;
 
 pub(super) async fn audit(State(c): State<Arc<Cloud>>, req: Request, next: Next) -> Response {
@@ -26,17 +27,30 @@ pub(super) async fn audit(State(c): State<Arc<Cloud>>, req: Request, next: Next)
         return next.run(req).await;
     }
     let (method, path) = (req.method().to_string(), path.to_string());
-    let caller = req.extensions().get::<Caller>().copied();
     let client = req.extensions().get::<PeerAddr>().map(|p| p.0.to_string());
     let (parts, body) = next.run(req).await.into_parts();
-    let bytes = match axum::body::to_bytes(body, READ_AT_MOST).await {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(error = %e, %path, "an answer could not be read for the audit log");
-            Default::default()
+    // Authentication (inside this layer) leaves the caller on the answer; a refused token
+    // leaves none, and the refusal is recorded without one.
+    let caller = parts.extensions.get::<Caller>().copied();
+    let small = body
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= READ_AT_MOST as u64);
+    let (body, v) = if small {
+        match axum::body::to_bytes(body, READ_AT_MOST).await {
+            Ok(bytes) => {
+                let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                (Body::from(bytes), v)
+            }
+            Err(e) => {
+                // The answer broke while it was read: the client would have got it broken.
+                tracing::warn!(error = %e, %path, "an answer failed while read for the audit log");
+                (Body::empty(), Value::Null)
+            }
         }
+    } else {
+        (body, Value::Null)
     };
-    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let id = |k: &str| {
         v.get(k)
             .and_then(Value::as_str)
@@ -60,5 +74,5 @@ pub(super) async fn audit(State(c): State<Arc<Cloud>>, req: Request, next: Next)
         client,
     };
     sinks.audit(&record).await;
-    Response::from_parts(parts, Body::from(bytes))
+    Response::from_parts(parts, body)
 }

@@ -51,14 +51,18 @@ pub(super) async fn authenticate(
     };
     // Configuration and metrics are the operator's; what else a plain account may reach, the
     // routes decide per kind (`scope`).
-    if !caller.admin && (path == "/metrics" || path.starts_with("/v1/config")) {
-        return error(&Error::new(
+    let mut resp = if !caller.admin && (path == "/metrics" || path.starts_with("/v1/config")) {
+        error(&Error::new(
             ErrorCode::Forbidden,
             "only an admin account's users may use this",
-        ));
-    }
-    req.extensions_mut().insert(caller);
-    next.run(req).await
+        ))
+    } else {
+        req.extensions_mut().insert(caller);
+        next.run(req).await
+    };
+    // For the layers outside (the audit log): who was answered.
+    resp.extensions_mut().insert(caller);
+    resp
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]

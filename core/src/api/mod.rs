@@ -26,7 +26,7 @@ pub mod openapi;
 mod routes;
 mod scope;
 
-pub use routes::{kind_of_path, router, RESOURCE_PATHS};
+pub use routes::{kind_of_path, router, RESOURCE_PATHS, UNDELETABLE};
 
 use crate::error::{Error, ErrorCode};
 use axum::http::StatusCode;

@@ -9,7 +9,7 @@
 //! operation to a node.
 
 use super::auth::{LoginBody, TokenBody};
-use super::routes::{ActionBody, ConfigSet, NewUser, RESOURCE_PATHS};
+use super::routes::{ActionBody, ConfigSet, NewUser, RESOURCE_PATHS, UNDELETABLE};
 use crate::error::ErrorCode;
 use crate::services::host::AddHost;
 use crate::services::identity::{CreateAccount, SetQuotas};
@@ -54,16 +54,6 @@ pub const UPDATES: &[(&str, BodySchema)] = &[
     ("zones", body::<UpdateZone>),
     ("clusters", body::<UpdateCluster>),
     ("accounts", body::<SetQuotas>),
-];
-
-/// Kinds `DELETE /v1/<path>/<uuid>` refuses.
-pub const UNDELETABLE: &[&str] = &[
-    "jobs",
-    "flow-chains",
-    "reservations",
-    "used-ips",
-    "local-storages",
-    "events",
 ];
 
 /// `POST /v1/<path>/<uuid>/actions/<action>`: what it does and the body fields it reads.

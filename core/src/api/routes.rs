@@ -64,6 +64,17 @@ pub const RESOURCE_PATHS: &[(&str, &str)] = &[
     ("webhooks", "webhook"),
 ];
 
+/// Resource paths `DELETE` refuses: records of the engine and of other rows, which go with
+/// what they record.
+pub const UNDELETABLE: &[&str] = &[
+    "jobs",
+    "flow-chains",
+    "reservations",
+    "used-ips",
+    "local-storages",
+    "events",
+];
+
 pub fn kind_of_path(path: &str) -> Option<&'static str> {
     RESOURCE_PATHS
         .iter()
@@ -603,12 +614,7 @@ async fn delete(
         "volumes" => submit(&c, &me, Some(uuid), DeleteVolume { uuid, force }, wait).await,
         "webhooks" => submit(&c, &me, Some(uuid), DeleteWebhook { uuid }, wait).await,
         other => match kind_of_path(other) {
-            Some(kind)
-                if !matches!(
-                    kind,
-                    "job" | "flow_chain" | "reservation" | "used_ip" | "local_storage" | "event"
-                ) =>
-            {
+            Some(kind) if !UNDELETABLE.contains(&other) => {
                 let m = DeleteResource {
                     kind: kind.to_string(),
                     uuid,
@@ -1155,6 +1161,11 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .fallback(fallback)
         .layer(axum::extract::DefaultBodyLimit::max(super::BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(cloud.clone(), gate))
+        // Outside the gate and authentication, so refused requests are counted and audited.
+        .layer(axum::middleware::from_fn_with_state(
+            cloud.clone(),
+            super::auth::authenticate,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             cloud.clone(),
             count_requests,
@@ -1162,10 +1173,6 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             cloud.clone(),
             super::audit::audit,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            cloud.clone(),
-            super::auth::authenticate,
         ))
         .with_state(cloud)
 }

@@ -76,8 +76,8 @@ stratus_store::resource! {
         disk_mib: i64,
         cpu_used: i64 [column],
         memory_used_mib: i64 [column],
-        ping_failures: i64,
-        last_seen_ms: Option<Millis>,
+        ping_failures: i64 [quiet],
+        last_seen_ms: Option<Millis> [quiet],
     }
     relations {
         zone: "zone" (zone_uuid = uuid),

@@ -15,13 +15,13 @@ stratus_store::resource! {
         /// The HMAC-SHA256 key of the `x-stratus-signature` header.
         secret: String [secret],
         account_uuid: Option<Uuid> [index, column],
-        cursor: i64 [column],
+        cursor: i64 [column, quiet],
         /// Events delivered so far.
-        delivered: i64 [column],
+        delivered: i64 [column, quiet],
         /// Failed attempts in a row at the event after `cursor`.
-        attempts: i64 [column],
-        next_attempt_ms: Millis,
-        last_status: Option<i64>,
-        last_error: Option<String>,
+        attempts: i64 [column, quiet],
+        next_attempt_ms: Millis [quiet],
+        last_status: Option<i64> [quiet],
+        last_error: Option<String> [quiet],
     }
 }

@@ -43,7 +43,8 @@ pub struct Cloud {
     /// Set when the node is stopping: the API takes no new work (`node_unavailable`), while the
     /// running work and the agents' callbacks it waits for go on.
     pub draining: std::sync::atomic::AtomicBool,
-    /// Events not yet delivered to the webhooks this node delivers, as of its last round.
+    /// Events after the cursors of the webhooks this node delivers (filtered out or not yet
+    /// handled), as of its last delivery round.
     pub webhook_backlog: std::sync::atomic::AtomicI64,
 }
 
@@ -230,7 +231,7 @@ impl prometheus_client::collector::Collector for Readings {
                 ),
                 Gauge(
                     "stratus_webhook_backlog",
-                    "Events not yet delivered to this node's webhooks (at its last delivery round)",
+                    "Events after the cursors of this node's webhooks (at its last delivery round)",
                     c.webhook_backlog.load(Relaxed),
                 ),
                 Gauge(

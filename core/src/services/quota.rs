@@ -6,7 +6,7 @@
 
 use crate::error::{Error, ErrorCode};
 use crate::model::Account;
-use stratus_store::{Db, Row, Update};
+use stratus_store::{Db, Update};
 use uuid::Uuid;
 
 /// What a VM or a set of volumes holds of an account's quotas.
@@ -108,10 +108,16 @@ pub fn give_back(account: Option<Uuid>, c: &Charge) -> Option<Update> {
 }
 
 /// After a batch with [`take`] failed a condition: the `quota_exceeded` error naming the quota
-/// that has no room, or `None` when every quota had room (another condition failed).
-pub async fn exceeded(db: &Db, account: Option<Uuid>, c: &Charge) -> Option<Error> {
-    let a: Row<Account> = db.get::<Account>(account?).await.ok()??;
-    c.parts(&a)
+/// that has no room, or `None` when every quota had room (another condition failed) or there
+/// is no account to charge. A failed read of the account is its own error, never "room".
+pub async fn exceeded(db: &Db, account: Option<Uuid>, c: &Charge) -> Result<Option<Error>, Error> {
+    let Some(account) = account else {
+        return Ok(None);
+    };
+    let Some(a) = db.get::<Account>(account).await? else {
+        return Ok(None);
+    };
+    Ok(c.parts(&a)
         .into_iter()
         .find_map(|(_, n, used, limit, what)| {
             let l = limit?;
@@ -124,5 +130,5 @@ pub async fn exceeded(db: &Db, account: Option<Uuid>, c: &Charge) -> Option<Erro
                     ),
                 )
             })
-        })
+        }))
 }

@@ -157,12 +157,15 @@ async fn round(c: &Arc<Cloud>, http: &HttpClient) -> Result<(), Error> {
         .into_iter()
         .filter(|h| c.bus().owns(&h.uuid))
         .collect();
-    if let Some(log) = &c.engine.events {
-        let last = log.last_seq().await?;
-        let backlog = mine.iter().map(|h| (last - h.cursor).max(0)).sum();
-        c.webhook_backlog
-            .store(backlog, std::sync::atomic::Ordering::Relaxed);
-    }
+    let backlog = match (&c.engine.events, mine.is_empty()) {
+        (Some(log), false) => {
+            let last = log.last_seq().await?;
+            mine.iter().map(|h| (last - h.cursor).max(0)).sum()
+        }
+        _ => 0,
+    };
+    c.webhook_backlog
+        .store(backlog, std::sync::atomic::Ordering::Relaxed);
     let due = mine.into_iter().filter(|h| h.next_attempt_ms.0 <= now);
     let runs = due.map(|h| deliver(c, http, h));
     for r in futures::future::join_all(runs).await {

@@ -122,7 +122,7 @@ async fn vm_record(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Error> {
         Err(e) if e.class() == ErrorClass::AlreadyExists => Ok(()),
         Err(e) if e.class() == ErrorClass::ConditionFailed => {
             Err(quota::exceeded(c.db(), ctx.account, &charge)
-                .await
+                .await?
                 .unwrap_or_else(|| e.into()))
         }
         Err(e) => Err(e.into()),
@@ -263,7 +263,7 @@ async fn allocate_volumes(c: Arc<Cloud>, ctx: &mut CreateCtx) -> Result<(), Erro
         }
         Err(e) if e.class() == ErrorClass::AlreadyExists => Ok(()),
         Err(e) if e.class() == ErrorClass::ConditionFailed => {
-            match quota::exceeded(c.db(), ctx.account, &charge).await {
+            match quota::exceeded(c.db(), ctx.account, &charge).await? {
                 Some(q) => Err(q),
                 None => Err(Error::new(
                     ErrorCode::CapacityExhausted,

@@ -752,7 +752,7 @@ pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
             if let Err(e) = c.db().commit(b).await {
                 let quota = match e.class() {
                     ErrorClass::ConditionFailed => {
-                        quota::exceeded(c.db(), m.account_uuid, &charge).await
+                        quota::exceeded(c.db(), m.account_uuid, &charge).await?
                     }
                     _ => None,
                 };
