@@ -98,21 +98,50 @@ impl StratusClient {
         Ok((r.status, r.body))
     }
 
-    /// One request as it is: the answer's status and body (`null` when not JSON). For callers
-    /// that read answers themselves (the CLI tells a refusal from a failed job).
-    pub async fn raw(
+    /// A request that is not a job (a login, a configuration change, a read): the body of a
+    /// 2xx, or the coded error; answered within a minute.
+    pub async fn request(
         &self,
         method: &str,
         path: &str,
         body: Option<&Value>,
-        timeout: Duration,
-    ) -> Result<(u16, Value), Error> {
-        let (s, answer) = self.call(method, path, body, timeout).await?;
-        Ok((s, tree(&answer)))
+    ) -> Result<Value, Error> {
+        let (s, answer) = self
+            .call(method, path, body, Duration::from_secs(60))
+            .await?;
+        Self::answer(s, tree(&answer))
+    }
+
+    /// The uuid of `name_or_uuid` among `resource` (a path such as `zones`): `not_found` when
+    /// no row has the name, `invalid_argument` when several do.
+    pub async fn resolve(&self, resource: &str, name_or_uuid: &str) -> Result<Uuid, Error> {
+        if let Ok(u) = Uuid::parse_str(name_or_uuid) {
+            return Ok(u);
+        }
+        let path = format!(
+            "/v1/{resource}?q={}&limit=2",
+            encode(&format!("name={name_or_uuid}"))
+        );
+        let v = self.get(&path).await?;
+        let items = v["items"]
+            .as_array()
+            .ok_or_else(|| Error::internal(format!("no items in the answer: {v}")))?;
+        match items.as_slice() {
+            [one] => {
+                uuid_of(one, "uuid").ok_or_else(|| Error::internal(format!("no uuid in {one}")))
+            }
+            [] => Err(Error::new(
+                ErrorCode::NotFound,
+                format!("no {resource} named {name_or_uuid:?}"),
+            )),
+            _ => Err(Error::invalid(format!(
+                "more than one of {resource} is named {name_or_uuid:?}; give its uuid"
+            ))),
+        }
     }
 
     /// A plain API answer: the body of a 2xx, or its `{code, message}` as an error.
-    pub fn answer(status: u16, v: Value) -> Result<Value, Error> {
+    fn answer(status: u16, v: Value) -> Result<Value, Error> {
         if (200..300).contains(&status) {
             return Ok(v);
         }
@@ -160,10 +189,7 @@ impl StratusClient {
 
     /// `GET`, answered within a minute.
     pub async fn get(&self, path: &str) -> Result<Value, Error> {
-        let (s, answer) = self
-            .call("GET", path, None, Duration::from_secs(60))
-            .await?;
-        Self::answer(s, tree(&answer))
+        self.request("GET", path, None).await
     }
 
     /// Items of `resource` matching `conds` (`field=value` forms).
@@ -318,15 +344,9 @@ impl StratusClient {
     }
 
     pub async fn set_config(&self, name: &str, value: &str) -> Result<Value, Error> {
-        let (s, answer) = self
-            .call(
-                "PUT",
-                &format!("/v1/config/{name}"),
-                Some(&serde_json::json!({"value": value})),
-                Duration::from_secs(60),
-            )
-            .await?;
-        Self::answer(s, tree(&answer))
+        let body = serde_json::json!({"value": value});
+        self.request("PUT", &format!("/v1/config/{name}"), Some(&body))
+            .await
     }
 }
 

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Write `text` to a new file `path` readable by its owner only (mode 0600), replacing what was
@@ -31,11 +31,16 @@ pub fn read_line(path: &Path) -> anyhow::Result<String> {
     Ok(line)
 }
 
-/// Create `dir` (and its parents) readable by its owner only.
+/// Create `dir` (and the parents it lacks) readable by its owner only. A directory that is
+/// already there keeps its permissions (it may be `/tmp` or the working directory); the
+/// secrets in it are written 0600 ([`write_private`]).
 pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot restrict {}", dir.display()))
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
 }
 
 /// A random secret: 32 bytes as hex.
@@ -59,17 +64,25 @@ pub fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_private_file_is_owner_only_and_read_back_trimmed() {
         let dir = std::env::temp_dir().join(format!("stratus-files-{}", std::process::id()));
         private_dir(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        // One that is there keeps its permissions.
+        let open = dir.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&open).unwrap();
+        assert_eq!(mode(&open), 0o755);
         let p = dir.join("secret");
         let first = read_or_create(&p, random_secret).unwrap();
         assert_eq!(first.len(), 64);
         assert_eq!(read_or_create(&p, || "other".into()).unwrap(), first);
-        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        assert_eq!(mode(&p), 0o600);
         std::fs::write(&p, "\n").unwrap();
         assert!(read_line(&p).is_err());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -4,7 +4,6 @@
 //! done per second, and the failures by code. Uses the saved login (`stratus login`) or
 //! `--server`/`--token`.
 
-use anyhow::Context;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -66,44 +65,22 @@ impl std::fmt::Display for LoadReport {
     }
 }
 
-async fn uuid_of(c: &StratusClient, kind: &str, name: &str) -> anyhow::Result<String> {
-    let items = c
-        .list(kind, &[&format!("name={name}")])
-        .await
-        .map_err(|e| anyhow::anyhow!("{kind} {name}: {e}"))?;
-    items
-        .first()
-        .and_then(|i| i["uuid"].as_str())
-        .map(str::to_string)
-        .with_context(|| format!("no {kind} named {name}"))
-}
-
-/// Wait for a job by long polls (`?wait=`); its error if it failed.
-async fn wait(c: &StratusClient, job: uuid::Uuid) -> Result<(), stratus_core::Error> {
-    loop {
-        let v = c.get(&format!("/v1/jobs/{job}?wait=60")).await?;
-        match v["state"].as_str() {
-            Some("Succeeded") => return Ok(()),
-            Some("Failed") => {
-                return Err(
-                    serde_json::from_value(v["error"].clone()).unwrap_or_else(|_| {
-                        stratus_core::Error::internal(format!("job {job} failed: {v}"))
-                    }),
-                )
-            }
-            _ => {}
-        }
-    }
-}
-
 pub async fn run(client: StratusClient, a: &LoadArgs) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(
         a.vms > 0 && a.concurrency > 0,
         "--vms and --concurrency must be positive"
     );
-    let offering = uuid_of(&client, "instance-offerings", &a.offering).await?;
-    let image = uuid_of(&client, "images", &a.image).await?;
-    let l3 = uuid_of(&client, "l3-networks", &a.l3).await?;
+    let find = |kind: &'static str, name: &str| {
+        let (c, name) = (client.clone(), name.to_string());
+        async move {
+            c.resolve(kind, &name)
+                .await
+                .map_err(|e| anyhow::anyhow!("{kind} {name}: {e}"))
+        }
+    };
+    let offering = find("instance-offerings", &a.offering).await?;
+    let image = find("images", &a.image).await?;
+    let l3 = find("l3-networks", &a.l3).await?;
     let accept = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
     let job = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
     let failed = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
@@ -119,9 +96,9 @@ pub async fn run(client: StratusClient, a: &LoadArgs) -> anyhow::Result<LoadRepo
             next.clone(),
         );
         let (offering, image, l3, prefix, total) = (
-            offering.clone(),
-            image.clone(),
-            l3.clone(),
+            offering,
+            image,
+            l3,
             a.prefix.clone(),
             a.vms,
         );
@@ -139,7 +116,7 @@ pub async fn run(client: StratusClient, a: &LoadArgs) -> anyhow::Result<LoadRepo
                 let took = t0.elapsed().as_micros() as u64;
                 let _ = accept.lock().unwrap_or_else(|e| e.into_inner()).record(took.max(1));
                 let outcome = match sub {
-                    Ok(s) => wait(&c, s.job).await,
+                    Ok(s) => c.wait_job(s.job).await.map(drop),
                     Err(e) => Err(e),
                 };
                 let _ = job

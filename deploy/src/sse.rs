@@ -112,7 +112,8 @@ async fn connect_once(
     }
     *dropped_at = None;
     let mut body = resp.into_body();
-    let mut buf = String::new();
+    // Bytes, not text: a character may be split between two frames.
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         let frame = match body.frame().await {
             None => return dropped(anyhow::anyhow!("the node closed the stream")),
@@ -122,9 +123,10 @@ async fn connect_once(
         let Some(data) = frame.data_ref() else {
             continue;
         };
-        buf.push_str(&String::from_utf8_lossy(data));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
+        buf.extend_from_slice(data);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let bytes: Vec<u8> = buf.drain(..end + 2).collect();
+            let block = String::from_utf8(bytes).context("an event that is not UTF-8")?;
             let Some(m) = parse_block(&block)? else {
                 continue;
             };

@@ -22,6 +22,6 @@ stratus_store::resource! {
         attempts: i64 [column, quiet],
         next_attempt_ms: Millis [quiet],
         last_status: Option<i64> [quiet],
-        last_error: Option<String> [quiet],
+        last_error: Option<String> [column, quiet],
     }
 }

@@ -7,20 +7,20 @@ async fn main() -> anyhow::Result<()> {
     use stratus_deploy::cli::Login;
     use stratus_deploy::load::{run, LoadArgs};
     let a = LoadArgs::parse();
-    let saved = Login::load()?;
-    let url = a
-        .server
-        .clone()
-        .or_else(|| saved.as_ref().map(|l| l.url.clone()))
-        .ok_or_else(|| {
-            anyhow::anyhow!("not logged in: run `stratus login URL` or give --server")
-        })?;
-    let token = a.token.clone().or_else(|| saved.map(|l| l.token));
+    let (url, token) = Login::resolve(a.server.clone(), a.token.clone())?;
     let mut client = stratus_core::client::StratusClient::from_url(&url)?;
     if let Some(t) = token {
         client = client.with_token(&t);
     }
-    println!("{}", run(client, &a).await?);
+    let report = run(client, &a).await?;
+    println!("{report}");
+    // A run where VMs failed measured something else than it says: it fails.
+    anyhow::ensure!(
+        report.running == report.vms,
+        "{} of {} VMs did not reach Running",
+        report.vms - report.running,
+        report.vms
+    );
     Ok(())
 }
 

@@ -423,7 +423,7 @@ pub struct EventsArgs {
     /// With `--follow`: start after this event number (default: from now).
     #[arg(long)]
     pub after: Option<i64>,
-    /// Without `--follow`: how many of the latest events.
+    /// Without `--follow`: how many of the latest events to read (`--filter` narrows those).
     #[arg(long, default_value_t = 50)]
     pub last: u64,
 }
@@ -550,10 +550,6 @@ pub fn kind_path(kind: &str) -> Result<&'static str, Error> {
         .ok_or_else(|| Error::invalid(format!("no kind {kind:?}")))
 }
 
-fn login_path() -> anyhow::Result<PathBuf> {
-    Login::path()
-}
-
 fn session(cli: &Cli) -> Result<Session, Outcome> {
     let (url, token) = Login::resolve(cli.server.clone(), cli.token.clone())?;
     let wait = if cli.async_ {
@@ -584,7 +580,15 @@ pub async fn run(cli: Cli) -> Result<(), Outcome> {
             return Ok(());
         }
         Command::Logout => {
-            let p = login_path()?;
+            // The token ends at the node too; a node that cannot be reached is said, and the
+            // saved login goes anyway (the token still expires there).
+            if let Some(l) = Login::load()? {
+                let s = Session::new(&l.url, Some(&l.token), Wait::Quiet)?;
+                if let Err(e) = s.send("POST", "/v1/auth/logout", None).await {
+                    eprintln!("the token could not be ended at {}: {e}", l.url);
+                }
+            }
+            let p = Login::path()?;
             if p.exists() {
                 std::fs::remove_file(&p).map_err(anyhow::Error::from)?;
             }
@@ -893,7 +897,9 @@ async fn attach(
     act(s, f, path, id, link.action, json!({ link.key: t })).await
 }
 
-/// Create a resource, attach it to each of `targets`, print it.
+/// Create a resource, attach it to each of `targets`, print it as it is then. The create is
+/// waited for even under `--async` (an attach needs the resource); the attaches follow the
+/// session's waiting.
 async fn create_attached(
     s: &Session,
     f: Format,
@@ -902,14 +908,18 @@ async fn create_attached(
     link: &Link,
     targets: &[String],
 ) -> Result<(), Failure> {
-    let v = s
-        .mutate("POST", &format!("/v1/{path}"), Some(&body))
+    let job = s
+        .client
+        .submit("POST", &format!("/v1/{path}"), Some(&body))
         .await?;
-    let id = created(&v)?;
+    let id = created(&s.wait_job(job.job).await?)?;
     for t in targets {
-        attach(s, f, path, &id, link, t).await?;
+        let t = s.resolve(link.kind, t).await?;
+        let act = format!("/v1/{path}/{id}/actions/{}", link.action);
+        s.mutate("POST", &act, Some(&json!({ link.key: t })))
+            .await?;
     }
-    print(f, path, &v);
+    print(f, path, &s.get(&format!("/v1/{path}/{id}")).await?);
     Ok(())
 }
 

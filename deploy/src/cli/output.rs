@@ -10,35 +10,16 @@ pub enum Format {
     Yaml,
 }
 
-/// The columns a table shows of each kind (others show uuid, name and state when present).
-fn columns(kind: &str) -> &'static [&'static str] {
-    match kind {
-        "vms" => &["uuid", "name", "state", "host_uuid", "cpu", "memory_mib"],
-        "hosts" => &["uuid", "name", "address", "state", "status"],
-        "jobs" => &[
-            "job_uuid",
-            "operation",
-            "state",
-            "progress",
-            "resource_uuid",
-        ],
-        "volumes" => &["uuid", "name", "kind", "state", "size_mib", "vm_uuid"],
-        "ip-ranges" => &["uuid", "name", "start_ip", "end_ip", "gateway", "used"],
-        "vm-nics" => &["uuid", "vm_uuid", "ip", "mac", "l3_network_uuid"],
-        "config" => &["name", "value", "default", "description"],
-        "events" => &["seq", "topic", "resource_kind", "resource_uuid"],
-        "webhooks" => &[
-            "uuid",
-            "url",
-            "filter",
-            "cursor",
-            "delivered",
-            "attempts",
-            "last_error",
-        ],
-        "accounts" => &["uuid", "name", "admin", "vms_used", "vm_limit"],
-        "users" => &["uuid", "name", "account_uuid"],
-        _ => &["uuid", "name", "state", "status"],
+/// The columns a table shows of a resource path: its kind's `[column]` fields (the kind's one
+/// declaration), else uuid, name, state and status.
+fn columns(path: &str) -> Vec<&'static str> {
+    if path == "config" {
+        return vec!["name", "value", "default", "description"];
+    }
+    let schema = stratus_core::model::schema();
+    match stratus_core::api::kind_of_path(path).and_then(|k| schema.kind(k).ok()) {
+        Some(meta) => meta.columns(),
+        None => vec!["uuid", "name", "state", "status"],
     }
 }
 
@@ -53,8 +34,7 @@ fn cell(v: &Value) -> String {
 /// A table of `rows` (JSON objects) with the columns of `kind` that any row has.
 pub fn table(kind: &str, rows: &[Value]) -> String {
     let cols: Vec<&str> = columns(kind)
-        .iter()
-        .copied()
+        .into_iter()
         .filter(|c| rows.iter().any(|r| r.get(*c).is_some()))
         .collect();
     let cells: Vec<Vec<String>> = rows

@@ -5,8 +5,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::PathBuf;
-use std::time::Duration;
-use stratus_core::client::{encode, StratusClient};
+use stratus_core::client::StratusClient;
 use stratus_core::{Error, ErrorCode};
 use uuid::Uuid;
 
@@ -152,8 +151,6 @@ pub struct Session {
     pub wait: Wait,
 }
 
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-
 impl Session {
     pub fn new(url: &str, token: Option<&str>, wait: Wait) -> Result<Session, Failure> {
         let mut client = StratusClient::from_url(url)?;
@@ -165,47 +162,22 @@ impl Session {
 
     /// A read: the body of a 2xx, or the coded error.
     pub async fn get(&self, path: &str) -> Result<Value, Failure> {
-        self.send("GET", path, None).await
+        Ok(self.client.get(path).await?)
     }
 
-    /// A request that is not a job (a login, a configuration change): the body of a 2xx, or
-    /// the coded error.
+    /// A request that is not a job (a login, a configuration change).
     pub async fn send(
         &self,
         method: &str,
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, Failure> {
-        let (status, v) = self.client.raw(method, path, body, REQUEST_TIMEOUT).await?;
-        Ok(StratusClient::answer(status, v)?)
+        Ok(self.client.request(method, path, body).await?)
     }
 
     /// The uuid of `name_or_uuid` among `kind` (a resource path such as `zones`).
     pub async fn resolve(&self, kind: &str, name_or_uuid: &str) -> Result<Uuid, Failure> {
-        if let Ok(u) = Uuid::parse_str(name_or_uuid) {
-            return Ok(u);
-        }
-        let path = format!(
-            "/v1/{kind}?q={}&limit=2",
-            encode(&format!("name={name_or_uuid}"))
-        );
-        let v = self.get(&path).await?;
-        let items = v["items"].as_array().cloned().unwrap_or_default();
-        match items.as_slice() {
-            [one] => one["uuid"]
-                .as_str()
-                .and_then(|u| Uuid::parse_str(u).ok())
-                .ok_or_else(|| Error::internal(format!("no uuid in {one}")).into()),
-            [] => Err(Error::new(
-                ErrorCode::NotFound,
-                format!("no {kind} named {name_or_uuid:?}"),
-            )
-            .into()),
-            _ => Err(Error::invalid(format!(
-                "more than one {kind} is named {name_or_uuid:?}; give its uuid"
-            ))
-            .into()),
-        }
+        Ok(self.client.resolve(kind, name_or_uuid).await?)
     }
 
     /// A change: submitted as a job and, unless told not to, waited for. Returns the job's
@@ -216,16 +188,11 @@ impl Session {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, Failure> {
-        let (status, v) = self.client.raw(method, path, body, REQUEST_TIMEOUT).await?;
-        let job = uuid_field(&v, "job_uuid");
-        let Some(job) = job else {
-            // Refused before a job was made.
-            return Ok(StratusClient::answer(status, v)?);
-        };
-        if self.wait == Wait::No {
-            return Ok(serde_json::json!({"job_uuid": job, "resource_uuid": v["resource_uuid"]}));
+        let job = self.client.submit(method, path, body).await?;
+        match self.wait {
+            Wait::No => Ok(serde_json::json!({"job_uuid": job.job, "resource_uuid": job.resource})),
+            _ => self.wait_job(job.job).await,
         }
-        self.wait_job(job).await
     }
 
     /// Wait for `job` to end; its result, or its error.
@@ -265,8 +232,4 @@ impl Session {
             }
         }
     }
-}
-
-fn uuid_field(v: &Value, key: &str) -> Option<Uuid> {
-    v.get(key)?.as_str().and_then(|u| Uuid::parse_str(u).ok())
 }
