@@ -70,6 +70,12 @@ pub fn hash_password(ids: &Ids, password: &str) -> Result<String, Error> {
         .map_err(|e| Error::internal(format!("cannot hash a password: {e}")))
 }
 
+/// The hash of a new password, checked first.
+pub fn new_password_hash(ids: &Ids, password: &str) -> Result<String, Error> {
+    check_password(password)?;
+    hash_password(ids, password)
+}
+
 /// Whether `password` matches the PHC string `hash`.
 pub fn password_matches(hash: &str, password: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|h| {
@@ -111,13 +117,9 @@ impl Auth {
         if self.user_named(ADMIN).await?.is_some() {
             return Ok(false);
         }
-        let hash = match password {
-            Some(p) => {
-                check_password(p)?;
-                Some(hash_password(&self.ids, p)?)
-            }
-            None => None,
-        };
+        let hash = password
+            .map(|p| new_password_hash(&self.ids, p))
+            .transpose()?;
         let account = Row::new(root_account(), Account::new(ADMIN, true));
         let user = Row::new(
             self.ids.uuid(),
@@ -134,7 +136,7 @@ impl Auth {
         {
             Ok(_) => Ok(true),
             // Another node made it first.
-            Err(e) if Error::from(e.clone()).code == ErrorCode::AlreadyExists => Ok(false),
+            Err(e) if e.class() == stratus_store::ErrorClass::AlreadyExists => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
@@ -156,13 +158,10 @@ impl Auth {
         account: Uuid,
         password: Option<&str>,
     ) -> Result<Row<User>, Error> {
-        let hash = match password {
-            Some(p) => {
-                check_password(p)?;
-                Some(hash_password(&self.ids, p)?)
-            }
-            None => None,
-        };
+        crate::services::check_name("user", name)?;
+        let hash = password
+            .map(|p| new_password_hash(&self.ids, p))
+            .transpose()?;
         let user = Row::new(
             self.ids.uuid(),
             User {
@@ -263,5 +262,12 @@ impl Auth {
             .commit(Batch::new().delete::<ApiToken>(token, Expect::Maybe))
             .await?;
         Ok(())
+    }
+
+    /// Delete the tokens that have expired (they open nothing already; every login adds one).
+    pub async fn purge_expired(&self) -> Result<usize, Error> {
+        let now = stratus_rt::clock::now_ms();
+        let q = Query::of::<ApiToken>().lt("expires_ms", stratus_store::Value::Time(now));
+        Ok(self.db.delete_matching(&q, 1000).await?)
     }
 }

@@ -70,8 +70,8 @@ impl ErrorCode {
         ErrorCode::AgentError,
         ErrorCode::HostUnreachable,
         ErrorCode::Unauthorized,
-        ErrorCode::Forbidden,
         ErrorCode::TooLarge,
+        ErrorCode::Forbidden,
         ErrorCode::StoreFailure,
         ErrorCode::Internal,
     ];

@@ -262,23 +262,11 @@ impl EventLog {
     pub async fn prune(&self, retention: std::time::Duration) -> Result<usize, StoreError> {
         let cutoff = now_ms() - retention.as_millis() as i64;
         let newest = self.last_seq().await?;
-        let mut pruned = 0;
-        loop {
-            let q = Query::of::<Event>()
-                .cond(Cond::new("created_ms", Op::Lt(Value::Int(cutoff))))
-                .cond(Cond::new("seq", Op::Lt(Value::Int(newest))))
-                .limit(1000);
-            let old = self.db.uuids(&q).await?;
-            if old.is_empty() {
-                return Ok(pruned);
-            }
-            let mut b = Batch::new();
-            for u in &old {
-                b = b.delete::<Event>(*u, Expect::Maybe);
-            }
-            self.db.commit(b).await?;
-            pruned += old.len();
-        }
+        let q = Query::of::<Event>()
+            .lt("created_ms", Value::Time(cutoff))
+            .lt("seq", newest)
+            .limit(10_000);
+        self.db.delete_matching(&q, 1000).await
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stratus_store::ErrorClass;
-use stratus_store::{Batch, Db, Expect, JsonText, Millis, Query, Resource, Row, Update, Value};
+use stratus_store::{Batch, Db, JsonText, Millis, Query, Resource, Row, Update, Value};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -266,28 +266,11 @@ impl Jobs {
         page: usize,
         batch: usize,
     ) -> Result<usize, Error> {
-        let mut gone = 0;
-        loop {
-            let old = self
-                .db
-                .uuids(
-                    &Query::of::<Job>()
-                        .not_null("finished_ms")
-                        .lt("finished_ms", Value::Time(cutoff))
-                        .limit(page as u64),
-                )
-                .await?;
-            for chunk in old.chunks(batch) {
-                let b = chunk
-                    .iter()
-                    .fold(Batch::new(), |b, &id| b.delete::<Job>(id, Expect::Maybe));
-                self.db.commit(b).await?;
-            }
-            gone += old.len();
-            if old.len() < page {
-                return Ok(gone);
-            }
-        }
+        let q = Query::of::<Job>()
+            .not_null("finished_ms")
+            .lt("finished_ms", Value::Time(cutoff))
+            .limit(page as u64);
+        Ok(self.db.delete_matching(&q, batch).await?)
     }
 
     /// Forget the waiters of `id` that stopped waiting, and the entry once none is left.

@@ -4,27 +4,14 @@
 
 mod support;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::Duration;
 use stratus_core::auth::ADMIN;
-use support::Api;
+use support::{code, Api};
 use uuid::Uuid;
 
-/// A node whose admin has a password.
 async fn start() -> Api {
-    let api = Api::start().await;
-    let auth = &api.node.cloud.auth;
-    assert!(auth.bootstrap_admin(Some("correct horse")).await.unwrap());
-    api
-}
-
-async fn login(api: &Api, user: &str, password: &str) -> (u16, Value) {
-    let body = json!({"user": user, "password": password}).to_string();
-    api.call("POST", "/v1/auth/login", &[], body).await
-}
-
-fn code(v: &Value) -> &str {
-    v["code"].as_str().unwrap_or("")
+    Api::with_admin("correct horse").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,9 +44,9 @@ async fn every_path_but_health_login_and_agents_needs_a_valid_token() {
         .await;
     assert_eq!(s, 401);
 
-    let (s, v) = login(&api, ADMIN, "wrong password").await;
+    let (s, v) = api.login(ADMIN, "wrong password").await;
     assert_eq!((s, code(&v)), (401, "unauthorized"));
-    let (s, v) = login(&api, "nobody", "correct horse").await;
+    let (s, v) = api.login("nobody", "correct horse").await;
     assert_eq!((s, code(&v)), (401, "unauthorized"));
     for bad in [
         "{",
@@ -72,7 +59,7 @@ async fn every_path_but_health_login_and_agents_needs_a_valid_token() {
         assert_eq!((s, code(&v)), (400, "invalid_argument"), "{bad}");
     }
 
-    let (s, v) = login(&api, ADMIN, "correct horse").await;
+    let (s, v) = api.login(ADMIN, "correct horse").await;
     assert_eq!(s, 200, "{v}");
     let token = v["token"].as_str().unwrap().to_string();
     let (s, me) = api.as_bearer(&token, "GET", "/v1/auth/whoami", "").await;
@@ -166,12 +153,15 @@ async fn an_expired_token_is_refused_and_a_plain_account_reaches_only_its_sessio
     let expired = auth.issue_for(ADMIN, Duration::ZERO, "test").await.unwrap();
     let (s, v) = api.as_bearer(&expired.token, "GET", "/v1/zones", "").await;
     assert_eq!((s, code(&v)), (401, "unauthorized"));
-
+    // Expired tokens are deleted; live ones stay.
     let admin = auth
         .issue_for(ADMIN, Duration::from_secs(600), "test")
         .await
         .unwrap()
         .token;
+    assert_eq!(auth.purge_expired().await.unwrap(), 1);
+    assert_eq!(api.as_bearer(&admin, "GET", "/v1/zones", "").await.0, 200);
+
     let (s, acct) = api
         .as_bearer(
             &admin,
@@ -193,7 +183,7 @@ async fn an_expired_token_is_refused_and_a_plain_account_reaches_only_its_sessio
         .await;
     assert_eq!(s, 200, "{v}");
 
-    let (s, v) = login(&api, "bob", "bob's long password").await;
+    let (s, v) = api.login("bob", "bob's long password").await;
     assert_eq!(s, 200, "{v}");
     let bob = v["token"].as_str().unwrap();
     let (s, me) = api.as_bearer(bob, "GET", "/v1/auth/whoami", "").await;

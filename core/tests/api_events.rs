@@ -60,23 +60,9 @@ async fn receiver() -> Receiver {
 }
 
 async fn start() -> (Api, String) {
-    let api = Api::start().await;
-    assert!(api
-        .node
-        .cloud
-        .auth
-        .bootstrap_admin(Some("correct horse"))
-        .await
-        .unwrap());
-    let token = login(&api, "admin", "correct horse").await;
+    let api = Api::with_admin("correct horse").await;
+    let token = api.token("admin", "correct horse").await;
     (api, token)
-}
-
-async fn login(api: &Api, user: &str, password: &str) -> String {
-    let body = json!({"user": user, "password": password}).to_string();
-    let (s, v) = api.call("POST", "/v1/auth/login", &[], body).await;
-    assert_eq!(s, 200, "{v}");
-    v["token"].as_str().unwrap().to_string()
 }
 
 /// Poll `check` every 100 ms, at most `tries` times.
@@ -204,7 +190,7 @@ async fn events_are_numbered_without_gaps_scoped_and_delivered_to_webhooks_again
     let user = json!({"name": "tu", "account_uuid": acc, "password": "tenant password"});
     let (s, v) = call(&admin, "POST", "/v1/users?wait=30".into(), user).await;
     assert_eq!(s, 200, "{v}");
-    let tenant = login(&api, "tu", "tenant password").await;
+    let tenant = api.token("tu", "tenant password").await;
     let body = json!({"url": r.url, "secret": SECRET});
     let (s, v) = call(&tenant, "POST", "/v1/webhooks?wait=30".into(), body).await;
     assert_eq!(s, 200, "{v}");

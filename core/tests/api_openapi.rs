@@ -58,17 +58,8 @@ fn unrouted(v: &serde_json::Value) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_operation_is_routed_and_every_other_is_refused() {
-    let api = Api::start().await;
-    assert!(api
-        .node
-        .cloud
-        .auth
-        .bootstrap_admin(Some("pw for tests"))
-        .await
-        .unwrap());
-    let body = json!({"user": "admin", "password": "pw for tests"}).to_string();
-    let (_, v) = api.call("POST", "/v1/auth/login", &[], body).await;
-    let token = v["token"].as_str().unwrap().to_string();
+    let api = Api::with_admin("pw for tests").await;
+    let token = api.token("admin", "pw for tests").await;
     let nobody = uuid::Uuid::from_u128(7);
     let d = document();
     // An empty body: a create or update that exists answers about the body, never as an

@@ -95,13 +95,7 @@ pub async fn run(client: StratusClient, a: &LoadArgs) -> anyhow::Result<LoadRepo
             failed.clone(),
             next.clone(),
         );
-        let (offering, image, l3, prefix, total) = (
-            offering,
-            image,
-            l3,
-            a.prefix.clone(),
-            a.vms,
-        );
+        let (offering, image, l3, prefix, total) = (offering, image, l3, a.prefix.clone(), a.vms);
         workers.push(tokio::spawn(async move {
             let mut running = 0usize;
             loop {

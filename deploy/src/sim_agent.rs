@@ -99,7 +99,6 @@ pub async fn run(args: SimAgentArgs) -> anyhow::Result<()> {
         let state = Arc::new(Mutex::new(SimHostState::new(profile)));
         let hv = SimHypervisor::new(state, latency.clone(), args.seed.wrapping_add(i as u64));
         let agent = Agent::new(hv, AgentConfig::new(token.clone()), faults.clone());
-        agent.forward_reports();
         app = app.nest(&format!("/h/{i}"), agent.routes());
     }
     let addr = stratus_rt::http::spawn_server(args.listen, app)

@@ -71,7 +71,6 @@ async fn start(name: &str) -> Cloud {
         let state = Arc::new(Mutex::new(SimHostState::new(profile)));
         let hv = SimHypervisor::new(state, LatencyProfile::zero(), i as u64);
         let agent = Agent::new(hv, AgentConfig::new("t0ken"), Arc::new(NoFaults));
-        agent.forward_reports();
         app = app.nest(&format!("/h/{i}"), agent.routes());
     }
     let agents = stratus_rt::http::spawn_server("127.0.0.1:0".parse().unwrap(), app)

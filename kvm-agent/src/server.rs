@@ -262,15 +262,15 @@ impl<H: Hypervisor> Agent<H> {
     }
 
     /// This agent's routes alone, for a server that serves several agents, each under a path
-    /// prefix (`Router::nest`; the simulated agent process). Whoever serves them also calls
-    /// [`Agent::forward_reports`].
+    /// prefix (`Router::nest`; the simulated agent process). Its reports start to flow too.
     pub fn routes(&self) -> Router {
+        self.forward_reports();
         Self::router().layer(Extension(self.inner.clone()))
     }
 
     /// Forward the hypervisor's events to the management node as reports, from a task that
     /// lives as long as the agent. The first call takes the events; later calls do nothing.
-    pub fn forward_reports(&self) {
+    fn forward_reports(&self) {
         if let Some(mut events) = self.inner.hv.take_events() {
             let inner = self.inner.clone();
             tokio::spawn(async move {

@@ -459,10 +459,13 @@ impl World {
     /// API, and a client acting as its one user (the user and its token are made in the store:
     /// no password to hash).
     pub async fn tenant(&self, name: &str, limits: Value) -> Result<(Uuid, StratusClient), Error> {
-        let mut body = json!({ "name": name });
-        if let (Some(b), Some(l)) = (body.as_object_mut(), limits.as_object()) {
-            b.extend(l.clone());
-        }
+        let Value::Object(mut body) = limits else {
+            return Err(Error::invalid(format!(
+                "limits must be an object; got {limits}"
+            )));
+        };
+        body.insert("name".into(), name.into());
+        let body = Value::Object(body);
         let account = self.client.create("accounts", body).await?;
         let account = uuid(&account["uuid"]).ok_or_else(|| Error::internal("no account uuid"))?;
         let auth = Auth::new(

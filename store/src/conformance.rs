@@ -811,7 +811,6 @@ pub async fn concurrent_decrements_never_overdraw(store: &Arc<dyn Store>, ids: &
     }
 }
 
-/// Run every case against `store` (which must include [`schema`]).
 /// A widget of run `run`: its other fields follow from `size`, lists and options empty.
 pub fn widget(uuid: Uuid, run: &str, name: &str, size: i64) -> Row<CsWidget> {
     Row::new(
@@ -833,6 +832,7 @@ pub fn widget(uuid: Uuid, run: &str, name: &str, size: i64) -> Row<CsWidget> {
     )
 }
 
+/// Run every case against `store` (which must include [`schema`]).
 pub async fn run_all(store: Arc<dyn Store>) {
     let seed = madsim::rand::random::<u64>();
     let ids = Ids(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed))));

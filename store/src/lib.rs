@@ -375,6 +375,29 @@ impl Db {
         }
     }
 
+    /// Delete every row matching `q` (retention: old jobs, events, audit records, tokens),
+    /// reading uuids `q.limit` at a time (default 10,000) and deleting `per_commit` to a
+    /// commit. Returns how many.
+    pub async fn delete_matching(&self, q: &Query, per_commit: usize) -> Result<usize, StoreError> {
+        let kind = self.schema().kind(&q.kind)?.name;
+        let page = q.limit.unwrap_or(10_000);
+        let q = q.clone().limit(page);
+        let mut gone = 0;
+        loop {
+            let old = self.uuids(&q).await?;
+            for chunk in old.chunks(per_commit.max(1)) {
+                let b = chunk.iter().fold(Batch::new(), |b, &id| {
+                    b.delete_kind(kind, id, Expect::Maybe)
+                });
+                self.commit(b).await?;
+            }
+            gone += old.len();
+            if (old.len() as u64) < page {
+                return Ok(gone);
+            }
+        }
+    }
+
     /// Insert one row; returns it with its stored version.
     pub async fn insert<T: Resource>(&self, mut row: Row<T>) -> Result<Row<T>, StoreError> {
         let v = self.commit(Batch::new().insert(&row)).await?;

@@ -124,13 +124,15 @@ pub(super) async fn new_token(
         Ok(b) => b,
         Err(e) => return error(&e),
     };
-    let ttl = match b.ttl_s {
-        Some(s) if (60..=365 * 86_400).contains(&s) => Duration::from_secs(s),
-        Some(s) => {
-            return error(&Error::invalid(format!(
-                "ttl_s must be 60 to 31536000; got {s}"
+    // Within the bounds of `auth.token.ttl`, checked as that setting is.
+    let ttl = match b.ttl_s.map(|s| TOKEN_TTL.parse(&format!("{s}s"))) {
+        Some(Ok(crate::config::ConfigValue::Duration(d))) => d,
+        Some(Ok(other)) => {
+            return error(&Error::internal(format!(
+                "a duration setting parsed as {other:?}"
             )))
         }
+        Some(Err(e)) => return error(&Error::invalid(format!("ttl_s: {}", e.message))),
         None => c.engine.config.get(&TOKEN_TTL.key()),
     };
     let note = b.note.unwrap_or_else(|| "api".into());

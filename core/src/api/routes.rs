@@ -454,9 +454,7 @@ async fn create(
         "webhooks" => owned!(CreateWebhook),
         "accounts" => go!(CreateAccount),
         "users" => match parse_body::<NewUser>(&body) {
-            Ok(u) => match crate::auth::check_password(&u.password)
-                .and_then(|()| crate::auth::hash_password(&c.engine.ids, &u.password))
-            {
+            Ok(u) => match crate::auth::new_password_hash(&c.engine.ids, &u.password) {
                 Ok(password_hash) => {
                     let m = CreateUser {
                         name: u.name,

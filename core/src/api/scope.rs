@@ -23,6 +23,11 @@ const SHARED: &[&str] = &["image", "l3_network"];
 /// Kinds every account may read.
 const CATALOG: &[&str] = &["instance_offering", "disk_offering"];
 
+/// Whether rows of `kind` belong to an account, directly or through their VM.
+fn owned_somehow(kind: &str) -> bool {
+    OWNED.contains(&kind) || RECORDS.contains(&kind) || kind == "vm_nic"
+}
+
 fn forbidden(kind: &str) -> Error {
     Error::new(
         ErrorCode::Forbidden,
@@ -66,7 +71,7 @@ pub fn check_read(me: &Caller, kind: &str, uuid: Uuid, owner: Option<Uuid>) -> R
     if me.admin || CATALOG.contains(&kind) {
         return Ok(());
     }
-    if !OWNED.contains(&kind) && !RECORDS.contains(&kind) && kind != "vm_nic" {
+    if !owned_somehow(kind) {
         return Err(forbidden(kind));
     }
     match owner {
@@ -98,7 +103,7 @@ pub async fn check_use(c: &Cloud, me: &Caller, kind: &str, uuid: Uuid) -> Result
     if me.admin || CATALOG.contains(&kind) {
         return Ok(());
     }
-    if !OWNED.contains(&kind) && !RECORDS.contains(&kind) && kind != "vm_nic" {
+    if !owned_somehow(kind) {
         return Err(forbidden(kind));
     }
     let o = owner(c, kind, uuid).await?;

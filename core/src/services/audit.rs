@@ -1,55 +1,50 @@
 //! The built-in audit sink: each record as an `audit` row, queried with the ordinary API by an
-//! admin; rows older than the retention are pruned as new ones come.
+//! admin; rows older than the retention are pruned every minute, off the requests' path.
 
 use crate::extension::{AuditRecord, AuditSink};
 use crate::ids::Ids;
 use crate::model::Audit;
 use async_trait::async_trait;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use stratus_store::{Batch, Db, Expect, Millis, Query, Row, Value};
+use stratus_store::{Batch, Db, Millis, Query, Row, Value};
 
-/// Old rows are looked for once per this many records.
-const PRUNE_EVERY: u64 = 512;
 /// Old rows deleted at most at a time.
-const PRUNE_BATCH: u64 = 1_000;
+const PRUNE_BATCH: usize = 1_000;
 
 /// Keeps audit records in the store.
 pub struct StoreAudit {
     db: Db,
     ids: Arc<Ids>,
-    retention: Duration,
-    recorded: AtomicU64,
+    /// Its pruning task runs while this lives.
+    _alive: Arc<()>,
 }
 
 impl StoreAudit {
+    /// The sink, and its pruning task (on the current runtime) of rows older than `retention`.
     pub fn new(db: Db, retention: Duration) -> Self {
+        let alive = Arc::new(());
+        tokio::spawn(prune_forever(db.clone(), retention, Arc::downgrade(&alive)));
         StoreAudit {
             db,
             ids: Arc::new(Ids::new()),
-            retention,
-            recorded: AtomicU64::new(0),
+            _alive: alive,
         }
     }
+}
 
-    async fn prune(&self, now: i64) {
-        let cutoff = now - self.retention.as_millis() as i64;
-        let q = Query::of::<Audit>()
-            .lt("at_ms", Value::Time(cutoff))
-            .limit(PRUNE_BATCH);
-        let old = match self.db.select::<Audit>(&q).await {
-            Ok(rows) => rows,
-            Err(e) => return tracing::warn!(error = %e, "cannot read old audit records"),
-        };
-        if old.is_empty() {
+async fn prune_forever(db: Db, retention: Duration, alive: std::sync::Weak<()>) {
+    loop {
+        tokio::time::sleep(crate::job::PURGE_EVERY).await;
+        if alive.upgrade().is_none() {
             return;
         }
-        let b = old.iter().fold(Batch::new(), |b, r| {
-            b.delete::<Audit>(r.uuid, Expect::Maybe)
-        });
-        if let Err(e) = self.db.commit(b).await {
-            tracing::warn!(error = %e, "cannot prune old audit records");
+        let cutoff = stratus_rt::clock::now_ms() - retention.as_millis() as i64;
+        let q = Query::of::<Audit>().lt("at_ms", Value::Time(cutoff));
+        match db.delete_matching(&q, PRUNE_BATCH).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(pruned = n, "old audit records pruned"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune old audit records"),
         }
     }
 }
@@ -80,9 +75,6 @@ impl AuditSink for StoreAudit {
             .await
         {
             tracing::error!(error = %e, method = %r.method, path = %r.path, "cannot keep an audit record");
-        }
-        if self.recorded.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
-            self.prune(r.at_ms).await;
         }
     }
 }

@@ -56,14 +56,46 @@ impl Message for SetQuotas {
     }
 }
 
-fn check_limits(limits: [Option<i64>; 5]) -> Result<(), Error> {
-    match limits.into_iter().flatten().find(|l| *l < 0) {
+/// An account's quota limit fields as a message gives them (none: unlimited).
+type Limits = [(&'static str, Option<i64>); 5];
+
+impl CreateAccount {
+    fn limits(&self) -> Limits {
+        [
+            ("vm_limit", self.vm_limit),
+            ("vcpu_limit", self.vcpu_limit),
+            ("memory_mib_limit", self.memory_mib_limit),
+            ("volume_limit", self.volume_limit),
+            ("volume_mib_limit", self.volume_mib_limit),
+        ]
+    }
+}
+
+impl SetQuotas {
+    fn limits(&self) -> Limits {
+        [
+            ("vm_limit", self.vm_limit),
+            ("vcpu_limit", self.vcpu_limit),
+            ("memory_mib_limit", self.memory_mib_limit),
+            ("volume_limit", self.volume_limit),
+            ("volume_mib_limit", self.volume_mib_limit),
+        ]
+    }
+}
+
+fn check_limits(limits: &Limits) -> Result<(), Error> {
+    match limits.iter().filter_map(|(_, l)| *l).find(|l| *l < 0) {
         Some(l) => Err(Error::invalid(format!(
             "a quota limit is 0 or more (none: unlimited); got {l}"
         ))),
         None => Ok(()),
     }
 }
+
+fn limit_value(v: Option<i64>) -> Value {
+    v.map_or(Value::Null, Value::from)
+}
+
 impl Message for CreateAccount {
     type Reply = Row<Account>;
     const NAME: &'static str = "account.create";
@@ -94,44 +126,27 @@ impl std::fmt::Debug for CreateUser {
 pub fn register(cloud: &Arc<Cloud>) -> Result<(), Error> {
     cloud.handle(|c: Arc<Cloud>, m: CreateAccount| async move {
         check_name("account", &m.name)?;
-        let limits = [
-            m.vm_limit,
-            m.vcpu_limit,
-            m.memory_mib_limit,
-            m.volume_limit,
-            m.volume_mib_limit,
-        ];
-        check_limits(limits)?;
-        let row = Row::new(
-            c.engine.ids.uuid(),
-            Account {
-                vm_limit: m.vm_limit,
-                vcpu_limit: m.vcpu_limit,
-                memory_mib_limit: m.memory_mib_limit,
-                volume_limit: m.volume_limit,
-                volume_mib_limit: m.volume_mib_limit,
-                ..Account::new(m.name, m.admin)
-            },
-        );
-        Ok(c.db().insert(row).await?)
+        let limits = m.limits();
+        check_limits(&limits)?;
+        let mut rec = Row::new(c.engine.ids.uuid(), Account::new(m.name, m.admin)).to_record();
+        for (field, v) in limits {
+            rec.set(field, limit_value(v))?;
+        }
+        let versions = c
+            .db()
+            .commit(Batch::new().insert_record(rec.clone()))
+            .await?;
+        rec.version = versions[0];
+        Ok(Row::from_record(&rec)?)
     })?;
     cloud.handle(|c: Arc<Cloud>, m: SetQuotas| async move {
-        let limits = [
-            m.vm_limit,
-            m.vcpu_limit,
-            m.memory_mib_limit,
-            m.volume_limit,
-            m.volume_mib_limit,
-        ];
-        check_limits(limits)?;
-        c.must_exist::<Account>(m.uuid).await?;
-        let opt = |v: Option<i64>| v.map_or(Value::Null, Value::from);
-        let u = Update::of::<Account>(m.uuid)
-            .set("vm_limit", opt(m.vm_limit))
-            .set("vcpu_limit", opt(m.vcpu_limit))
-            .set("memory_mib_limit", opt(m.memory_mib_limit))
-            .set("volume_limit", opt(m.volume_limit))
-            .set("volume_mib_limit", opt(m.volume_mib_limit));
+        let limits = m.limits();
+        check_limits(&limits)?;
+        let u = limits
+            .into_iter()
+            .fold(Update::of::<Account>(m.uuid), |u, (field, v)| {
+                u.set(field, limit_value(v))
+            });
         c.db().commit(Batch::new().update(u)).await?;
         c.get::<Account>(m.uuid).await
     })?;

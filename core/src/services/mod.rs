@@ -173,11 +173,25 @@ pub async fn start(
     vm::register(&cloud)?;
     webhook::register(&cloud)?;
     tokio::spawn(webhook::deliver_forever(Arc::downgrade(&cloud)));
+    tokio::spawn(purge_tokens(Arc::downgrade(&cloud)));
     cloud
         .engine
         .metrics
         .register_collector(Readings(Arc::downgrade(&cloud)));
     Ok(cloud)
+}
+
+/// Every `PURGE_EVERY`, delete the expired API tokens; ends with the node.
+async fn purge_tokens(cloud: std::sync::Weak<Cloud>) {
+    loop {
+        tokio::time::sleep(crate::job::PURGE_EVERY).await;
+        let Some(c) = cloud.upgrade() else { return };
+        match c.auth.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, "expired tokens deleted"),
+            Err(e) => tracing::warn!(error = %e, "cannot delete expired tokens"),
+        }
+    }
 }
 
 /// What `/metrics` reads from the node at each scrape.
@@ -255,9 +269,9 @@ impl prometheus_client::collector::Collector for Readings {
                     q.completed,
                 ),
                 Counter(
-                    "stratus_agent_timeouts",
-                    "Agent commands that timed out",
-                    a.timeouts.load(Relaxed),
+                    "stratus_agent_late_callbacks",
+                    "Agent callbacks for a task nobody waited for any more",
+                    a.late_callbacks.load(Relaxed),
                 ),
                 Gauge(
                     "stratus_agent_waiting",

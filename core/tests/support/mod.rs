@@ -1,5 +1,7 @@
 //! A real node on loopback (MemStore, a port the system chooses) for the std-build API tests,
 //! and a plain HTTP client to talk to it.
+// Each test binary compiles this module and uses a part of it.
+#![allow(dead_code)]
 
 use serde_json::Value;
 use std::sync::Arc;
@@ -12,7 +14,6 @@ use uuid::Uuid;
 pub struct Api {
     pub http: HttpClient,
     pub node: ManagementNode,
-    #[allow(dead_code)] // not every test reads the store
     pub store: Arc<dyn Store>,
 }
 
@@ -67,4 +68,35 @@ impl Api {
         self.call(method, path, &[("authorization", &h)], body)
             .await
     }
+
+    /// A node whose admin has `password`.
+    pub async fn with_admin(password: &str) -> Api {
+        let api = Api::start().await;
+        assert!(api
+            .node
+            .cloud
+            .auth
+            .bootstrap_admin(Some(password))
+            .await
+            .unwrap());
+        api
+    }
+
+    /// `POST /v1/auth/login` as it answers.
+    pub async fn login(&self, user: &str, password: &str) -> (u16, Value) {
+        let body = serde_json::json!({"user": user, "password": password}).to_string();
+        self.call("POST", "/v1/auth/login", &[], body).await
+    }
+
+    /// A token of `user`, or a panic with the answer.
+    pub async fn token(&self, user: &str, password: &str) -> String {
+        let (s, v) = self.login(user, password).await;
+        assert_eq!(s, 200, "login of {user}: {v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+}
+
+/// The error code of an answer (empty when it has none).
+pub fn code(v: &Value) -> &str {
+    v["code"].as_str().unwrap_or("")
 }

@@ -220,7 +220,7 @@ pub(super) async fn forget_vm_row(c: &Cloud, vm: Uuid) -> Result<(), Error> {
 /// [`forget_vm_row`] with other writes of `b` in the same batch.
 async fn forget_vm_row_with(c: &Cloud, vm: Uuid, b: Batch) -> Result<(), Error> {
     let Some(v) = c.db().get::<Vm>(vm).await? else {
-        if !b.writes.is_empty() {
+        if !b.is_empty() {
             c.db().commit(b).await?;
         }
         return Ok(());
