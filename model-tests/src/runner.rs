@@ -333,10 +333,8 @@ impl Runner {
                     _ => self.vms.len(),
                 };
                 let (res, created) = call_api(&self.w, &self.vms, &self.volumes, op, name).await;
-                if let (Op::Vm { foreign: true, .. }, Res::Ok) = (op, &res) {
-                    self.breach = Some(format!(
-                        "{op} succeeded, sent by an account that does not own the VM"
-                    ));
+                if let Some(why) = breach(op, &res) {
+                    self.breach = Some(why);
                 }
                 match op {
                     Op::CreateVm { .. } => self.vms.push(created),
@@ -548,6 +546,9 @@ impl Runner {
         let mut ok = Vec::new();
         let mut uncoded = None;
         for (m, (res, created)) in members.iter().zip(&outs) {
+            if let Some(why) = breach(&m.op, res) {
+                self.breach.get_or_insert(why);
+            }
             match m.op {
                 Op::CreateVm { .. } => self.vms.push(*created),
                 Op::CreateVolume { .. } => self.volumes.push(*created),
@@ -1040,6 +1041,37 @@ async fn call_api(
     }
 }
 
+/// Whether `res` of `op` shows a breach of the accounts' isolation: an operation sent by an
+/// account that does not own its VM must be answered `not_found` (neither done nor refused
+/// in a way that shows the VM exists), unless it could not be answered at all (the node or
+/// the store was away).
+fn breach(op: &Op, res: &Res) -> Option<String> {
+    if !matches!(op, Op::Vm { foreign: true, .. }) {
+        return None;
+    }
+    match res {
+        Res::Ok => Some(format!(
+            "{op} succeeded, sent by an account that does not own the VM"
+        )),
+        Res::Failed(e)
+            if !matches!(
+                e.code,
+                ErrorCode::NotFound
+                    | ErrorCode::NodeUnavailable
+                    | ErrorCode::Timeout
+                    | ErrorCode::StoreFailure
+            ) =>
+        {
+            Some(format!(
+                "{op}, sent by an account that does not own the VM, answered {} ({}), not not_found",
+                e.code.as_str(),
+                e.message
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// The client that sends as `t` (the admin's until the tenants are made).
 fn client_for(w: &World, t: Tenant) -> &StratusClient {
     let i = match t {
@@ -1232,6 +1264,24 @@ mod tests {
         }
         assert_eq!(seen.len(), 24);
         assert!(!next_order(&mut []), "nothing to order");
+    }
+
+    #[test]
+    fn a_foreign_operation_answered_other_than_not_found_is_a_breach() {
+        let op = |foreign| Op::Vm {
+            vm: 0,
+            action: VmAction::Stop,
+            foreign,
+        };
+        let failed = |code| Res::Failed(Error::new(code, "x"));
+        assert!(breach(&op(true), &Res::Ok).is_some());
+        assert!(breach(&op(true), &failed(ErrorCode::InvalidState)).is_some());
+        assert!(breach(&op(true), &failed(ErrorCode::Forbidden)).is_some());
+        assert!(breach(&op(true), &failed(ErrorCode::NotFound)).is_none());
+        assert!(breach(&op(true), &failed(ErrorCode::NodeUnavailable)).is_none());
+        assert!(breach(&op(true), &Res::Skipped).is_none());
+        assert!(breach(&op(false), &Res::Ok).is_none());
+        assert!(breach(&op(false), &failed(ErrorCode::InvalidState)).is_none());
     }
 
     #[test]
