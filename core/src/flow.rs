@@ -191,6 +191,7 @@ stratus_store::resource! {
 pub struct ChainTarget {
     pub resource: Uuid,
     pub queue: String,
+    /// The job the chain works for; `None`: the running task's ([`crate::job::current`]).
     pub job: Option<Uuid>,
 }
 
@@ -372,7 +373,7 @@ impl Journal {
             chain: chain.to_string(),
             resource_uuid: t.resource,
             queue: t.queue.clone(),
-            job: t.job,
+            job: t.job.or_else(crate::job::current),
             node: self.node,
             boot: self.boot,
             state: ChainState::Running,

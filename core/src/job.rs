@@ -88,6 +88,26 @@ const PURGE_PAGE: usize = 20_000;
 
 type Waiters = Arc<Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>>;
 
+tokio::task_local! {
+    /// The job the running task works for: set around a job's body, carried by the bus to the
+    /// handlers it calls ([`scoped`]), and written by the journal into the chains they start,
+    /// so recovery closes a job by what its chain did and the API shows the chain's step.
+    static JOB: Uuid;
+}
+
+/// The job the running task works for, if any.
+pub fn current() -> Option<Uuid> {
+    JOB.try_with(|j| *j).ok()
+}
+
+/// `fut` working for `job` (when given): how the bus carries the job to a handler's task.
+pub async fn scoped<T>(job: Option<Uuid>, fut: impl Future<Output = T>) -> T {
+    match job {
+        Some(j) => JOB.scope(j, fut).await,
+        None => fut.await,
+    }
+}
+
 /// Unregisters one round's sender of [`Jobs::wait`] when the round ends, however it ends
 /// (return, `?`, timeout, or the wait being dropped): `wake` removes only the senders of a job
 /// that finishes on this node after they registered. Without it, the round that finds the job
@@ -299,7 +319,8 @@ impl Jobs {
         Ok(self.db.must_get::<Job>(id).await?)
     }
 
-    /// Create a job, run `body` in its own task, record its outcome. Returns the job id at once.
+    /// Create a job, run `body` in its own task (as [`current`]'s job), record its outcome.
+    /// Returns the job id at once.
     pub async fn submit<F, Fut>(
         &self,
         account: Option<Uuid>,
@@ -320,7 +341,7 @@ impl Jobs {
             id,
         };
         tokio::spawn(async move {
-            let outcome = body(handle).await;
+            let outcome = JOB.scope(id, body(handle)).await;
             let how = outcome.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
             let took = started.elapsed().as_secs_f64();
             jobs.metrics.job_ended(&operation, how, took);
@@ -387,7 +408,7 @@ impl Jobs {
                 j.uuid,
                 Err(Error::new(
                     ErrorCode::NodeUnavailable,
-                    "interrupted: the management node running this job stopped; its work was rolled back or finished by recovery",
+                    "interrupted: the management node running this job stopped, and no workflow of it was left for recovery to finish",
                 )),
             )
             .await?;

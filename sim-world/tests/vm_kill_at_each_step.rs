@@ -188,10 +188,12 @@ fn a_node_killed_at_any_step_with_a_command_under_way_ends_clean_or_finished() {
                 let fired = w.flow_faults.fired();
                 w.flow_faults.arm(chain, f.name, FaultWhen::Starts, 1);
                 let (method, path) = &case.call;
-                w.client
+                let job = w
+                    .client
                     .submit(method, path, case.body.as_ref())
                     .await
-                    .unwrap_or_else(|e| panic!("{label}: not submitted: {e}"));
+                    .unwrap_or_else(|e| panic!("{label}: not submitted: {e}"))
+                    .job;
                 let mut waited = 0;
                 while w.flow_faults.fired() == fired {
                     waited += 1;
@@ -215,6 +217,15 @@ fn a_node_killed_at_any_step_with_a_command_under_way_ends_clean_or_finished() {
                     )
                 });
                 ended[end] += 1;
+                // The job says what recovery did with its chain (where the two ends differ).
+                if case.ends[0] != case.ends[1] {
+                    let j = w.client.get(&format!("/v1/jobs/{job}")).await.unwrap();
+                    assert_eq!(
+                        j["state"],
+                        ["Failed", "Succeeded"][end],
+                        "{label}: the resource ended at {now}, but its job is {j}"
+                    );
+                }
             }
         }
         // Both outcomes occur: recovery rolls back early steps and finishes the chains that

@@ -184,25 +184,24 @@ fn job_view(j: Row<Job>) -> JobView {
     }
 }
 
-/// A running job's view with the step its workflow is at (from the journal).
+/// A running job's view with the step its workflow is at (from the journal). The journal
+/// holds only chains in flight, so the chain of a job is found by reading it.
 async fn running_job_view(c: &Cloud, j: Row<Job>) -> JobView {
-    let (id, resource) = (j.uuid, j.resource_uuid);
-    let operation = j.operation.clone();
+    let id = j.uuid;
     let mut v = job_view(j);
     if v.state != JobState::Running.as_str() {
         return v;
     }
-    let Some(resource) = resource else { return v };
-    let q = Query::of::<crate::flow::ChainRecord>().eq("resource_uuid", resource);
-    let Ok(chains) = c.db().select::<crate::flow::ChainRecord>(&q).await else {
-        return v;
+    let q = Query::of::<crate::flow::ChainRecord>().eq("job", id);
+    let chains = match c.db().select::<crate::flow::ChainRecord>(&q).await {
+        Ok(chains) => chains,
+        Err(e) => {
+            // The step is decoration: the view goes out without it.
+            tracing::debug!(job = %id, error = %e, "cannot read the journal for a job's step");
+            return v;
+        }
     };
-    // The chain of this job: its own, or (chains started by a service do not know the job)
-    // the one of the same operation on the resource, whose queue runs one at a time.
-    let mine = |r: &&Row<crate::flow::ChainRecord>| {
-        r.job == Some(id) || (r.job.is_none() && r.chain == operation)
-    };
-    if let Some(rec) = chains.iter().find(mine) {
+    if let Some(rec) = chains.first() {
         if let Some((step, percent)) = c.engine.chains.position(rec) {
             v.step = Some(step);
             v.progress = v.progress.max(percent);

@@ -331,7 +331,9 @@ impl Bus {
         timeout: Duration,
     ) -> Result<M::Reply, Error> {
         let h = self.handler(M::NAME)?;
-        let rx = self.spawn_handler(M::NAME, h.call_local(Box::new(msg)));
+        // The handler works for the sender's job (the remote transport does not carry it yet).
+        let call = crate::job::scoped(crate::job::current(), h.call_local(Box::new(msg)));
+        let rx = self.spawn_handler(M::NAME, Box::pin(call));
         let reply = Self::await_reply(M::NAME, rx, timeout).await?;
         reply
             .downcast::<M::Reply>()
