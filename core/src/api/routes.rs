@@ -87,38 +87,9 @@ type Api = State<Arc<Cloud>>;
 /// `?key=value&...` with repeated keys, percent-decoded.
 fn query_pairs(raw: &Option<String>) -> Vec<(String, String)> {
     let Some(raw) = raw else { return Vec::new() };
-    raw.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
-        })
+    form_urlencoded::parse(raw.as_bytes())
+        .into_owned()
         .collect()
-}
-
-fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'+' {
-            out.push(b' ');
-        } else if b == b'%' && i + 2 < bytes.len() {
-            match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h * 16 + l);
-                    i += 2;
-                }
-                _ => out.push(b),
-            }
-        } else {
-            out.push(b);
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn param<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -1185,7 +1156,7 @@ mod tests {
         assert_eq!(p[1], ("q".into(), "name~=web%".into()));
         assert_eq!(param(&p, "limit"), Some("5"));
         assert_eq!(p[3], ("x".into(), "".into()));
-        assert_eq!(decode("a+b%2"), "a b%2");
+        assert_eq!(query_pairs(&Some("a=a+b%2".into()))[0].1, "a b%2");
     }
 
     #[test]
