@@ -338,6 +338,13 @@ fn walk_through(d: &Deployment) {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     d.cli(&["vm", "destroy", "web1"]);
     d.cli(&["vm", "expunge", "web1"]);
+    // A token for a program, shown once, that works.
+    let issued = d.cli_json(&["token", "create", "--note", "e2e", "--ttl-s", "600"]);
+    let t = issued["token"].as_str().expect("the new token").to_string();
+    let who = d.cli_json(&["--token", &t, "get", "zone", "z1"]);
+    assert_eq!(who["name"], "z1", "{who}");
+    let bad = d.cli_raw(&["token", "create", "--ttl-s", "5"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
     // The event log through the CLI: web1's life, in order.
     let events = d.cli_json(&["events", "--filter", "vm.*", "--last", "1000"]);
     let topics: Vec<&str> = events["items"]

@@ -71,6 +71,9 @@ pub enum Command {
     /// Users of an account.
     #[command(subcommand)]
     User(UserCmd),
+    /// API tokens: another token for the logged-in user (for a program), or the user's list.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
     /// Print the OpenAPI 3.1 document of the API (what `openapi.json` holds).
@@ -502,6 +505,20 @@ pub enum UserCmd {
     List(Filter),
 }
 
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// A new token; printed once (only its hash is kept).
+    Create {
+        /// What it is for.
+        #[arg(long)]
+        note: Option<String>,
+        /// Seconds it stays valid (default: the node's `auth.token.ttl`).
+        #[arg(long)]
+        ttl_s: Option<u64>,
+    },
+    List(Filter),
+}
+
 /// `-q COND` filters of a noun's `list`.
 #[derive(Debug, Args)]
 pub struct Filter {
@@ -742,6 +759,17 @@ pub async fn run(cli: Cli) -> Result<(), Outcome> {
                 create(&s, f, "users", body).await?;
             }
             UserCmd::List(q) => list(&s, f, "users", q).await?,
+        },
+        Command::Token(c) => match c {
+            TokenCmd::Create { note, ttl_s } => {
+                let body = json!({"note": note, "ttl_s": ttl_s});
+                print(
+                    f,
+                    "api-tokens",
+                    &s.send("POST", "/v1/auth/tokens", Some(&body)).await?,
+                );
+            }
+            TokenCmd::List(q) => list(&s, f, "api-tokens", q).await?,
         },
         Command::Config(c) => match c {
             ConfigCmd::List => {
