@@ -131,6 +131,7 @@ pub enum CommandKind {
     Connect,
     Ping,
     VmStatus,
+    VmConsole,
     VmStart,
     VmStop,
     VmReboot,
@@ -145,10 +146,11 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 14] = [
+    pub const ALL: [CommandKind; 15] = [
         CommandKind::Connect,
         CommandKind::Ping,
         CommandKind::VmStatus,
+        CommandKind::VmConsole,
         CommandKind::VmStart,
         CommandKind::VmStop,
         CommandKind::VmReboot,
@@ -167,6 +169,7 @@ impl CommandKind {
             CommandKind::Connect => "connect",
             CommandKind::Ping => "ping",
             CommandKind::VmStatus => "vm_status",
+            CommandKind::VmConsole => "vm_console",
             CommandKind::VmStart => "vm_start",
             CommandKind::VmStop => "vm_stop",
             CommandKind::VmReboot => "vm_reboot",
@@ -225,6 +228,18 @@ pub struct DiskSpec {
     pub size_mib: u64,
 }
 
+/// How an L2 network reaches the hosts' bridges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum L2Kind {
+    /// The bridge holds the physical interface itself.
+    NoVlan,
+    /// The bridge holds an 802.1Q sub-interface of the physical interface.
+    Vlan { vlan: u32 },
+    /// The bridge holds a VXLAN device (over the physical interface).
+    Vxlan { vni: u32 },
+}
+
 /// A network interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicSpec {
@@ -233,9 +248,15 @@ pub struct NicSpec {
     pub ip: Option<String>,
     pub gateway: Option<String>,
     pub netmask: Option<String>,
-    /// Linux bridge to plug the tap into.
+    /// Linux bridge to plug the tap into (one per L2 network on a host).
     pub bridge: String,
-    pub vlan: Option<u32>,
+    pub l2: L2Kind,
+    /// The L2's physical interface on the host.
+    pub physical_interface: String,
+    /// The L3 network the address is of: the host serves it DHCP on the bridge.
+    pub l3: Uuid,
+    /// DNS servers to hand out with the address.
+    pub dns: Vec<String>,
 }
 
 /// Everything a host needs to run a VM.
@@ -373,16 +394,50 @@ impl Command for MigrateVmCmd {
     type Reply = ();
 }
 
-/// `/vm/receive`: agent → agent during migration; the destination takes the VM and its disks.
+/// `/vm/receive`: agent → agent during migration; the destination makes ready to take the VM
+/// and its disks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReceiveVmCmd {
     pub spec: VmSpec,
+}
+/// The answer to a [`ReceiveVmCmd`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ReceiveReply {
+    /// `None`: the VM is here already (a backend that takes a VM whole). `Some(port)`: the
+    /// destination waits for the running VM on this TCP port of its agent's address, and the
+    /// source sends it there (QEMU to QEMU).
+    pub migration_port: Option<u16>,
+    /// Where the destination takes the VM's local disks (an NBD server the source mirrors
+    /// them to before it sends the VM), on the same address.
+    pub disk_port: Option<u16>,
 }
 impl Command for ReceiveVmCmd {
     const PATH: &'static str = "/vm/receive";
     const KIND: CommandKind = CommandKind::VmReceive;
     const ASYNC: bool = false;
-    type Reply = ();
+    type Reply = ReceiveReply;
+}
+
+/// `/vm/console`: the end of a VM's serial console output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConsoleCmd {
+    pub vm: Uuid,
+    /// At most this many bytes, the last ones.
+    pub max_bytes: u64,
+}
+/// The answer to a [`VmConsoleCmd`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleReply {
+    /// The console's text (bytes that are not UTF-8 replaced).
+    pub text: String,
+    /// How many bytes the console has written in all (`text` is its end).
+    pub total_bytes: u64,
+}
+impl Command for VmConsoleCmd {
+    const PATH: &'static str = "/vm/console";
+    const KIND: CommandKind = CommandKind::VmConsole;
+    const ASYNC: bool = false;
+    type Reply = ConsoleReply;
 }
 
 /// An image to clone a root volume from.

@@ -54,6 +54,7 @@ timeout_defs! {
     Connect => "connect", "30s";
     Ping => "ping", "10s";
     VmStatus => "vm_status", "10s";
+    VmConsole => "vm_console", "10s";
     VmStart => "vm_start", "5m";
     VmStop => "vm_stop", "5m";
     VmReboot => "vm_reboot", "5m";

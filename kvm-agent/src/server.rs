@@ -335,6 +335,9 @@ impl<H: Hypervisor> Agent<H> {
                 r,
                 |a, c| async move { a.hv.receive_vm(&c.spec).await },
             );
+        let r = Self::sync::<VmConsoleCmd, _, _>(r, |a, c| async move {
+            a.hv.console(c.vm, c.max_bytes).await
+        });
         let r = Self::long::<StartVmCmd, _, _>(
             r,
             |a, c, _| async move { a.hv.start_vm(&c.spec).await },
@@ -663,7 +666,8 @@ impl<H: Hypervisor> Inner<H> {
         }
     }
 
-    /// Hand the VM and its disks to the destination agent, then let go of them here. This side
+    /// Hand the VM and its disks to the destination agent (sending the running VM to the port it
+    /// names, when it names one), then let go of them here. This side
     /// waits for the receive until the migration's `wait_until` (after it the management node
     /// has rolled the migration back and expects the VM here) or [`RECEIVE_TIMEOUT`], whichever
     /// comes first, and hands that moment to the destination as the receive's deadline: a
@@ -721,6 +725,12 @@ impl<H: Hypervisor> Inner<H> {
                 AgentError::failed(format!("destination answered {}", r.status))
             });
             return Err(e);
+        }
+        let reply: ReceiveReply = serde_json::from_slice(&r.body).map_err(|e| {
+            AgentError::failed(format!("the destination's answer to a receive: {e}"))
+        })?;
+        if reply.migration_port.is_some() {
+            inner.hv.send_vm(c.vm, dest.addr.ip(), &reply).await?;
         }
         inner.hv.release_migrated(c.vm).await
     }

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use stratus_agent_protocol::{
-    AgentError, AgentErrorCode, CommandKind, CreateVolumeCmd, DiskSpec, HostFacts, PowerState,
-    ReportEvent, VmSpec, VmStatus, VolumeStatus,
+    AgentError, AgentErrorCode, CommandKind, ConsoleReply, CreateVolumeCmd, DiskSpec, HostFacts,
+    PowerState, ReceiveReply, ReportEvent, VmSpec, VmStatus, VolumeStatus,
 };
 use stratus_kvm_agent::Hypervisor;
 use tokio::sync::mpsc;
@@ -351,14 +351,16 @@ impl Hypervisor for SimHypervisor {
         Ok(spec)
     }
 
-    async fn receive_vm(&self, spec: &VmSpec) -> Result<(), AgentError> {
+    async fn receive_vm(&self, spec: &VmSpec) -> Result<ReceiveReply, AgentError> {
         self.work(CommandKind::VmReceive).await;
         let mut s = self.state();
+        // A simulated VM is taken whole: no port to send it to.
+        let whole = ReceiveReply::default();
         if s.vms
             .get(&spec.uuid)
             .is_some_and(|v| v.state == PowerState::Running)
         {
-            return Ok(());
+            return Ok(whole);
         }
         let new_disk: u64 = spec
             .disks
@@ -384,7 +386,19 @@ impl Hypervisor for SimHypervisor {
                 state: PowerState::Running,
             },
         );
-        Ok(())
+        Ok(whole)
+    }
+
+    async fn send_vm(
+        &self,
+        vm: Uuid,
+        dest: std::net::IpAddr,
+        _ready: &ReceiveReply,
+    ) -> Result<(), AgentError> {
+        Err(AgentError::new(
+            AgentErrorCode::InvalidArgument,
+            format!("a simulated host takes VM {vm} whole; it cannot send it to {dest}"),
+        ))
     }
 
     async fn release_migrated(&self, vm: Uuid) -> Result<(), AgentError> {
@@ -462,6 +476,23 @@ impl Hypervisor for SimHypervisor {
             v.spec.disks.retain(|d| d.volume != volume);
         }
         Ok(())
+    }
+
+    async fn console(&self, vm: Uuid, max_bytes: u64) -> Result<ConsoleReply, AgentError> {
+        self.work(CommandKind::VmConsole).await;
+        let s = self.state();
+        let v = s
+            .vms
+            .get(&vm)
+            .ok_or_else(|| AgentError::not_found(format!("VM {vm} is not on this host")))?;
+        // A simulated VM has no serial port; its console says what the host knows of it.
+        let text = format!("simulated VM {} ({}): {:?}\n", v.spec.name, vm, v.state);
+        let total_bytes = text.len() as u64;
+        let skip = text.len().saturating_sub(max_bytes as usize);
+        Ok(ConsoleReply {
+            text: String::from_utf8_lossy(&text.as_bytes()[skip..]).into_owned(),
+            total_bytes,
+        })
     }
 
     fn take_events(&self) -> Option<mpsc::UnboundedReceiver<ReportEvent>> {

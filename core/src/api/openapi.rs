@@ -440,6 +440,18 @@ pub fn document() -> Value {
                 "parameters": [name_param], "requestBody": {"required": true, "content": {"application/json": {"schema": config_set}}},
                 "responses": one_cfg}}));
 
+    let mut console = error_responses(&[400, 401, 403, 404, 409]);
+    console.insert("200".into(), ok_json("The end of the console", json!({"type": "object", "properties": {
+        "vm_uuid": {"type": "string", "format": "uuid"},
+        "text": {"type": "string", "description": "The console's last bytes (non-UTF-8 bytes replaced)"},
+        "total_bytes": {"type": "integer", "minimum": 0, "description": "All the console has written"}},
+        "required": ["vm_uuid", "text", "total_bytes"]})));
+    paths.insert("/v1/vms/{id}/console".into(), json!({"get": {"operationId": "vm-console",
+        "summary": "The end of a VM's serial console, from its host", "tags": ["vms"],
+        "parameters": [
+            id_param(),
+            param("bytes", "query", false, json!({"type": "integer", "minimum": 1, "maximum": crate::services::vm::CONSOLE_MAX_BYTES, "default": 65536}), "At most this many bytes, the last ones")],
+        "responses": console}}));
     let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
     schemas.insert("Error".into(), json!({"type": "object", "properties": {
         "code": {"type": "string", "enum": codes}, "message": {"type": "string"}}, "required": ["code", "message"]}));

@@ -370,6 +370,35 @@ async fn get_one(
     }
 }
 
+/// `GET /v1/vms/{id}/console?bytes=N`: the end of the VM's serial console, from its host.
+async fn vm_console(
+    State(c): Api,
+    Extension(me): Extension<Caller>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let Ok(uuid) = Uuid::parse_str(&id) else {
+        return error(&Error::invalid(format!("{id:?} is not a uuid")));
+    };
+    let mut bytes = 64 * 1024;
+    for (k, v) in query_pairs(&raw) {
+        match (k.as_str(), v.parse::<u64>()) {
+            ("bytes", Ok(n)) => bytes = n,
+            _ => return error(&Error::invalid(format!("unknown or bad parameter {k}={v}"))),
+        }
+    }
+    if let Err(e) = scope::check_use(&c, &me, "vm", uuid).await {
+        return error(&e);
+    }
+    match crate::services::vm::console(&c, uuid, bytes).await {
+        Ok(r) => json(
+            200,
+            &serde_json::json!({"vm_uuid": uuid, "text": r.text, "total_bytes": r.total_bytes}),
+        ),
+        Err(e) => error(&e),
+    }
+}
+
 async fn create(
     State(c): Api,
     Extension(me): Extension<Caller>,
@@ -1124,6 +1153,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/{res}", get(list).post(create))
         .route("/v1/{res}/{id}", get(get_one).put(update).delete(delete))
         .route("/v1/{res}/{id}/actions/{action}", post(action))
+        .route("/v1/vms/{id}/console", get(vm_console))
         .route("/agent/callback/{task}", post(callback))
         .route("/agent/report", post(report))
         .fallback(fallback)

@@ -364,6 +364,13 @@ pub enum VmCmd {
         #[arg(long)]
         host: Option<String>,
     },
+    /// The end of its serial console, from its host (the text itself; `-o json` for the view).
+    Console {
+        vm: String,
+        /// At most this many bytes, the last ones.
+        #[arg(long, default_value_t = 65536)]
+        bytes: u64,
+    },
     Get {
         vm: String,
     },
@@ -1179,6 +1186,14 @@ async fn vm(s: &Session, f: Format, c: VmCmd) -> Result<(), Failure> {
                 None => None,
             };
             act(s, f, p, &vm, "migrate", json!({"host_uuid": host})).await?
+        }
+        VmCmd::Console { vm, bytes } => {
+            let u = s.resolve(p, &vm).await?;
+            let v = s.get(&format!("/v1/vms/{u}/console?bytes={bytes}")).await?;
+            match (f, v.get("text").and_then(Value::as_str)) {
+                (Format::Table, Some(text)) => print!("{text}"),
+                _ => print(f, p, &v),
+            }
         }
         VmCmd::Get { vm } => {
             let u = s.resolve(p, &vm).await?;

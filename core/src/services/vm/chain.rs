@@ -9,7 +9,7 @@ use crate::services::Cloud;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use std::sync::{Arc, Weak};
-use stratus_agent_protocol::{DiskSpec, NicSpec, PowerState, VmSpec, VmStatusCmd};
+use stratus_agent_protocol::{DiskSpec, L2Kind, NicSpec, PowerState, VmSpec, VmStatusCmd};
 use stratus_store::Query;
 use uuid::Uuid;
 
@@ -86,31 +86,33 @@ impl<C: Context> Flow<C> for Step<C> {
     }
 }
 
-/// The bridge (and VLAN) a NIC on `l3` plugs into.
-async fn bridge_of(c: &Cloud, l3: Uuid) -> Result<(String, Option<u32>), Error> {
+/// The network a NIC on `l3` plugs into: its bridge, how the L2 reaches the host, the L2's
+/// physical interface and the L3's DNS servers.
+async fn network_of(c: &Cloud, l3: Uuid) -> Result<(String, L2Kind, String, Vec<String>), Error> {
     let l3 = c.get::<L3Network>(l3).await?;
     let l2 = c.get::<L2Network>(l3.l2_uuid).await?;
-    Ok(match l2.kind {
-        L2Type::NoVlan => (format!("br_{}", l2.physical_interface), None),
+    let missing =
+        |what: &str| Error::invariant(format!("{:?} network {} has no {what}", l2.kind, l2.uuid));
+    let (bridge, kind) = match l2.kind {
+        L2Type::NoVlan => (format!("br_{}", l2.physical_interface), L2Kind::NoVlan),
         L2Type::Vlan => {
-            let Some(v) = l2.vlan else {
-                return Err(Error::invariant(format!(
-                    "VLAN network {} has no vlan",
-                    l2.uuid
-                )));
-            };
-            (format!("br_{}_{v}", l2.physical_interface), Some(v as u32))
+            let v = l2.vlan.ok_or_else(|| missing("vlan"))?;
+            (
+                format!("br_{}_{v}", l2.physical_interface),
+                L2Kind::Vlan { vlan: v as u32 },
+            )
         }
         L2Type::Vxlan => {
-            let Some(vni) = l2.vni else {
-                return Err(Error::invariant(format!(
-                    "VXLAN network {} has no vni",
-                    l2.uuid
-                )));
-            };
-            (format!("br_vx_{vni}"), None)
+            let vni = l2.vni.ok_or_else(|| missing("vni"))?;
+            (format!("br_vx_{vni}"), L2Kind::Vxlan { vni: vni as u32 })
         }
-    })
+    };
+    Ok((
+        bridge,
+        kind,
+        l2.physical_interface.clone(),
+        l3.dns.0.clone(),
+    ))
 }
 
 /// What the host needs to run a VM: its attached volumes and its NICs.
@@ -143,7 +145,7 @@ pub(super) async fn vm_spec(c: &Cloud, vm: Uuid) -> Result<VmSpec, Error> {
     nics.sort_by_key(|n| n.device_index);
     let mut nic_specs = Vec::with_capacity(nics.len());
     for n in &nics {
-        let (bridge, vlan) = bridge_of(c, n.l3_uuid).await?;
+        let (bridge, l2, physical_interface, dns) = network_of(c, n.l3_uuid).await?;
         nic_specs.push(NicSpec {
             uuid: n.uuid,
             mac: n.mac.clone(),
@@ -151,7 +153,10 @@ pub(super) async fn vm_spec(c: &Cloud, vm: Uuid) -> Result<VmSpec, Error> {
             gateway: n.gateway.clone(),
             netmask: n.netmask.clone(),
             bridge,
-            vlan,
+            l2,
+            physical_interface,
+            l3: n.l3_uuid,
+            dns,
         });
     }
     Ok(VmSpec {

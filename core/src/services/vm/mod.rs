@@ -237,6 +237,37 @@ pub(crate) fn volume_owner_queue(volume: Uuid, vm: Option<Uuid>) -> String {
     }
 }
 
+/// The most of a VM's console one request returns.
+pub const CONSOLE_MAX_BYTES: u64 = 1 << 20;
+
+/// The end of `vm`'s serial console (`max_bytes` at most, up to [`CONSOLE_MAX_BYTES`]), as its
+/// host has it. A read: it takes no queue.
+pub async fn console(
+    c: &Cloud,
+    vm: Uuid,
+    max_bytes: u64,
+) -> Result<stratus_agent_protocol::ConsoleReply, Error> {
+    if max_bytes == 0 || max_bytes > CONSOLE_MAX_BYTES {
+        return Err(Error::invalid(format!(
+            "bytes must be 1..={CONSOLE_MAX_BYTES}, not {max_bytes}"
+        )));
+    }
+    let row = c.get::<Vm>(vm).await?;
+    let Some(host) = row.host_uuid else {
+        return Err(Error::new(
+            crate::error::ErrorCode::Conflict,
+            format!("VM {vm} is on no host ({:?}): it has no console", row.state),
+        ));
+    };
+    let target = c.host_target(host).await?;
+    agent(
+        c,
+        &target,
+        &stratus_agent_protocol::VmConsoleCmd { vm, max_bytes },
+    )
+    .await
+}
+
 /// Send a command to a host's agent with the configured timeout for its kind.
 pub(crate) async fn agent<C: Command>(
     c: &Cloud,
