@@ -82,6 +82,27 @@ impl StratusClient {
         timeout: Duration,
     ) -> Result<(u16, Bytes), Error> {
         let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        self.call_raw(method, path, bytes, timeout).await
+    }
+
+    /// `PUT` a file's bytes (an image's upload): the body of a 2xx, or the coded error.
+    pub async fn put_file(
+        &self,
+        path: &str,
+        bytes: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Value, Error> {
+        let (s, answer) = self.call_raw("PUT", path, bytes, timeout).await?;
+        Self::answer(s, tree(&answer))
+    }
+
+    async fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        bytes: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), Error> {
         let auth = self.authorization.as_deref().map(|a| ("authorization", a));
         let headers: &[(&'static str, &str)] = match &auth {
             Some(h) => std::slice::from_ref(h),

@@ -91,6 +91,7 @@ pub async fn run(args: KvmAgentArgs) -> anyhow::Result<()> {
             AccelArg::Tcg => Some(Accel::Tcg),
         },
         migration_ip: args.migration_ip.unwrap_or(args.listen.ip()),
+        token: token.clone(),
     };
     let hv = QemuHypervisor::open(cfg)
         .await

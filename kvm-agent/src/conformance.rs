@@ -90,6 +90,17 @@ pub async fn volumes<H: Hypervisor>(hv: &H, fx: &Fixture) {
         "idempotent"
     );
     assert!(hv.volumes().await.contains(&a));
+    let huge = CreateVolumeCmd {
+        volume: id(),
+        size_mib: 1 << 40,
+        image: None,
+    };
+    let e = hv.create_volume(&huge).await.expect_err("no room for it");
+    assert_eq!(e.code, AgentErrorCode::InsufficientCapacity, "{e}");
+    assert!(
+        !hv.volumes().await.iter().any(|v| v.uuid == huge.volume),
+        "a refused volume leaves nothing"
+    );
     let r = root(hv, fx).await;
     hv.delete_volume(blank).await.expect("delete");
     hv.delete_volume(blank)

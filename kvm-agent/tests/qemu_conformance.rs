@@ -19,6 +19,7 @@ async fn backend(dir: PathBuf, prefix: &str) -> QemuHypervisor {
         dnsmasq: "dnsmasq".into(),
         accel: Some(Accel::Tcg),
         migration_ip: "127.0.0.1".parse().unwrap(),
+        token: "conformance".into(),
     })
     .await
     .expect("the QEMU backend opens")

@@ -45,11 +45,11 @@ fn every_vm_operation_works_and_keeps_the_invariants() {
             assert_eq!(found.len(), 1);
 
             // The console comes from the VM's host (a simulated one says what it knows).
-            let con = c.get(&format!("/v1/vms/{id}/console?bytes=4096")).await.unwrap();
-            assert!(
-                con["text"].as_str().unwrap().contains("Running"),
-                "{con}"
-            );
+            let con = c
+                .get(&format!("/v1/vms/{id}/console?bytes=4096"))
+                .await
+                .unwrap();
+            assert!(con["text"].as_str().unwrap().contains("Running"), "{con}");
             assert!(con["total_bytes"].as_u64().unwrap() > 0, "{con}");
             let e = c
                 .get(&format!("/v1/vms/{id}/console?bytes=0"))
@@ -59,11 +59,12 @@ fn every_vm_operation_works_and_keeps_the_invariants() {
 
             let v = c.action("vms", id, "stop", json!({})).await.unwrap();
             assert_eq!(v["state"], "Stopped");
-            let e = c
-                .get(&format!("/v1/vms/{id}/console"))
-                .await
-                .unwrap_err();
-            assert_eq!(e.code.as_str(), "conflict", "a stopped VM is on no host: {e}");
+            let e = c.get(&format!("/v1/vms/{id}/console")).await.unwrap_err();
+            assert_eq!(
+                e.code.as_str(),
+                "conflict",
+                "a stopped VM is on no host: {e}"
+            );
             assert_clean(&w, "after stop").await;
             let v = c.action("vms", id, "start", json!({})).await.unwrap();
             assert_eq!(v["state"], "Running");

@@ -22,6 +22,7 @@
 mod audit;
 mod auth;
 mod events;
+mod image_files;
 pub mod openapi;
 mod routes;
 mod scope;

@@ -452,7 +452,21 @@ pub fn document() -> Value {
             id_param(),
             param("bytes", "query", false, json!({"type": "integer", "minimum": 1, "maximum": crate::services::vm::CONSOLE_MAX_BYTES, "default": 65536}), "At most this many bytes, the last ones")],
         "responses": console}}));
+    let mut upload = error_responses(&[400, 401, 403, 404, 409]);
+    upload.insert(
+        "200".into(),
+        ok_json(
+            "The image, its URL now the node's and its checksum the bytes'",
+            json!({"type": "object"}),
+        ),
+    );
+    paths.insert("/v1/images/{id}/file".into(), json!({"put": {"operationId": "upload-image",
+        "summary": "Send an image's bytes: kept in its (file://) backup storage, served to agents by the node", "tags": ["images"],
+        "parameters": [id_param()],
+        "requestBody": {"required": true, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        "responses": upload}}));
     let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+
     schemas.insert("Error".into(), json!({"type": "object", "properties": {
         "code": {"type": "string", "enum": codes}, "message": {"type": "string"}}, "required": ["code", "message"]}));
     schemas.insert("JobAccepted".into(), json!({"type": "object", "properties": {

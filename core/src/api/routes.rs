@@ -1154,6 +1154,14 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/{res}/{id}", get(get_one).put(update).delete(delete))
         .route("/v1/{res}/{id}/actions/{action}", post(action))
         .route("/v1/vms/{id}/console", get(vm_console))
+        .route(
+            "/v1/images/{id}/file",
+            axum::routing::put(super::image_files::upload),
+        )
+        .route(
+            "/agent/images/{id}",
+            get(super::image_files::serve_to_agent),
+        )
         .route("/agent/callback/{task}", post(callback))
         .route("/agent/report", post(report))
         .fallback(fallback)

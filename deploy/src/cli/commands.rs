@@ -226,6 +226,21 @@ pub enum ImageCmd {
         #[arg(long)]
         checksum: Option<String>,
     },
+    /// Add an image from a file here: its bytes go to the node (into a `file://` backup
+    /// storage) and agents fetch them from there.
+    Upload {
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+        /// The backup storage that keeps it [default: the only one].
+        #[arg(long)]
+        bs: Option<String>,
+        /// The size a root volume from it takes at least [default: the file's, in MiB].
+        #[arg(long)]
+        size_mib: Option<i64>,
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+    },
     List(Filter),
 }
 
@@ -1082,6 +1097,37 @@ async fn image(s: &Session, f: Format, c: ImageCmd) -> Result<(), Failure> {
             let body = json!({"name": name, "url": url, "bs_uuid": bs, "size_mib": size_mib,
                 "format": format, "checksum": checksum});
             create(s, f, "images", body).await?;
+        }
+        ImageCmd::Upload {
+            name,
+            file,
+            bs,
+            size_mib,
+            format,
+        } => {
+            // Read whole: the CLI holds the image in memory while it sends it.
+            let bytes = std::fs::read(&file)
+                .map_err(|e| Error::invalid(format!("cannot read {}: {e}", file.display())))?;
+            let bs = match bs {
+                Some(b) => s.resolve("backup-storages", &b).await?,
+                None => only(s, "backup-storages").await?,
+            };
+            let size_mib = size_mib.unwrap_or((bytes.len() as u64).div_ceil(1 << 20).max(1) as i64);
+            let body = json!({"name": name, "url": "upload://pending", "bs_uuid": bs,
+                "size_mib": size_mib, "format": format});
+            // The image is made first (waited for, also under --async), then its bytes sent.
+            let job = s.client.submit("POST", "/v1/images", Some(&body)).await?;
+            let image = s.wait_job(job.job).await?;
+            let uuid = image["uuid"]
+                .as_str()
+                .ok_or_else(|| Error::internal(format!("no uuid in {image}")))?
+                .to_string();
+            let timeout = std::time::Duration::from_secs(60 + bytes.len() as u64 / (1 << 20));
+            let v = s
+                .client
+                .put_file(&format!("/v1/images/{uuid}/file"), bytes, timeout)
+                .await?;
+            print(f, "images", &v);
         }
         ImageCmd::List(q) => list(s, f, "images", q).await?,
     }

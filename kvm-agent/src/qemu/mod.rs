@@ -55,6 +55,8 @@ pub struct QemuConfig {
     pub accel: Option<Accel>,
     /// The address migrations come in on (the agent's own).
     pub migration_ip: IpAddr,
+    /// The host's token: shown to the management node when fetching an image it serves.
+    pub token: String,
 }
 
 /// How long a stop waits for QEMU to quit after `quit`, and then after SIGKILL.
@@ -767,8 +769,9 @@ impl QemuHypervisor {
                     format!("{}: {e}", image.url),
                 )
             })?;
+            let headers = [(H_TOKEN, self.inner.cfg.token.as_str())];
             let r = client
-                .get(addr, &path, &[], Duration::from_secs(3600))
+                .get(addr, &path, &headers, Duration::from_secs(3600))
                 .await
                 .map_err(|e| {
                     AgentError::new(AgentErrorCode::Unreachable, format!("{}: {e}", image.url))
