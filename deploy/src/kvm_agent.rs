@@ -44,9 +44,6 @@ pub struct KvmAgentArgs {
     /// How QEMU runs guests: `auto` takes KVM where it runs guests here, else TCG.
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
-    /// Where migrations come in (default: the listen address's IP).
-    #[arg(long)]
-    pub migration_ip: Option<std::net::IpAddr>,
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub qemu: String,
     #[arg(long, default_value = "qemu-img")]
@@ -90,7 +87,9 @@ pub async fn run(args: KvmAgentArgs) -> anyhow::Result<()> {
             AccelArg::Kvm => Some(Accel::Kvm),
             AccelArg::Tcg => Some(Accel::Tcg),
         },
-        migration_ip: args.migration_ip.unwrap_or(args.listen.ip()),
+        // Migrations come in where the agent listens: the source reaches them at the address
+        // the host was added with.
+        migration_ip: args.listen.ip(),
         token: token.clone(),
     };
     let hv = QemuHypervisor::open(cfg)

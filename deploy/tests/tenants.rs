@@ -215,6 +215,22 @@ async fn each_account_sees_and_touches_only_its_own() {
         a.one("images", image).await.unwrap()["account_uuid"],
         json!(root_account())
     );
+    // A host path is an admin's to name: an agent reads it as root.
+    let bs = cloud.uuid_of("backup-storages", "bs").await;
+    let e = a
+        .create(
+            "images",
+            json!({"name": "mine", "bs_uuid": bs, "url": "file:///etc/shadow", "size_mib": 1}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Forbidden, "{e}");
+    a.create(
+        "images",
+        json!({"name": "mine", "bs_uuid": bs, "url": "http://10.0.0.1/i.qcow2", "size_mib": 1}),
+    )
+    .await
+    .expect("an http:// image of one's own");
     let mut alice_vms = Vec::new();
     for i in 0..5 {
         let vm = a

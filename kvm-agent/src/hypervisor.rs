@@ -44,6 +44,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn detach_volume(&self, vm: Uuid, volume: Uuid) -> Result<(), AgentError>;
     /// The end of a VM's serial console output (`max_bytes` at most).
     async fn console(&self, vm: Uuid, max_bytes: u64) -> Result<ConsoleReply, AgentError>;
+    /// The management node's report URL, as its connect or ping gave it: a backend that
+    /// fetches from the node (images) shows the host's token there and nowhere else.
+    fn management_node(&self, _report_url: &str) {}
     /// Events the host notices by itself (VM crashed, ...). Taken once by the agent.
     fn take_events(&self) -> Option<mpsc::UnboundedReceiver<ReportEvent>>;
 }

@@ -300,6 +300,7 @@ impl<H: Hypervisor> Agent<H> {
     fn build_router() -> Router {
         let r = Router::new();
         let r = Self::sync::<ConnectCmd, _, _>(r, |a, c| async move {
+            a.hv.management_node(&c.report_url);
             *a.binding.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some((c.host_uuid, c.report_url));
             let mut facts = a.hv.facts().await?;
@@ -313,6 +314,7 @@ impl<H: Hypervisor> Agent<H> {
                     Some((h, url)) if *h == c.host_uuid => {
                         if !c.report_url.is_empty() {
                             url.clone_from(&c.report_url);
+                            a.hv.management_node(&c.report_url);
                         }
                         Some(*h)
                     }

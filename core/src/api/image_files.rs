@@ -78,7 +78,8 @@ async fn upload_inner(
     scope::check_write(c, me, "image", uuid).await?;
     let image = c.get::<Image>(uuid).await?;
     let path = file_of(c, uuid, &image).await?;
-    let part = path.with_extension("part");
+    // Each upload its own part file: two at once do not mix.
+    let part = path.with_extension(format!("{}.part", c.engine.ids.uuid().simple()));
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| io("cannot make the image directory", e))?;
     }

@@ -444,7 +444,15 @@ async fn create(
         "clusters" => go!(CreateCluster),
         "primary-storages" => go!(CreatePrimaryStorage),
         "backup-storages" => go!(CreateBackupStorage),
-        "images" => owned!(AddImage),
+        "images" => match parse_body::<AddImage>(&body) {
+            // A file:// URL is a path on the hosts, read by their agents as root: an admin's.
+            Ok(m) if !me.admin && m.url.starts_with("file://") => error(&Error::new(
+                ErrorCode::Forbidden,
+                "only an admin names a file:// image (a path on the hosts); upload it \
+                 (PUT /v1/images/{id}/file) or give an http:// URL",
+            )),
+            _ => owned!(AddImage),
+        },
         "instance-offerings" => go!(CreateInstanceOffering),
         "disk-offerings" => go!(CreateDiskOffering),
         "l2-networks" => go!(CreateL2Network),

@@ -63,7 +63,8 @@ pub struct QemuConfig {
 const QUIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a detach waits for the guest to let go of the disk.
 const DETACH_WAIT: Duration = Duration::from_secs(30);
-/// A destination that was made ready but not sent the VM lets go of it after this.
+/// A destination that was made ready lets go of it after this long without the VM or its
+/// disks coming.
 const INCOMING_IDLE: Duration = Duration::from_secs(120);
 /// How long an outgoing migration may run.
 const MIGRATE_LIMIT: Duration = Duration::from_secs(1800);
@@ -127,6 +128,8 @@ struct Inner {
     disk_lock: tokio::sync::Mutex<()>,
     events_tx: mpsc::UnboundedSender<ReportEvent>,
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<ReportEvent>>>,
+    /// The management node's address: the one place the host's token is shown for an image.
+    management: Mutex<Option<SocketAddr>>,
 }
 
 /// The QEMU hypervisor. Cheap to clone.
@@ -305,11 +308,15 @@ impl QemuHypervisor {
                 disk_lock: tokio::sync::Mutex::new(()),
                 events_tx,
                 events_rx: Mutex::new(Some(events_rx)),
+                management: Mutex::new(None),
             }),
         };
         hv.load_volumes().await?;
         hv.adopt().await;
-        hv.sync_network().await?;
+        // A network that cannot be set up fails the commands that need it, not the agent.
+        if let Err(e) = hv.sync_network(None).await {
+            tracing::error!(error = %e, "cannot set up the networks of the VMs here");
+        }
         Ok(hv)
     }
 
@@ -389,16 +396,26 @@ impl QemuHypervisor {
                     continue;
                 }
             };
-            let pid = exec::read_pid(&dir.join("qemu.pid"))
+            let mut pid = exec::read_pid(&dir.join("qemu.pid"))
                 .filter(|p| exec::alive_with(*p, &vm.to_string()));
-            let qmp = match pid {
+            let mut qmp = match pid {
                 Some(_) => Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(2))
                     .await
                     .ok(),
                 None => None,
             };
             let mut rec = rec;
+            let never_ran = !dir.join("console.log").exists();
             match (rec.phase, &qmp) {
+                (Phase::Starting, _) if !never_ran => {
+                    // A start cut short: the VM is stopped; its half-started QEMU goes.
+                    if let Some(pid) = pid.take() {
+                        exec::kill(pid, libc::SIGKILL);
+                    }
+                    qmp = None;
+                    self.remove_taps(&rec.spec).await;
+                    rec.phase = Phase::Stopped;
+                }
                 (Phase::Incoming, _) | (Phase::Starting, _) => {
                     // Never became this host's: let go of it.
                     if let Some(pid) = pid {
@@ -458,24 +475,39 @@ impl QemuHypervisor {
         lock(&self.inner.vms).get(&vm).cloned()
     }
 
-    /// Bridges and dnsmasqs for the NICs of the VMs that hold their network, nothing else.
-    async fn sync_network(&self) -> Result<(), AgentError> {
+    /// Bridges and dnsmasqs for the NICs of the VMs that hold their network, nothing else. An
+    /// error only for what `need` (a VM being started or received) needs: a bridge of another
+    /// VM that cannot be set up is logged, and does not hold this one back.
+    async fn sync_network(&self, need: Option<&VmSpec>) -> Result<(), AgentError> {
         let _g = self.inner.net_lock.lock().await;
-        let nics: Vec<NicSpec> = {
+        let prefix = self.inner.net.prefix();
+        let specs: Vec<VmSpec> = {
             let vms = lock(&self.inner.vms);
             vms.values()
-                .flat_map(|s| {
+                .filter_map(|s| {
                     let st = lock(&s.st);
-                    if st.rec.phase.holds_network() {
-                        st.rec.spec.nics.clone()
-                    } else {
-                        Vec::new()
-                    }
+                    st.rec.phase.holds_network().then(|| st.rec.spec.clone())
                 })
                 .collect()
         };
-        let wants = net::wants(self.inner.net.prefix(), &nics)?;
-        self.inner.net.apply(&wants).await
+        let mut nics = Vec::new();
+        for spec in &specs {
+            match net::wants(prefix, &spec.nics) {
+                Ok(_) => nics.extend(spec.nics.iter().cloned()),
+                Err(e) if need.is_some_and(|n| n.uuid == spec.uuid) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(vm = %spec.uuid, error = %e, "a VM's NICs cannot be served")
+                }
+            }
+        }
+        let wants = net::wants(prefix, &nics)?;
+        let mut failed = self.inner.net.apply(&wants).await;
+        for nic in need.map(|n| n.nics.as_slice()).unwrap_or_default() {
+            if let Some(e) = failed.remove(&net::bridge(prefix, nic)?) {
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     async fn remove_taps(&self, spec: &VmSpec) {
@@ -555,22 +587,27 @@ impl QemuHypervisor {
         let hv = self.clone();
         let mut events = qmp.subscribe();
         tokio::spawn(async move {
+            let note = |ev: &Value| {
+                if ev["event"] == "SHUTDOWN" && ev["data"]["guest"] == true {
+                    if let Some(s) = hv.slot(vm) {
+                        lock(&s.st).guest_shutdown = true;
+                    }
+                }
+            };
             loop {
                 tokio::select! {
+                    // Events first: a guest's SHUTDOWN comes just before the monitor closes.
+                    biased;
                     ev = events.recv() => match ev {
-                        Ok(ev) => {
-                            let guest = ev["event"] == "SHUTDOWN" && ev["data"]["guest"] == true;
-                            if guest {
-                                if let Some(s) = hv.slot(vm) {
-                                    lock(&s.st).guest_shutdown = true;
-                                }
-                            }
-                        }
+                        Ok(ev) => note(&ev),
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(_) => break,
                     },
                     _ = qmp.closed() => break,
                 }
+            }
+            while let Ok(ev) = events.try_recv() {
+                note(&ev);
             }
             hv.exited(vm, &qmp).await;
         });
@@ -604,6 +641,9 @@ impl QemuHypervisor {
         if phase == Phase::Incoming {
             // The migration did not come (or failed): this was never the VM's host.
             let _op = slot.op.lock().await;
+            if !self.slot(vm).is_some_and(|s| Arc::ptr_eq(&s, &slot)) {
+                return; // A newer receive of it.
+            }
             let said =
                 std::fs::read_to_string(self.vm_dir(vm).join("qemu.log")).unwrap_or_default();
             tracing::info!(%vm, qemu = %said.trim(), "an incoming migration ended without the VM; letting go");
@@ -614,8 +654,17 @@ impl QemuHypervisor {
         tracing::warn!(%vm, ?state, "QEMU exited on its own");
         let _ = self.persist(vm, &slot);
         if state == PowerState::Stopped {
+            // After any command on the VM: one that started it again meanwhile keeps its taps.
+            let _op = slot.op.lock().await;
+            let still = {
+                let st = lock(&slot.st);
+                st.qmp.is_none() && st.rec.phase == Phase::Stopped
+            };
+            if !still {
+                return;
+            }
             self.remove_taps(&spec).await;
-            let _ = self.sync_network().await;
+            let _ = self.sync_network(None).await;
         }
         let _ = self
             .inner
@@ -634,7 +683,7 @@ impl QemuHypervisor {
             }
         }
         let _ = std::fs::remove_dir_all(self.vm_dir(vm));
-        if let Err(e) = self.sync_network().await {
+        if let Err(e) = self.sync_network(None).await {
             tracing::warn!(error = %e, "cannot tidy the networks");
         }
     }
@@ -647,7 +696,15 @@ impl QemuHypervisor {
             st.expect_exit = true;
             (st.qmp.clone(), st.pid, st.rec.spec.uuid)
         };
-        let Some(qmp) = qmp else { return };
+        let Some(qmp) = qmp else {
+            // A QEMU without a monitor (one that could not be re-adopted): killed.
+            if let Some(pid) = pid {
+                exec::kill(pid, libc::SIGKILL);
+                exec::wait_gone(pid, &uuid.to_string(), QUIT_WAIT).await;
+                lock(&slot.st).pid = None;
+            }
+            return;
+        };
         if !force && !graceful.is_zero() && qmp.execute("system_powerdown", None).await.is_ok() {
             let _ = tokio::time::timeout(graceful, qmp.closed()).await;
         }
@@ -691,7 +748,7 @@ impl QemuHypervisor {
         }
         self.persist(spec.uuid, slot)?;
         let started = async {
-            self.sync_network().await?;
+            self.sync_network(Some(spec)).await?;
             self.spawn(spec, None).await
         }
         .await;
@@ -711,7 +768,7 @@ impl QemuHypervisor {
                 lock(&slot.st).rec.phase = Phase::Stopped;
                 let _ = self.persist(spec.uuid, slot);
                 self.remove_taps(spec).await;
-                let _ = self.sync_network().await;
+                let _ = self.sync_network(None).await;
                 Err(e)
             }
         }
@@ -731,10 +788,39 @@ impl QemuHypervisor {
                 let _ = std::fs::remove_file(&part);
                 return Err(e);
             }
+            if let Err(e) = self.check_image(&part).await {
+                let _ = std::fs::remove_file(&part);
+                return Err(e);
+            }
             std::fs::rename(&part, &path).map_err(|e| io_err("cannot keep the image", e))?;
         }
         let (format, _) = self.image_info(&path).await?;
         Ok((path, format))
+    }
+
+    /// Refuse an image that would make a volume read other files of the host: one with a
+    /// backing file or an external data file of its own.
+    async fn check_image(&self, p: &Path) -> Result<(), AgentError> {
+        let out = exec::run(&exec::argv([
+            self.inner.cfg.qemu_img.as_str(),
+            "info",
+            "--output=json",
+            &p.display().to_string(),
+        ]))
+        .await?;
+        let v: Value = serde_json::from_str(&out)
+            .map_err(|e| AgentError::failed(format!("qemu-img info: {e}")))?;
+        let backing = v.get("backing-filename").and_then(Value::as_str);
+        let data_file = v["format-specific"]["data"]
+            .get("data-file")
+            .and_then(Value::as_str);
+        match backing.or(data_file) {
+            Some(f) => Err(AgentError::new(
+                AgentErrorCode::InvalidArgument,
+                format!("the image refers to another file ({f}); images must stand alone"),
+            )),
+            None => Ok(()),
+        }
     }
 
     async fn fetch(&self, image: &ImageRef, to: &Path) -> Result<(), AgentError> {
@@ -743,7 +829,12 @@ impl QemuHypervisor {
         if let Some(p) = image.url.strip_prefix("file://") {
             use std::io::{Read, Write};
             let mut src = std::fs::File::open(p).map_err(|e| {
-                AgentError::not_found(format!("image {} at {}: {e}", image.uuid, image.url))
+                let what = format!("image {} at {}: {e}", image.uuid, image.url);
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    AgentError::not_found(what)
+                } else {
+                    AgentError::failed(what)
+                }
             })?;
             let mut dst =
                 std::fs::File::create(to).map_err(|e| io_err("cannot cache the image", e))?;
@@ -769,15 +860,24 @@ impl QemuHypervisor {
                     format!("{}: {e}", image.url),
                 )
             })?;
-            let headers = [(H_TOKEN, self.inner.cfg.token.as_str())];
+            // The token goes to the management node only, never to an address an image names.
+            let to_node = *lock(&self.inner.management) == Some(addr);
+            let with_token = [(H_TOKEN, self.inner.cfg.token.as_str())];
+            let headers: &[(&'static str, &str)] = if to_node { &with_token } else { &[] };
             let r = client
-                .get(addr, &path, &headers, Duration::from_secs(3600))
+                .get(addr, &path, headers, Duration::from_secs(3600))
                 .await
                 .map_err(|e| {
                     AgentError::new(AgentErrorCode::Unreachable, format!("{}: {e}", image.url))
                 })?;
             if r.status == 404 {
                 return Err(AgentError::not_found(format!("image {}: 404", image.url)));
+            }
+            if r.status == 401 || r.status == 403 {
+                return Err(AgentError::new(
+                    AgentErrorCode::Unauthorized,
+                    format!("image {}: {}", image.url, r.status),
+                ));
             }
             if !r.is_success() {
                 return Err(AgentError::failed(format!(
@@ -839,13 +939,21 @@ impl QemuHypervisor {
         let hv = self.clone();
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
+            let (mut busy_at, mut last_written) = (start, 0u64);
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 if qmp.is_closed() {
                     return; // `exited` lets go of it.
                 }
                 let status = qmp.status().await.unwrap_or_default();
-                if status == "running" {
+                let migration = qmp
+                    .execute("query-migrate", None)
+                    .await
+                    .ok()
+                    .and_then(|v| v["status"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                // Arrived: running, or in whatever state the source was in (paused, say).
+                if status == "running" || migration == "completed" {
                     let Some(slot) = hv.slot(vm) else { return };
                     let disks = {
                         let mut st = lock(&slot.st);
@@ -862,18 +970,23 @@ impl QemuHypervisor {
                     tracing::info!(%vm, secs = start.elapsed().as_secs_f64(), "a migrated VM runs here");
                     return;
                 }
-                let migrating = qmp
-                    .execute("query-migrate", None)
+                // Busy: the migration stream runs, or the disks are being written through the
+                // NBD server (QEMU 7.2 reports no incoming status before the stream connects).
+                let written: u64 = qmp
+                    .execute("query-blockstats", Some(json!({"query-nodes": true})))
                     .await
                     .ok()
-                    .and_then(|v| v["status"].as_str().map(str::to_string))
-                    .is_some_and(|s| s == "active" || s == "setup" || s == "device");
-                let limit = if migrating {
-                    MIGRATE_LIMIT
-                } else {
-                    INCOMING_IDLE
-                };
-                if start.elapsed() > limit {
+                    .and_then(|v| v.as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|b| b["stats"]["wr_bytes"].as_u64())
+                    .sum();
+                let streaming = matches!(migration.as_str(), "active" | "setup" | "device");
+                if streaming || written != last_written {
+                    last_written = written;
+                    busy_at = tokio::time::Instant::now();
+                }
+                if busy_at.elapsed() > INCOMING_IDLE || start.elapsed() > MIGRATE_LIMIT {
                     tracing::warn!(%vm, "no migration came; letting go of the incoming VM");
                     let _ = qmp.execute("quit", None).await;
                     return;
@@ -1123,7 +1236,7 @@ impl Hypervisor for QemuHypervisor {
         };
         self.persist(vm, &slot)?;
         self.remove_taps(&spec).await;
-        self.sync_network().await
+        self.sync_network(None).await
     }
 
     async fn reboot_vm(&self, vm: Uuid) -> Result<(), AgentError> {
@@ -1238,7 +1351,7 @@ impl Hypervisor for QemuHypervisor {
                 exec::run(&argv).await?;
             }
             drop(_disks);
-            self.sync_network().await?;
+            self.sync_network(Some(spec)).await?;
             let at = SocketAddr::new(self.inner.cfg.migration_ip, port);
             let (qmp, pid) = self.spawn(spec, Some(at)).await?;
             // The disks come first, written through an NBD server into the blank volumes.
@@ -1326,6 +1439,18 @@ impl Hypervisor for QemuHypervisor {
             SocketAddr::new(dest, disk_port),
         )
         .await;
+        let sent = match sent {
+            // Done after all (its end was not seen in time): it runs there, not here.
+            Err(_)
+                if qmp
+                    .execute("query-migrate", None)
+                    .await
+                    .is_ok_and(|v| v["status"] == "completed") =>
+            {
+                Ok(())
+            }
+            other => other,
+        };
         if let Err(e) = &sent {
             tracing::warn!(%vm, error = %e, "migration failed; the VM stays here");
             let _ = qmp.execute("migrate_cancel", None).await;
@@ -1550,6 +1675,12 @@ impl Hypervisor for QemuHypervisor {
         let (text, total_bytes) = Self::tail(&self.vm_dir(vm).join("console.log"), max_bytes)
             .map_err(|e| io_err("cannot read the console", e))?;
         Ok(ConsoleReply { text, total_bytes })
+    }
+
+    fn management_node(&self, report_url: &str) {
+        if let Ok((addr, _)) = stratus_rt::http::parse_url(report_url) {
+            *lock(&self.inner.management) = Some(addr);
+        }
     }
 
     fn take_events(&self) -> Option<mpsc::UnboundedReceiver<ReportEvent>> {

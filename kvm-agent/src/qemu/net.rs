@@ -142,6 +142,20 @@ pub struct BridgeWant {
     pub hosts: BTreeMap<String, Ipv4Addr>,
 }
 
+/// A MAC address as `aa:bb:cc:dd:ee:ff`, lower case; anything else refused.
+pub fn mac(m: &str) -> Result<String, AgentError> {
+    let m = m.to_ascii_lowercase();
+    let ok = m.len() == 17
+        && m.split(':').count() == 6
+        && m.split(':')
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    if ok {
+        Ok(m)
+    } else {
+        Err(bad(format!("{m:?} is not a MAC address")))
+    }
+}
+
 /// Group the NICs by bridge. A NIC without an address gets a tap but no DHCP line.
 pub fn wants<'a>(
     prefix: &str,
@@ -159,13 +173,19 @@ pub fn wants<'a>(
                     .map_err(|_| bad(format!("{s:?} is not an IPv4 address")))
             };
             prefix_len(mask)?;
+            // Only addresses reach dnsmasq's files (a newline would be a line of its own).
+            let dns = n
+                .dns
+                .iter()
+                .map(|d| parse(d).map(|a| a.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
             w.l3s.insert(L3Context {
                 l3: n.l3,
                 gateway: parse(gw)?,
                 netmask: parse(mask)?,
-                dns: n.dns.clone(),
+                dns,
             });
-            w.hosts.insert(n.mac.to_lowercase(), parse(ip)?);
+            w.hosts.insert(mac(&n.mac)?, parse(ip)?);
         }
     }
     Ok(out)
@@ -298,12 +318,16 @@ impl Networks {
 
     /// Make the host's networks what `wants` says: bridges (with their uplinks and gateway
     /// addresses) and dnsmasqs for each, and nothing of what the agent made for others.
-    pub async fn apply(&self, wants: &BTreeMap<String, BridgeWant>) -> Result<(), AgentError> {
-        let mut first_error = None;
+    /// Returns the bridges that could not be set up, with why (the others are).
+    pub async fn apply(
+        &self,
+        wants: &BTreeMap<String, BridgeWant>,
+    ) -> BTreeMap<String, AgentError> {
+        let mut failed = BTreeMap::new();
         for (br, want) in wants {
             if let Err(e) = self.ensure(br, want).await {
                 tracing::warn!(bridge = %br, error = %e, "cannot set up a bridge");
-                first_error.get_or_insert(e);
+                failed.insert(br.clone(), e);
             }
         }
         for br in self.bridges() {
@@ -311,67 +335,68 @@ impl Networks {
                 self.teardown(&br).await;
             }
         }
-        first_error.map_or(Ok(()), Err)
+        failed
     }
 
     async fn ensure(&self, br: &str, want: &BridgeWant) -> Result<(), AgentError> {
         let Some(nic) = &want.nic else {
             return Ok(());
         };
+        // Checked against the links on every pass, not only the record: a host that rebooted
+        // has the record and none of the links.
         let mut made = self.made(br).unwrap_or_default();
-        let fresh = self.made(br).is_none();
-        if fresh {
-            // Refuse what is in the way before changing anything.
-            match link(br).await {
-                Some(l)
-                    if l.linkinfo.as_ref().and_then(|i| i.info_kind.as_deref())
-                        != Some("bridge") =>
-                {
-                    return Err(conflict(format!(
-                        "bridge conflict: {br} exists and is not a bridge"
-                    )))
-                }
-                Some(_) => made.bridge = false,
-                None => {
-                    run(&argv(["ip", "link", "add", br, "type", "bridge"])).await?;
-                    made.bridge = true;
-                }
+        // Refuse what is in the way before changing anything.
+        match link(br).await {
+            Some(l)
+                if l.linkinfo.as_ref().and_then(|i| i.info_kind.as_deref()) != Some("bridge") =>
+            {
+                return Err(conflict(format!(
+                    "bridge conflict: {br} exists and is not a bridge"
+                )))
             }
-            std::fs::create_dir_all(self.dir.join(br)).map_err(io)?;
-            self.record(br, &made)?;
-            let (dev, make) = uplink(&self.prefix, nic)?;
-            if let Some(make) = make {
-                if link(&dev).await.is_none() {
-                    let phys = ifname(format!("{}{}", self.prefix, nic.physical_interface))?;
-                    if matches!(nic.l2, L2Kind::Vlan { .. }) && link(&phys).await.is_none() {
-                        return Err(AgentError::not_found(format!(
-                            "physical interface {phys} is not on this host"
-                        )));
-                    }
-                    run(&make).await?;
-                    made.device = Some(dev.clone());
-                    self.record(br, &made)?;
-                }
+            Some(_) => {}
+            None => {
+                run(&argv(["ip", "link", "add", br, "type", "bridge"])).await?;
+                made.bridge = true;
+                // Its addresses went with it.
+                made.addresses.clear();
             }
-            match link(&dev).await {
-                None => {
-                    return Err(AgentError::not_found(format!(
-                        "interface {dev} is not on this host"
-                    )))
-                }
-                Some(l) if l.master.as_deref().is_some_and(|m| m != br) => {
-                    return Err(conflict(format!(
-                        "bridge conflict: {dev} is held by bridge {}",
-                        l.master.unwrap_or_default()
-                    )))
-                }
-                Some(_) => {
-                    run(&argv(["ip", "link", "set", &dev, "master", br])).await?;
-                    run(&argv(["ip", "link", "set", &dev, "up"])).await?;
-                }
-            }
-            run(&argv(["ip", "link", "set", br, "up"])).await?;
         }
+        std::fs::create_dir_all(self.dir.join(br)).map_err(io)?;
+        self.record(br, &made)?;
+        let (dev, make) = uplink(&self.prefix, nic)?;
+        if let Some(make) = make {
+            if link(&dev).await.is_none() {
+                let phys = ifname(format!("{}{}", self.prefix, nic.physical_interface))?;
+                if link(&phys).await.is_none() {
+                    return Err(AgentError::not_found(format!(
+                        "physical interface {phys} is not on this host"
+                    )));
+                }
+                run(&make).await?;
+                made.device = Some(dev.clone());
+                self.record(br, &made)?;
+            }
+        }
+        match link(&dev).await {
+            None => {
+                return Err(AgentError::not_found(format!(
+                    "interface {dev} is not on this host"
+                )))
+            }
+            Some(l) if l.master.as_deref().is_some_and(|m| m != br) => {
+                return Err(conflict(format!(
+                    "bridge conflict: {dev} is held by bridge {}",
+                    l.master.unwrap_or_default()
+                )))
+            }
+            Some(l) if l.master.is_none() => {
+                run(&argv(["ip", "link", "set", &dev, "master", br])).await?;
+                run(&argv(["ip", "link", "set", &dev, "up"])).await?;
+            }
+            Some(_) => {}
+        }
+        run(&argv(["ip", "link", "set", br, "up"])).await?;
         // Gateway addresses.
         let mut addresses = BTreeSet::new();
         for l3 in &want.l3s {
@@ -595,9 +620,15 @@ mod tests {
         );
         assert!(conf.contains("dhcp-option=tag:l3_000000000abc,option:router,10.77.0.1\n"));
         assert!(conf.contains("option:dns-server,10.77.0.1,1.1.1.1\n"));
-        // A bad address in a spec is refused, not served.
-        let mut broken = nic(4, L2Kind::NoVlan, "10.77.0.300");
-        broken.uuid = Uuid::from_u128(4);
+        // A bad address, DNS server or MAC in a spec is refused, not served.
+        let broken = nic(4, L2Kind::NoVlan, "10.77.0.300");
         assert!(wants("k", [&broken]).is_err());
+        let mut injected = nic(5, L2Kind::NoVlan, "10.77.0.7");
+        injected.dns = vec!["1.1.1.1\ndhcp-range=0.0.0.0".into()];
+        assert!(wants("k", [&injected]).is_err());
+        let mut bad_mac = nic(6, L2Kind::NoVlan, "10.77.0.8");
+        bad_mac.mac = "02:00:00:00:00:0g".into();
+        assert!(wants("k", [&bad_mac]).is_err());
+        assert_eq!(mac("02:AA:00:00:00:01").unwrap(), "02:aa:00:00:00:01");
     }
 }
