@@ -66,8 +66,9 @@ const DETACH_WAIT: Duration = Duration::from_secs(30);
 /// A destination that was made ready lets go of it after this long without the VM or its
 /// disks coming.
 const INCOMING_IDLE: Duration = Duration::from_secs(120);
-/// How long an outgoing migration may run.
-const MIGRATE_LIMIT: Duration = Duration::from_secs(1800);
+/// How long each phase of a migration may run: the management node's default
+/// `agent.timeout.vm_migrate`, after which it has rolled the migration back anyway.
+const MIGRATE_LIMIT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -140,6 +141,22 @@ pub struct QemuHypervisor {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A console log is cut to its last this many bytes when its VM starts.
+const CONSOLE_KEEP: u64 = 1 << 20;
+
+/// Cut `path` to its last `keep` bytes when it is longer than twice that.
+fn keep_tail(path: &Path, keep: u64) {
+    let Ok(len) = std::fs::metadata(path).map(|m| m.len()) else {
+        return;
+    };
+    if len <= 2 * keep {
+        return;
+    }
+    if let Ok((text, _)) = QemuHypervisor::tail(path, keep) {
+        let _ = write_atomic(path, text.as_bytes());
+    }
 }
 
 /// Refuse a VM with more NICs or a higher disk index than the PCI layout has room for.
@@ -351,8 +368,13 @@ impl QemuHypervisor {
                 let _ = std::fs::remove_file(&p);
                 continue;
             };
-            let (_, size) = self.image_info(&p).await?;
-            lock(&self.inner.volumes).insert(id, size.div_ceil(1 << 20));
+            match self.image_info(&p).await {
+                Ok((_, size)) => {
+                    lock(&self.inner.volumes).insert(id, size.div_ceil(1 << 20));
+                }
+                // Not reported: the management node's state sync decides what it is.
+                Err(e) => tracing::error!(volume = %id, error = %e, "an unreadable volume"),
+            }
         }
         Ok(())
     }
@@ -532,6 +554,7 @@ impl QemuHypervisor {
         );
         let _ = std::fs::remove_file(&sock);
         let _ = std::fs::remove_file(&pidfile);
+        keep_tail(&console, CONSOLE_KEEP);
         let mut taps = Vec::new();
         for n in &spec.nics {
             taps.push(self.inner.net.add_tap(n).await?);
@@ -760,7 +783,14 @@ impl QemuHypervisor {
                     st.qmp = Some(qmp.clone());
                     st.pid = Some(pid);
                 }
-                self.persist(spec.uuid, slot)?;
+                if let Err(e) = self.persist(spec.uuid, slot) {
+                    // Running without a record, a restarted agent would not know it: it goes.
+                    self.halt(slot, Duration::ZERO, true).await;
+                    lock(&slot.st).rec.phase = Phase::Stopped;
+                    self.remove_taps(spec).await;
+                    let _ = self.sync_network(None).await;
+                    return Err(e);
+                }
                 self.watch(spec.uuid, qmp);
                 Ok(())
             }
@@ -1313,13 +1343,19 @@ impl Hypervisor for QemuHypervisor {
                 ));
             }
         }
-        let free_port = || {
+        // Two ports the system hands out, both held while they are chosen (so they differ).
+        let listen = || {
             std::net::TcpListener::bind((self.inner.cfg.migration_ip, 0))
-                .and_then(|l| l.local_addr())
+                .map_err(|e| io_err("no port for the migration", e))
+        };
+        let (a, b) = (listen()?, listen()?);
+        let port_of = |l: &std::net::TcpListener| {
+            l.local_addr()
                 .map(|a| a.port())
                 .map_err(|e| io_err("no port for the migration", e))
         };
-        let (port, disk_port) = (free_port()?, free_port()?);
+        let (port, disk_port) = (port_of(&a)?, port_of(&b)?);
+        drop((a, b));
         let ready = ReceiveReply {
             migration_port: Some(port),
             disk_port: Some(disk_port),
@@ -1685,5 +1721,28 @@ impl Hypervisor for QemuHypervisor {
 
     fn take_events(&self) -> Option<mpsc::UnboundedReceiver<ReportEvent>> {
         lock(&self.inner.events_rx).take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_console_log_keeps_its_end() {
+        let dir = std::env::temp_dir().join(format!("stratus-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("console.log");
+        std::fs::write(&log, "a".repeat(300)).unwrap();
+        keep_tail(&log, 100);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text, "a".repeat(100), "cut to its last 100 bytes");
+        keep_tail(&log, 100);
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap().len(),
+            100,
+            "short enough: kept"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
