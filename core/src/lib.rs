@@ -22,6 +22,7 @@ pub mod auth;
 pub mod bus;
 pub mod cascade;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod error;

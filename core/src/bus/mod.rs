@@ -45,12 +45,14 @@ pub trait Message: Serialize + DeserializeOwned + Send + 'static {
 /// Delivery to another management node.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
-    /// Deliver a serialized message to `node`, wait at most `timeout` for the serialized reply.
+    /// Deliver a serialized message to `node` for `job` (the sender's, which the handler
+    /// works for there), wait at most `timeout` for the serialized reply.
     async fn call(
         &self,
         node: NodeId,
         name: &str,
         body: Vec<u8>,
+        job: Option<Uuid>,
         timeout: Duration,
     ) -> Result<Vec<u8>, Error>;
     /// Forward an event to `node` (best effort).
@@ -331,7 +333,7 @@ impl Bus {
         timeout: Duration,
     ) -> Result<M::Reply, Error> {
         let h = self.handler(M::NAME)?;
-        // The handler works for the sender's job (the remote transport does not carry it yet).
+        // The handler works for the sender's job (the remote transport carries it too).
         let call = crate::job::scoped(crate::job::current(), h.call_local(Box::new(msg)));
         let rx = self.spawn_handler(M::NAME, Box::pin(call));
         let reply = Self::await_reply(M::NAME, rx, timeout).await?;
@@ -356,20 +358,24 @@ impl Bus {
         })?;
         let body = serde_json::to_vec(&msg)
             .map_err(|e| Error::internal(format!("cannot encode {}: {e}", M::NAME)))?;
-        let reply = transport.call(node, M::NAME, body, timeout).await?;
+        let reply = transport
+            .call(node, M::NAME, body, crate::job::current(), timeout)
+            .await?;
         serde_json::from_slice(&reply)
             .map_err(|e| Error::internal(format!("cannot decode reply to {}: {e}", M::NAME)))
     }
 
-    /// Entry point for a message that arrived from another node (the transport's server side).
+    /// Entry point for a message that arrived from another node (the transport's server
+    /// side), worked on for the sender's `job`.
     pub async fn handle_remote(
         &self,
         name: &str,
         body: &[u8],
+        job: Option<Uuid>,
         timeout: Duration,
     ) -> Result<Vec<u8>, Error> {
         let h = self.handler(name)?;
-        let fut = h.call_json(body)?;
+        let fut = Box::pin(crate::job::scoped(job, h.call_json(body)?));
         let name: &'static str = read(&self.inner.handlers)
             .get_key_value(name)
             .map(|(k, _)| *k)

@@ -133,9 +133,10 @@ impl Transport for Loopback {
         _node: NodeId,
         name: &str,
         body: Vec<u8>,
+        job: Option<Uuid>,
         timeout: Duration,
     ) -> Result<Vec<u8>, Error> {
-        self.0.handle_remote(name, &body, timeout).await
+        self.0.handle_remote(name, &body, job, timeout).await
     }
     async fn forward_event(&self, _node: NodeId, event: Arc<Event>) {
         self.0.deliver_event(event);
