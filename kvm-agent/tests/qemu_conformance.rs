@@ -38,6 +38,7 @@ async fn the_qemu_hypervisor_passes_the_conformance_suite() {
     let root =
         std::env::temp_dir().join(format!("stratus-qemu-conformance-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
+    let _cleanup = Cleanup(root.clone());
     let (a, b) = (
         backend(root.join("a"), "qca").await,
         backend(root.join("b"), "qcb").await,
@@ -53,5 +54,18 @@ async fn the_qemu_hypervisor_passes_the_conformance_suite() {
         peer_ip: "127.0.0.1".parse().unwrap(),
     };
     conformance::run_all(&a, &b, &fx).await;
-    std::fs::remove_dir_all(&root).expect("the state directories go");
+}
+
+/// Whatever happens to the test, the QEMUs it started (each in its own process group, so they
+/// outlive it) and its state directories go.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let dir = self.0.display().to_string();
+        let _ = std::process::Command::new("pkill")
+            .args(["-9", "-f", &format!("{dir}/")])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
