@@ -753,8 +753,16 @@ impl<C: Context> FlowChain<C> {
                 return RecoveryOutcome::Unrecoverable(e.message);
             }
         };
-        if let Err(e) = journal.take_over(rec.uuid, rec.boot, epoch).await {
-            return RecoveryOutcome::Unrecoverable(format!("cannot take over the journal: {e}"));
+        match journal.take_over(rec.uuid, rec.boot, epoch).await {
+            Ok(()) => {}
+            // The record's boot is no longer the dead one: a peer claimed it (or the chain
+            // ended and its record went).
+            Err(e) if matches!(e.code, ErrorCode::ConditionFailed | ErrorCode::NotFound) => {
+                return RecoveryOutcome::TakenElsewhere
+            }
+            Err(e) => {
+                return RecoveryOutcome::Unrecoverable(format!("cannot take over the journal: {e}"))
+            }
         }
         let interrupted = Error::new(
             ErrorCode::NodeUnavailable,
@@ -822,6 +830,9 @@ pub enum RecoveryOutcome {
         rollback_errors: usize,
     },
     Unrecoverable(String),
+    /// Another node took the chain over first (its guarded update won): that node finishes
+    /// it and closes its job; this one does nothing.
+    TakenElsewhere,
 }
 
 impl crate::queue::QueuedOutput for RecoveryOutcome {
@@ -903,6 +914,8 @@ pub struct RecoveryReport {
     pub rolled_back: usize,
     pub rollback_errors: usize,
     pub unrecoverable: usize,
+    /// Claimed by another node first (exactly one node recovers a chain).
+    pub taken_elsewhere: usize,
 }
 
 /// Resume every journaled chain whose node boot is no longer live and whose resource this node
@@ -941,13 +954,17 @@ pub async fn recover_orphans(
         if let Some(job) = rec.job {
             let result = match &outcome {
                 RecoveryOutcome::Finished => {
-                    Ok(JsonText::of(&serde_json::json!({"recovered": true})))
+                    Some(Ok(JsonText::of(&serde_json::json!({"recovered": true}))))
                 }
-                RecoveryOutcome::RolledBack { error, .. } => Err(error.clone()),
-                RecoveryOutcome::Unrecoverable(m) => Err(Error::internal(m.clone())),
+                RecoveryOutcome::RolledBack { error, .. } => Some(Err(error.clone())),
+                RecoveryOutcome::Unrecoverable(m) => Some(Err(Error::internal(m.clone()))),
+                // Its job is the claimer's to close.
+                RecoveryOutcome::TakenElsewhere => None,
             };
-            if let Err(e) = jobs.finish(job, result).await {
-                tracing::warn!(%job, error = %e, "cannot close a recovered chain's job");
+            if let Some(result) = result {
+                if let Err(e) = jobs.finish(job, result).await {
+                    tracing::warn!(%job, error = %e, "cannot close a recovered chain's job");
+                }
             }
         }
         (rec, outcome)
@@ -965,6 +982,7 @@ pub async fn recover_orphans(
                 tracing::error!(chain = %rec.chain, id = %rec.uuid, %why, "cannot recover chain");
                 report.unrecoverable += 1;
             }
+            RecoveryOutcome::TakenElsewhere => report.taken_elsewhere += 1,
         }
     }
     Ok(report)

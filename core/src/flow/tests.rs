@@ -295,6 +295,53 @@ async fn recovery_rolls_back_an_interrupted_chain_once_per_flow_and_fails_its_jo
 }
 
 #[tokio::test]
+async fn a_chain_claimed_by_another_node_first_is_left_to_it() {
+    let (a, store) = env(10);
+    let b = env_on(store, 11);
+    let log = Log::default();
+    let job = a.jobs.create(None, "vm.create", None).await.unwrap();
+    let id = orphan(&a, "test.recover", ChainState::Running, 2, -1, Some(job)).await;
+    let (reg_a, reg_b) = (
+        registry(&log, OnInterrupt::RollBack),
+        registry(&log, OnInterrupt::RollBack),
+    );
+    // Both read the dead boot's record; a claims it and recovers it; b comes second with what
+    // it read.
+    let stale = b.db.must_get::<ChainRecord>(id).await.unwrap();
+    let ra = recover_orphans(&a.journal, &reg_a, &a.queues, &a.jobs, &[], |_| true)
+        .await
+        .unwrap();
+    assert_eq!(ra.rolled_back, 1, "{ra:?}");
+    let chain = reg_b.get("test.recover").expect("registered");
+    assert!(matches!(
+        chain.resume(&b.journal, &stale).await,
+        RecoveryOutcome::TakenElsewhere
+    ));
+    // Claimed and still running there (the record's boot is a's now): b leaves it too.
+    let id2 = Uuid::from_u128(501);
+    let mut rec = (*stale).clone();
+    rec.boot = Uuid::from_u128(10);
+    b.db.commit(Batch::new().insert(&Row::new(id2, rec)))
+        .await
+        .unwrap();
+    let mut stale2 = stale.clone();
+    stale2.uuid = id2;
+    assert!(matches!(
+        chain.resume(&b.journal, &stale2).await,
+        RecoveryOutcome::TakenElsewhere
+    ));
+    assert_eq!(
+        logged(&log),
+        vec!["rollback c", "rollback b", "rollback a"],
+        "each rollback ran once, on a"
+    );
+    // The job ends with a's outcome, not an error of b's.
+    let j = a.jobs.get(job).await.unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert_ne!(j.error_code.as_deref(), Some("internal"), "{j:?}");
+}
+
+#[tokio::test]
 async fn recovery_continues_a_rollback_from_its_cursor() {
     let (e, _) = env(10);
     let log = Log::default();
