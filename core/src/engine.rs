@@ -24,6 +24,7 @@ pub fn engine_kinds() -> Vec<&'static KindMeta> {
         ChainRecord::META,
         crate::config::ConfigEntry::META,
         crate::events::Event::META,
+        crate::membership::MgmtNode::META,
     ]
 }
 
@@ -87,6 +88,7 @@ impl Engine {
         defs.push(&BUS_TIMEOUT);
         defs.push(&crate::job::RETENTION);
         defs.push(&crate::events::RETENTION);
+        defs.extend(crate::membership::config_defs());
         let config = GlobalConfig::new(db.clone(), &defs);
         config.load().await?;
         let timeout: Duration = config.get(&BUS_TIMEOUT.key());

@@ -32,6 +32,7 @@ pub mod flow;
 pub mod hashring;
 pub mod ids;
 pub mod job;
+pub mod membership;
 pub mod metrics;
 pub mod model;
 pub mod node;
