@@ -271,6 +271,32 @@ async fn link(name: &str) -> Option<Link> {
         .next()
 }
 
+/// The IPv4 addresses on an interface.
+async fn addresses(name: &str) -> Vec<String> {
+    #[derive(Deserialize)]
+    struct Addr {
+        #[serde(default)]
+        family: String,
+        #[serde(default)]
+        local: String,
+    }
+    #[derive(Deserialize)]
+    struct Iface {
+        #[serde(default)]
+        addr_info: Vec<Addr>,
+    }
+    let Ok(out) = run(&argv(["ip", "-j", "addr", "show", "dev", name])).await else {
+        return Vec::new();
+    };
+    serde_json::from_str::<Vec<Iface>>(&out)
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|i| i.addr_info)
+        .filter(|a| a.family == "inet")
+        .map(|a| a.local)
+        .collect()
+}
+
 fn conflict(message: String) -> AgentError {
     AgentError::new(AgentErrorCode::AlreadyExists, message)
 }
@@ -391,6 +417,16 @@ impl Networks {
                 )))
             }
             Some(l) if l.master.is_none() => {
+                // An interface with addresses serves the host itself: in a bridge it would
+                // lose them (and the host, say, its management network).
+                let held = addresses(&dev).await;
+                if !held.is_empty() {
+                    return Err(conflict(format!(
+                        "{dev} carries the host's addresses ({}): moving it into bridge {br} would \
+                         cut them off; give the L2 an interface of its own",
+                        held.join(", ")
+                    )));
+                }
                 run(&argv(["ip", "link", "set", &dev, "master", br])).await?;
                 run(&argv(["ip", "link", "set", &dev, "up"])).await?;
             }
