@@ -133,7 +133,17 @@ impl Engine {
             |u| bus.owns(u),
         )
         .await?;
-        let closed = self.jobs.fail_orphans(&live).await?;
+        // Jobs a chain of a live boot still works for are that chain's to close.
+        let working: std::collections::HashSet<Uuid> = self
+            .db
+            .select::<ChainRecord>(
+                &stratus_store::Query::of::<ChainRecord>().is_in("boot", live.iter().copied()),
+            )
+            .await?
+            .into_iter()
+            .filter_map(|r| r.job)
+            .collect();
+        let closed = self.jobs.fail_orphans(&live, &working).await?;
         if report.found > 0 || closed > 0 {
             tracing::info!(?report, jobs_closed = closed, "recovered interrupted work");
         }

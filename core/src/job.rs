@@ -396,13 +396,25 @@ impl Jobs {
     }
 
     /// Mark running jobs of boots that are gone as failed (they were interrupted). The flow
-    /// journal's recovery finishes their work; this only closes the job records.
-    pub async fn fail_orphans(&self, live_boots: &[Uuid]) -> Result<usize, Error> {
+    /// journal's recovery finishes their work; this only closes the job records. A job in
+    /// `working` is left: a workflow of a live node works for it (the node that took the job
+    /// is gone, the resource's owner runs its work) and closes it when it ends.
+    pub async fn fail_orphans(
+        &self,
+        live_boots: &[Uuid],
+        working: &std::collections::HashSet<Uuid>,
+    ) -> Result<usize, Error> {
         let mut q = Query::of::<Job>().eq("state", JobState::Running.as_str());
         if !live_boots.is_empty() {
             q = q.not_in("boot", live_boots.iter().copied());
         }
-        let orphans = self.db.select::<Job>(&q).await?;
+        let orphans: Vec<_> = self
+            .db
+            .select::<Job>(&q)
+            .await?
+            .into_iter()
+            .filter(|j| !working.contains(&j.uuid))
+            .collect();
         for j in &orphans {
             self.finish(
                 j.uuid,
@@ -557,12 +569,20 @@ mod tests {
         let id = j.create(None, "vm.stop", None).await.unwrap();
         let err = j.wait(id, Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::Timeout);
+        let none = std::collections::HashSet::new();
         assert_eq!(
-            j.fail_orphans(&[Uuid::from_u128(11)]).await.unwrap(),
+            j.fail_orphans(&[Uuid::from_u128(11)], &none).await.unwrap(),
             0,
             "own boot is live"
         );
-        assert_eq!(j.fail_orphans(&[]).await.unwrap(), 1);
+        let working = std::collections::HashSet::from([id]);
+        assert_eq!(
+            j.fail_orphans(&[], &working).await.unwrap(),
+            0,
+            "a live node's workflow works for it"
+        );
+        assert_eq!(j.get(id).await.unwrap().state, JobState::Running);
+        assert_eq!(j.fail_orphans(&[], &none).await.unwrap(), 1);
         assert_eq!(
             j.get(id).await.unwrap().error().unwrap().code,
             ErrorCode::NodeUnavailable
