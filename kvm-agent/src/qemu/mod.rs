@@ -942,11 +942,11 @@ impl QemuHypervisor {
         Ok(())
     }
 
-    /// Free space for volumes, MiB.
-    fn free_mib(&self) -> u64 {
+    /// Free space for volumes, MiB (a filesystem that cannot say is an error, not "full").
+    fn free_mib(&self) -> Result<u64, AgentError> {
         exec::filesystem_space(&self.dir("volumes"))
             .map(|(free, _)| free >> 20)
-            .unwrap_or(0)
+            .map_err(|e| io_err("cannot read the free space", e))
     }
 
     /// The last `max` bytes of a file and its length.
@@ -1161,7 +1161,7 @@ impl Hypervisor for QemuHypervisor {
             cpu_cores: cpu,
             memory_mib,
             // What volumes may take: the free space and what the volumes here hold already.
-            disk_mib: self.free_mib() + used,
+            disk_mib: self.free_mib()? + used,
             vms: self.vms().await,
             volumes: self.volumes().await,
         })
@@ -1329,7 +1329,7 @@ impl Hypervisor for QemuHypervisor {
         }
         fits(spec)?;
         let need: u64 = spec.disks.iter().map(|d| d.size_mib).sum();
-        if need > self.free_mib() {
+        if need > self.free_mib()? {
             return Err(AgentError::new(
                 AgentErrorCode::InsufficientCapacity,
                 format!("no space: the VM's disks take {need} MiB"),
@@ -1524,14 +1524,11 @@ impl Hypervisor for QemuHypervisor {
                 size_mib,
             });
         }
-        if cmd.size_mib > self.free_mib() {
+        let free = self.free_mib()?;
+        if cmd.size_mib > free {
             return Err(AgentError::new(
                 AgentErrorCode::InsufficientCapacity,
-                format!(
-                    "no space: {} MiB asked, {} MiB free",
-                    cmd.size_mib,
-                    self.free_mib()
-                ),
+                format!("no space: {} MiB asked, {free} MiB free", cmd.size_mib),
             ));
         }
         let path = self.volume_path(cmd.volume);

@@ -271,8 +271,8 @@ async fn link(name: &str) -> Option<Link> {
         .next()
 }
 
-/// The IPv4 addresses on an interface.
-async fn addresses(name: &str) -> Vec<String> {
+/// The IPv4 addresses on an interface (an answer `ip` cannot give is an error, never "none").
+async fn addresses(name: &str) -> Result<Vec<String>, AgentError> {
     #[derive(Deserialize)]
     struct Addr {
         #[serde(default)]
@@ -285,16 +285,15 @@ async fn addresses(name: &str) -> Vec<String> {
         #[serde(default)]
         addr_info: Vec<Addr>,
     }
-    let Ok(out) = run(&argv(["ip", "-j", "addr", "show", "dev", name])).await else {
-        return Vec::new();
-    };
-    serde_json::from_str::<Vec<Iface>>(&out)
-        .unwrap_or_default()
+    let out = run(&argv(["ip", "-j", "addr", "show", "dev", name])).await?;
+    let ifaces: Vec<Iface> = serde_json::from_str(&out)
+        .map_err(|e| AgentError::failed(format!("ip -j addr show dev {name}: {e}")))?;
+    Ok(ifaces
         .into_iter()
         .flat_map(|i| i.addr_info)
         .filter(|a| a.family == "inet")
         .map(|a| a.local)
-        .collect()
+        .collect())
 }
 
 fn conflict(message: String) -> AgentError {
@@ -419,7 +418,7 @@ impl Networks {
             Some(l) if l.master.is_none() => {
                 // An interface with addresses serves the host itself: in a bridge it would
                 // lose them (and the host, say, its management network).
-                let held = addresses(&dev).await;
+                let held = addresses(&dev).await?;
                 if !held.is_empty() {
                     return Err(conflict(format!(
                         "{dev} carries the host's addresses ({}): moving it into bridge {br} would \
